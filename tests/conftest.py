@@ -1,0 +1,167 @@
+"""Fixtures on real services: NATS with JetStream, FerretDB, the local Docker engine,
+the platform's own processes, and local fakes of Telegram and an LLM provider."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import docker
+import pytest
+
+from shared.client import PlatformClient
+from shared.crypto import KeyRing
+from shared.settings import ZakiSettings
+from shared.store import Store
+from zaki.fakes import FakeLLM, FakeTelegram, bound_port, serve
+from zaki.stack import Process, Stack, docker_bridge_ip, ensure_docker, free_port, wait_for_port
+
+REAL_IMAGE = "zaki/openclaw-gateway:2026.9.6"
+STANDIN_IMAGE = "zaki/standin-gateway:latest"
+SESSION = uuid.uuid4().hex[:6]
+
+
+def new_user(prefix: str = "u") -> str:
+    """A user id unique to this test session (cleanup finds them by the session tag)."""
+    return f"{prefix}{SESSION}{uuid.uuid4().hex[:8]}"
+
+
+def new_bot_token() -> str:
+    return f"{uuid.uuid4().int % 10**9 + 10**9}:{uuid.uuid4().hex}{uuid.uuid4().hex[:5]}"
+
+
+@pytest.fixture(scope="session")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("zaki")
+
+
+@pytest.fixture(scope="session")
+def stack(state_dir: Path) -> Iterator[Stack]:
+    s = Stack(state_dir / "stack")
+    s.nats = s.start_nats()  # type: ignore[attr-defined]
+    s.mongo = s.start_ferretdb()  # type: ignore[attr-defined]
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[docker.DockerClient]:
+    ensure_docker()
+    client = docker.from_env()
+    yield client
+    for c in client.containers.list(all=True, filters={"label": "zaki.managed"}):
+        if SESSION in (c.labels.get("zaki.user") or ""):
+            c.remove(force=True)
+    for n in client.networks.list(filters={"label": "zaki.managed"}):
+        if SESSION in (n.attrs.get("Labels") or {}).get("zaki.user", ""):
+            n.remove()
+
+
+@pytest.fixture(scope="session")
+def bridge_ip(docker_client: docker.DockerClient) -> str:
+    return docker_bridge_ip()
+
+
+class Fakes:
+    def __init__(self, llm: FakeLLM, telegram: FakeTelegram, host: str, llm_port: int, tg_port: int) -> None:
+        self.llm, self.telegram, self.host = llm, telegram, host
+        self.llm_port, self.tg_port = llm_port, tg_port
+
+    def bot(self, username: str | None = None) -> str:
+        token = new_bot_token()
+        self.telegram.add_bot(token, username or f"bot{token[:6]}")
+        return token
+
+
+@pytest.fixture(scope="session")
+async def fakes(bridge_ip: str) -> AsyncIterator[Fakes]:
+    """Fakes listen on the Docker bridge address: reachable from the host and from gateway containers."""
+    llm, tg = FakeLLM(), FakeTelegram()
+    lr = await serve(llm.app(), bridge_ip, 0)
+    tr = await serve(tg.app(), bridge_ip, 0)
+    yield Fakes(llm, tg, bridge_ip, bound_port(lr), bound_port(tr))
+    await lr.cleanup()
+    await tr.cleanup()
+
+
+@pytest.fixture(scope="session")
+def keyring_spec() -> str:
+    return KeyRing.new_key_spec("k1")
+
+
+@pytest.fixture(scope="session")
+def service_env(stack: Stack, fakes: Fakes, keyring_spec: str, state_dir: Path) -> dict[str, str]:
+    port0 = 23000 + (int(SESSION, 16) % 40) * 100
+    return {
+        "ZAKI_NATS_URL": stack.nats.address,  # type: ignore[attr-defined]
+        "ZAKI_MONGO_URL": stack.mongo.address,  # type: ignore[attr-defined]
+        "ZAKI_MONGO_DB": "zaki",
+        "ZAKI_SECRET_KEYS": keyring_spec,
+        "ZAKI_DATA_ROOT": str(state_dir / "data"),
+        "ZAKI_GATEWAY_IMAGE": REAL_IMAGE,
+        "ZAKI_ALLOWED_IMAGES": STANDIN_IMAGE,
+        "ZAKI_PORT_RANGE_START": str(port0),
+        "ZAKI_PORT_RANGE_END": str(port0 + 99),
+        "ZAKI_TELEGRAM_API_BASE": f"http://{fakes.host}:{fakes.tg_port}",
+        "ZAKI_TELEGRAM_API_BASE_FOR_GATEWAYS": f"http://host.docker.internal:{fakes.tg_port}",
+        "ZAKI_TELEGRAM_PRIVATE_NETWORK": "true",
+        "ZAKI_LLM_BASE_URL": f"http://host.docker.internal:{fakes.llm_port}/v1",
+        "ZAKI_LLM_API_KEY": "sk-platform-" + uuid.uuid4().hex,
+        "ZAKI_DEFAULT_MODEL": "zaki/echo-1",
+        "ZAKI_READINESS_TIMEOUT_S": "120",
+        "ZAKI_RECONCILE_INTERVAL_S": "5",
+        "ZAKI_STOP_TIMEOUT_S": "5",
+    }
+
+
+@pytest.fixture
+def settings(service_env: dict[str, str]) -> ZakiSettings:
+    return ZakiSettings(**{k.removeprefix("ZAKI_").lower(): v for k, v in service_env.items()})
+
+
+@pytest.fixture(scope="session")
+def provisioner(stack: Stack, service_env: dict[str, str], docker_client: docker.DockerClient) -> Process:
+    metrics_port = free_port()
+    p = stack.start_service("services.provisioner", {**service_env, "ZAKI_METRICS_PORT": str(metrics_port)})
+    wait_for_port("127.0.0.1", metrics_port, p.proc, "provisioner")
+    p.address = f"http://127.0.0.1:{metrics_port}/metrics"
+    return p
+
+
+@pytest.fixture
+async def store(service_env: dict[str, str]) -> AsyncIterator[Store]:
+    s = Store(service_env["ZAKI_MONGO_URL"], service_env["ZAKI_MONGO_DB"])
+    await s.ensure_indexes()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def platform(stack: Stack) -> AsyncIterator[PlatformClient]:
+    c = await PlatformClient.connect(stack.nats.address)  # type: ignore[attr-defined]
+    yield c
+    await c.close()
+
+
+async def eventually(check, timeout: float = 30.0, interval: float = 0.2):
+    """Polls an (async) predicate until it returns something truthy."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+def all_log_text(state_dir: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in (state_dir / "stack" / "logs").glob("*.log"))
+
+
+os.environ.setdefault("HYPOTHESIS_PROFILE", "default")
