@@ -417,7 +417,7 @@ class Provisioner:
         except RuntimeError_:
             log.exception("could not remove a failed container", extra={"user_id": user_id})
         await self.store.release_port(self.runtime.host_id, user_id)
-        try:
+        with contextlib.suppress(IllegalTransition):
             await self.store.transition(
                 user_id,
                 S.FAILED,
@@ -425,8 +425,6 @@ class Provisioner:
                 set_fields={"last_error": reason},
                 unset_fields=["port"],
             )
-        except IllegalTransition:
-            pass
 
     # --- lifecycle commands --------------------------------------------------------------------
 
