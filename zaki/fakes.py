@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,11 +28,13 @@ def _text_of(content) -> str:
 
 
 def last_real_user_text(messages: list[dict]) -> str:
+    """The user's words: OpenClaw adds a "[<time>] " prefix and a "Runtime: ..." trailer."""
     for m in reversed(messages):
         if m.get("role") == "user":
             text = _text_of(m.get("content"))
             if not text.startswith(INTERNAL_MARKER):
-                return text
+                text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+                return text.split("\n\nRuntime:", 1)[0].strip()
     return ""
 
 
