@@ -10,8 +10,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import docker
+import nats
+import nats.js.errors
 import pytest
 
+from shared import subjects
 from shared.client import PlatformClient
 from shared.crypto import KeyRing
 from shared.settings import ZakiSettings
@@ -128,7 +131,27 @@ def provisioner(stack: Stack, service_env: dict[str, str], docker_client: docker
     p = stack.start_service("services.provisioner", {**service_env, "ZAKI_METRICS_PORT": str(metrics_port)})
     wait_for_port("127.0.0.1", metrics_port, p.proc, "provisioner")
     p.address = f"http://127.0.0.1:{metrics_port}/metrics"
+    asyncio.run(_wait_consumers(service_env["ZAKI_NATS_URL"], 7))
     return p
+
+
+async def _wait_consumers(url: str, n: int, timeout: float = 30) -> None:
+    """Waits until the service's durable consumers exist (it is then ready for commands)."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                if len(await js.consumers_info(subjects.COMMAND_STREAM)) >= n:
+                    return
+            except nats.js.errors.NotFoundError:  # the stream does not exist yet
+                pass
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError("provisioner consumers did not appear")
+            await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from faststream import FastStream
 from faststream.middlewares import AckPolicy
-from faststream.nats import ConsumerConfig, JStream, NatsBroker, NatsMessage, PullSub
+from faststream.nats import ConsumerConfig, JStream, NatsBroker, NatsMessage
 from faststream.nats.prometheus import NatsPrometheusMiddleware
 from prometheus_client import REGISTRY
 
@@ -33,7 +33,7 @@ from shared.store import Store
 log = logging.getLogger("zaki.provisioner")
 
 MAX_ATTEMPTS = 6
-HEARTBEAT_S = 10.0
+HEARTBEAT_S = 5.0
 
 # Which field of instance.requested made it invalid -> the reason in instance.failed.
 _FIELD_REASONS = {"user_id": FailureReason.INVALID_USER_ID, "bot_token": FailureReason.INVALID_BOT_TOKEN}
@@ -183,23 +183,27 @@ def build_app(settings: ZakiSettings) -> ProvisionerApp:
     app = FastStream(broker, logger=logging.getLogger("zaki.provisioner.app"))
     pa = ProvisionerApp(settings, broker, app)
 
+    def handler_for(subject: str):
+        # FastStream reads a handler's parameters as the message body: only `msg` here.
+        async def handler(msg: NatsMessage) -> None:
+            await pa.handle(subject, msg)
+
+        return handler
+
     for subject in COMMAND_MODELS:
         kind = subject.rsplit(".", 1)[-1]
-
-        async def handler(msg: NatsMessage, _subject: str = subject) -> None:
-            await pa.handle(_subject, msg)
-
         broker.subscriber(
             subject,
             stream=JStream(name=subjects.COMMAND_STREAM, declare=False),
+            # A durable push consumer with a queue group: replicas share the work.
             durable=f"{subjects.PROVISIONER_DURABLE}-{kind}",
-            pull_sub=PullSub(batch_size=4, timeout=1.0),
-            config=ConsumerConfig(ack_wait=45, max_ack_pending=256),
+            queue=f"{subjects.PROVISIONER_DURABLE}-{kind}",
+            config=ConsumerConfig(ack_wait=20, max_ack_pending=256),
             ack_policy=AckPolicy.MANUAL,
             max_workers=8,
             title=f"provisioner:{kind}",
             description=f"Handles {subject} commands.",
-        )(handler)
+        )(handler_for(subject))
 
     app.on_startup(pa.start)
     app.after_startup(pa.after_start)
