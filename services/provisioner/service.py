@@ -478,15 +478,17 @@ class Provisioner:
     async def _restart(self, cmd: InstanceCommand) -> None:
         doc = await self._existing(cmd)
         if doc["state"] not in (S.RUNNING, S.STARTING, S.FAILED):
-            raise ProvisionError(
-                FailureReason.ILLEGAL_TRANSITION, f"cannot restart an instance that is {doc['state']}"
-            )
+            raise ProvisionError(FailureReason.ILLEGAL_TRANSITION, f"cannot restart an instance that is {doc['state']}")
         log.info("restarting", extra={"user_id": cmd.user_id, "reason": cmd.reason or ""})
+        if doc["state"] == S.RUNNING:
+            doc = await self._transition(cmd.request_id, cmd.user_id, S.STARTING)
         try:
             await self.runtime.stop(container_name(cmd.user_id), self.s.stop_timeout_s)
         except RuntimeError_ as e:
             raise ProvisionError(FailureReason.DOCKER, str(e)) from None
-        await self._start(cmd)
+        if doc["state"] == S.FAILED or not doc.get("port"):
+            doc = await self._transition(cmd.request_id, cmd.user_id, S.PROVISIONING)
+        await self._provision_and_start(doc, cmd.request_id)
 
     async def _update(self, cmd: InstanceCommand) -> None:
         assert isinstance(cmd, InstanceUpdate)
@@ -524,9 +526,9 @@ class Provisioner:
         doc = await self._existing(cmd)
         await self.store.update_instance(cmd.user_id, {"image": cmd.image}, doc["instance_id"])
         if doc["state"] in (S.RUNNING, S.STARTING, S.FAILED):
-            # A new image needs a new container; the data folder carries over.
-            await self.runtime.remove(container_name(cmd.user_id))
-            await self._start(cmd)
+            # A new image needs a new container (create() replaces one whose image differs);
+            # the data folder carries over.
+            await self._restart(cmd)
 
     async def _delete(self, cmd: InstanceCommand) -> None:
         purge = isinstance(cmd, InstanceDelete) and cmd.purge
