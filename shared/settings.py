@@ -67,6 +67,9 @@ class ZakiSettings(BaseSettings):
     rate_limit_burst: int = 40
     max_body_bytes: int = 20 * 1024 * 1024
     max_websockets_per_tenant: int = 8
+    proxy_idle_timeout_s: float = 300.0  # no byte from the gateway for this long ends a stream
+    proxy_workers: int = 1  # processes sharing the port (SO_REUSEPORT)
+    proxy_drain_s: float = 30.0
 
     # Monitor
     probe_interval_s: float = 5.0

@@ -47,3 +47,7 @@ def health_subject(user_id: str) -> str:
 
 def dead_letter_subject(original: str) -> str:
     return f"{DEAD_LETTER}.{original}"
+
+
+# Core NATS (not persisted): tells every proxy replica to drop a revoked API key now.
+APIKEY_REVOKED = f"{PREFIX}.apikey.revoked"

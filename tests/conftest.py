@@ -188,3 +188,25 @@ def all_log_text(state_dir: Path) -> str:
 
 
 os.environ.setdefault("HYPOTHESIS_PROFILE", "default")
+
+
+JWT_SECRET = "test-jwt-secret-" + SESSION * 4
+
+
+@pytest.fixture(scope="session")
+def proxy(stack: Stack, service_env: dict[str, str], provisioner: Process) -> Process:
+    port = free_port()
+    env = {
+        **service_env,
+        "ZAKI_PROXY_PORT": str(port),
+        "ZAKI_JWT_SECRET": JWT_SECRET,
+        "ZAKI_RATE_LIMIT_RPS": "50",
+        "ZAKI_RATE_LIMIT_BURST": "60",
+        "ZAKI_MAX_BODY_BYTES": str(1 << 20),
+        "ZAKI_MAX_WEBSOCKETS_PER_TENANT": "3",
+        "ZAKI_METRICS_PORT": str(free_port()),
+    }
+    p = stack.start_service("services.gateway_proxy", env)
+    wait_for_port("127.0.0.1", port, p.proc, "gateway proxy")
+    p.address = f"http://127.0.0.1:{port}"
+    return p

@@ -78,13 +78,16 @@ async def test_malformed_events_go_to_dead_letter_with_reason(provisioner, platf
     assert (subjects.INSTANCE_REQUESTED, "not_json") in reasons
     assert (subjects.INSTANCE_STOP, "invalid_schema") in reasons
     assert (subjects.INSTANCE_REQUESTED, "unsupported_version") in reasons
-    traversal = next(d for d in dead if "../../etc" in d.payload_excerpt and d.subject == subjects.INSTANCE_REQUESTED)
+    traversal = next(
+        d for d in dead if "../../etc" in d.payload_excerpt and d.subject == subjects.INSTANCE_REQUESTED
+    )
     assert "user_id" in traversal.error
     # The dead letter keeps the evidence but never the secret.
     assert all(token not in d.model_dump_json() for d in dead)
     # The requester is told why, with a typed reason.
     failed = await eventually(
-        lambda: [b for s, b in platform.events(subjects.INSTANCE_FAILED) if b["request_id"] == rid], timeout=10
+        lambda: [b for s, b in platform.events(subjects.INSTANCE_FAILED) if b["request_id"] == rid],
+        timeout=10,
     )
     assert failed[0]["reason"] == "invalid_user_id"
     # Every malformed message was acked: nothing waits in the command stream.

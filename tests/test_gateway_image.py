@@ -36,7 +36,11 @@ async def real_gateway(fakes, state_dir, docker_client):
         bot_token=fakes.bot(),
         model="zaki/echo-1",
         provider=Provider(
-            "zaki", f"http://host.docker.internal:{fakes.llm_port}/v1", "openai-completions", "sk-x-1234567", ()
+            "zaki",
+            f"http://host.docker.internal:{fakes.llm_port}/v1",
+            "openai-completions",
+            "sk-x-1234567",
+            (),
         ),
         trusted_proxy_ip=gw_ip,
         password=password,
@@ -53,7 +57,10 @@ async def real_gateway(fakes, state_dir, docker_client):
         publish_ip="127.0.0.1",
         network=network_name(user),
         binds={str(dirs.state): CONTAINER_STATE_DIR, str(dirs.workspace): CONTAINER_WORKSPACE},
-        env={"OPENCLAW_CONFIG_PATH": f"{CONTAINER_STATE_DIR}/openclaw.json", "OPENCLAW_STATE_DIR": CONTAINER_STATE_DIR},
+        env={
+            "OPENCLAW_CONFIG_PATH": f"{CONTAINER_STATE_DIR}/openclaw.json",
+            "OPENCLAW_STATE_DIR": CONTAINER_STATE_DIR,
+        },
     )
     await runtime.create(cspec)
     await runtime.start(cspec.name)
@@ -84,7 +91,9 @@ async def test_real_gateway_ready_auth_and_chat(real_gateway, fakes, docker_clie
         r = await http.post(f"{base}/v1/chat/completions", json=body)
         assert r.status_code in (401, 403)
         wrong_user = {**headers, "x-forwarded-user": "mallory@zaki.local"}
-        assert (await http.post(f"{base}/v1/chat/completions", json=body, headers=wrong_user)).status_code == 401
+        assert (
+            await http.post(f"{base}/v1/chat/completions", json=body, headers=wrong_user)
+        ).status_code == 401
         r = await http.post(
             f"{base}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {password}x"}
         )

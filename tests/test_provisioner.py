@@ -41,12 +41,18 @@ async def chat(port: int, user: str, text: str) -> str:
 
 
 @pytest.mark.gateway
-async def test_full_lifecycle_with_the_real_gateway(provisioner, platform, fakes, store, settings, docker_client):
+async def test_full_lifecycle_with_the_real_gateway(
+    provisioner, platform, fakes, store, settings, docker_client
+):
     ev = request(fakes)
     user = ev.user_id
     subject, ready = await platform.call(subjects.INSTANCE_REQUESTED, ev, timeout=180)
     assert subject == subjects.INSTANCE_READY, ready
-    assert ready.host == "127.0.0.1" and ready.bot_username and set(ready.timings) >= {"config", "create", "ready"}
+    assert (
+        ready.host == "127.0.0.1"
+        and ready.bot_username
+        and set(ready.timings) >= {"config", "create", "ready"}
+    )
     assert await chat(ready.port, user, "first words") == "echo: first words"
 
     # On disk: native config 0600 owned by the gateway's uid, seeded workspace.
@@ -74,7 +80,9 @@ async def test_full_lifecycle_with_the_real_gateway(provisioner, platform, fakes
     assert subject == subjects.INSTANCE_STOPPED
     assert containers_of(docker_client, user)[0].status == "exited"
 
-    subject, started = await platform.call(subjects.INSTANCE_START, InstanceCommand(user_id=user), timeout=180)
+    subject, started = await platform.call(
+        subjects.INSTANCE_START, InstanceCommand(user_id=user), timeout=180
+    )
     assert subject == subjects.INSTANCE_READY, started
     assert await chat(started.port, user, "back again") == "echo: back again"
 
@@ -87,16 +95,23 @@ async def test_full_lifecycle_with_the_real_gateway(provisioner, platform, fakes
     assert (root / "workspace" / "MEMORY.md").read_text() == "user's own memory"  # documented: kept
 
 
-async def test_twenty_concurrent_requests_get_twenty_distinct_ports(provisioner, platform, fakes, docker_client):
+async def test_twenty_concurrent_requests_get_twenty_distinct_ports(
+    provisioner, platform, fakes, docker_client
+):
     events = [request(fakes, image=STANDIN_IMAGE) for _ in range(20)]
-    outcomes = await asyncio.gather(*(platform.call(subjects.INSTANCE_REQUESTED, e, timeout=180) for e in events))
+    outcomes = await asyncio.gather(
+        *(platform.call(subjects.INSTANCE_REQUESTED, e, timeout=180) for e in events)
+    )
     assert all(s == subjects.INSTANCE_READY for s, _ in outcomes), outcomes
     ports = [o.port for _, o in outcomes]
     assert len(set(ports)) == 20
     for e in events:
         assert len(containers_of(docker_client, e.user_id)) == 1
     await asyncio.gather(
-        *(platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=e.user_id, purge=True)) for e in events)
+        *(
+            platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=e.user_id, purge=True))
+            for e in events
+        )
     )
 
 
@@ -151,7 +166,9 @@ async def test_invalid_input_is_refused_before_disk_or_docker(
 
 
 async def test_commands_for_unknown_users_fail_cleanly(provisioner, platform):
-    subject, failed = await platform.call(subjects.INSTANCE_STOP, InstanceCommand(user_id=new_user()), timeout=30)
+    subject, failed = await platform.call(
+        subjects.INSTANCE_STOP, InstanceCommand(user_id=new_user()), timeout=30
+    )
     assert subject == subjects.INSTANCE_FAILED and failed.reason == "not_found"
 
 
@@ -175,7 +192,11 @@ async def test_reconcile_removes_orphans_and_recreates_missing_containers(
     async def converged():
         names = {c.name for c in docker_client.containers.list(all=True)}
         doc = await store.get_instance(ev.user_id)
-        return container_name(orphan_user) not in names and container_name(ev.user_id) in names and doc["state"] == "running"
+        return (
+            container_name(orphan_user) not in names
+            and container_name(ev.user_id) in names
+            and doc["state"] == "running"
+        )
 
     from tests.conftest import eventually
 

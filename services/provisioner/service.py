@@ -478,7 +478,9 @@ class Provisioner:
     async def _restart(self, cmd: InstanceCommand) -> None:
         doc = await self._existing(cmd)
         if doc["state"] not in (S.RUNNING, S.STARTING, S.FAILED):
-            raise ProvisionError(FailureReason.ILLEGAL_TRANSITION, f"cannot restart an instance that is {doc['state']}")
+            raise ProvisionError(
+                FailureReason.ILLEGAL_TRANSITION, f"cannot restart an instance that is {doc['state']}"
+            )
         log.info("restarting", extra={"user_id": cmd.user_id, "reason": cmd.reason or ""})
         if doc["state"] == S.RUNNING:
             doc = await self._transition(cmd.request_id, cmd.user_id, S.STARTING)
@@ -587,17 +589,25 @@ class Provisioner:
             metrics.RECONCILE_ACTIONS.labels(action).inc(n)
         return actions
 
-    async def rotate_secrets(self) -> int:
-        """Re-encrypts every instance secret under the primary key; returns how many changed."""
-        changed = 0
-        for doc in await self.store.list_instances():
-            fields = {}
-            for field in ("bot_token", "gateway_password", "provider_key"):
-                sealed = doc.get(f"{field}_enc")
-                if sealed:
-                    new = self.keys.reseal(sealed, _ctx(doc["_id"], field))
-                    if new is not None:
-                        fields[f"{field}_enc"] = new
-            if fields and await self.store.update_instance(doc["_id"], fields, doc["instance_id"]):
-                changed += 1
-        return changed
+
+SECRET_FIELDS = ("bot_token", "gateway_password", "provider_key")
+
+
+async def rotate_instance_secrets(store: Store, keyring: KeyRing) -> int:
+    """Re-encrypts every instance secret under the primary key; returns how many records changed.
+
+    Each record is rewritten on its own (a versioned single-document write), so running
+    gateways are untouched and a concurrent provisioner never loses an update.
+    """
+    changed = 0
+    for doc in await store.list_instances():
+        fields = {}
+        for name in SECRET_FIELDS:
+            sealed = doc.get(f"{name}_enc")
+            if sealed:
+                new = keyring.reseal(sealed, _ctx(doc["_id"], name))
+                if new is not None:
+                    fields[f"{name}_enc"] = new
+        if fields and await store.update_instance(doc["_id"], fields, doc["instance_id"]):
+            changed += 1
+    return changed

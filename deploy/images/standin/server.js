@@ -12,13 +12,25 @@
 const http = require("node:http");
 const crypto = require("node:crypto");
 const fs = require("node:fs");
+const os = require("node:os");
 
 const env = process.env;
-if (env.STANDIN_EXIT_CODE) process.exit(Number(env.STANDIN_EXIT_CODE));
-const hog = [];
-if (env.STANDIN_ALLOC_MB) {
-  for (let i = 0; i < Number(env.STANDIN_ALLOC_MB); i++) hog.push(Buffer.alloc(1 << 20, 1));
+// Faults can also come from <state dir>/standin-faults.json, which tests write on the host
+// (it survives restarts): {"exit_code":3} {"alloc_mb":3000} {"readyz_delay_ms":1500} {"hang":true}
+const FAULTS_PATH = (env.OPENCLAW_STATE_DIR || "/home/node/.openclaw") + "/standin-faults.json";
+function readFaults() {
+  try {
+    return JSON.parse(fs.readFileSync(FAULTS_PATH, "utf8"));
+  } catch {
+    return {};
+  }
 }
+let faults = readFaults();
+setInterval(() => (faults = readFaults()), 300).unref();
+const exitCode = env.STANDIN_EXIT_CODE ?? faults.exit_code;
+if (exitCode !== undefined) process.exit(Number(exitCode));
+const hog = [];
+for (let i = 0; i < Number(env.STANDIN_ALLOC_MB || faults.alloc_mb || 0); i++) hog.push(Buffer.alloc(1 << 20, 1));
 
 function loadAuth() {
   const path = env.OPENCLAW_CONFIG_PATH || "/home/node/.openclaw/openclaw.json";
@@ -91,7 +103,7 @@ async function chat(req, res) {
   const created = Math.floor(Date.now() / 1000);
   if (!body.stream) {
     return json(res, 200, {
-      id, object: "chat.completion", created, model: body.model || "openclaw",
+      id, object: "chat.completion", created, model: body.model || "openclaw", system_fingerprint: os.hostname(),
       choices: [{ index: 0, message: { role: "assistant", content: text }, finish_reason: "stop" }],
       usage: { prompt_tokens: 5, completion_tokens: 3, total_tokens: 8 },
     });
@@ -113,13 +125,14 @@ async function chat(req, res) {
 }
 
 async function handle(req, res) {
-  if (hanging) return; // never answers: the monitor must time out
+  if (hanging || faults.hang) return; // never answers: the monitor must time out
   const url = new URL(req.url, "http://x");
   const p = url.pathname;
   if (p === "/healthz" || p === "/readyz" || p === "/startupz") {
     const refused = authorize(req, p.slice(1));
     if (refused) return json(res, refused[0], { error: { message: refused[1], type: refused[1] } });
-    if (p === "/readyz" && env.STANDIN_READYZ_DELAY_MS) await sleep(Number(env.STANDIN_READYZ_DELAY_MS));
+    const delay = Number(env.STANDIN_READYZ_DELAY_MS || faults.readyz_delay_ms || 0);
+    if (p === "/readyz" && delay) await sleep(delay);
     if (p === "/healthz") return json(res, 200, { ok: true, status: "live" });
     if (p === "/startupz") return json(res, 200, { ok: true, status: "started", version: "standin" });
     return json(res, 200, { ready: true, failing: [], uptimeMs: Date.now() - started });
@@ -160,7 +173,7 @@ function wsSend(sock, obj) {
 }
 
 function upgrade(req, sock) {
-  if (hanging) return;
+  if (hanging || faults.hang) return;
   const refused = authorize(req, null);
   const key = req.headers["sec-websocket-key"];
   if (!key) return sock.destroy();

@@ -1,0 +1,312 @@
+"""The gateway proxy as a process: auth, tenant isolation, limits, streaming, WebSockets."""
+
+import asyncio
+import json
+import time
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import jwt
+import nats
+import pytest
+import websockets
+
+from services.gateway_proxy import keys
+from services.provisioner.service import _ctx
+from shared import subjects
+from shared.crypto import KeyRing
+from shared.events import InstanceCommand, InstanceDelete, InstanceRequested
+from tests.conftest import JWT_SECRET, STANDIN_IMAGE, all_log_text, eventually, new_user
+
+
+async def make_instance(platform, fakes, image=STANDIN_IMAGE):
+    ev = InstanceRequested(request_id=new_user("req"), user_id=new_user(), bot_token=fakes.bot(), image=image)
+    subject, ready = await platform.call(subjects.INSTANCE_REQUESTED, ev, timeout=180)
+    assert subject == subjects.INSTANCE_READY, ready
+    return ev.user_id, ready
+
+
+def chat_body(text="hi", **kw):
+    return {"model": "openclaw", "messages": [{"role": "user", "content": text}], **kw}
+
+
+@pytest.fixture(scope="module")
+async def two_tenants(provisioner, proxy, fakes, stack):
+    from shared.client import PlatformClient
+    from shared.store import Store
+
+    platform = await PlatformClient.connect(stack.nats.address)
+    store = Store(stack.mongo.address, "zaki")
+    (a, ready_a), (b, ready_b) = await asyncio.gather(
+        make_instance(platform, fakes), make_instance(platform, fakes)
+    )
+    _, key_a = await keys.create_key(store, a, {"chat", "tools", "ws"})
+    _, key_b = await keys.create_key(store, b, {"chat", "tools", "ws"})
+    yield {"a": a, "b": b, "key_a": key_a, "key_b": key_b, "store": store}
+    for u in (a, b):
+        await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=u, purge=True))
+    await platform.close()
+    await store.close()
+
+
+async def test_chat_is_routed_by_credential_only(proxy, two_tenants):
+    t = two_tenants
+    async with httpx.AsyncClient(base_url=proxy.address, timeout=30) as http:
+        r = await http.post(
+            "/v1/chat/completions", json=chat_body("x"), headers={"Authorization": f"Bearer {t['key_a']}"}
+        )
+        assert r.status_code == 200
+        assert r.json()["system_fingerprint"] == f"zaki-{t['a']}"[:63]
+        b_identity = f"{t['b']}@zaki.local"
+        tricks = [
+            ("/v1/chat/completions", {"X-Forwarded-User": b_identity}),
+            ("/v1/chat/completions", {"Host": f"{t['b']}.zaki.local"}),
+            ("/v1/chat/completions", {"X-Zaki-User": t["b"], "X-User-Id": t["b"]}),
+            (f"/v1/chat/completions?user={t['b']}&user_id={t['b']}", {}),
+            ("/v1/chat/completions", {"Forwarded": f"for=1.2.3.4;by={t['b']}", "X-Real-IP": "10.0.0.9"}),
+            ("/v1/chat/completions", {"Cookie": f"zaki_session={t['key_b']}"}),  # header wins; cookie ignored
+        ]
+        for path, extra in tricks:
+            r = await http.post(
+                path, json=chat_body("x"), headers={"Authorization": f"Bearer {t['key_a']}", **extra}
+            )
+            assert r.status_code == 200, (path, extra, r.text)
+            assert r.json()["system_fingerprint"] == f"zaki-{t['a']}"[:63], (path, extra)
+        for path in (
+            f"/{t['b']}/v1/chat/completions",
+            "/v1/../v1/chat/completions/../../x",
+            "/__standin/headers",
+        ):
+            r = await http.post(path, json=chat_body(), headers={"Authorization": f"Bearer {t['key_a']}"})
+            assert r.status_code == 404
+
+
+async def test_credentials_are_checked(proxy, two_tenants):
+    t = two_tenants
+    now = datetime.now(UTC)
+    claims = {"sub": t["a"], "aud": "zaki", "exp": now + timedelta(minutes=5)}
+    good = jwt.encode(claims, JWT_SECRET, algorithm="HS256")
+    expired = jwt.encode({**claims, "exp": now - timedelta(minutes=5)}, JWT_SECRET, algorithm="HS256")
+    wrong_key = jwt.encode(claims, "another-secret-of-enough-length-1234", algorithm="HS256")
+    alg_none = jwt.encode(claims, None, algorithm="none")
+    no_tools = jwt.encode({**claims, "scopes": ["chat"]}, JWT_SECRET, algorithm="HS256")
+    async with httpx.AsyncClient(base_url=proxy.address, timeout=30) as http:
+        r = await http.post("/v1/chat/completions", json=chat_body())
+        assert r.status_code == 401 and r.json()["error"]["type"] == "invalid_api_key"
+        for bad in ("zk_nope", t["key_a"][:-2] + "xx", expired, wrong_key, alg_none, "a.b.c"):
+            r = await http.post(
+                "/v1/chat/completions", json=chat_body(), headers={"Authorization": f"Bearer {bad}"}
+            )
+            assert r.status_code == 401, bad
+        r = await http.post(
+            "/v1/chat/completions", json=chat_body(), headers={"Authorization": f"Bearer {good}"}
+        )
+        assert r.status_code == 200 and r.json()["system_fingerprint"] == f"zaki-{t['a']}"[:63]
+        r = await http.post(
+            "/tools/invoke", json={"tool": "sessions_list"}, headers={"Authorization": f"Bearer {no_tools}"}
+        )
+        assert r.status_code == 403
+        r = await http.post(
+            "/tools/invoke", json={"tool": "sessions_list"}, headers={"Authorization": f"Bearer {good}"}
+        )
+        assert r.status_code == 200 and r.json()["ok"] is True
+
+
+async def test_revoked_key_is_refused_at_once(proxy, two_tenants, stack):
+    t = two_tenants
+    key_id, key = await keys.create_key(t["store"], t["a"], {"chat"})
+    auth = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(base_url=proxy.address, timeout=30) as http:
+        assert (await http.post("/v1/chat/completions", json=chat_body(), headers=auth)).status_code == 200
+        assert await keys.revoke(t["store"], key_id)
+        nc = await nats.connect(stack.nats.address)
+        await nc.publish(subjects.APIKEY_REVOKED, key_id.encode())
+        await nc.flush()
+        await nc.close()
+        await eventually(lambda: _status(http, "/v1/chat/completions", auth, 401), timeout=2, interval=0.05)
+
+
+async def _status(http, path, headers, want):
+    return (await http.post(path, json=chat_body(), headers=headers)).status_code == want
+
+
+async def test_limits_413_and_429(proxy, two_tenants):
+    t = two_tenants
+    auth = {"Authorization": f"Bearer {t['key_b']}"}
+    async with httpx.AsyncClient(base_url=proxy.address, timeout=30) as http:
+        r = await http.post(
+            "/v1/chat/completions",
+            content=b"x" * (2 << 20),
+            headers={**auth, "Content-Type": "application/json"},
+        )
+        assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
+        results = await asyncio.gather(*(http.get("/v1/models", headers=auth) for _ in range(150)))
+        codes = [r.status_code for r in results]
+        assert 429 in codes and 200 in codes
+        limited = next(r for r in results if r.status_code == 429)
+        assert int(limited.headers["Retry-After"]) >= 1
+        assert limited.json()["error"]["type"] == "rate_limit_exceeded"
+    await asyncio.sleep(2)  # let the bucket refill for other tests
+
+
+async def test_sse_passes_through_chunk_by_chunk(proxy, two_tenants):
+    t = two_tenants
+    auth = {"Authorization": f"Bearer {t['key_a']}"}
+    arrivals = []
+    body = chat_body("slow stream please", stream=True, standin_chunks=5, standin_delay_ms=300)
+    async with httpx.AsyncClient(base_url=proxy.address, timeout=30) as http:
+        async with http.stream("POST", "/v1/chat/completions", json=body, headers=auth) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    arrivals.append((time.monotonic(), line))
+    content = "".join(
+        (json.loads(line[6:])["choices"][0]["delta"].get("content") or "")
+        for _, line in arrivals
+        if line != "data: [DONE]"
+    )
+    assert content == "echo: slow stream please"
+    gaps = [b[0] - a[0] for a, b in zip(arrivals[1:6], arrivals[2:7], strict=False)]
+    assert len([g for g in gaps if g > 0.2]) >= 3  # arrived as sent, not buffered to the end
+
+
+async def test_websocket_rpc_and_limit(proxy, two_tenants):
+    t = two_tenants
+    url = proxy.address.replace("http://", "ws://") + "/ws"
+    hdrs = {"Authorization": f"Bearer {t['key_a']}"}
+    async with websockets.connect(url, additional_headers=hdrs) as ws:
+        challenge = json.loads(await ws.recv())
+        assert challenge["event"] == "connect.challenge"
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "req",
+                    "id": "1",
+                    "method": "connect",
+                    "params": {"auth": {"token": "client-made-up"}},
+                }
+            )
+        )
+        hello = json.loads(await ws.recv())
+        assert hello["ok"] and hello["payload"]["auth"]["method"] == "trusted-proxy"
+        await ws.send(json.dumps({"type": "req", "id": "2", "method": "health", "params": {}}))
+        assert json.loads(await ws.recv()) == {"type": "res", "id": "2", "ok": True, "payload": {"ok": True}}
+    # Per-tenant WebSocket limit (3 in this test setup).
+    conns = [await websockets.connect(url, additional_headers=hdrs) for _ in range(3)]
+    with pytest.raises(websockets.exceptions.InvalidStatus) as exc:
+        await websockets.connect(url, additional_headers=hdrs)
+    assert exc.value.response.status_code == 429
+    for c in conns:
+        await c.close()
+    with pytest.raises(websockets.exceptions.InvalidStatus) as exc:
+        await websockets.connect(url)
+    assert exc.value.response.status_code == 401
+
+
+async def test_stopped_and_deleted_instances_answer_503(proxy, provisioner, platform, fakes, store):
+    user, _ = await make_instance(platform, fakes)
+    _, key = await keys.create_key(store, user, {"chat"})
+    auth = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(base_url=proxy.address, timeout=30) as http:
+        assert (await http.get("/v1/models", headers=auth)).status_code == 200
+        await platform.call(subjects.INSTANCE_STOP, InstanceCommand(user_id=user))
+        r = await http.get("/v1/models", headers=auth)
+        assert r.status_code == 503 and r.json()["state"] == "stopped"
+        assert r.json()["error"]["type"] == "instance_not_running"
+        await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=user, purge=True))
+        r = await http.get("/v1/models", headers=auth)
+        assert r.status_code == 503 and r.json()["state"] == "absent"
+
+
+async def test_unreachable_gateway_is_502(proxy, provisioner, platform, fakes, store, docker_client):
+    user, _ = await make_instance(platform, fakes)
+    _, key = await keys.create_key(store, user, {"chat"})
+    docker_client.containers.get(f"zaki-user-{user}").pause()
+    try:
+        async with httpx.AsyncClient(base_url=proxy.address, timeout=30) as http:
+            docker_client.containers.get(f"zaki-user-{user}").unpause()
+            docker_client.containers.get(f"zaki-user-{user}").kill()
+            r = await http.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code in (502, 503), r.text
+            assert r.json()["error"]["type"] in ("gateway_unreachable", "instance_not_running")
+    finally:
+        await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=user, purge=True))
+
+
+@pytest.mark.gateway
+async def test_real_gateway_through_the_proxy(proxy, provisioner, platform, fakes, store, keyring_spec):
+    from tests.conftest import REAL_IMAGE
+
+    user, _ = await make_instance(platform, fakes, image=REAL_IMAGE)
+    _, key = await keys.create_key(store, user, {"chat", "tools", "ws"})
+    doc = await store.get_instance(user)
+    password = KeyRing.from_spec(keyring_spec).decrypt(
+        doc["gateway_password_enc"], _ctx(user, "gateway_password")
+    )
+    received = bytearray()
+    auth = {"Authorization": f"Bearer {key}"}
+    try:
+        async with httpx.AsyncClient(base_url=proxy.address, timeout=90) as http:
+            r = await http.post("/v1/chat/completions", json=chat_body("via proxy"), headers=auth)
+            assert r.status_code == 200, r.text
+            received += r.content + str(r.headers).encode()
+            assert r.json()["choices"][0]["message"]["content"] == "echo: via proxy"
+            text = ""
+            async with http.stream(
+                "POST", "/v1/chat/completions", json=chat_body("streamed", stream=True), headers=auth
+            ) as s:
+                async for chunk in s.aiter_bytes():
+                    received += chunk
+                    text += chunk.decode()
+            assert "data: [DONE]" in text and "streamed" in text
+            r = await http.post("/tools/invoke", json={"tool": "sessions_list", "args": {}}, headers=auth)
+            received += r.content
+            assert r.status_code == 200 and r.json()["ok"] is True
+        url = proxy.address.replace("http://", "ws://") + "/ws"
+        async with websockets.connect(url, additional_headers=auth, max_size=64 << 20) as ws:
+            received += (await ws.recv()).encode()
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "req",
+                        "id": "c1",
+                        "method": "connect",
+                        "params": {
+                            "minProtocol": 4,
+                            "maxProtocol": 4,
+                            "client": {"id": "cli", "version": "0.1.0", "platform": "linux", "mode": "cli"},
+                            "role": "operator",
+                            "scopes": ["operator.read", "operator.write"],
+                            "caps": [],
+                        },
+                    }
+                )
+            )
+            hello = await _response(ws, "c1", received)
+            assert hello["ok"], hello
+            assert set(hello["payload"]["auth"]["scopes"]) >= {"operator.read", "operator.write"}
+            await ws.send(json.dumps({"type": "req", "id": "c2", "method": "sessions.list", "params": {}}))
+            listed = await _response(ws, "c2", received)
+            assert listed["ok"], listed
+        assert password.encode() not in received
+    finally:
+        await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=user, purge=True))
+
+
+async def _response(ws, rid, sink):
+    while True:
+        raw = await asyncio.wait_for(ws.recv(), 60)
+        sink += raw.encode() if isinstance(raw, str) else raw
+        msg = json.loads(raw)
+        if msg.get("type") == "res" and msg.get("id") == rid:
+            return msg
+
+
+async def test_access_log_has_request_ids_and_no_credentials(proxy, two_tenants, state_dir):
+    async with httpx.AsyncClient(base_url=proxy.address, timeout=30) as http:
+        await http.get("/v1/models", headers={"Authorization": f"Bearer {two_tenants['key_a']}"})
+    text = all_log_text(state_dir)
+    lines = [json.loads(line) for line in text.splitlines() if '"zaki.proxy.access"' in line]
+    assert lines and all(line["request_id"] and "status" in line for line in lines)
+    assert any(line["tenant"] == two_tenants["a"] for line in lines)
+    assert two_tenants["key_a"] not in text and two_tenants["key_a"].split("_")[2] not in text
