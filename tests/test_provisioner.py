@@ -176,7 +176,7 @@ async def test_reconcile_removes_orphans_and_recreates_missing_containers(
     provisioner, platform, fakes, docker_client, store
 ):
     ev = request(fakes, image=STANDIN_IMAGE)
-    subject, ready = await platform.call(subjects.INSTANCE_REQUESTED, ev, timeout=120)
+    subject, _ready = await platform.call(subjects.INSTANCE_REQUESTED, ev, timeout=120)
     assert subject == subjects.INSTANCE_READY
     # A labelled container nobody recorded: an orphan from a crash.
     orphan_user = new_user("orph")
