@@ -72,7 +72,7 @@ class ZakiSettings(BaseSettings):
     proxy_drain_s: float = 30.0
 
     # Monitor
-    probe_interval_s: float = 5.0
+    probe_interval_s: float = 4.0
     probe_timeout_s: float = 2.0
     probe_concurrency: int = 200
     unhealthy_after: int = 2
@@ -82,6 +82,9 @@ class ZakiSettings(BaseSettings):
     crashloop_restarts: int = 5
     crashloop_window_s: float = 600.0
     summary_interval_s: float = 30.0
+    slow_probe_s: float = 1.0  # a readiness answer slower than this counts as degraded
+    die_grace_s: float = 3.0  # after a container dies, how long Docker's own restart policy gets
+    health_write_interval_s: float = 30.0  # how often a healthy instance's last probe is persisted
 
     replica_id: str = Field(default_factory=lambda: __import__("uuid").uuid4().hex[:12])
 

@@ -210,3 +210,33 @@ def proxy(stack: Stack, service_env: dict[str, str], provisioner: Process) -> Pr
     wait_for_port("127.0.0.1", port, p.proc, "gateway proxy")
     p.address = f"http://127.0.0.1:{port}"
     return p
+
+
+MONITOR_ENV = {
+    "ZAKI_PROBE_INTERVAL_S": "1",
+    "ZAKI_PROBE_TIMEOUT_S": "1",
+    "ZAKI_UNHEALTHY_AFTER": "2",
+    "ZAKI_HEALTHY_AFTER": "1",
+    "ZAKI_RESTART_BACKOFF_BASE_S": "1",
+    "ZAKI_CRASHLOOP_RESTARTS": "3",
+    "ZAKI_CRASHLOOP_WINDOW_S": "120",
+    "ZAKI_DIE_GRACE_S": "1.5",
+    "ZAKI_HEALTH_WRITE_INTERVAL_S": "1",
+    "ZAKI_SUMMARY_INTERVAL_S": "2",
+}
+
+
+def start_monitor(stack: Stack, service_env: dict[str, str], replica: str) -> Process:
+    port = free_port()
+    p = stack.start_service(
+        "services.monitor",
+        {**service_env, **MONITOR_ENV, "ZAKI_REPLICA_ID": replica, "ZAKI_METRICS_PORT": str(port)},
+    )
+    wait_for_port("127.0.0.1", port, p.proc, "monitor")
+    p.address = f"http://127.0.0.1:{port}/metrics"
+    return p
+
+
+@pytest.fixture(scope="session")
+def monitor(stack: Stack, service_env: dict[str, str], provisioner: Process) -> Process:
+    return start_monitor(stack, service_env, "mon-a")

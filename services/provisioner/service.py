@@ -390,15 +390,22 @@ class Provisioner:
     async def wait_ready(self, user_id: str, port: int, name: str) -> None:
         deadline = time.monotonic() + self.s.readiness_timeout_s
         delay = 0.25
+        first = await self.runtime.status(name)
         while True:
             result = await probe(self.http, self.s.gateway_publish_ip, port, user_id, "/readyz", timeout=2.0)
             if result.ok:
                 return
             status = await self.runtime.status(name)
-            if status.exists and status.state == "exited" and status.exit_code == 78:
+            if status.exists and status.exit_code == 78 and status.state in ("exited", "restarting"):
                 raise ProvisionError(
                     FailureReason.GATEWAY_NOT_READY,
                     "the gateway refused its config (exit 78)",
+                    await self.runtime.logs(name, 30),
+                )
+            if status.restart_count - first.restart_count >= 3:
+                raise ProvisionError(
+                    FailureReason.GATEWAY_NOT_READY,
+                    f"the gateway keeps exiting (exit code {status.exit_code}, OOM killed: {status.oom_killed})",
                     await self.runtime.logs(name, 30),
                 )
             if time.monotonic() >= deadline:

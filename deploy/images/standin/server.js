@@ -25,12 +25,17 @@ function readFaults() {
     return {};
   }
 }
-let faults = readFaults();
-setInterval(() => (faults = readFaults()), 300).unref();
-const exitCode = env.STANDIN_EXIT_CODE ?? faults.exit_code;
-if (exitCode !== undefined) process.exit(Number(exitCode));
+let faults = {};
 const hog = [];
-for (let i = 0; i < Number(env.STANDIN_ALLOC_MB || faults.alloc_mb || 0); i++) hog.push(Buffer.alloc(1 << 20, 1));
+function applyFaults() {
+  faults = readFaults();
+  const exitCode = env.STANDIN_EXIT_CODE ?? faults.exit_code;
+  if (exitCode !== undefined) process.exit(Number(exitCode));
+  const mb = Number(env.STANDIN_ALLOC_MB || faults.alloc_mb || 0);
+  while (hog.length < mb) hog.push(Buffer.alloc(1 << 20, 1));
+}
+applyFaults();
+setInterval(applyFaults, 300).unref();
 
 function loadAuth() {
   const path = env.OPENCLAW_CONFIG_PATH || "/home/node/.openclaw/openclaw.json";
