@@ -105,7 +105,7 @@ def service_env(stack: Stack, fakes: Fakes, keyring_spec: str, state_dir: Path) 
         "ZAKI_SECRET_KEYS": keyring_spec,
         "ZAKI_DATA_ROOT": str(state_dir / "data"),
         "ZAKI_GATEWAY_IMAGE": REAL_IMAGE,
-        "ZAKI_ALLOWED_IMAGES": STANDIN_IMAGE,
+        "ZAKI_ALLOWED_IMAGES": f"{STANDIN_IMAGE},zaki/standin-gateway:canary",
         "ZAKI_PORT_RANGE_START": str(port0),
         "ZAKI_PORT_RANGE_END": str(port0 + 99),
         "ZAKI_TELEGRAM_API_BASE": f"http://{fakes.host}:{fakes.tg_port}",

