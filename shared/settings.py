@@ -19,6 +19,8 @@ class ZakiSettings(BaseSettings):
     # Key ring for secrets at rest: "kid1:<base64 32 bytes>,kid2:<...>"; the first key encrypts.
     secret_keys: SecretStr = SecretStr("")
 
+    # Labels every container and network; a provisioner only ever reconciles its own platform's.
+    platform_id: str = Field(default="zaki", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     # Docker host this provisioner drives; recorded on every instance so several hosts can share one store.
     docker_host_id: str = "local"
     docker_url: str | None = None  # None: DOCKER_HOST or the local socket

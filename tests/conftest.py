@@ -25,6 +25,7 @@ from zaki.stack import Process, Stack, docker_bridge_ip, ensure_docker, free_por
 REAL_IMAGE = "zaki/openclaw-gateway:2026.9.6"
 STANDIN_IMAGE = "zaki/standin-gateway:latest"
 SESSION = uuid.uuid4().hex[:6]
+PLATFORM_ID = f"test-{SESSION}"
 
 
 def new_user(prefix: str = "u") -> str:
@@ -102,6 +103,7 @@ def service_env(stack: Stack, fakes: Fakes, keyring_spec: str, state_dir: Path) 
         "ZAKI_NATS_URL": stack.nats.address,  # type: ignore[attr-defined]
         "ZAKI_MONGO_URL": stack.mongo.address,  # type: ignore[attr-defined]
         "ZAKI_MONGO_DB": "zaki",
+        "ZAKI_PLATFORM_ID": PLATFORM_ID,
         "ZAKI_SECRET_KEYS": keyring_spec,
         "ZAKI_DATA_ROOT": str(state_dir / "data"),
         "ZAKI_GATEWAY_IMAGE": REAL_IMAGE,

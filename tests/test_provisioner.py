@@ -16,7 +16,7 @@ from shared.events import (
     InstanceUpdate,
 )
 from shared.gateway import container_name, identity_headers
-from tests.conftest import STANDIN_IMAGE, new_user
+from tests.conftest import PLATFORM_ID, STANDIN_IMAGE, new_user
 
 
 def request(fakes, user=None, image=None, **kw) -> InstanceRequested:
@@ -183,7 +183,7 @@ async def test_reconcile_removes_orphans_and_recreates_missing_containers(
     docker_client.containers.run(
         STANDIN_IMAGE,
         name=container_name(orphan_user),
-        labels={"zaki.managed": "true", "zaki.user": orphan_user, "zaki.instance": "ghost"},
+        labels={"zaki.managed": PLATFORM_ID, "zaki.user": orphan_user, "zaki.instance": "ghost"},
         detach=True,
     )
     # The running instance's container vanishes behind the platform's back.

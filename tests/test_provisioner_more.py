@@ -24,7 +24,9 @@ from shared.store import Store
 from tests.conftest import REAL_IMAGE, STANDIN_IMAGE, eventually, new_user
 from zaki.stack import Stack, free_port, wait_for_port
 
-OPENCLAW = Path.home() / ".cache" / "zaki" / "openclaw-2026.9.6" / "node_modules" / "openclaw" / "openclaw.mjs"
+OPENCLAW = (
+    Path.home() / ".cache" / "zaki" / "openclaw-2026.9.6" / "node_modules" / "openclaw" / "openclaw.mjs"
+)
 
 user_ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}", fullmatch=True)
 tokens = st.from_regex(r"[0-9]{5,16}:[A-Za-z0-9_-]{30,64}", fullmatch=True)
@@ -45,7 +47,9 @@ specs = st.builds(
     ),
     trusted_proxy_ip=ips,
     password=st.text("abcdefghijklmnopqrstuvwxyz0123456789_-", min_size=16, max_size=64),
-    allowed_origins=st.lists(st.sampled_from(["https://app.example.com", "http://127.0.0.1:8080"]), max_size=2).map(tuple),
+    allowed_origins=st.lists(
+        st.sampled_from(["https://app.example.com", "http://127.0.0.1:8080"]), max_size=2
+    ).map(tuple),
     telegram_api_root=st.none() | st.just("http://host.docker.internal:9000"),
     telegram_allow_from=st.lists(st.from_regex(r"[0-9]{1,12}", fullmatch=True), max_size=3).map(tuple),
     telegram_private_network=st.booleans(),
@@ -67,7 +71,9 @@ def test_rendered_config_keeps_its_invariants(spec):
     json.dumps(cfg)  # serialisable
 
 
-@pytest.mark.skipif(not OPENCLAW.exists(), reason="openclaw npm package not installed (deploy/images/build.sh does)")
+@pytest.mark.skipif(
+    not OPENCLAW.exists(), reason="openclaw npm package not installed (deploy/images/build.sh does)"
+)
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(specs)
 def test_rendered_config_passes_openclaws_own_validation(tmp_path_factory, spec):
@@ -79,13 +85,19 @@ def test_rendered_config_passes_openclaws_own_validation(tmp_path_factory, spec)
     out = subprocess.run(
         [str(node), str(OPENCLAW), "config", "validate"],
         env={**os.environ, "OPENCLAW_CONFIG_PATH": str(d / "openclaw.json"), "OPENCLAW_STATE_DIR": str(d)},
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0 and "Config valid" in out.stdout, out.stdout + out.stderr
 
 
-async def test_zaki_keys_rotate_reencrypts_every_secret(provisioner, platform, fakes, store, keyring_spec, service_env):
-    ev = InstanceRequested(request_id=new_user("req"), user_id=new_user(), bot_token=fakes.bot(), image=STANDIN_IMAGE)
+async def test_zaki_keys_rotate_reencrypts_every_secret(
+    provisioner, platform, fakes, store, keyring_spec, service_env
+):
+    ev = InstanceRequested(
+        request_id=new_user("req"), user_id=new_user(), bot_token=fakes.bot(), image=STANDIN_IMAGE
+    )
     subject, _ = await platform.call(subjects.INSTANCE_REQUESTED, ev, timeout=120)
     assert subject == subjects.INSTANCE_READY
     k2 = KeyRing.new_key_spec("k2")
@@ -93,7 +105,11 @@ async def test_zaki_keys_rotate_reencrypts_every_secret(provisioner, platform, f
     def zaki_keys_rotate(keys: str) -> str:
         env = {**os.environ, **service_env, "ZAKI_SECRET_KEYS": keys, "ZAKI_STATE_DIR": "/nonexistent"}
         out = subprocess.run(
-            [sys.executable, "-m", "zaki.cli", "keys", "rotate"], env=env, capture_output=True, text=True, timeout=60
+            [sys.executable, "-m", "zaki.cli", "keys", "rotate"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert out.returncode == 0, out.stderr
         return out.stderr
@@ -102,7 +118,9 @@ async def test_zaki_keys_rotate_reencrypts_every_secret(provisioner, platform, f
     doc = await store.get_instance(ev.user_id)
     ring = KeyRing.from_spec(f"{k2},{keyring_spec}")
     assert ring.key_id(doc["bot_token_enc"]) == "k2" and ring.key_id(doc["gateway_password_enc"]) == "k2"
-    assert ring.decrypt(doc["bot_token_enc"], _ctx(ev.user_id, "bot_token")) == ev.bot_token.get_secret_value()
+    assert (
+        ring.decrypt(doc["bot_token_enc"], _ctx(ev.user_id, "bot_token")) == ev.bot_token.get_secret_value()
+    )
     assert await rotate_instance_secrets(store, ring) == 0  # nothing left under the old key
     # Rotate back so the running provisioner (which only knows k1) keeps working with it.
     zaki_keys_rotate(f"{keyring_spec},{k2}")
@@ -110,13 +128,19 @@ async def test_zaki_keys_rotate_reencrypts_every_secret(provisioner, platform, f
     assert subject == subjects.INSTANCE_DELETED
 
 
-async def test_upgrade_recreates_the_container_with_the_new_image(provisioner, platform, fakes, docker_client):
+async def test_upgrade_recreates_the_container_with_the_new_image(
+    provisioner, platform, fakes, docker_client
+):
     docker_client.images.get(STANDIN_IMAGE).tag("zaki/standin-gateway", "canary")
-    ev = InstanceRequested(request_id=new_user("req"), user_id=new_user(), bot_token=fakes.bot(), image=STANDIN_IMAGE)
+    ev = InstanceRequested(
+        request_id=new_user("req"), user_id=new_user(), bot_token=fakes.bot(), image=STANDIN_IMAGE
+    )
     _, ready = await platform.call(subjects.INSTANCE_REQUESTED, ev, timeout=120)
     before = docker_client.containers.get(f"zaki-user-{ev.user_id}").id
     subject, after = await platform.call(
-        subjects.INSTANCE_UPGRADE, InstanceUpgrade(user_id=ev.user_id, image="zaki/standin-gateway:canary"), timeout=120
+        subjects.INSTANCE_UPGRADE,
+        InstanceUpgrade(user_id=ev.user_id, image="zaki/standin-gateway:canary"),
+        timeout=120,
     )
     assert subject == subjects.INSTANCE_READY and after.image == "zaki/standin-gateway:canary"
     c = docker_client.containers.get(f"zaki-user-{ev.user_id}")
@@ -155,6 +179,7 @@ async def test_kill_9_between_create_and_ready_converges(tmp_path, service_env, 
         "ZAKI_PORT_RANGE_START": str(port0 % 1000 + 31000),
         "ZAKI_PORT_RANGE_END": str(port0 % 1000 + 31010),
         "ZAKI_DOCKER_HOST_ID": "kill9",
+        "ZAKI_PLATFORM_ID": f"kill9-{new_user()}",
     }
 
     def start():
@@ -168,13 +193,17 @@ async def test_kill_9_between_create_and_ready_converges(tmp_path, service_env, 
     store = Store(mongo_p.address, "zaki")
     try:
         await asyncio.sleep(2)  # consumers up
-        ev = InstanceRequested(request_id=new_user("req"), user_id=new_user("k"), bot_token=fakes.bot(), image=REAL_IMAGE)
+        ev = InstanceRequested(
+            request_id=new_user("req"), user_id=new_user("k"), bot_token=fakes.bot(), image=REAL_IMAGE
+        )
         fut = platform.expect(ev.request_id)
         await platform.send(subjects.INSTANCE_REQUESTED, ev)
 
         async def starting():
             doc = await store.get_instance(ev.user_id)
-            names = [c.name for c in docker_client.containers.list(filters={"label": f"zaki.user={ev.user_id}"})]
+            names = [
+                c.name for c in docker_client.containers.list(filters={"label": f"zaki.user={ev.user_id}"})
+            ]
             return doc and doc["state"] == "starting" and names
 
         await eventually(starting, timeout=60, interval=0.1)
@@ -188,7 +217,9 @@ async def test_kill_9_between_create_and_ready_converges(tmp_path, service_env, 
         doc = await store.get_instance(ev.user_id)
         assert doc["state"] == "running" and doc["port"] == ready.port
         assert await store.ports.count_documents({"user_id": ev.user_id}) == 1
-        await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=ev.user_id, purge=True), timeout=60)
+        await platform.call(
+            subjects.INSTANCE_DELETE, InstanceDelete(user_id=ev.user_id, purge=True), timeout=60
+        )
     finally:
         await platform.close()
         await store.close()

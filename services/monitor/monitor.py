@@ -357,7 +357,8 @@ class Monitor:
             while True:
                 try:
                     stream = self.docker.events(
-                        decode=True, filters={"type": "container", "label": "zaki.managed"}
+                        decode=True,
+                        filters={"type": "container", "label": f"zaki.managed={self.s.platform_id}"},
                     )
                     for event in stream:
                         received = time.time()

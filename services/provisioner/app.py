@@ -143,7 +143,7 @@ class ProvisionerApp:
         self.service = Provisioner(
             s,
             self.store,
-            DockerRuntime(s.docker_host_id, s.docker_url),
+            DockerRuntime(s.docker_host_id, s.docker_url, s.platform_id),
             KeyRing.from_spec(s.secret_keys.get_secret_value()),
             TelegramClient(s.telegram_api_base, s.telegram_timeout_s),
             self.publish,

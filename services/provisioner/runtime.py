@@ -16,7 +16,7 @@ from docker.errors import APIError, NotFound
 
 from shared.gateway import GATEWAY_PORT, container_name, network_name
 
-MANAGED_LABEL = "zaki.managed"
+MANAGED_LABEL = "zaki.managed"  # value: the platform id, so several platforms can share an engine
 USER_LABEL = "zaki.user"
 INSTANCE_LABEL = "zaki.instance"
 
@@ -96,8 +96,11 @@ def _status(c) -> ContainerStatus:
 
 
 class DockerRuntime:
-    def __init__(self, host_id: str = "local", base_url: str | None = None) -> None:
+    def __init__(
+        self, host_id: str = "local", base_url: str | None = None, platform_id: str = "zaki"
+    ) -> None:
         self.host_id = host_id
+        self.platform_id = platform_id
         self.client = docker.DockerClient(base_url=base_url) if base_url else docker.from_env()
 
     async def _run(self, fn, *args, **kwargs):
@@ -118,7 +121,7 @@ class DockerRuntime:
                 net = self.client.networks.create(
                     name,
                     driver="bridge",
-                    labels={MANAGED_LABEL: "true", USER_LABEL: user_id},
+                    labels={MANAGED_LABEL: self.platform_id, USER_LABEL: user_id},
                     options={"com.docker.network.bridge.enable_icc": "false"},
                 )
             except APIError as e:  # created by a racing replica
@@ -147,6 +150,10 @@ class DockerRuntime:
         try:
             existing = self.client.containers.get(spec.name)
             labels = existing.labels or {}
+            if labels.get(MANAGED_LABEL) != self.platform_id:
+                raise RuntimeError_(
+                    f"container name {spec.name} is taken by something this platform does not manage"
+                )
             same_image = existing.attrs.get("Config", {}).get("Image") == spec.image
             if labels.get(INSTANCE_LABEL) == spec.instance_id and same_image:
                 return existing.id
@@ -158,7 +165,11 @@ class DockerRuntime:
             spec.image,
             name=spec.name,
             hostname=f"zaki-{spec.user_id}"[:63],
-            labels={MANAGED_LABEL: "true", USER_LABEL: spec.user_id, INSTANCE_LABEL: spec.instance_id},
+            labels={
+                MANAGED_LABEL: self.platform_id,
+                USER_LABEL: spec.user_id,
+                INSTANCE_LABEL: spec.instance_id,
+            },
             environment=spec.env,
             ports={f"{GATEWAY_PORT}/tcp": (spec.publish_ip, spec.host_port)},
             volumes={host: {"bind": path, "mode": "rw"} for host, path in spec.binds.items()},
@@ -223,7 +234,12 @@ class DockerRuntime:
         return raw.decode("utf-8", "replace").splitlines()
 
     def _list_managed(self) -> list[ContainerStatus]:
-        return [_status(c) for c in self.client.containers.list(all=True, filters={"label": MANAGED_LABEL})]
+        return [
+            _status(c)
+            for c in self.client.containers.list(
+                all=True, filters={"label": f"{MANAGED_LABEL}={self.platform_id}"}
+            )
+        ]
 
     async def list_managed(self) -> list[ContainerStatus]:
         return await self._run(self._list_managed)
