@@ -84,6 +84,7 @@ class ZakiSettings(BaseSettings):
     crashloop_restarts: int = 5
     crashloop_window_s: float = 600.0
     summary_interval_s: float = 30.0
+    probe_spread: float = 0.8  # share of the interval over which one sweep's probes are spread
     slow_probe_s: float = 1.0  # a readiness answer slower than this counts as degraded
     die_grace_s: float = 3.0  # after a container dies, how long Docker's own restart policy gets
     health_write_interval_s: float = 30.0  # how often a healthy instance's last probe is persisted

@@ -159,7 +159,9 @@ async def test_invalid_input_is_refused_before_disk_or_docker(
     subject, failed = await platform.wait(rid, fut, timeout=30)
     assert subject == subjects.INSTANCE_FAILED and failed.reason == reason
     users_dir = Path(settings.data_root) / "users"
-    assert not (users_dir.exists() and any(user_id[:60] in p.name for p in users_dir.iterdir()))
+    if user_id:
+        assert not (users_dir.exists() and any(user_id[:60] in p.name for p in users_dir.iterdir()))
+    assert not (users_dir.parent / "etc").exists() and not Path(settings.data_root, "etc").exists()
     assert docker_client.containers.list(all=True, filters={"name": container_name(user_id[:60])}) == []
     if token:
         assert token not in failed.model_dump_json()

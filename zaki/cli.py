@@ -52,6 +52,8 @@ def secret_keys(state_dir: Path) -> str:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    import signal
+
     from zaki.stack import (
         Stack,
         StackError,
@@ -66,6 +68,11 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     state_dir = Path(args.state_dir).resolve()
     stack = Stack(state_dir)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)  # `kill` stops everything as cleanly as Ctrl-C
     try:
         say("checking the Docker engine...")
         ensure_docker(say)

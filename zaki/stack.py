@@ -73,6 +73,15 @@ def build_ferretdb(progress=print) -> Path:
     return FERRETDB_BIN
 
 
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM when the process that started it dies, however it dies,
+    so a killed ``zaki up`` or test run leaves no service behind."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 @dataclass
 class Process:
     name: str
