@@ -24,6 +24,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import contextlib
+
 from bench.proxy import node
 from services.monitor.monitor import Monitor
 from shared.settings import ZakiSettings
@@ -40,10 +42,8 @@ async def seed_loop(ports: list[int]) -> float:
     t0 = time.perf_counter()
     async with httpx.AsyncClient(timeout=5) as http:
         for p in ports:
-            try:
+            with contextlib.suppress(httpx.HTTPError):
                 await http.get(f"http://127.0.0.1:{p}/healthz")
-            except httpx.HTTPError:
-                pass
     return time.perf_counter() - t0
 
 

@@ -160,6 +160,7 @@ async def test_metrics_are_exposed(provisioner):
         "zaki_provisioner_requests_total",
         "zaki_provisioner_phase_seconds_bucket",
         "zaki_provisioner_reconcile_actions_total",
+        'zaki_instances{state="running"}',
         "faststream_received_messages_total",
     ):
         assert name in text, name
@@ -224,3 +225,86 @@ async def test_kill_9_between_create_and_ready_converges(tmp_path, service_env, 
         await platform.close()
         await store.close()
         stack.stop()
+
+
+async def test_two_provisioner_replicas_share_the_work(
+    stack, service_env, provisioner, platform, fakes, docker_client
+):
+    from zaki.stack import free_port as fp
+
+    mport = fp()
+    second = stack.start_service("services.provisioner", {**service_env, "ZAKI_METRICS_PORT": str(mport)})
+    wait_for_port("127.0.0.1", mport, second.proc, "second provisioner")
+    await asyncio.sleep(2)
+    try:
+        events = [
+            InstanceRequested(
+                request_id=new_user("req"), user_id=new_user(), bot_token=fakes.bot(), image=STANDIN_IMAGE
+            )
+            for _ in range(10)
+        ]
+        outcomes = await asyncio.gather(
+            *(platform.call(subjects.INSTANCE_REQUESTED, e, timeout=120) for e in events)
+        )
+        assert all(s == subjects.INSTANCE_READY for s, _ in outcomes)
+        assert len({o.port for _, o in outcomes}) == 10
+        for e in events:
+            assert (
+                len(docker_client.containers.list(all=True, filters={"label": f"zaki.user={e.user_id}"})) == 1
+            )
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(f"http://127.0.0.1:{mport}/metrics")).text
+        handled = [
+            line
+            for line in text.splitlines()
+            if line.startswith('zaki_provisioner_requests_total{outcome="ready"')
+        ]
+        assert handled, "the second replica handled some of the requests"
+        await asyncio.gather(
+            *(
+                platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=e.user_id, purge=True))
+                for e in events
+            )
+        )
+    finally:
+        second.stop()
+
+
+async def test_zaki_cli_drives_an_instance(provisioner, service_env, fakes, tmp_path):
+    env = {**os.environ, **service_env, "ZAKI_STATE_DIR": str(tmp_path)}
+    user = new_user("cli")
+
+    async def zaki(*args: str) -> subprocess.CompletedProcess:
+        # In a thread: the fakes answering the CLI's Telegram check live on this event loop.
+        return await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "zaki.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+
+    out = await zaki("instance", "create", user, "--bot-token", fakes.bot(), "--image", STANDIN_IMAGE)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["event"] == subjects.INSTANCE_READY
+    listed = await zaki("instance", "list")
+    assert user in listed.stdout and "running" in listed.stdout
+    shown = json.loads((await zaki("instance", "show", user)).stdout)
+    assert shown["state"] == "running" and "bot_token_enc" not in shown
+    assert (await zaki("instance", "logs", user)).returncode == 0
+    health = await zaki("health")
+    assert health.returncode == 0 and user in health.stdout
+    bad = await zaki("instance", "create", "../etc", "--bot-token", fakes.bot())
+    assert bad.returncode != 0
+    out = await zaki("instance", "delete", user, "--purge")
+    assert out.returncode == 0 and json.loads(out.stdout)["event"] == subjects.INSTANCE_DELETED
+
+
+def test_zaki_doctor_reports_each_dependency():
+    out = subprocess.run(
+        [sys.executable, "-m", "zaki.cli", "doctor"], capture_output=True, text=True, timeout=120
+    )
+    assert "Docker engine answering" in out.stdout and "nats-server binary" in out.stdout
+    assert "image zaki/openclaw-gateway:2026.9.6" in out.stdout
+    assert out.returncode == (1 if "MISSING" in out.stdout else 0)

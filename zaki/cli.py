@@ -457,7 +457,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "instance" and args.action != "list" and not args.user:
         p.error("this action needs a user id")
     load_env(Path(args.state_dir))
-    return args.fn(args)
+    from pydantic import ValidationError
+
+    try:
+        return args.fn(args)
+    except ValidationError as e:
+        for err in e.errors():
+            say(f"invalid {'.'.join(map(str, err['loc']))}: {err['msg']}")
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The provisioner's Prometheus metrics."""
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter("zaki_provisioner_requests_total", "instance.requested outcomes", ["outcome", "reason"])
 COMMANDS = Counter("zaki_provisioner_commands_total", "Lifecycle commands handled", ["command", "outcome"])
@@ -14,3 +14,11 @@ RECONCILE_ACTIONS = Counter("zaki_provisioner_reconcile_actions_total", "Reconci
 DEAD_LETTERS = Counter(
     "zaki_dead_letters_total", "Malformed events sent to the dead-letter subject", ["subject"]
 )
+INSTANCES = Gauge("zaki_instances", "Instances on this provisioner's Docker host, by state", ["state"])
+
+# Series exist from the start (zero), so dashboards and alerts see them before the first event.
+for _phase in ("config", "create", "start", "ready"):
+    PHASE_SECONDS.labels(_phase)
+REQUESTS.labels("ready", "")
+for _action in ("removed_orphan", "recreated"):
+    RECONCILE_ACTIONS.labels(_action)

@@ -594,6 +594,11 @@ class Provisioner:
                         await self.fail(cmd.request_id, user_id, e)
         for action, n in actions.items():
             metrics.RECONCILE_ACTIONS.labels(action).inc(n)
+        by_state = {s.value: 0 for s in InstanceState}
+        for doc in await self.store.list_instances(docker_host=self.runtime.host_id):
+            by_state[doc["state"]] = by_state.get(doc["state"], 0) + 1
+        for state, n in by_state.items():
+            metrics.INSTANCES.labels(state).set(n)
         return actions
 
 
