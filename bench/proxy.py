@@ -106,11 +106,11 @@ async def sse_ttfb(base: str, headers: dict[str, str], n: int = 100) -> float:
         for _ in range(n):
             t0 = time.perf_counter()
             async with http.stream("POST", f"{base}/v1/chat/completions", json=body, headers=headers) as r:
+                first = True
                 async for _chunk in r.aiter_raw():
-                    samples.append(time.perf_counter() - t0)
-                    break
-                async for _chunk in r.aiter_raw():
-                    pass
+                    if first:
+                        samples.append(time.perf_counter() - t0)
+                        first = False
     return statistics.median(samples) * 1000
 
 

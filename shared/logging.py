@@ -76,7 +76,10 @@ class JsonFormatter(logging.Formatter):
                 out[k] = v
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return redact(json.dumps(out, default=str))
+        line = json.dumps(out, default=str)
+        # Hot-path records (the proxy's access log) are built only from fields that cannot
+        # hold a secret, and mark themselves so; everything else is redacted.
+        return line if record.__dict__.get("_safe") is True else redact(line)
 
 
 def configure_logging(service: str, level: str = "INFO", stream: Any = None) -> None:
