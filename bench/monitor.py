@@ -30,7 +30,25 @@ from bench.proxy import node
 from services.monitor.monitor import Monitor
 from shared.settings import ZakiSettings
 from shared.store import Store
-from zaki.stack import REPO, Stack, free_port, wait_for_port
+from zaki.stack import REPO, Stack, wait_for_port
+
+
+def free_range(n: int) -> list[int]:
+    """n consecutive loopback ports that nothing listens on (below the ephemeral range)."""
+    import socket
+
+    for base in range(20000, 32000 - n, 1000):
+        ok = True
+        for p in range(base, base + n):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return list(range(base, base + n))
+    raise RuntimeError("no free port range")
 
 
 def rss_mib() -> float:
@@ -57,11 +75,7 @@ async def main() -> None:
     stack = Stack(tmp / "stack")
     try:
         mongo = stack.start_ferretdb().address
-        first = free_port()
-        while first + n > 60000 or first < 20000:
-            first = free_port()
-        base = 40000 if first + n > 60000 else first
-        ports = list(range(base, base + n))
+        ports = free_range(n)
         upstream = stack.spawn(
             "standins",
             [node(), str(REPO / "deploy/images/standin/server.js")],
@@ -105,8 +119,11 @@ async def main() -> None:
         monitor = Monitor(settings, store, publish)
         await monitor.heartbeat()
         await monitor.sweep()  # warm-up: connections, first health documents
-        walls, cpus = [], []
+        walls, cpus, refreshes = [], [], []
         for _ in range(args.sweeps):
+            r0 = time.perf_counter()
+            await monitor.refresh()
+            refreshes.append(time.perf_counter() - r0)
             c0, w0 = time.process_time(), time.perf_counter()
             await monitor.sweep()
             walls.append(time.perf_counter() - w0)
@@ -123,6 +140,7 @@ async def main() -> None:
         )
         print(f"{'seed: serial GET /health':<34} {seed:>8.2f} {'':>7}")
         print(f"{'seed, if every gateway hangs (5 s)':<34} {n * 5:>8.0f}   (computed)")
+        print(f"of which reading the instance list from the store: {statistics.median(refreshes):.2f} s")
         print(f"states after the sweeps: { {k.value: v for k, v in healthy.items()} }")
         print(f"monitor process max RSS: {rss_mib():.0f} MiB; health events published: {len(published)}")
         await monitor.close()

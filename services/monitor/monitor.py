@@ -13,14 +13,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx
 from prometheus_client import Counter, Gauge, Histogram
 from pymongo.errors import DuplicateKeyError
 
 from services.monitor.health import HealthTracker, RestartPolicy, jitter_offset, owner
 from shared import subjects
 from shared.events import HealthState, HealthSummary, InstanceCommand, InstanceHealthChanged
-from shared.probe import ProbeResult, probe
+from shared.probe import AioProber, ProbeResult
 from shared.settings import ZakiSettings
 from shared.state import InstanceState
 from shared.store import Store
@@ -77,7 +76,7 @@ class Monitor:
         self.publish = publish
         self.replica_id = settings.replica_id
         self.watches: dict[str, Watch] = {}
-        self.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=settings.probe_concurrency))
+        self.prober: AioProber | None = None
         self.sem = asyncio.Semaphore(settings.probe_concurrency)
         self.replicas: list[str] = [self.replica_id]
 
@@ -149,7 +148,10 @@ class Monitor:
         t0 = time.perf_counter()
         due = await self.refresh()
         await asyncio.gather(
-            *(self._probe_one(w, jitter_offset(w.user_id, self.s.probe_interval_s)) for w in due)
+            *(
+                self._probe_one(w, jitter_offset(w.user_id, self.s.probe_interval_s, self.s.probe_spread))
+                for w in due
+            )
         )
         elapsed = time.perf_counter() - t0
         SWEEP_SECONDS.observe(elapsed)
@@ -162,8 +164,10 @@ class Monitor:
     async def _probe_one(self, w: Watch, delay: float) -> None:
         if delay:
             await asyncio.sleep(delay)
+        if self.prober is None:
+            self.prober = AioProber(self.s.probe_concurrency)
         async with self.sem:
-            result = await probe(self.http, w.host, w.port, w.user_id, "/readyz", self.s.probe_timeout_s)
+            result = await self.prober.probe(w.host, w.port, w.user_id, "/readyz", self.s.probe_timeout_s)
         PROBE_SECONDS.observe(result.latency_s)
         if not result.ok:
             PROBE_FAILURES.labels(result.error).inc()
@@ -377,4 +381,5 @@ class Monitor:
         )
 
     async def close(self) -> None:
-        await self.http.aclose()
+        if self.prober is not None:
+            await self.prober.close()
