@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -62,7 +64,14 @@ async def wait_ready(port: int, user: str, timeout: float = 180) -> float:
 async def bare_docker_run(data_root: Path, user: str) -> float:
     """`docker run` of the same image with the config the provisioner wrote, to /readyz."""
     client = docker.from_env()
-    src = data_root / "users" / user
+    # A fresh folder with only the config: the same cold start the provisioner paid for.
+    src = data_root / "bare" / user
+    (src / ".openclaw").mkdir(parents=True)
+    (src / "workspace").mkdir()
+    shutil.copy(
+        data_root / "users" / user / ".openclaw" / "openclaw.json", src / ".openclaw" / "openclaw.json"
+    )
+    subprocess.run(["chown", "-R", "1000:1000", str(src)], check=True)
     port = free_port()
     net = client.networks.get(f"zaki-net-{user}")
     t0 = time.perf_counter()
@@ -109,6 +118,7 @@ async def main() -> None:
             "ZAKI_SECRET_KEYS": KeyRing.new_key_spec("b"),
             "ZAKI_DATA_ROOT": str(tmp / "data"),
             "ZAKI_PLATFORM_ID": platform_id,
+            "ZAKI_NETWORK_POOL": "10.242.0.0/16",
             "ZAKI_ALLOWED_IMAGES": STANDIN,
             "ZAKI_PORT_RANGE_START": "33000",
             "ZAKI_PORT_RANGE_END": "33999",

@@ -24,8 +24,8 @@ def gateway_identity(user_id: str) -> str:
 
 # The gateway refuses client attribution that resolves to loopback (or to a trusted
 # proxy). Local clients and the platform's own probes are reported as this
-# documentation address (RFC 5737 TEST-NET-1) instead.
-LOCAL_CLIENT_IP = "192.0.2.1"
+# documentation address (RFC 5737 TEST-NET-3) instead.
+LOCAL_CLIENT_IP = "203.0.113.1"
 
 
 def attributable_ip(client_ip: str | None) -> str:

@@ -181,6 +181,7 @@ async def test_kill_9_between_create_and_ready_converges(tmp_path, service_env, 
         "ZAKI_PORT_RANGE_END": str(port0 % 1000 + 31010),
         "ZAKI_DOCKER_HOST_ID": "kill9",
         "ZAKI_PLATFORM_ID": f"kill9-{new_user()}",
+        "ZAKI_NETWORK_POOL": "10.241.0.0/20",
     }
 
     def start():

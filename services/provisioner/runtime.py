@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import socket
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -66,7 +67,7 @@ class RuntimeError_(Exception):
 class GatewayRuntime(Protocol):
     host_id: str
 
-    async def ensure_network(self, user_id: str) -> str: ...
+    async def ensure_network(self, user_id: str, subnet: str | None = None) -> str: ...
     async def remove_network(self, user_id: str) -> None: ...
     async def create(self, spec: ContainerSpec) -> str: ...
     async def start(self, name: str) -> None: ...
@@ -112,15 +113,23 @@ class DockerRuntime:
             raise RuntimeError_(f"docker: {e.explanation or e}") from e
 
     # Networks: one bridge per user, so tenants cannot reach each other's containers.
-    def _ensure_network(self, user_id: str) -> str:
+    def _ensure_network(self, user_id: str, subnet: str | None) -> str:
         name = network_name(user_id)
         try:
             net = self.client.networks.get(name)
         except NotFound:
+            ipam = None
+            if subnet:
+                net_ = ipaddress.ip_network(subnet)
+                gateway = str(next(net_.hosts()))
+                ipam = docker.types.IPAMConfig(
+                    pool_configs=[docker.types.IPAMPool(subnet=subnet, gateway=gateway)]
+                )
             try:
                 net = self.client.networks.create(
                     name,
                     driver="bridge",
+                    ipam=ipam,
                     labels={MANAGED_LABEL: self.platform_id, USER_LABEL: user_id},
                     options={"com.docker.network.bridge.enable_icc": "false"},
                 )
@@ -135,9 +144,11 @@ class DockerRuntime:
                 return cfg["Gateway"]
         raise RuntimeError_(f"network {name} has no gateway address")
 
-    async def ensure_network(self, user_id: str) -> str:
-        """Creates the user's network if needed; returns its gateway IP (the proxy's source address)."""
-        return await self._run(self._ensure_network, user_id)
+    async def ensure_network(self, user_id: str, subnet: str | None = None) -> str:
+        """Creates the user's network if needed (on *subnet* when given: Docker's default
+        pools run out after ~30 bridge networks); returns its gateway IP, the address the
+        gateway sees the proxy come from."""
+        return await self._run(self._ensure_network, user_id, subnet)
 
     def _remove_network(self, user_id: str) -> None:
         with contextlib.suppress(NotFound):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import secrets
 import shutil
@@ -142,6 +143,18 @@ class Provisioner:
                 logs=[redact(line)[:500] for line in err.logs[-20:]],
             ),
         )
+
+    def subnet_for(self, port: int) -> str | None:
+        """Each instance's network gets its own small subnet, indexed by its port (unique per
+        Docker host), so networks never collide and never exhaust Docker's default pools."""
+        if not self.s.network_pool:
+            return None
+        pool = ipaddress.ip_network(self.s.network_pool)
+        index = port - self.s.port_range_start
+        size = 2 ** (32 - self.s.network_prefix)
+        if index < 0 or (index + 1) * size > pool.num_addresses:
+            raise ProvisionError(FailureReason.NO_PORT, f"network pool {pool} too small for port {port}")
+        return f"{pool.network_address + index * size}/{self.s.network_prefix}"
 
     def _dirs(self, user_id: str) -> UserDirs:
         return user_dirs(self.s.data_root, user_id)
@@ -353,7 +366,7 @@ class Provisioner:
                         raise ProvisionError(FailureReason.NO_PORT, str(e)) from None
                     await self.store.update_instance(user_id, {"port": port}, doc["instance_id"])
                     doc["port"] = port
-                gateway_ip = await self.runtime.ensure_network(user_id)
+                gateway_ip = await self.runtime.ensure_network(user_id, self.subnet_for(doc["port"]))
                 fields = await self._write_config(doc, gateway_ip)
             if doc["state"] != S.STARTING:
                 doc = await self._transition(request_id, user_id, S.STARTING, fields)
@@ -415,7 +428,7 @@ class Provisioner:
                     await self.runtime.logs(name, 30),
                 )
             await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 2.0)
+            delay = min(delay * 1.5, 0.5)  # a local probe is cheap; being late to notice is not
 
     async def _cleanup_failed(self, user_id: str, instance_id: str | None, reason: str) -> None:
         """Leaves no running orphan: removes the container, frees the port, marks the record failed."""
