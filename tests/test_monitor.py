@@ -135,3 +135,28 @@ async def test_two_replicas_share_and_take_over_without_double_restarts(
     await asyncio.sleep(3)
     assert len(restarts(platform, victim)) == 1
     await asyncio.gather(*(delete(platform, u) for u in users))
+
+
+async def test_summary_events_and_metrics(monitor, platform):
+    import httpx
+
+    summaries = []
+
+    async def on_summary(msg):
+        summaries.append(json.loads(msg.data))
+
+    sub = await platform.nc.subscribe(subjects.HEALTH_SUMMARY, cb=on_summary)
+    await eventually(lambda: summaries, timeout=10)  # every 2 s in this setup
+    await sub.unsubscribe()
+    assert summaries[0]["replica_id"] == "mon-a" and isinstance(summaries[0]["counts"], dict)
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(monitor.address)).text
+    for name in (
+        "zaki_monitor_instances",
+        "zaki_monitor_probe_seconds_bucket",
+        "zaki_monitor_probe_failures_total",
+        "zaki_monitor_restarts_requested_total",
+        "zaki_monitor_sweep_seconds_bucket",
+        "zaki_monitor_die_to_event_seconds_bucket",
+    ):
+        assert name in text, name

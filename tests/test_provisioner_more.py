@@ -309,3 +309,29 @@ def test_zaki_doctor_reports_each_dependency():
     assert "Docker engine answering" in out.stdout and "nats-server binary" in out.stdout
     assert "image zaki/openclaw-gateway:2026.9.6" in out.stdout
     assert out.returncode == (1 if "MISSING" in out.stdout else 0)
+
+
+async def test_gateway_that_never_gets_ready_fails_cleanly(
+    provisioner, platform, fakes, settings, docker_client, store
+):
+    user = new_user("nr")
+    ev = InstanceRequested(
+        request_id=new_user("req"), user_id=user, bot_token=fakes.bot(), image=STANDIN_IMAGE
+    )
+    subject, _ = await platform.call(subjects.INSTANCE_REQUESTED, ev, timeout=120)
+    assert subject == subjects.INSTANCE_READY
+    await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=user))  # keeps the data folder
+    faults = Path(settings.data_root) / "users" / user / ".openclaw" / "standin-faults.json"
+    faults.write_text(json.dumps({"exit_code": 3}))  # every start now exits at once
+    again = InstanceRequested(
+        request_id=new_user("req"), user_id=user, bot_token=fakes.bot(), image=STANDIN_IMAGE
+    )
+    subject, failed = await platform.call(subjects.INSTANCE_REQUESTED, again, timeout=120)
+    assert subject == subjects.INSTANCE_FAILED and failed.reason == "gateway_not_ready"
+    assert "keeps exiting" in failed.message
+    assert docker_client.containers.list(all=True, filters={"label": f"zaki.user={user}"}) == []  # no orphan
+    assert await store.ports.count_documents({"user_id": user}) == 0
+    assert (await store.get_instance(user))["state"] == "failed"
+    faults.unlink()
+    subject, _ = await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=user, purge=True))
+    assert subject == subjects.INSTANCE_DELETED
