@@ -10,6 +10,7 @@ need_apt=()
 command -v debootstrap >/dev/null || need_apt+=(debootstrap)
 command -v dockerd >/dev/null || need_apt+=(docker.io)
 command -v go >/dev/null || [ -x /usr/local/go/bin/go ] || need_apt+=(golang-go)
+command -v promtool >/dev/null || need_apt+=(prometheus)  # promtool: alert rule tests
 for pkg in ${ZAKI_EXTRA_APT:-}; do need_apt+=("$pkg"); done
 if [ ${#need_apt[@]} -gt 0 ]; then
   say "apt-get install ${need_apt[*]}"

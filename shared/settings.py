@@ -34,7 +34,7 @@ class ZakiSettings(BaseSettings):
     port_range_start: int = 19100
     port_range_end: int = 19999
     # Per-instance networks are carved from this pool, one /network_prefix per port of the range.
-    network_pool: str = "10.231.0.0/16"
+    network_pool: str = "10.250.0.0/16"
     network_prefix: int = 29
     # The address published gateway ports bind to, and that the proxy and monitor dial.
     gateway_publish_ip: str = "127.0.0.1"

@@ -104,7 +104,7 @@ def service_env(stack: Stack, fakes: Fakes, keyring_spec: str, state_dir: Path) 
         "ZAKI_MONGO_URL": stack.mongo.address,  # type: ignore[attr-defined]
         "ZAKI_MONGO_DB": "zaki",
         "ZAKI_PLATFORM_ID": PLATFORM_ID,
-        "ZAKI_NETWORK_POOL": "10.240.0.0/16",
+        "ZAKI_NETWORK_POOL": f"10.{200 + int(SESSION, 16) % 40}.0.0/16",  # concurrent sessions do not collide
         "ZAKI_SECRET_KEYS": keyring_spec,
         "ZAKI_DATA_ROOT": str(state_dir / "data"),
         "ZAKI_GATEWAY_IMAGE": REAL_IMAGE,

@@ -3,6 +3,7 @@
 import asyncio
 import itertools
 import json
+import signal
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -17,6 +18,7 @@ from services.provisioner.service import _ctx
 from shared import subjects
 from shared.crypto import KeyRing
 from shared.events import InstanceCommand, InstanceDelete, InstanceRequested
+from shared.state import InstanceState
 from tests.conftest import JWT_SECRET, STANDIN_IMAGE, all_log_text, eventually, new_user
 
 
@@ -311,3 +313,50 @@ async def test_access_log_has_request_ids_and_no_credentials(proxy, two_tenants,
     assert lines and all(line["request_id"] and "status" in line for line in lines)
     assert any(line["tenant"] == two_tenants["a"] for line in lines)
     assert two_tenants["key_a"] not in text and two_tenants["key_a"].split("_")[2] not in text
+
+
+async def test_expired_key_and_starting_instance(proxy, store):
+    from datetime import timedelta as td
+
+    user = new_user()
+    _, expired = await keys.create_key(store, user, {"chat"}, td(seconds=-1))
+    _, key = await keys.create_key(store, user, {"chat"})
+    await store.create_instance(user, {"instance_id": "s1", "docker_host": "local"})
+    await store.transition(user, InstanceState.PROVISIONING)
+    async with httpx.AsyncClient(base_url=proxy.address, timeout=30) as http:
+        r = await http.get("/v1/models", headers={"Authorization": f"Bearer {expired}"})
+        assert r.status_code == 401 and "expired" in r.json()["error"]["message"]
+        r = await http.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 503 and r.json()["state"] == "provisioning"
+        assert r.headers["Retry-After"] == "5"
+    await store.instances.delete_one({"_id": user})
+
+
+async def test_shutdown_drains_open_streams(stack, service_env, provisioner, two_tenants):
+    from tests.conftest import free_port, wait_for_port
+
+    port = free_port()
+    p = stack.start_service(
+        "services.gateway_proxy",
+        {**service_env, "ZAKI_PROXY_PORT": str(port), "ZAKI_METRICS_PORT": "0", "ZAKI_PROXY_DRAIN_S": "20"},
+    )
+    wait_for_port("127.0.0.1", port, p.proc, "proxy")
+    await asyncio.sleep(1)
+    body = chat_body("drain me", stream=True, standin_chunks=6, standin_delay_ms=400)
+    text = ""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+        async with http.stream(
+            "POST",
+            "/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {two_tenants['key_a']}"},
+        ) as r:
+            assert r.status_code == 200
+            async for chunk in r.aiter_text():
+                text += chunk
+                if text.count("data: ") == 2:
+                    p.proc.send_signal(signal.SIGTERM)  # mid-stream
+        with pytest.raises(httpx.ConnectError):
+            await http.get("/v1/models")  # no new connections while draining or after
+    assert "data: [DONE]" in text  # the open stream was allowed to finish
+    p.proc.wait(30)

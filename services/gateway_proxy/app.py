@@ -146,11 +146,16 @@ class GatewayProxy:
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
 
-    async def stop(self, app: web.Application) -> None:
-        # Drain: tell WebSocket clients we are going away, then close upstream connections.
+    async def shutdown(self, app: web.Application) -> None:
+        # Drain, step 1 (the listener is already closed): tell WebSocket clients we are going
+        # away. HTTP requests and SSE streams in flight keep running until they end or the
+        # runner's shutdown timeout (ZAKI_PROXY_DRAIN_S) passes.
         for ws in list(self.websockets):
             with contextlib.suppress(Exception):
                 await ws.close(code=1001, message=b"proxy shutting down")
+
+    async def cleanup(self, app: web.Application) -> None:
+        # Step 2, after in-flight requests finished: close upstream connections.
         if self.session is not None:
             await self.session.close()
         await self.access.stop()
@@ -164,7 +169,8 @@ class GatewayProxy:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_route("*", "/{tail:.*}", self.dispatch)
         app.on_startup.append(self.start)
-        app.on_shutdown.append(self.stop)
+        app.on_shutdown.append(self.shutdown)
+        app.on_cleanup.append(self.cleanup)
         return app
 
     async def healthz(self, request: web.Request) -> web.Response:

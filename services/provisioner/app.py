@@ -12,6 +12,7 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
+import nats
 from faststream import FastStream
 from faststream.middlewares import AckPolicy
 from faststream.nats import ConsumerConfig, JStream, NatsBroker, NatsMessage
@@ -151,6 +152,24 @@ class ProvisionerApp:
 
     async def after_start(self) -> None:
         self.tasks.append(asyncio.create_task(self._reconcile_loop()))
+        self.tasks.append(asyncio.create_task(self._consumer_stats_loop()))
+
+    async def _consumer_stats_loop(self, interval: float = 15.0) -> None:
+        """Exports the command consumers' backlog and redeliveries for alerting."""
+        nc = await nats.connect(self.settings.nats_url, max_reconnect_attempts=-1)
+        js = nc.jetstream()
+        try:
+            while True:
+                try:
+                    for info in await js.consumers_info(subjects.COMMAND_STREAM):
+                        name = info.name or ""
+                        metrics.CONSUMER_PENDING.labels(name).set(info.num_pending or 0)
+                        metrics.CONSUMER_REDELIVERED.labels(name).set(info.num_redelivered or 0)
+                except Exception:
+                    log.exception("reading consumer stats failed")
+                await asyncio.sleep(interval)
+        finally:
+            await nc.close()
 
     async def _reconcile_loop(self) -> None:
         assert self.service is not None

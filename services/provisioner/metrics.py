@@ -22,3 +22,7 @@ for _phase in ("config", "create", "start", "ready"):
 REQUESTS.labels("ready", "")
 for _action in ("removed_orphan", "recreated"):
     RECONCILE_ACTIONS.labels(_action)
+CONSUMER_PENDING = Gauge("zaki_jetstream_consumer_pending", "Commands not yet delivered", ["consumer"])
+CONSUMER_REDELIVERED = Gauge(
+    "zaki_jetstream_consumer_redelivered", "Commands delivered more than once and not yet acked", ["consumer"]
+)

@@ -21,8 +21,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
 from services.provisioner import metrics
 from services.provisioner.config import (
     GatewaySpec,
@@ -53,7 +51,7 @@ from shared.events import (
 )
 from shared.gateway import CONTAINER_STATE_DIR, CONTAINER_WORKSPACE, container_name, network_name
 from shared.logging import redact
-from shared.probe import probe
+from shared.probe import AioProber
 from shared.settings import ZakiSettings
 from shared.state import IllegalTransition, InstanceState
 from shared.store import NoPortAvailable, Store
@@ -112,11 +110,12 @@ class Provisioner:
         self.keys = keyring
         self.telegram = telegram
         self.publish = publish
-        self.http = httpx.AsyncClient()
+        self.prober: AioProber | None = None  # made on first use, inside the event loop
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     async def close(self) -> None:
-        await self.http.aclose()
+        if self.prober is not None:
+            await self.prober.close()
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -188,8 +187,12 @@ class Provisioner:
             # A second request for a user who already has an instance: answer with what exists.
             await self._answer_current(ev.request_id, doc)
             return
-        if seen and seen.get("outcome") and doc is not None and doc["state"] in (S.RUNNING, S.FAILED):
+        if doc is not None and (
+            doc["state"] == S.RUNNING or (seen and seen.get("outcome") and doc["state"] == S.FAILED)
+        ):
+            # Already done (perhaps a crash came between `running` and the outcome): answer, do not redo.
             await self._answer_current(ev.request_id, doc)
+            await self.store.set_request_outcome(ev.request_id, {"state": doc["state"]})
             return
 
         image = ev.image or self.s.gateway_image
@@ -405,7 +408,9 @@ class Provisioner:
         delay = 0.25
         first = await self.runtime.status(name)
         while True:
-            result = await probe(self.http, self.s.gateway_publish_ip, port, user_id, "/readyz", timeout=2.0)
+            if self.prober is None:
+                self.prober = AioProber(concurrency=64)
+            result = await self.prober.probe(self.s.gateway_publish_ip, port, user_id, "/readyz", timeout=2.0)
             if result.ok:
                 return
             status = await self.runtime.status(name)
