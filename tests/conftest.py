@@ -212,6 +212,7 @@ def proxy(stack: Stack, service_env: dict[str, str], provisioner: Process) -> Pr
     p = stack.start_service("services.gateway_proxy", env)
     wait_for_port("127.0.0.1", port, p.proc, "gateway proxy")
     p.address = f"http://127.0.0.1:{port}"
+    p.metrics = f"http://127.0.0.1:{env['ZAKI_METRICS_PORT']}/metrics"  # type: ignore[attr-defined]
     return p
 
 

@@ -12,7 +12,9 @@ RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "tests" / "rules.test.yml"
 PROMTOOL = shutil.which("promtool")
 
-pytestmark = pytest.mark.skipif(PROMTOOL is None, reason="promtool missing: scripts/setup.sh installs prometheus")
+pytestmark = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool missing: scripts/setup.sh installs prometheus"
+)
 
 
 def test_rules_are_valid():
@@ -21,7 +23,9 @@ def test_rules_are_valid():
 
 
 def test_rule_unit_tests_pass():
-    out = subprocess.run([PROMTOOL, "test", "rules", str(RULE_TESTS)], capture_output=True, text=True, cwd=RULE_TESTS.parent)
+    out = subprocess.run(
+        [PROMTOOL, "test", "rules", str(RULE_TESTS)], capture_output=True, text=True, cwd=RULE_TESTS.parent
+    )
     assert out.returncode == 0 and "SUCCESS" in out.stdout, out.stdout + out.stderr
 
 

@@ -1,0 +1,312 @@
+"""Grafana dashboards as code (Grafana's grafana-foundation-sdk).
+
+    python deploy/grafana/dashboards.py           # writes deploy/grafana/dashboards/*.json
+    python deploy/grafana/dashboards.py --check   # exits 1 when the committed JSON is stale
+
+Every panel query is listed by ``panel_queries()`` so a test can run each one against a
+real Prometheus scraping the services.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from grafana_foundation_sdk.builders.dashboard import Dashboard, Row
+from grafana_foundation_sdk.builders.prometheus import Dataquery
+from grafana_foundation_sdk.builders.stat import Panel as Stat
+from grafana_foundation_sdk.builders.timeseries import Panel as Timeseries
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+
+OUT = Path(__file__).resolve().parent / "dashboards"
+
+# (row, kind, title, unit, [(expr, legend)])
+FLEET = [
+    (
+        "Instances",
+        "stat",
+        "Running instances",
+        "short",
+        [('sum(zaki_instances{state="running"})', "running")],
+    ),
+    ("Instances", "stat", "Unhealthy or unreachable", "short", [("zaki:instances_unhealthy:count", "down")]),
+    ("Instances", "ts", "Instances by state", "short", [("sum by (state) (zaki_instances)", "{{state}}")]),
+    (
+        "Instances",
+        "ts",
+        "Health by state",
+        "short",
+        [("sum by (state) (zaki_monitor_instances)", "{{state}}")],
+    ),
+    (
+        "Provisioning",
+        "ts",
+        "Requests by outcome",
+        "reqps",
+        [("sum by (outcome) (rate(zaki_provisioner_requests_total[$__rate_interval]))", "{{outcome}}")],
+    ),
+    (
+        "Provisioning",
+        "ts",
+        "Time to ready (p50, p90)",
+        "s",
+        [
+            (
+                'histogram_quantile(0.5, sum by (le) (rate(zaki_provisioner_phase_seconds_bucket{phase="ready"}[$__rate_interval])))',
+                "p50",
+            ),
+            (
+                'histogram_quantile(0.9, sum by (le) (rate(zaki_provisioner_phase_seconds_bucket{phase="ready"}[$__rate_interval])))',
+                "p90",
+            ),
+        ],
+    ),
+    (
+        "Provisioning",
+        "ts",
+        "Phase duration (mean)",
+        "s",
+        [
+            (
+                "sum by (phase) (rate(zaki_provisioner_phase_seconds_sum[$__rate_interval])) / "
+                "sum by (phase) (rate(zaki_provisioner_phase_seconds_count[$__rate_interval]))",
+                "{{phase}}",
+            )
+        ],
+    ),
+    (
+        "Restarts",
+        "ts",
+        "Restarts requested by reason",
+        "short",
+        [
+            (
+                "sum by (reason) (increase(zaki_monitor_restarts_requested_total[$__rate_interval]))",
+                "{{reason}}",
+            )
+        ],
+    ),
+    (
+        "Restarts",
+        "ts",
+        "Probe failures by reason",
+        "short",
+        [("sum by (reason) (increase(zaki_monitor_probe_failures_total[$__rate_interval]))", "{{reason}}")],
+    ),
+    (
+        "Restarts",
+        "ts",
+        "Reconcile actions",
+        "short",
+        [
+            (
+                "sum by (action) (increase(zaki_provisioner_reconcile_actions_total[$__rate_interval]))",
+                "{{action}}",
+            )
+        ],
+    ),
+]
+
+PROXY = [
+    (
+        "Traffic",
+        "ts",
+        "Requests by route",
+        "reqps",
+        [("sum by (route) (rate(zaki_proxy_requests_total[$__rate_interval]))", "{{route}}")],
+    ),
+    (
+        "Traffic",
+        "ts",
+        "Responses by status class",
+        "reqps",
+        [("sum by (status_class) (rate(zaki_proxy_requests_total[$__rate_interval]))", "{{status_class}}")],
+    ),
+    (
+        "Traffic",
+        "ts",
+        "Bytes relayed",
+        "Bps",
+        [("sum by (direction) (rate(zaki_proxy_bytes_total[$__rate_interval]))", "{{direction}}")],
+    ),
+    (
+        "Latency",
+        "ts",
+        "Latency to response headers (p50, p99)",
+        "s",
+        [
+            (
+                "histogram_quantile(0.5, sum by (le) (rate(zaki_proxy_request_seconds_bucket[$__rate_interval])))",
+                "p50",
+            ),
+            (
+                "histogram_quantile(0.99, sum by (le) (rate(zaki_proxy_request_seconds_bucket[$__rate_interval])))",
+                "p99",
+            ),
+        ],
+    ),
+    (
+        "Latency",
+        "ts",
+        "Upstream (gateway) latency p99",
+        "s",
+        [
+            (
+                "histogram_quantile(0.99, sum by (le, route) (rate(zaki_proxy_upstream_seconds_bucket[$__rate_interval])))",
+                "{{route}}",
+            )
+        ],
+    ),
+    (
+        "Errors",
+        "ts",
+        "Refused by reason",
+        "short",
+        [("sum by (reason) (increase(zaki_proxy_rejected_total[$__rate_interval]))", "{{reason}}")],
+    ),
+    ("Errors", "stat", "5xx ratio (5m)", "percentunit", [("zaki:proxy_5xx:ratio5m", "5xx")]),
+    ("WebSockets", "ts", "Open WebSockets", "short", [("sum(zaki_proxy_open_websockets)", "open")]),
+]
+
+INFRA = [
+    ("Services", "ts", "Targets up", "short", [("sum by (job) (up)", "{{job}}")]),
+    (
+        "Services",
+        "ts",
+        "Resident memory",
+        "bytes",
+        [("sum by (job) (process_resident_memory_bytes)", "{{job}}")],
+    ),
+    (
+        "Services",
+        "ts",
+        "CPU",
+        "percentunit",
+        [("sum by (job) (rate(process_cpu_seconds_total[$__rate_interval]))", "{{job}}")],
+    ),
+    (
+        "NATS JetStream",
+        "ts",
+        "Commands waiting per consumer",
+        "short",
+        [("max by (consumer) (zaki_jetstream_consumer_pending)", "{{consumer}}")],
+    ),
+    (
+        "NATS JetStream",
+        "ts",
+        "Redelivered, unacked",
+        "short",
+        [("max by (consumer) (zaki_jetstream_consumer_redelivered)", "{{consumer}}")],
+    ),
+    (
+        "NATS JetStream",
+        "ts",
+        "Messages handled by subject",
+        "short",
+        [
+            (
+                "sum by (destination) (rate(faststream_received_processed_messages_total[$__rate_interval]))",
+                "{{destination}}",
+            )
+        ],
+    ),
+    (
+        "Monitor",
+        "ts",
+        "Sweep duration p90",
+        "s",
+        [
+            (
+                "histogram_quantile(0.9, sum by (le) (rate(zaki_monitor_sweep_seconds_bucket[$__rate_interval])))",
+                "p90",
+            )
+        ],
+    ),
+    (
+        "Monitor",
+        "ts",
+        "Probe latency p99",
+        "s",
+        [
+            (
+                "histogram_quantile(0.99, sum by (le) (rate(zaki_monitor_probe_seconds_bucket[$__rate_interval])))",
+                "p99",
+            )
+        ],
+    ),
+    (
+        "Monitor",
+        "stat",
+        "Seconds since last sweep",
+        "s",
+        [("time() - max(zaki_monitor_last_sweep_timestamp_seconds)", "age")],
+    ),
+]
+
+DASHBOARDS = {
+    "zaki-fleet": ("Zaki / Fleet", FLEET),
+    "zaki-proxy": ("Zaki / Gateway proxy", PROXY),
+    "zaki-infrastructure": ("Zaki / Infrastructure", INFRA),
+}
+
+
+def build(uid: str, title: str, panels) -> Dashboard:
+    d = Dashboard(title).uid(uid).tags(["zaki", "generated"]).refresh("30s").time("now-6h", "now")
+    current_row = None
+    for row, kind, panel_title, unit, queries in panels:
+        if row != current_row:
+            d = d.with_row(Row(row))
+            current_row = row
+        panel = (Stat() if kind == "stat" else Timeseries()).title(panel_title).unit(unit)
+        panel = panel.height(6).span(6 if kind == "stat" else 12)
+        for i, (expr, legend) in enumerate(queries):
+            panel = panel.with_target(Dataquery().expr(expr).legend_format(legend).ref_id(chr(65 + i)))
+        d = d.with_panel(panel)
+    return d
+
+
+def render() -> dict[str, str]:
+    return {
+        f"{uid}.json": json.dumps(
+            json.loads(JSONEncoder(sort_keys=True, indent=2).encode(build(uid, title, p).build())),
+            indent=2,
+            sort_keys=True,
+        )
+        + "\n"
+        for uid, (title, p) in DASHBOARDS.items()
+    }
+
+
+def panel_queries() -> list[tuple[str, str, str]]:
+    """(dashboard, panel title, expr) for every query of every panel."""
+    return [
+        (uid, panel_title, expr)
+        for uid, (_, panels) in DASHBOARDS.items()
+        for _, _, panel_title, _, queries in panels
+        for expr, _ in queries
+    ]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--check", action="store_true")
+    args = ap.parse_args()
+    stale = []
+    for name, content in render().items():
+        path = OUT / name
+        if args.check:
+            if not path.exists() or path.read_text() != content:
+                stale.append(name)
+        else:
+            OUT.mkdir(parents=True, exist_ok=True)
+            path.write_text(content)
+    if stale:
+        print("stale: " + ", ".join(stale) + " (run: python deploy/grafana/dashboards.py)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
