@@ -31,7 +31,26 @@ def test_committed_dashboards_are_up_to_date():
 
 
 @pytest.mark.skipif(PROMETHEUS is None, reason="prometheus missing: scripts/setup.sh installs it")
-async def test_every_panel_query_returns_data(provisioner, monitor, proxy, tmp_path):
+async def test_every_panel_query_returns_data(provisioner, monitor, proxy, platform, fakes, store, tmp_path):
+    from services.gateway_proxy import keys
+    from shared import subjects
+    from shared.events import InstanceDelete, InstanceRequested
+    from tests.conftest import STANDIN_IMAGE, new_user
+
+    # A small flow of its own, so the panels have something to show even when run alone.
+    ev = InstanceRequested(
+        request_id=new_user("req"), user_id=new_user("dash"), bot_token=fakes.bot(), image=STANDIN_IMAGE
+    )
+    subject, _ = await platform.call(subjects.INSTANCE_REQUESTED, ev, timeout=120)
+    assert subject == subjects.INSTANCE_READY
+    _, key = await keys.create_key(store, ev.user_id, {"chat"})
+
+    async def traffic() -> None:
+        async with httpx.AsyncClient(base_url=proxy.address, timeout=30) as http:
+            body = {"model": "openclaw", "messages": [{"role": "user", "content": "dash"}]}
+            await http.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+            await http.get("/v1/models")  # 401
+
     def target(url: str) -> str:
         return urlparse(url).netloc
 
@@ -62,6 +81,7 @@ async def test_every_panel_query_returns_data(provisioner, monitor, proxy, tmp_p
         missing: dict[str, str] = {}
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
             for _ in range(40):  # up to ~40 s for enough samples
+                await traffic()
                 missing = {}
                 for dash, title, expr in queries:
                     r = await http.get("/api/v1/query", params={"query": expr})
@@ -76,3 +96,4 @@ async def test_every_panel_query_returns_data(provisioner, monitor, proxy, tmp_p
     finally:
         prom.terminate()
         prom.wait(10)
+        await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=ev.user_id, purge=True))

@@ -46,6 +46,13 @@ DIE_LAG = Histogram(
 )
 EVENTS = Counter("zaki_monitor_health_events_total", "Health state changes published", ["state"])
 
+# Known label values exist from the start (at zero), so dashboards and alerts see them.
+for _reason in ("timeout", "refused", "exited", "oom", "removed", "http_503"):
+    PROBE_FAILURES.labels(_reason)
+    RESTARTS.labels(_reason)
+for _state in HealthState:
+    BY_STATE.labels(_state.value)
+
 # Only these are probed or restarted; provisioning, stopping, stopped and deleted never are.
 WATCHED = (InstanceState.RUNNING.value,)
 KEPT = (InstanceState.RUNNING.value, InstanceState.STARTING.value)
