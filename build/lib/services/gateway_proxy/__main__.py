@@ -1,0 +1,95 @@
+"""python -m services.gateway_proxy"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import nats
+from aiohttp import web
+
+from services.gateway_proxy.app import GatewayProxy
+from services.gateway_proxy.auth import Authenticator
+from services.gateway_proxy.routing import RoutingTable
+from shared import subjects
+from shared.runner import run_service
+from shared.settings import ZakiSettings
+from shared.store import Store
+
+log = logging.getLogger("zaki.proxy")
+
+
+async def follow_events(nats_url: str, routes: RoutingTable, auth: Authenticator):
+    """Keeps the routing table and key cache current from NATS; reloads after a reconnect."""
+
+    async def on_outcome(msg) -> None:
+        try:
+            body = json.loads(msg.data)
+        except ValueError:
+            return
+        if msg.subject == subjects.INSTANCE_READY:
+            routes.on_ready(
+                body["user_id"], body["docker_host"], body["host"], body["port"], body["instance_id"]
+            )
+        elif msg.subject == subjects.INSTANCE_STOPPED:
+            routes.on_gone(body["user_id"], "stopped")
+        elif msg.subject == subjects.INSTANCE_DELETED:
+            routes.on_gone(body["user_id"], None)
+
+    async def on_revoked(msg) -> None:
+        auth.forget(msg.data.decode(errors="replace"))
+
+    async def reconnected() -> None:
+        log.info("NATS reconnected: reloading routes")
+        await routes.load()
+
+    nc = await nats.connect(nats_url, reconnected_cb=reconnected, max_reconnect_attempts=-1)
+    for subject in (subjects.INSTANCE_READY, subjects.INSTANCE_STOPPED, subjects.INSTANCE_DELETED):
+        await nc.subscribe(subject, cb=on_outcome)
+    await nc.subscribe(subjects.APIKEY_REVOKED, cb=on_revoked)
+    return nc
+
+
+async def main(settings: ZakiSettings, stop: asyncio.Event) -> None:
+    children = []
+    if settings.proxy_workers > 1 and not os.environ.get("ZAKI_PROXY_CHILD"):
+        for i in range(1, settings.proxy_workers):
+            env = {**os.environ, "ZAKI_PROXY_CHILD": str(i), "ZAKI_METRICS_PORT": "0"}
+            children.append(subprocess.Popen([sys.executable, "-m", "services.gateway_proxy"], env=env))
+    store = Store(settings.mongo_url, settings.mongo_db)
+    routes = RoutingTable(store)
+    auth = Authenticator(
+        store, settings.jwt_secret.get_secret_value(), settings.jwt_public_key, settings.jwt_audience
+    )
+    nc = await follow_events(settings.nats_url, routes, auth)
+    await routes.load()
+    proxy = GatewayProxy(settings, auth, routes)
+    runner = web.AppRunner(proxy.build(), access_log=None, shutdown_timeout=settings.proxy_drain_s)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.proxy_host, settings.proxy_port, reuse_port=True, backlog=2048)
+    await site.start()
+    log.info("listening", extra={"address": f"http://{settings.proxy_host}:{settings.proxy_port}"})
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()  # stops accepting, drains open requests and WebSockets
+        await nc.close()
+        await store.close()
+        for child in children:
+            child.terminate()
+        for child in children:
+            child.wait(10)
+
+
+if __name__ == "__main__":
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    run_service("gateway_proxy", main)

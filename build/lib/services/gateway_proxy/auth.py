@@ -1,0 +1,124 @@
+"""Who is calling: a Zaki API key or a dashboard's signed session token (JWT).
+
+The credential alone decides the tenant; nothing in the URL, headers or host name can.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import jwt
+
+from services.gateway_proxy import keys
+from shared.store import Store
+from shared.validation import USER_ID_RE
+
+KEY_CACHE_TTL_S = 30.0
+
+
+@dataclass(frozen=True)
+class Tenant:
+    user_id: str
+    scopes: frozenset[str]
+    credential_id: str  # key id or "jwt:<jti or sub>": safe to log
+
+
+class AuthError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def _unauthorized(message: str = "missing or invalid credential") -> AuthError:
+    return AuthError(401, "invalid_api_key", message)
+
+
+class Authenticator:
+    def __init__(
+        self,
+        store: Store,
+        jwt_secret: str = "",
+        jwt_public_key: str = "",
+        audience: str = "zaki",
+    ) -> None:
+        self.store = store
+        self.jwt_secret = jwt_secret
+        self.jwt_public_key = jwt_public_key
+        self.audience = audience
+        self._cache: dict[str, tuple[float, keys.ApiKey | None, str]] = {}
+
+    def forget(self, key_id: str) -> None:
+        self._cache.pop(key_id, None)
+
+    async def authenticate(self, credential: str | None) -> Tenant:
+        if not credential:
+            raise _unauthorized()
+        parsed = keys.parse_key(credential)
+        if parsed is not None:
+            return await self._api_key(*parsed)
+        if credential.count(".") == 2:
+            return self._jwt(credential)
+        raise _unauthorized()
+
+    async def _api_key(self, key_id: str, secret: str) -> Tenant:
+        now = time.monotonic()
+        hit = self._cache.get(key_id)
+        if hit is None or hit[0] < now or hit[2] != secret:
+            key = await keys.lookup(self.store, key_id, secret)
+            self._cache[key_id] = (now + KEY_CACHE_TTL_S, key, secret)
+            if len(self._cache) > 100_000:
+                self._cache.clear()
+        else:
+            key = hit[1]
+        if key is None:
+            raise _unauthorized()
+        if key.revoked:
+            raise _unauthorized("this API key was revoked")
+        if not key.usable():
+            raise _unauthorized("this API key has expired")
+        return Tenant(key.user_id, key.scopes, key.key_id)
+
+    def _jwt(self, token: str) -> Tenant:
+        # Algorithms are pinned by the key type we hold: "none" and alg confusion never pass.
+        if self.jwt_public_key:
+            key, algorithms = self.jwt_public_key, ["RS256", "ES256", "EdDSA"]
+        elif self.jwt_secret:
+            key, algorithms = self.jwt_secret, ["HS256"]
+        else:
+            raise _unauthorized()
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=algorithms,
+                audience=self.audience,
+                options={"require": ["exp", "sub", "aud"]},
+                leeway=30,
+            )
+        except jwt.ExpiredSignatureError:
+            raise _unauthorized("session token expired") from None
+        except jwt.PyJWTError:
+            raise _unauthorized() from None
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not USER_ID_RE.fullmatch(sub):
+            raise _unauthorized()
+        scopes = claims.get("scopes", ["chat", "tools", "ws"])
+        if isinstance(scopes, str):
+            scopes = scopes.split()
+        return Tenant(sub, frozenset(s for s in scopes if s in keys.SCOPES), f"jwt:{claims.get('jti', sub)}")
+
+
+def credential_from(headers, cookies, protocols: list[str] | None = None) -> str | None:
+    """Bearer header, the dashboard's session cookie, or (browsers' WebSockets) a
+    ``bearer.<token>`` subprotocol. Never the query string: URLs end up in logs."""
+    auth = headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    if cookies.get("zaki_session"):
+        return cookies["zaki_session"]
+    for proto in protocols or ():
+        if proto.startswith("bearer."):
+            return proto[7:]
+    return None

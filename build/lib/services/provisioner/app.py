@@ -1,0 +1,230 @@
+"""The provisioner's edges: JetStream consumers in, events out, Docker and MongoDB wired up.
+
+One durable pull consumer per command subject (explicit acks), shared by every
+replica. A malformed command is acked and copied, redacted, to the dead-letter
+subject with its reason; a transient failure is redelivered with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import nats
+from faststream import FastStream
+from faststream.middlewares import AckPolicy
+from faststream.nats import ConsumerConfig, JStream, NatsBroker, NatsMessage
+from faststream.nats.prometheus import NatsPrometheusMiddleware
+from prometheus_client import REGISTRY
+
+from services.provisioner import metrics
+from services.provisioner.runtime import DockerRuntime
+from services.provisioner.service import Provisioner, ProvisionError, Retry
+from services.provisioner.telegram import TelegramClient
+from shared import subjects
+from shared.bus import MalformedEvent, dead_letter_for, decode_event, ensure_streams, to_json
+from shared.crypto import KeyRing
+from shared.events import COMMAND_MODELS, Event, FailureReason, InstanceFailed, InstanceRequested
+from shared.logging import redact
+from shared.settings import ZakiSettings
+from shared.store import Store
+
+log = logging.getLogger("zaki.provisioner")
+
+MAX_ATTEMPTS = 6
+HEARTBEAT_S = 5.0
+
+# Which field of instance.requested made it invalid -> the reason in instance.failed.
+_FIELD_REASONS = {"user_id": FailureReason.INVALID_USER_ID, "bot_token": FailureReason.INVALID_BOT_TOKEN}
+
+
+@dataclass
+class ProvisionerApp:
+    settings: ZakiSettings
+    broker: NatsBroker
+    app: FastStream
+    service: Provisioner | None = None
+    store: Store | None = None
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+    async def publish(self, subject: str, event: Event) -> None:
+        await self.broker.publish(to_json(event), subject, stream=subjects.EVENT_STREAM)
+
+    async def dead_letter(self, subject: str, data: bytes, err: MalformedEvent) -> None:
+        metrics.DEAD_LETTERS.labels(subject).inc()
+        log.warning("dead-lettered a malformed event", extra={"subject": subject, "reason": err.reason})
+        await self.broker.publish(
+            to_json(dead_letter_for(subject, data, err)),
+            subjects.dead_letter_subject(subject),
+            stream=subjects.DEAD_LETTER_STREAM,
+        )
+        if subject == subjects.INSTANCE_REQUESTED:
+            await self._fail_malformed_request(data, err)
+
+    async def _fail_malformed_request(self, data: bytes, err: MalformedEvent) -> None:
+        """Tells the requester why, when the request carries enough to address an answer."""
+        import json
+
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return
+        if not isinstance(obj, dict) or not isinstance(obj.get("request_id"), str):
+            return
+        reason = FailureReason.INVALID_REQUEST
+        for fld, r in _FIELD_REASONS.items():
+            if err.error.startswith(f"{fld}:") or f"; {fld}:" in err.error:
+                reason = r
+                break
+        user = obj.get("user_id")
+        await self.publish(
+            subjects.INSTANCE_FAILED,
+            InstanceFailed(
+                request_id=redact(obj["request_id"][:128]),
+                user_id=redact(user[:64]) if isinstance(user, str) else "",
+                reason=reason,
+                message=err.error[:1000],
+            ),
+        )
+
+    async def handle(self, subject: str, msg: NatsMessage) -> None:
+        model = COMMAND_MODELS[subject]
+        try:
+            event = decode_event(model, msg.body)
+        except MalformedEvent as err:
+            await self.dead_letter(subject, msg.body, err)
+            await msg.ack()
+            return
+        assert self.service is not None
+        beat = asyncio.create_task(self._heartbeat(msg))
+        attempt = msg.raw_message.metadata.num_delivered or 1
+        try:
+            if isinstance(event, InstanceRequested):
+                await self.service.handle_requested(event)
+            else:
+                await self.service.handle_command(subject.rsplit(".", 1)[-1], event)  # type: ignore[arg-type]
+        except Retry as e:
+            await self._retry_or_fail(msg, event, attempt, FailureReason.TELEGRAM_UNREACHABLE, str(e))
+            return
+        except Exception as e:
+            log.exception("command handler crashed", extra={"subject": subject, "attempt": attempt})
+            await self._retry_or_fail(msg, event, attempt, FailureReason.INTERNAL, type(e).__name__)
+            return
+        finally:
+            beat.cancel()
+        await msg.ack()
+
+    async def _retry_or_fail(
+        self, msg: NatsMessage, event: Event, attempt: int, reason: FailureReason, text: str
+    ):
+        if attempt < MAX_ATTEMPTS:
+            await msg.nack(delay=min(2.0**attempt, 60.0))
+            return
+        assert self.service is not None
+        await self.service.fail(
+            getattr(event, "request_id", ""), getattr(event, "user_id", ""), ProvisionError(reason, text)
+        )
+        await msg.ack()
+
+    @staticmethod
+    async def _heartbeat(msg: NatsMessage) -> None:
+        # Long provisioning (a real gateway takes ~15 s) must not hit the ack deadline.
+        with contextlib.suppress(asyncio.CancelledError):
+            while True:
+                await asyncio.sleep(HEARTBEAT_S)
+                await msg.in_progress()
+
+    async def start(self) -> None:
+        s = self.settings
+        await ensure_streams(s.nats_url)
+        self.store = Store(s.mongo_url, s.mongo_db)
+        await self.store.ensure_indexes()
+        self.service = Provisioner(
+            s,
+            self.store,
+            DockerRuntime(s.docker_host_id, s.docker_url, s.platform_id),
+            KeyRing.from_spec(s.secret_keys.get_secret_value()),
+            TelegramClient(s.telegram_api_base, s.telegram_timeout_s),
+            self.publish,
+        )
+
+    async def after_start(self) -> None:
+        self.tasks.append(asyncio.create_task(self._reconcile_loop()))
+        self.tasks.append(asyncio.create_task(self._consumer_stats_loop()))
+
+    async def _consumer_stats_loop(self, interval: float = 15.0) -> None:
+        """Exports the command consumers' backlog and redeliveries for alerting."""
+        nc = await nats.connect(self.settings.nats_url, max_reconnect_attempts=-1)
+        js = nc.jetstream()
+        try:
+            while True:
+                try:
+                    for info in await js.consumers_info(subjects.COMMAND_STREAM):
+                        name = info.name or ""
+                        metrics.CONSUMER_PENDING.labels(name).set(info.num_pending or 0)
+                        metrics.CONSUMER_REDELIVERED.labels(name).set(info.num_redelivered or 0)
+                except Exception:
+                    log.exception("reading consumer stats failed")
+                await asyncio.sleep(interval)
+        finally:
+            await nc.close()
+
+    async def _reconcile_loop(self) -> None:
+        assert self.service is not None
+        while True:
+            try:
+                actions = await self.service.reconcile()
+                if any(actions.values()):
+                    log.info("reconciled", extra=actions)
+            except Exception:
+                log.exception("reconcile failed")
+            await asyncio.sleep(self.settings.reconcile_interval_s)
+
+    async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        if self.service is not None:
+            await self.service.close()
+            await self.service.telegram.close()
+        if self.store is not None:
+            await self.store.close()
+
+
+def build_app(settings: ZakiSettings) -> ProvisionerApp:
+    broker = NatsBroker(
+        settings.nats_url,
+        middlewares=[NatsPrometheusMiddleware(registry=REGISTRY, app_name="provisioner")],
+        logger=logging.getLogger("zaki.provisioner.broker"),
+        max_reconnect_attempts=-1,
+    )
+    app = FastStream(broker, logger=logging.getLogger("zaki.provisioner.app"))
+    pa = ProvisionerApp(settings, broker, app)
+
+    def handler_for(subject: str):
+        # FastStream reads a handler's parameters as the message body: only `msg` here.
+        async def handler(msg: NatsMessage) -> None:
+            await pa.handle(subject, msg)
+
+        return handler
+
+    for subject in COMMAND_MODELS:
+        kind = subject.rsplit(".", 1)[-1]
+        broker.subscriber(
+            subject,
+            stream=JStream(name=subjects.COMMAND_STREAM, declare=False),
+            # A durable push consumer with a queue group: replicas share the work.
+            durable=f"{subjects.PROVISIONER_DURABLE}-{kind}",
+            queue=f"{subjects.PROVISIONER_DURABLE}-{kind}",
+            config=ConsumerConfig(ack_wait=20, max_ack_pending=256),
+            ack_policy=AckPolicy.MANUAL,
+            max_workers=8,
+            title=f"provisioner:{kind}",
+            description=f"Handles {subject} commands.",
+        )(handler_for(subject))
+
+    app.on_startup(pa.start)
+    app.after_startup(pa.after_start)
+    app.on_shutdown(pa.stop)
+    return pa

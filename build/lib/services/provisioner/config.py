@@ -1,0 +1,176 @@
+"""Renders a user's native ``openclaw.json`` and lays out their data folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.gateway import (
+    CONTAINER_WORKSPACE,
+    GATEWAY_PORT,
+    GATEWAY_SCOPES,
+    GATEWAY_UID,
+    REQUIRED_HEADERS,
+    USER_HEADER,
+    gateway_identity,
+)
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    base_url: str
+    api: str
+    api_key: str
+    models: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GatewaySpec:
+    user_id: str
+    bot_token: str
+    model: str  # "<provider>/<model id>"
+    provider: Provider
+    trusted_proxy_ip: str  # the instance network's gateway address, as the container sees the proxy
+    password: str  # internal-only; never leaves the platform
+    allowed_origins: tuple[str, ...] = ()
+    telegram_api_root: str | None = None
+    telegram_allow_from: tuple[str, ...] = ()
+    telegram_private_network: bool = False
+    extra_models: tuple[str, ...] = field(default=())
+
+
+def render_openclaw_config(spec: GatewaySpec) -> dict[str, Any]:
+    """The gateway's native config: trusted-proxy auth, HTTP endpoints on, Telegram, one provider."""
+    identity = gateway_identity(spec.user_id)
+    model_ids = list(dict.fromkeys([*spec.provider.models, spec.model.split("/", 1)[-1]]))
+    telegram: dict[str, Any] = {"enabled": True, "botToken": spec.bot_token}
+    if spec.telegram_allow_from:
+        telegram.update(dmPolicy="allowlist", allowFrom=list(spec.telegram_allow_from))
+    else:
+        telegram["dmPolicy"] = "pairing"
+    if spec.telegram_api_root:
+        telegram["apiRoot"] = spec.telegram_api_root
+    if spec.telegram_private_network:
+        telegram["network"] = {"dangerouslyAllowPrivateNetwork": True}
+    return {
+        "gateway": {
+            "mode": "local",
+            "port": GATEWAY_PORT,
+            "bind": "lan",
+            "trustedProxies": [spec.trusted_proxy_ip],
+            "auth": {
+                "mode": "trusted-proxy",
+                "password": spec.password,
+                "trustedProxy": {
+                    "userHeader": USER_HEADER,
+                    "requiredHeaders": list(REQUIRED_HEADERS),
+                    "allowUsers": [identity],
+                },
+                "identityScopes": {identity: list(GATEWAY_SCOPES)},
+            },
+            "controlUi": {"allowedOrigins": list(spec.allowed_origins)},
+            # Tenants get the agent, not a root-ish shell on the container.
+            "terminal": {"enabled": False},
+            "http": {"endpoints": {"chatCompletions": {"enabled": True}, "responses": {"enabled": True}}},
+        },
+        "agents": {"defaults": {"model": {"primary": spec.model}, "workspace": CONTAINER_WORKSPACE}},
+        "models": {
+            "mode": "merge",
+            "providers": {
+                spec.provider.name: {
+                    "baseUrl": spec.provider.base_url,
+                    "apiKey": spec.provider.api_key,
+                    "api": spec.provider.api,
+                    "models": [{"id": m, "name": m} for m in model_ids],
+                }
+            },
+        },
+        "channels": {"telegram": telegram},
+    }
+
+
+SOUL_MD = """# SOUL
+
+You are a helpful, honest personal assistant. Be concise, warm and direct.
+"""
+
+MEMORY_MD = """# MEMORY
+
+Curated long-term memory. Add what is worth remembering across conversations.
+"""
+
+SEED_FILES = {"SOUL.md": SOUL_MD, "MEMORY.md": MEMORY_MD}
+
+
+@dataclass(frozen=True)
+class UserDirs:
+    root: Path
+
+    @property
+    def state(self) -> Path:
+        return self.root / ".openclaw"
+
+    @property
+    def workspace(self) -> Path:
+        return self.root / "workspace"
+
+    @property
+    def config(self) -> Path:
+        return self.state / "openclaw.json"
+
+
+def user_dirs(data_root: Path, user_id: str) -> UserDirs:
+    # user_id was validated against a strict pattern; resolve() guards the invariant anyway.
+    root = (data_root / "users" / user_id).resolve()
+    if root.parent != (data_root / "users").resolve():
+        raise ValueError("user directory escapes the data root")
+    return UserDirs(root)
+
+
+def _chown(path: Path) -> None:
+    if os.geteuid() == 0:
+        os.chown(path, GATEWAY_UID, GATEWAY_UID)
+
+
+def prepare_user_dirs(dirs: UserDirs) -> None:
+    """Creates the folders (0700, owned by the gateway's uid) and seeds absent workspace files."""
+    for d in (dirs.root, dirs.state, dirs.workspace):
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _chown(d)
+    for name, text in SEED_FILES.items():
+        path = dirs.workspace / name
+        try:
+            # O_EXCL: a user's existing memory is never overwritten, even by a racing writer.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        _chown(path)
+
+
+def write_config_atomically(path: Path, config: dict[str, Any]) -> None:
+    """Writes 0600 to a temp file, fsyncs and renames: readers see the old or the new file, never half."""
+    data = json.dumps(config, indent=2).encode()
+    fd, tmp = tempfile.mkstemp(prefix=".openclaw.json.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        _chown(Path(tmp))
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

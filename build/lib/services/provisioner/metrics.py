@@ -1,0 +1,28 @@
+"""The provisioner's Prometheus metrics."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter("zaki_provisioner_requests_total", "instance.requested outcomes", ["outcome", "reason"])
+COMMANDS = Counter("zaki_provisioner_commands_total", "Lifecycle commands handled", ["command", "outcome"])
+PHASE_SECONDS = Histogram(
+    "zaki_provisioner_phase_seconds",
+    "Provisioning duration by phase",
+    ["phase"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 15, 20, 30, 60, 120),
+)
+RECONCILE_ACTIONS = Counter("zaki_provisioner_reconcile_actions_total", "Reconcile actions", ["action"])
+DEAD_LETTERS = Counter(
+    "zaki_dead_letters_total", "Malformed events sent to the dead-letter subject", ["subject"]
+)
+INSTANCES = Gauge("zaki_instances", "Instances on this provisioner's Docker host, by state", ["state"])
+
+# Series exist from the start (zero), so dashboards and alerts see them before the first event.
+for _phase in ("config", "create", "start", "ready"):
+    PHASE_SECONDS.labels(_phase)
+REQUESTS.labels("ready", "")
+for _action in ("removed_orphan", "recreated"):
+    RECONCILE_ACTIONS.labels(_action)
+CONSUMER_PENDING = Gauge("zaki_jetstream_consumer_pending", "Commands not yet delivered", ["consumer"])
+CONSUMER_REDELIVERED = Gauge(
+    "zaki_jetstream_consumer_redelivered", "Commands delivered more than once and not yet acked", ["consumer"]
+)

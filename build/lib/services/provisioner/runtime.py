@@ -1,0 +1,266 @@
+"""Where gateways run. A small create/start/stop/remove/inspect contract, in the spirit
+of JupyterHub's Spawner, so other runtimes and several Docker hosts fit behind it.
+``DockerRuntime`` drives one Docker engine with the docker SDK (blocking calls are
+moved off the event loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import docker
+from docker.errors import APIError, NotFound
+
+from shared.gateway import GATEWAY_PORT, container_name, network_name
+
+MANAGED_LABEL = "zaki.managed"  # value: the platform id, so several platforms can share an engine
+USER_LABEL = "zaki.user"
+INSTANCE_LABEL = "zaki.instance"
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    user_id: str
+    instance_id: str
+    image: str
+    host_port: int
+    publish_ip: str
+    network: str
+    binds: dict[str, str]  # host path -> container path
+    env: dict[str, str] = field(default_factory=dict)
+    memory: str = "2g"
+    cpus: float = 2.0
+    pids_limit: int = 512
+    read_only: bool = True
+
+    @property
+    def name(self) -> str:
+        return container_name(self.user_id)
+
+
+@dataclass(frozen=True)
+class ContainerStatus:
+    name: str
+    exists: bool
+    state: str = "missing"  # created | running | restarting | exited | paused | dead | missing
+    exit_code: int | None = None
+    oom_killed: bool = False
+    restart_count: int = 0
+    user_id: str | None = None
+    instance_id: str | None = None
+    container_id: str | None = None
+    image: str | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+
+class RuntimeError_(Exception):
+    """A runtime call failed; the message is safe to publish."""
+
+
+class GatewayRuntime(Protocol):
+    host_id: str
+
+    async def ensure_network(self, user_id: str, subnet: str | None = None) -> str: ...
+    async def remove_network(self, user_id: str) -> None: ...
+    async def create(self, spec: ContainerSpec) -> str: ...
+    async def start(self, name: str) -> None: ...
+    async def stop(self, name: str, timeout: int) -> None: ...
+    async def remove(self, name: str) -> None: ...
+    async def status(self, name: str) -> ContainerStatus: ...
+    async def logs(self, name: str, tail: int = 50) -> list[str]: ...
+    async def list_managed(self) -> list[ContainerStatus]: ...
+    async def port_is_free(self, port: int) -> bool: ...
+
+
+def _status(c) -> ContainerStatus:
+    st = c.attrs.get("State", {})
+    labels = c.attrs.get("Config", {}).get("Labels") or {}
+    return ContainerStatus(
+        name=c.name,
+        exists=True,
+        state=st.get("Status", "unknown"),
+        exit_code=st.get("ExitCode"),
+        oom_killed=bool(st.get("OOMKilled")),
+        restart_count=int(c.attrs.get("RestartCount", 0)),
+        user_id=labels.get(USER_LABEL),
+        instance_id=labels.get(INSTANCE_LABEL),
+        container_id=c.id,
+        image=c.attrs.get("Config", {}).get("Image"),
+    )
+
+
+class DockerRuntime:
+    def __init__(
+        self, host_id: str = "local", base_url: str | None = None, platform_id: str = "zaki"
+    ) -> None:
+        self.host_id = host_id
+        self.platform_id = platform_id
+        self.client = docker.DockerClient(base_url=base_url) if base_url else docker.from_env()
+
+    async def _run(self, fn, *args, **kwargs):
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except NotFound:
+            raise
+        except APIError as e:
+            raise RuntimeError_(f"docker: {e.explanation or e}") from e
+
+    # Networks: one bridge per user, so tenants cannot reach each other's containers.
+    def _ensure_network(self, user_id: str, subnet: str | None) -> str:
+        name = network_name(user_id)
+        try:
+            net = self.client.networks.get(name)
+        except NotFound:
+            ipam = None
+            if subnet:
+                net_ = ipaddress.ip_network(subnet)
+                gateway = str(next(net_.hosts()))
+                ipam = docker.types.IPAMConfig(
+                    pool_configs=[docker.types.IPAMPool(subnet=subnet, gateway=gateway)]
+                )
+            try:
+                net = self.client.networks.create(
+                    name,
+                    driver="bridge",
+                    ipam=ipam,
+                    labels={MANAGED_LABEL: self.platform_id, USER_LABEL: user_id},
+                    options={"com.docker.network.bridge.enable_icc": "false"},
+                )
+            except APIError as e:  # created by a racing replica
+                if e.status_code != 409:
+                    raise
+                net = self.client.networks.get(name)
+            net.reload()
+        configs = (net.attrs.get("IPAM") or {}).get("Config") or []
+        for cfg in configs:
+            if cfg.get("Gateway"):
+                return cfg["Gateway"]
+        raise RuntimeError_(f"network {name} has no gateway address")
+
+    async def ensure_network(self, user_id: str, subnet: str | None = None) -> str:
+        """Creates the user's network if needed (on *subnet* when given: Docker's default
+        pools run out after ~30 bridge networks); returns its gateway IP, the address the
+        gateway sees the proxy come from."""
+        return await self._run(self._ensure_network, user_id, subnet)
+
+    def _remove_network(self, user_id: str) -> None:
+        with contextlib.suppress(NotFound):
+            self.client.networks.get(network_name(user_id)).remove()
+
+    async def remove_network(self, user_id: str) -> None:
+        await self._run(self._remove_network, user_id)
+
+    def _create(self, spec: ContainerSpec) -> str:
+        try:
+            existing = self.client.containers.get(spec.name)
+            labels = existing.labels or {}
+            if labels.get(MANAGED_LABEL) != self.platform_id:
+                raise RuntimeError_(
+                    f"container name {spec.name} is taken by something this platform does not manage"
+                )
+            same_image = existing.attrs.get("Config", {}).get("Image") == spec.image
+            if labels.get(INSTANCE_LABEL) == spec.instance_id and same_image:
+                return existing.id
+            existing.remove(force=True)
+        except NotFound:
+            pass
+        tmpfs_opts = "rw,nosuid,nodev,size={},uid=1000,gid=1000,mode=0700"
+        container = self.client.containers.create(
+            spec.image,
+            name=spec.name,
+            hostname=f"zaki-{spec.user_id}"[:63],
+            labels={
+                MANAGED_LABEL: self.platform_id,
+                USER_LABEL: spec.user_id,
+                INSTANCE_LABEL: spec.instance_id,
+            },
+            environment=spec.env,
+            ports={f"{GATEWAY_PORT}/tcp": (spec.publish_ip, spec.host_port)},
+            volumes={host: {"bind": path, "mode": "rw"} for host, path in spec.binds.items()},
+            network=spec.network,
+            extra_hosts={"host.docker.internal": "host-gateway"},
+            mem_limit=spec.memory,
+            memswap_limit=spec.memory,  # swap equal to the limit: no swap
+            nano_cpus=int(spec.cpus * 1e9),
+            pids_limit=spec.pids_limit,
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges:true"],
+            user="1000:1000",
+            read_only=spec.read_only,
+            tmpfs={
+                "/tmp": "rw,nosuid,nodev,size=256m,mode=1777",
+                "/home/node/.config": tmpfs_opts.format("16m"),
+                "/home/node/.cache": tmpfs_opts.format("64m"),
+            },
+            restart_policy={"Name": "unless-stopped"},
+            log_config={"Type": "json-file", "Config": {"max-size": "10m", "max-file": "3"}},
+            detach=True,
+        )
+        return container.id
+
+    async def create(self, spec: ContainerSpec) -> str:
+        return await self._run(self._create, spec)
+
+    def _get(self, name: str):
+        return self.client.containers.get(name)
+
+    async def start(self, name: str) -> None:
+        c = await self._run(self._get, name)
+        await self._run(c.start)
+
+    async def stop(self, name: str, timeout: int) -> None:
+        try:
+            c = await self._run(self._get, name)
+        except NotFound:
+            return
+        await self._run(c.stop, timeout=timeout)
+
+    async def remove(self, name: str) -> None:
+        try:
+            c = await self._run(self._get, name)
+            await self._run(c.remove, force=True, v=True)
+        except NotFound:
+            return
+
+    async def status(self, name: str) -> ContainerStatus:
+        try:
+            c = await self._run(self._get, name)
+        except NotFound:
+            return ContainerStatus(name=name, exists=False)
+        return _status(c)
+
+    async def logs(self, name: str, tail: int = 50) -> list[str]:
+        try:
+            c = await self._run(self._get, name)
+            raw = await self._run(c.logs, tail=tail)
+        except (NotFound, RuntimeError_):
+            return []
+        return raw.decode("utf-8", "replace").splitlines()
+
+    def _list_managed(self) -> list[ContainerStatus]:
+        return [
+            _status(c)
+            for c in self.client.containers.list(
+                all=True, filters={"label": f"{MANAGED_LABEL}={self.platform_id}"}
+            )
+        ]
+
+    async def list_managed(self) -> list[ContainerStatus]:
+        return await self._run(self._list_managed)
+
+    async def port_is_free(self, port: int) -> bool:
+        """Whether nothing on this host listens on *port* (another program may hold one in our range)."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+        return True

@@ -1,0 +1,1 @@
+"""Models, settings and plumbing shared by Zaki's provisioner, monitor and gateway proxy."""

@@ -1,0 +1,123 @@
+"""The platform's public contract as an AsyncAPI document and JSON Schemas, generated
+from the event models by FastStream.
+
+    python -m shared.asyncapi            # rewrites docs/asyncapi.yaml and docs/schemas/*.json
+    python -m shared.asyncapi --check    # exits 1 when the committed files are out of date
+
+The provisioner's real consumers take raw messages (so a malformed one can be
+dead-lettered with its reason instead of failing inside the framework); this module
+registers the same subjects with their typed models on a broker that is never
+connected, only described.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+from faststream.nats import NatsBroker
+from faststream.specification import AsyncAPI
+from pydantic import BaseModel
+
+from shared import subjects
+from shared.events import (
+    COMMAND_MODELS,
+    OUTCOME_MODELS,
+    DeadLetter,
+    HealthSummary,
+    InstanceHealthChanged,
+)
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+DESCRIPTIONS = {
+    subjects.INSTANCE_REQUESTED: "Give a user a gateway. Carries the bot token; the stream is a work queue, "
+    "so the message is deleted once handled. Answered by instance.ready or instance.failed with the same request_id.",
+    subjects.INSTANCE_STOP: "Stop a user's gateway (its data stays). Answered by instance.stopped.",
+    subjects.INSTANCE_START: "Start a stopped or failed gateway. Answered by instance.ready.",
+    subjects.INSTANCE_RESTART: "Restart a gateway (the monitor sends these, with a reason). Answered by instance.ready.",
+    subjects.INSTANCE_DELETE: "Delete a gateway; purge also removes the workspace. Answered by instance.deleted.",
+    subjects.INSTANCE_UPDATE: "New model, bot token or provider: config rewritten, gateway restarted.",
+    subjects.INSTANCE_UPGRADE: "Recreate the gateway on another allowed image; the data carries over.",
+    subjects.INSTANCE_READY: "A gateway answers on /readyz; host and port are internal (reach it through the proxy).",
+    subjects.INSTANCE_FAILED: "A command failed; reason is a stable code, message is for humans.",
+    subjects.INSTANCE_STOPPED: "A gateway was stopped.",
+    subjects.INSTANCE_DELETED: "A gateway and its secrets are gone.",
+}
+
+
+def build_spec_broker() -> NatsBroker:
+    broker = NatsBroker("nats://localhost:4222")
+
+    for subject, model in COMMAND_MODELS.items():
+
+        def described(body, _model=model):  # documentation only: never connected, never called
+            return None
+
+        described.__annotations__ = {"body": model, "return": None}
+        broker.subscriber(subject, title=f"provisioner:{subject}", description=DESCRIPTIONS.get(subject, ""))(
+            described
+        )
+
+    published = {
+        **OUTCOME_MODELS,
+        f"{subjects.INSTANCE_HEALTH}.{{user_id}}": InstanceHealthChanged,
+        subjects.HEALTH_SUMMARY: HealthSummary,
+        f"{subjects.DEAD_LETTER}.{{subject}}": DeadLetter,
+    }
+    for subject, model in published.items():
+        broker.publisher(
+            subject, title=f"platform:{subject}", description=DESCRIPTIONS.get(subject, ""), schema=model
+        )
+    return broker
+
+
+def render() -> dict[str, str]:
+    """Every generated file, path relative to docs/ -> content."""
+    spec = AsyncAPI(
+        build_spec_broker(),
+        title="Zaki platform events",
+        version="1",
+        description="Commands other systems publish to JetStream and the events the platform publishes.",
+    )
+    # FastStream's channel order varies between runs: sort for a stable, diffable file.
+    files = {
+        "asyncapi.yaml": yaml.safe_dump(spec.to_specification().to_jsonable(), sort_keys=True, width=110)
+    }
+    models: dict[str, type[BaseModel]] = {
+        **{s.rsplit(".", 1)[-1]: m for s, m in COMMAND_MODELS.items()},
+        **{s.rsplit(".", 1)[-1]: m for s, m in OUTCOME_MODELS.items()},
+        "health": InstanceHealthChanged,
+        "health-summary": HealthSummary,
+        "deadletter": DeadLetter,
+    }
+    for name, model in sorted(models.items()):
+        schema = model.model_json_schema(mode="serialization")
+        files[f"schemas/{name}.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
+    return files
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true")
+    args = ap.parse_args()
+    stale = []
+    for rel, content in render().items():
+        path = DOCS / rel
+        if args.check:
+            if not path.exists() or path.read_text() != content:
+                stale.append(rel)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content)
+    if stale:
+        print("out of date: " + ", ".join(stale) + " (run: python -m shared.asyncapi)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

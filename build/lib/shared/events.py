@@ -1,0 +1,199 @@
+"""Versioned event models: the platform's public contract on NATS.
+
+Commands (``instance.requested`` and the lifecycle commands) come in from other systems;
+outcomes and health events go out. Outcome events never carry a secret.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, SecretStr, field_validator
+
+from shared import subjects
+from shared.validation import ModelRef, RequestId, UserId, check_bot_token
+
+# A secret on the wire: hidden in repr/str and logs, revealed only in the JSON sent to NATS.
+WireSecret = Annotated[SecretStr, PlainSerializer(lambda s: s.get_secret_value(), when_used="json")]
+
+
+ImageRef = Annotated[
+    str, Field(max_length=256, pattern=r"^[a-z0-9][a-z0-9._/-]*(:[A-Za-z0-9._-]+)?(@sha256:[a-f0-9]{64})?$")
+]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = 1
+    event_id: str = Field(default_factory=_new_id)
+    occurred_at: datetime = Field(default_factory=_now)
+
+
+class ProviderSettings(BaseModel):
+    """A user's own model provider (bring-your-own-key); the platform default when absent."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,31}$")]
+    base_url: Annotated[str, Field(pattern=r"^https?://[^\s]+$", max_length=512)]
+    api: Literal["openai-completions", "openai-responses", "anthropic-messages"] = "openai-completions"
+    api_key: WireSecret | None = None
+    models: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:/@-]{0,127}$")]] = Field(
+        default_factory=list, max_length=32
+    )
+
+
+def _check_token(v: SecretStr) -> SecretStr:
+    check_bot_token(v.get_secret_value())
+    return v
+
+
+class InstanceRequested(Event):
+    request_id: RequestId
+    user_id: UserId
+    bot_token: WireSecret
+    model: ModelRef | None = None
+    provider: ProviderSettings | None = None
+    # Telegram user ids allowed to DM the bot; empty means OpenClaw's pairing flow.
+    telegram_allow_from: list[Annotated[str, Field(pattern=r"^[0-9]{1,20}$")]] = Field(
+        default_factory=list, max_length=64
+    )
+    # Optional gateway image; must be one the operator allows (ZAKI_ALLOWED_IMAGES).
+    image: ImageRef | None = None
+
+    _token = field_validator("bot_token")(_check_token)
+
+
+class InstanceCommand(Event):
+    """stop / start / restart / delete."""
+
+    request_id: RequestId = Field(default_factory=_new_id)
+    user_id: UserId
+    reason: Annotated[str, Field(max_length=200)] | None = None
+
+
+class InstanceUpdate(InstanceCommand):
+    model: ModelRef | None = None
+    bot_token: WireSecret | None = None
+    provider: ProviderSettings | None = None
+
+    @field_validator("bot_token")
+    @classmethod
+    def _token(cls, v: SecretStr | None) -> SecretStr | None:
+        return None if v is None else _check_token(v)
+
+
+class InstanceDelete(InstanceCommand):
+    # Also remove the user's workspace and gateway state; by default they are kept.
+    purge: bool = False
+
+
+class InstanceUpgrade(InstanceCommand):
+    image: ImageRef
+
+
+class FailureReason(StrEnum):
+    INVALID_REQUEST = "invalid_request"
+    INVALID_USER_ID = "invalid_user_id"
+    INVALID_BOT_TOKEN = "invalid_bot_token"  # noqa: S105 - a reason code
+    TELEGRAM_UNREACHABLE = "telegram_unreachable"
+    NO_PORT = "no_port_available"
+    DISK = "disk_error"
+    DOCKER = "docker_error"
+    GATEWAY_NOT_READY = "gateway_not_ready"
+    NOT_FOUND = "not_found"
+    ILLEGAL_TRANSITION = "illegal_transition"
+    INTERNAL = "internal_error"
+
+
+class InstanceReady(Event):
+    request_id: str
+    user_id: str
+    instance_id: str
+    docker_host: str
+    host: str
+    port: int
+    bot_username: str | None = None
+    image: str
+    timings: dict[str, float] = Field(default_factory=dict)
+
+
+class InstanceFailed(Event):
+    request_id: str
+    user_id: str
+    reason: FailureReason
+    message: str
+    logs: list[str] = Field(default_factory=list)
+
+
+class InstanceStopped(Event):
+    request_id: str
+    user_id: str
+    instance_id: str
+
+
+class InstanceDeleted(Event):
+    request_id: str
+    user_id: str
+    instance_id: str
+    purged: bool = False
+
+
+class HealthState(StrEnum):
+    UNKNOWN = "unknown"
+    HEALTHY = "healthy"
+    DEGRADED = "degraded"
+    UNHEALTHY = "unhealthy"
+    UNREACHABLE = "unreachable"
+    CRASHLOOPING = "crashlooping"
+
+
+class InstanceHealthChanged(Event):
+    user_id: str
+    instance_id: str
+    previous: HealthState
+    state: HealthState
+    reason: str
+    detail: str = ""
+
+
+class HealthSummary(Event):
+    replica_id: str
+    counts: dict[HealthState, int]
+
+
+class DeadLetter(Event):
+    subject: str
+    reason: str
+    error: str
+    payload_excerpt: str
+
+
+COMMAND_MODELS: dict[str, type[Event]] = {
+    subjects.INSTANCE_REQUESTED: InstanceRequested,
+    subjects.INSTANCE_STOP: InstanceCommand,
+    subjects.INSTANCE_START: InstanceCommand,
+    subjects.INSTANCE_RESTART: InstanceCommand,
+    subjects.INSTANCE_DELETE: InstanceDelete,
+    subjects.INSTANCE_UPDATE: InstanceUpdate,
+    subjects.INSTANCE_UPGRADE: InstanceUpgrade,
+}
+
+OUTCOME_MODELS: dict[str, type[Event]] = {
+    subjects.INSTANCE_READY: InstanceReady,
+    subjects.INSTANCE_FAILED: InstanceFailed,
+    subjects.INSTANCE_STOPPED: InstanceStopped,
+    subjects.INSTANCE_DELETED: InstanceDeleted,
+}

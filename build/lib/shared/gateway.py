@@ -1,0 +1,53 @@
+"""Facts about the OpenClaw gateway that every service relies on."""
+
+from __future__ import annotations
+
+import ipaddress
+
+GATEWAY_PORT = 18789
+CONTAINER_HOME = "/home/node"
+CONTAINER_STATE_DIR = f"{CONTAINER_HOME}/.openclaw"
+CONTAINER_WORKSPACE = f"{CONTAINER_HOME}/workspace"
+GATEWAY_UID = 1000
+
+# Trusted-proxy auth: the gateway accepts whoever our proxy names in this header,
+# only from the instance network's gateway address, and only the one user it allows.
+USER_HEADER = "x-forwarded-user"
+REQUIRED_HEADERS = ("x-forwarded-proto",)
+GATEWAY_SCOPES = ("operator.read", "operator.write")
+
+
+def gateway_identity(user_id: str) -> str:
+    """The identity the proxy asserts to a user's gateway (its only allowed user)."""
+    return f"{user_id}@zaki.local"
+
+
+# The gateway refuses client attribution that resolves to loopback (or to a trusted
+# proxy). Local clients and the platform's own probes are reported as this
+# documentation address (RFC 5737 TEST-NET-3) instead.
+LOCAL_CLIENT_IP = "203.0.113.1"
+
+
+def attributable_ip(client_ip: str | None) -> str:
+    try:
+        ip = ipaddress.ip_address(client_ip or "")
+    except ValueError:
+        return LOCAL_CLIENT_IP
+    return LOCAL_CLIENT_IP if ip.is_loopback or ip.is_unspecified or ip.is_link_local else str(ip)
+
+
+def identity_headers(user_id: str, client_ip: str | None = None, proto: str = "https") -> dict[str, str]:
+    """Headers the gateway requires on every request in trusted-proxy mode (probes included)."""
+    return {
+        USER_HEADER: gateway_identity(user_id),
+        "x-forwarded-proto": proto,
+        "x-forwarded-for": attributable_ip(client_ip),
+    }
+
+
+def container_name(user_id: str) -> str:
+    return f"zaki-user-{user_id}"
+
+
+def network_name(user_id: str) -> str:
+    return f"zaki-net-{user_id}"

@@ -1,0 +1,106 @@
+"""Settings for every service, read from ``ZAKI_*`` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ZakiSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ZAKI_", env_file=None, extra="ignore")
+
+    # Infrastructure
+    nats_url: str = "nats://127.0.0.1:4222"
+    mongo_url: str = "mongodb://127.0.0.1:27017/"
+    mongo_db: str = "zaki"
+    # Key ring for secrets at rest: "kid1:<base64 32 bytes>,kid2:<...>"; the first key encrypts.
+    secret_keys: SecretStr = SecretStr("")
+
+    # Labels every container and network; a provisioner only ever reconciles its own platform's.
+    platform_id: str = Field(default="zaki", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    # Docker host this provisioner drives; recorded on every instance so several hosts can share one store.
+    docker_host_id: str = "local"
+    docker_url: str | None = None  # None: DOCKER_HOST or the local socket
+    data_root: Path = Path("/var/lib/zaki")
+    gateway_image: str = "zaki/openclaw-gateway:2026.9.6"
+    # Other images a request or an upgrade may name (comma-separated), e.g. a canary build.
+    allowed_images: str = ""
+    gateway_memory: str = "2g"
+    gateway_cpus: float = 2.0
+    gateway_pids_limit: int = 512
+    port_range_start: int = 19100
+    port_range_end: int = 19999
+    # Per-instance networks are carved from this pool, one /network_prefix per port of the range.
+    network_pool: str = "10.250.0.0/16"
+    network_prefix: int = 29
+    # The address published gateway ports bind to, and that the proxy and monitor dial.
+    gateway_publish_ip: str = "127.0.0.1"
+    readiness_timeout_s: float = 120.0
+    stop_timeout_s: int = 20
+    reconcile_interval_s: float = 60.0
+
+    # Telegram Bot API root (no /bot<token> suffix); tests point it at a local fake.
+    telegram_api_base: str = "https://api.telegram.org"
+    telegram_timeout_s: float = 10.0
+    # The Bot API root as the gateways see it from inside their containers (default: the same).
+    telegram_api_base_for_gateways: str = ""
+    # Lets gateways reach a Bot API at a private address (a local fake): tests and demos only.
+    telegram_private_network: bool = False
+
+    # The model provider the gateways call (OpenAI-compatible).
+    llm_provider_name: str = "zaki"
+    llm_base_url: str = "http://host.docker.internal:8000/v1"
+    llm_api: str = "openai-completions"
+    llm_api_key: SecretStr = SecretStr("")
+    default_model: str = "zaki/default"
+
+    # Metrics
+    metrics_port: int = 0  # 0: no metrics listener
+
+    # Gateway proxy
+    proxy_host: str = "127.0.0.1"
+    proxy_port: int = 8080
+    # Browser origins the gateways' Control UI accepts (comma-separated): where the proxy is served.
+    proxy_public_origin: str = "http://127.0.0.1:8080"
+    jwt_secret: SecretStr = SecretStr("")
+    jwt_public_key: str = ""
+    jwt_audience: str = "zaki"
+    rate_limit_rps: float = 20.0
+    rate_limit_burst: int = 40
+    max_body_bytes: int = 20 * 1024 * 1024
+    max_websockets_per_tenant: int = 8
+    proxy_idle_timeout_s: float = 300.0  # no byte from the gateway for this long ends a stream
+    proxy_workers: int = 1  # processes sharing the port (SO_REUSEPORT)
+    proxy_drain_s: float = 30.0
+
+    # Monitor
+    probe_interval_s: float = 4.0
+    probe_timeout_s: float = 2.0
+    probe_concurrency: int = 200
+    unhealthy_after: int = 2
+    healthy_after: int = 2
+    restart_backoff_base_s: float = 2.0
+    restart_backoff_max_s: float = 300.0
+    crashloop_restarts: int = 5
+    crashloop_window_s: float = 600.0
+    summary_interval_s: float = 30.0
+    probe_spread: float = 0.8  # share of the interval over which one sweep's probes are spread
+    slow_probe_s: float = 1.0  # a readiness answer slower than this counts as degraded
+    die_grace_s: float = 3.0  # after a container dies, how long Docker's own restart policy gets
+    health_write_interval_s: float = 30.0  # how often a healthy instance's last probe is persisted
+
+    replica_id: str = Field(default_factory=lambda: __import__("uuid").uuid4().hex[:12])
+
+    def images(self) -> list[str]:
+        return [self.gateway_image, *(i.strip() for i in self.allowed_images.split(",") if i.strip())]
+
+    def proxy_public_origins(self) -> list[str]:
+        return [o.strip() for o in self.proxy_public_origin.split(",") if o.strip()]
+
+
+@lru_cache
+def get_settings() -> ZakiSettings:
+    return ZakiSettings()

@@ -1,0 +1,48 @@
+"""The instance state machine and the records kept in MongoDB."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class InstanceState(StrEnum):
+    REQUESTED = "requested"
+    PROVISIONING = "provisioning"
+    STARTING = "starting"
+    RUNNING = "running"
+    FAILED = "failed"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    DELETING = "deleting"
+    DELETED = "deleted"
+
+
+S = InstanceState
+
+# Every legal move. Anything else is refused by the store's conditional update.
+TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
+    S.REQUESTED: frozenset({S.PROVISIONING, S.FAILED, S.DELETING}),
+    S.PROVISIONING: frozenset({S.STARTING, S.FAILED, S.DELETING}),
+    S.STARTING: frozenset({S.RUNNING, S.FAILED, S.STOPPING, S.DELETING, S.STARTING}),
+    S.RUNNING: frozenset({S.STARTING, S.STOPPING, S.DELETING, S.FAILED}),
+    S.FAILED: frozenset({S.PROVISIONING, S.STARTING, S.STOPPING, S.DELETING}),
+    S.STOPPING: frozenset({S.STOPPED, S.FAILED, S.DELETING}),
+    S.STOPPED: frozenset({S.STARTING, S.PROVISIONING, S.DELETING}),
+    S.DELETING: frozenset({S.DELETED}),
+    S.DELETED: frozenset({S.REQUESTED}),
+}
+
+# States in which a container is supposed to be up and answering.
+SHOULD_RUN = frozenset({S.RUNNING})
+
+
+def sources_of(target: InstanceState) -> list[str]:
+    """The states from which *target* may be entered, as stored strings."""
+    return [s.value for s, targets in TRANSITIONS.items() if target in targets]
+
+
+class IllegalTransition(Exception):
+    def __init__(self, user_id: str, current: str | None, target: InstanceState) -> None:
+        super().__init__(f"instance {user_id}: {current} -> {target.value} is not allowed")
+        self.current = current
+        self.target = target

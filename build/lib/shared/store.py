@@ -1,0 +1,233 @@
+"""MongoDB access through PyMongo's async client (``pymongo.AsyncMongoClient``).
+
+Every write that matters is a single-document atomic operation or guarded by a
+unique index, never a multi-document transaction: correct on a MongoDB replica
+set and on FerretDB, which has no transactions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from pymongo import ASCENDING, AsyncMongoClient
+from pymongo.errors import DuplicateKeyError
+
+from shared.state import IllegalTransition, InstanceState, sources_of
+
+log = logging.getLogger("zaki.store")
+
+
+_UNSET = object()  # marks a field to $unset in a versioned write
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class NoPortAvailable(Exception):
+    pass
+
+
+class Store:
+    def __init__(self, url: str, db: str) -> None:
+        self.client: AsyncMongoClient = AsyncMongoClient(url, tz_aware=True, serverSelectionTimeoutMS=10_000)
+        self.db = self.client[db]
+        self.instances = self.db["instances"]
+        self.ports = self.db["ports"]
+        self.requests = self.db["requests"]
+        self.api_keys = self.db["api_keys"]
+        self.leases = self.db["leases"]
+        self.journal = self.db["instance_journal"]
+
+    async def ensure_indexes(self) -> None:
+        # Instances are keyed by user id (_id): one live instance per user by construction.
+        await self.instances.create_index([("state", ASCENDING)], name="by_state")
+        await self.instances.create_index([("docker_host", ASCENDING)], name="by_docker_host")
+        await self.ports.create_index(
+            [("docker_host", ASCENDING), ("port", ASCENDING)], unique=True, name="one_owner_per_port"
+        )
+        await self.ports.create_index([("user_id", ASCENDING)], name="by_user")
+        await self.api_keys.create_index([("user_id", ASCENDING)], name="by_user")
+        await self.journal.create_index([("user_id", ASCENDING)], name="by_user")
+
+    async def ping(self) -> None:
+        await self.client.admin.command("ping")
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    # --- instances -------------------------------------------------------------------------
+
+    async def get_instance(self, user_id: str) -> dict[str, Any] | None:
+        return await self.instances.find_one({"_id": user_id})
+
+    async def list_instances(
+        self, states: Iterable[str] | None = None, docker_host: str | None = None
+    ) -> list[dict[str, Any]]:
+        query: dict[str, Any] = {}
+        if states is not None:
+            query["state"] = {"$in": list(states)}
+        if docker_host is not None:
+            query["docker_host"] = docker_host
+        return [doc async for doc in self.instances.find(query)]
+
+    async def create_instance(self, user_id: str, fields: dict[str, Any]) -> dict[str, Any] | None:
+        """Inserts a ``requested`` record; None when the user already has one."""
+        now = utcnow()
+        doc = {"_id": user_id, "state": InstanceState.REQUESTED.value, "created_at": now, "updated_at": now}
+        doc.update(fields)
+        doc["version"] = 1
+        try:
+            await self.instances.insert_one(doc)
+        except DuplicateKeyError:
+            return None
+        return doc
+
+    async def _versioned_write(
+        self,
+        user_id: str,
+        decide: Callable[[dict[str, Any]], dict[str, Any] | None],
+        note: dict[str, Any],
+        attempts: int = 20,
+    ) -> dict[str, Any] | None:
+        """Applies one change to an instance record, serialized through a unique claim.
+
+        ``decide`` sees the current record and returns the fields to $set (or None to give
+        up). The writer that inserts the claim ``<user>:<version+1>`` is the only one
+        allowed to write that version, so concurrent writers never both win, on MongoDB
+        and on FerretDB alike (whose SQLite backend does not make a conditional update
+        atomic against another connection). The claims double as an audit journal.
+        """
+        for _ in range(attempts):
+            doc = await self.get_instance(user_id)
+            if doc is None:
+                return None
+            fields = decide(doc)
+            if fields is None:
+                return None
+            version = int(doc.get("version", 1))
+            claim = {"_id": f"{user_id}:{version + 1}", "user_id": user_id, "at": utcnow(), **note}
+            try:
+                await self.journal.insert_one(claim)
+            except DuplicateKeyError:
+                await asyncio.sleep(random.uniform(0.001, 0.01))
+                continue
+            fields = {**fields, "version": version + 1, "updated_at": utcnow()}
+            unset = {k: "" for k, v in fields.items() if v is _UNSET}
+            update: dict[str, Any] = {"$set": {k: v for k, v in fields.items() if v is not _UNSET}}
+            if unset:
+                update["$unset"] = unset
+            res = await self.instances.update_one({"_id": user_id, "version": version}, update)
+            if res.matched_count == 1:
+                doc.update(update["$set"])
+                for k in unset:
+                    doc.pop(k, None)
+                return doc
+            # The record was replaced (deleted and re-created) under us: start over.
+        raise RuntimeError(f"instance {user_id}: too much write contention")
+
+    async def transition(
+        self,
+        user_id: str,
+        target: InstanceState,
+        *,
+        instance_id: str | None = None,
+        set_fields: dict[str, Any] | None = None,
+        unset_fields: Iterable[str] = (),
+    ) -> dict[str, Any]:
+        """Moves an instance to *target* if the move is legal from its current state, or raises."""
+        allowed = set(sources_of(target))
+        seen: dict[str, Any] = {}
+
+        def decide(doc: dict[str, Any]) -> dict[str, Any] | None:
+            seen["state"] = doc.get("state")
+            if doc.get("state") not in allowed or (
+                instance_id is not None and doc.get("instance_id") != instance_id
+            ):
+                return None
+            return {"state": target.value, **(set_fields or {}), **{f: _UNSET for f in unset_fields}}
+
+        doc = await self._versioned_write(user_id, decide, {"to": target.value})
+        if doc is None:
+            err = IllegalTransition(user_id, seen.get("state"), target)
+            log.warning("refused state transition", extra={"user_id": user_id, "error": str(err)})
+            raise err
+        return doc
+
+    async def update_instance(
+        self, user_id: str, set_fields: dict[str, Any], instance_id: str | None = None
+    ) -> bool:
+        def decide(doc: dict[str, Any]) -> dict[str, Any] | None:
+            if instance_id is not None and doc.get("instance_id") != instance_id:
+                return None
+            return dict(set_fields)
+
+        return await self._versioned_write(user_id, decide, {"fields": sorted(set_fields)}) is not None
+
+    async def remove_instance(self, user_id: str, instance_id: str) -> bool:
+        res = await self.instances.delete_one({"_id": user_id, "instance_id": instance_id})
+        if res.deleted_count == 1:
+            await self.journal.delete_many({"user_id": user_id})
+        return res.deleted_count == 1
+
+    # --- ports -----------------------------------------------------------------------------
+
+    async def allocate_port(
+        self,
+        docker_host: str,
+        user_id: str,
+        start: int,
+        end: int,
+        is_free: Callable[[int], Awaitable[bool]] | None = None,
+    ) -> int:
+        """Claims a free port in [start, end] for *user_id*; the unique index settles races."""
+        existing = await self.ports.find_one({"docker_host": docker_host, "user_id": user_id})
+        if existing:
+            return int(existing["port"])
+        taken = {d["port"] async for d in self.ports.find({"docker_host": docker_host}, {"port": 1})}
+        candidates = [p for p in range(start, end + 1) if p not in taken]
+        # Start at a random point so concurrent allocators rarely collide.
+        if candidates:
+            k = random.randrange(len(candidates))
+            candidates = candidates[k:] + candidates[:k]
+        for port in candidates:
+            if is_free is not None and not await is_free(port):
+                continue
+            try:
+                await self.ports.insert_one(
+                    {
+                        "_id": f"{docker_host}:{port}",
+                        "docker_host": docker_host,
+                        "port": port,
+                        "user_id": user_id,
+                        "claimed_at": utcnow(),
+                    }
+                )
+            except DuplicateKeyError:
+                continue
+            return port
+        raise NoPortAvailable(f"no free port in {start}-{end} on {docker_host}")
+
+    async def release_port(self, docker_host: str, user_id: str) -> int:
+        res = await self.ports.delete_many({"docker_host": docker_host, "user_id": user_id})
+        return res.deleted_count
+
+    # --- request ids (idempotency) -----------------------------------------------------------
+
+    async def claim_request(self, request_id: str, user_id: str, kind: str) -> dict[str, Any] | None:
+        """Records a request id; returns the earlier record when it was seen before."""
+        try:
+            await self.requests.insert_one(
+                {"_id": request_id, "user_id": user_id, "kind": kind, "at": utcnow(), "outcome": None}
+            )
+        except DuplicateKeyError:
+            return await self.requests.find_one({"_id": request_id})
+        return None
+
+    async def set_request_outcome(self, request_id: str, outcome: dict[str, Any]) -> None:
+        await self.requests.update_one({"_id": request_id}, {"$set": {"outcome": outcome}})

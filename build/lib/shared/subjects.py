@@ -1,0 +1,53 @@
+"""Every NATS subject and JetStream name the platform uses, in one place."""
+
+from __future__ import annotations
+
+PREFIX = "zaki"
+
+# Commands other systems publish; consumed by the provisioner.
+INSTANCE_REQUESTED = f"{PREFIX}.instance.requested"
+INSTANCE_STOP = f"{PREFIX}.instance.stop"
+INSTANCE_START = f"{PREFIX}.instance.start"
+INSTANCE_RESTART = f"{PREFIX}.instance.restart"
+INSTANCE_DELETE = f"{PREFIX}.instance.delete"
+INSTANCE_UPDATE = f"{PREFIX}.instance.update"
+INSTANCE_UPGRADE = f"{PREFIX}.instance.upgrade"
+COMMANDS = (
+    INSTANCE_REQUESTED,
+    INSTANCE_STOP,
+    INSTANCE_START,
+    INSTANCE_RESTART,
+    INSTANCE_DELETE,
+    INSTANCE_UPDATE,
+    INSTANCE_UPGRADE,
+)
+
+# Outcomes the platform publishes.
+INSTANCE_READY = f"{PREFIX}.instance.ready"
+INSTANCE_FAILED = f"{PREFIX}.instance.failed"
+INSTANCE_STOPPED = f"{PREFIX}.instance.stopped"
+INSTANCE_DELETED = f"{PREFIX}.instance.deleted"
+INSTANCE_HEALTH = f"{PREFIX}.instance.health"  # + ".<user>"
+HEALTH_SUMMARY = f"{PREFIX}.health.summary"
+OUTCOMES = (INSTANCE_READY, INSTANCE_FAILED, INSTANCE_STOPPED, INSTANCE_DELETED)
+
+DEAD_LETTER = f"{PREFIX}.deadletter"  # + ".<original subject>"
+
+# Streams. Commands carry bot tokens, so their stream is a work queue: a message is
+# gone from the server once the provisioner acks it.
+COMMAND_STREAM = "ZAKI_COMMANDS"
+EVENT_STREAM = "ZAKI_EVENTS"
+DEAD_LETTER_STREAM = "ZAKI_DEADLETTER"
+PROVISIONER_DURABLE = "provisioner"
+
+
+def health_subject(user_id: str) -> str:
+    return f"{INSTANCE_HEALTH}.{user_id}"
+
+
+def dead_letter_subject(original: str) -> str:
+    return f"{DEAD_LETTER}.{original}"
+
+
+# Core NATS (not persisted): tells every proxy replica to drop a revoked API key now.
+APIKEY_REVOKED = f"{PREFIX}.apikey.revoked"

