@@ -30,6 +30,7 @@ from shared.events import (
     HealthSummary,
     InstanceHealthChanged,
 )
+from shared.generated import write_or_check
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -103,20 +104,7 @@ def render() -> dict[str, str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true")
-    args = ap.parse_args()
-    stale = []
-    for rel, content in render().items():
-        path = DOCS / rel
-        if args.check:
-            if not path.exists() or path.read_text() != content:
-                stale.append(rel)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(content)
-    if stale:
-        print("out of date: " + ", ".join(stale) + " (run: python -m shared.asyncapi)", file=sys.stderr)
-        return 1
-    return 0
+    return write_or_check(render(), DOCS, ap.parse_args().check, "python -m shared.asyncapi")
 
 
 if __name__ == "__main__":

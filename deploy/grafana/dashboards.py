@@ -20,6 +20,9 @@ from grafana_foundation_sdk.builders.stat import Panel as Stat
 from grafana_foundation_sdk.builders.timeseries import Panel as Timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
+from shared.generated import write_or_check
+
 OUT = Path(__file__).resolve().parent / "dashboards"
 
 # (row, kind, title, unit, [(expr, legend)])
@@ -292,20 +295,7 @@ def panel_queries() -> list[tuple[str, str, str]]:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--check", action="store_true")
-    args = ap.parse_args()
-    stale = []
-    for name, content in render().items():
-        path = OUT / name
-        if args.check:
-            if not path.exists() or path.read_text() != content:
-                stale.append(name)
-        else:
-            OUT.mkdir(parents=True, exist_ok=True)
-            path.write_text(content)
-    if stale:
-        print("stale: " + ", ".join(stale) + " (run: python deploy/grafana/dashboards.py)", file=sys.stderr)
-        return 1
-    return 0
+    return write_or_check(render(), OUT, ap.parse_args().check, "python deploy/grafana/dashboards.py")
 
 
 if __name__ == "__main__":

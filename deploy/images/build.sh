@@ -77,7 +77,6 @@ import_image() {
   local tar; tar=$(base_rootfs_tar)
   local r; r=$(mktemp -d "$CACHE/img.XXXX")
   tar -C "$r" -xf "$tar"
-  install -m 0755 "$NODE" "$r/usr/local/bin/node"
   "$setup" "$r"
   say "docker import $ref"
   tar -C "$r" -c . | docker import "$@" - "$ref" >/dev/null
@@ -87,6 +86,7 @@ import_image() {
 
 setup_gateway() {
   local r=$1 mods; mods=$(openclaw_modules)
+  install -m 0755 "$NODE" "$r/usr/local/bin/node"
   mkdir -p "$r/app" && cp -a "$mods/node_modules" "$r/app/"
   printf '#!/bin/sh\nexec /usr/local/bin/node /app/node_modules/openclaw/openclaw.mjs "$@"\n' > "$r/usr/local/bin/openclaw"
   chmod 755 "$r/usr/local/bin/openclaw"
@@ -95,6 +95,7 @@ setup_gateway() {
 
 setup_standin() {
   local r=$1
+  install -m 0755 "$NODE" "$r/usr/local/bin/node"
   mkdir -p "$r/app" && cp "$HERE/standin/server.js" "$r/app/server.js"
 }
 

@@ -1,1 +1,0 @@
-"""Models, settings and plumbing shared by Zaki's provisioner, monitor and gateway proxy."""

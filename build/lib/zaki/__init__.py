@@ -1,1 +1,0 @@
-"""Zaki: one private OpenClaw gateway per user."""
