@@ -52,12 +52,18 @@ STREAMS = [
 ]
 
 
-async def ensure_streams(nats_url: str) -> None:
+def nats_servers(url: str) -> list[str]:
+    """``ZAKI_NATS_URL`` may list several servers of a cluster, comma-separated."""
+    return [u.strip() for u in url.split(",") if u.strip()]
+
+
+async def ensure_streams(nats_url: str, replicas: int = 1) -> None:
     """Creates or updates the platform's streams; safe to run from every replica."""
-    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=3)
+    nc = await nats.connect(nats_servers(nats_url), connect_timeout=5, max_reconnect_attempts=3)
     try:
         js = nc.jetstream()
-        for cfg in STREAMS:
+        for base in STREAMS:
+            cfg = StreamConfig.from_response({**base.as_dict(), "num_replicas": replicas})
             try:
                 await js.stream_info(cfg.name)
                 try:

@@ -11,7 +11,7 @@ import nats
 from nats.aio.client import Client as NATS
 
 from shared import subjects
-from shared.bus import to_json
+from shared.bus import nats_servers, to_json
 from shared.events import OUTCOME_MODELS, Event
 
 
@@ -29,7 +29,7 @@ class PlatformClient:
 
     @classmethod
     async def connect(cls, url: str) -> PlatformClient:
-        client = cls(await nats.connect(url, connect_timeout=5))
+        client = cls(await nats.connect(nats_servers(url), connect_timeout=5))
         # Core subscription: every outcome published to JetStream is also seen here, live.
         client._sub = await client.nc.subscribe(f"{subjects.PREFIX}.instance.>", cb=client._on_msg)
         return client

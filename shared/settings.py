@@ -13,7 +13,8 @@ class ZakiSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ZAKI_", env_file=None, extra="ignore")
 
     # Infrastructure
-    nats_url: str = "nats://127.0.0.1:4222"
+    nats_url: str = "nats://127.0.0.1:4222"  # several servers of a cluster: comma-separated
+    stream_replicas: int = Field(default=1, ge=1, le=5)  # 3 on a NATS cluster
     mongo_url: str = "mongodb://127.0.0.1:27017/"
     mongo_db: str = "zaki"
     # Key ring for secrets at rest: "kid1:<base64 32 bytes>,kid2:<...>"; the first key encrypts.

@@ -65,6 +65,7 @@ def compose_stack(docker_client, fakes):
         **os.environ,
         **ports,
         "ZAKI_MONGO_URL": f"mongodb://127.0.0.1:{ports['MONGO_PORT']}/",
+        "ZAKI_NATS_URL": f"nats://127.0.0.1:{ports['NATS_PORT']}",
         "ZAKI_SECRET_KEYS": KeyRing.new_key_spec("c1"),
         "ZAKI_PLATFORM_ID": project,
         "ZAKI_DATA_ROOT": str(data_root),
@@ -150,3 +151,63 @@ async def test_compose_stack_runs_an_instance_end_to_end(compose_stack, fakes):
     finally:
         await platform.close()
         await store.close()
+
+
+async def test_nats_cluster_variant_replicates_the_streams(docker_client):
+    import nats
+
+    from shared.bus import ensure_streams
+
+    project = f"zakinats{uuid.uuid4().hex[:6]}"
+    ports = {
+        k: str(free_port())
+        for k in (
+            "NATS_PORT",
+            "NATS_PORT_2",
+            "NATS_PORT_3",
+            "NATS_MONITOR_PORT",
+            "NATS_CLUSTER_PORT_1",
+            "NATS_CLUSTER_PORT_2",
+            "NATS_CLUSTER_PORT_3",
+        )
+    }
+    env = {**os.environ, **ports, "ZAKI_SECRET_KEYS": "unused"}
+    base = [
+        COMPOSE,
+        "-p",
+        project,
+        "--env-file",
+        str(ROOT / "deploy/local.env"),
+        "-f",
+        str(ROOT / "deploy/compose.yaml"),
+        "-f",
+        str(ROOT / "deploy/compose.nats-cluster.yaml"),
+    ]
+    up = await asyncio.to_thread(
+        subprocess.run,
+        [*base, "up", "-d", "nats", "nats-2", "nats-3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert up.returncode == 0, up.stderr
+    urls = ",".join(f"nats://127.0.0.1:{ports[k]}" for k in ("NATS_PORT", "NATS_PORT_2", "NATS_PORT_3"))
+    try:
+        for k in ("NATS_PORT", "NATS_PORT_2", "NATS_PORT_3"):
+            await asyncio.to_thread(wait_for_port, "127.0.0.1", int(ports[k]), None, "nats", 60)
+        for _ in range(60):  # the JetStream meta group elects a leader
+            try:
+                await ensure_streams(urls, replicas=3)
+                break
+            except Exception:
+                await asyncio.sleep(1)
+        nc = await nats.connect(urls.split(","))
+        info = await nc.jetstream().stream_info("ZAKI_COMMANDS")
+        await nc.close()
+        assert info.config.num_replicas == 3
+        assert info.cluster is not None and info.cluster.leader and len(info.cluster.replicas) == 2
+    finally:
+        await asyncio.to_thread(
+            subprocess.run, [*base, "down", "-v"], env=env, capture_output=True, timeout=120
+        )

@@ -216,6 +216,24 @@ INFRA = [
         ],
     ),
     (
+        "Docker host capacity",
+        "ts",
+        "Gateway ports used / available",
+        "short",
+        [("sum(zaki_docker_host_ports_used)", "used"), ("sum(zaki_docker_host_ports)", "available")],
+    ),
+    (
+        "Docker host capacity",
+        "ts",
+        "Gateway memory limits vs host memory",
+        "bytes",
+        [
+            ("sum(zaki_docker_host_memory_reserved_bytes)", "reserved by limits"),
+            ("sum(zaki_docker_host_memory_bytes)", "host memory"),
+        ],
+    ),
+    ("MongoDB", "ts", "Store ping round trip", "s", [("max(zaki_store_ping_seconds)", "ping")]),
+    (
         "Monitor",
         "ts",
         "Sweep duration p90",

@@ -16,6 +16,7 @@ from services.gateway_proxy.app import GatewayProxy
 from services.gateway_proxy.auth import Authenticator
 from services.gateway_proxy.routing import RoutingTable
 from shared import subjects
+from shared.bus import nats_servers
 from shared.runner import run_service
 from shared.settings import ZakiSettings
 from shared.store import Store
@@ -47,7 +48,7 @@ async def follow_events(nats_url: str, routes: RoutingTable, auth: Authenticator
         log.info("NATS reconnected: reloading routes")
         await routes.load()
 
-    nc = await nats.connect(nats_url, reconnected_cb=reconnected, max_reconnect_attempts=-1)
+    nc = await nats.connect(nats_servers(nats_url), reconnected_cb=reconnected, max_reconnect_attempts=-1)
     for subject in (subjects.INSTANCE_READY, subjects.INSTANCE_STOPPED, subjects.INSTANCE_DELETED):
         await nc.subscribe(subject, cb=on_outcome)
     await nc.subscribe(subjects.APIKEY_REVOKED, cb=on_revoked)

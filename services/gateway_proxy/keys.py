@@ -109,6 +109,7 @@ async def cli(store: Store, args: Any) -> int:
     import nats
 
     from shared import subjects
+    from shared.bus import nats_servers
     from shared.settings import ZakiSettings
 
     if args.action == "create":
@@ -131,7 +132,7 @@ async def cli(store: Store, args: Any) -> int:
             print("no such key")
             return 1
         # Tell every proxy to drop it from its cache now, not at the cache's expiry.
-        nc = await nats.connect(ZakiSettings().nats_url)
+        nc = await nats.connect(nats_servers(ZakiSettings().nats_url))
         await nc.publish(subjects.APIKEY_REVOKED, args.key_id.encode())
         await nc.flush()
         await nc.close()

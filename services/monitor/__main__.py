@@ -9,7 +9,7 @@ import logging
 import nats
 
 from services.monitor.monitor import Monitor
-from shared.bus import ensure_streams, to_json
+from shared.bus import ensure_streams, nats_servers, to_json
 from shared.runner import run_service
 from shared.settings import ZakiSettings
 from shared.store import Store
@@ -18,8 +18,8 @@ log = logging.getLogger("zaki.monitor")
 
 
 async def main(settings: ZakiSettings, stop: asyncio.Event) -> None:
-    await ensure_streams(settings.nats_url)
-    nc = await nats.connect(settings.nats_url, max_reconnect_attempts=-1)
+    await ensure_streams(settings.nats_url, settings.stream_replicas)
+    nc = await nats.connect(nats_servers(settings.nats_url), max_reconnect_attempts=-1)
     js = nc.jetstream()
 
     async def publish(subject: str, event) -> None:

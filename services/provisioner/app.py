@@ -24,7 +24,7 @@ from services.provisioner.runtime import DockerRuntime
 from services.provisioner.service import Provisioner, ProvisionError, Retry
 from services.provisioner.telegram import TelegramClient
 from shared import subjects
-from shared.bus import MalformedEvent, dead_letter_for, decode_event, ensure_streams, to_json
+from shared.bus import MalformedEvent, dead_letter_for, decode_event, ensure_streams, nats_servers, to_json
 from shared.crypto import KeyRing
 from shared.events import COMMAND_MODELS, Event, FailureReason, InstanceFailed, InstanceRequested
 from shared.logging import redact
@@ -138,7 +138,7 @@ class ProvisionerApp:
 
     async def start(self) -> None:
         s = self.settings
-        await ensure_streams(s.nats_url)
+        await ensure_streams(s.nats_url, s.stream_replicas)
         self.store = Store(s.mongo_url, s.mongo_db)
         await self.store.ensure_indexes()
         self.service = Provisioner(
@@ -156,7 +156,7 @@ class ProvisionerApp:
 
     async def _consumer_stats_loop(self, interval: float = 15.0) -> None:
         """Exports the command consumers' backlog and redeliveries for alerting."""
-        nc = await nats.connect(self.settings.nats_url, max_reconnect_attempts=-1)
+        nc = await nats.connect(nats_servers(self.settings.nats_url), max_reconnect_attempts=-1)
         js = nc.jetstream()
         try:
             while True:
@@ -194,7 +194,7 @@ class ProvisionerApp:
 
 def build_app(settings: ZakiSettings) -> ProvisionerApp:
     broker = NatsBroker(
-        settings.nats_url,
+        nats_servers(settings.nats_url),
         middlewares=[NatsPrometheusMiddleware(registry=REGISTRY, app_name="provisioner")],
         logger=logging.getLogger("zaki.provisioner.broker"),
         max_reconnect_attempts=-1,

@@ -16,6 +16,14 @@ DEAD_LETTERS = Counter(
 )
 INSTANCES = Gauge("zaki_instances", "Instances on this provisioner's Docker host, by state", ["state"])
 
+PORTS_CAPACITY = Gauge("zaki_docker_host_ports", "Gateway ports this Docker host can hand out")
+PORTS_USED = Gauge("zaki_docker_host_ports_used", "Gateway ports claimed on this Docker host")
+HOST_MEMORY = Gauge("zaki_docker_host_memory_bytes", "Memory of this Docker host")
+MEMORY_RESERVED = Gauge(
+    "zaki_docker_host_memory_reserved_bytes", "Sum of the memory limits of this host's gateways"
+)
+STORE_PING = Gauge("zaki_store_ping_seconds", "Round trip of a ping to MongoDB")
+
 # Series exist from the start (zero), so dashboards and alerts see them before the first event.
 for _phase in ("config", "create", "start", "ready"):
     PHASE_SECONDS.labels(_phase)

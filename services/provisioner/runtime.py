@@ -77,6 +77,7 @@ class GatewayRuntime(Protocol):
     async def logs(self, name: str, tail: int = 50) -> list[str]: ...
     async def list_managed(self) -> list[ContainerStatus]: ...
     async def port_is_free(self, port: int) -> bool: ...
+    async def memory_total(self) -> int: ...
 
 
 def _status(c) -> ContainerStatus:
@@ -254,6 +255,10 @@ class DockerRuntime:
 
     async def list_managed(self) -> list[ContainerStatus]:
         return await self._run(self._list_managed)
+
+    async def memory_total(self) -> int:
+        info = await self._run(self.client.info)
+        return int(info.get("MemTotal", 0))
 
     async def port_is_free(self, port: int) -> bool:
         """Whether nothing on this host listens on *port* (another program may hold one in our range)."""

@@ -90,6 +90,13 @@ class Phase:
         metrics.PHASE_SECONDS.labels(self.name).observe(elapsed)
 
 
+def _bytes(size: str) -> int:
+    """Docker-style sizes: 2g, 1536m, 512k or bytes."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    size = size.strip().lower()
+    return int(float(size[:-1]) * units[size[-1]]) if size[-1:] in units else int(size)
+
+
 def _ctx(user_id: str, field: str) -> str:
     return f"instance:{user_id}:{field}"
 
@@ -617,7 +624,19 @@ class Provisioner:
             by_state[doc["state"]] = by_state.get(doc["state"], 0) + 1
         for state, n in by_state.items():
             metrics.INSTANCES.labels(state).set(n)
+        await self._capacity_metrics(sum(by_state.values()) - by_state[S.DELETED.value])
         return actions
+
+    async def _capacity_metrics(self, instances: int) -> None:
+        """Docker host capacity (ports, memory) and store latency, for the infrastructure dashboard."""
+        metrics.PORTS_CAPACITY.set(self.s.port_range_end - self.s.port_range_start + 1)
+        metrics.PORTS_USED.set(await self.store.ports.count_documents({"docker_host": self.runtime.host_id}))
+        with contextlib.suppress(Exception):
+            metrics.HOST_MEMORY.set(await self.runtime.memory_total())
+        metrics.MEMORY_RESERVED.set(instances * _bytes(self.s.gateway_memory))
+        t0 = time.perf_counter()
+        await self.store.ping()
+        metrics.STORE_PING.set(time.perf_counter() - t0)
 
 
 SECRET_FIELDS = ("bot_token", "gateway_password", "provider_key")
