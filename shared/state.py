@@ -32,9 +32,6 @@ TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
     S.DELETED: frozenset({S.REQUESTED}),
 }
 
-# States in which a container is supposed to be up and answering.
-SHOULD_RUN = frozenset({S.RUNNING})
-
 
 def sources_of(target: InstanceState) -> list[str]:
     """The states from which *target* may be entered, as stored strings."""

@@ -28,6 +28,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def compose_command(project: str, *overrides: str) -> list[str]:
+    """docker-compose on deploy/compose.yaml (plus overrides) with the local stand-ins."""
+    files = [arg for name in ("compose.yaml", *overrides) for arg in ("-f", str(ROOT / "deploy" / name))]
+    return [COMPOSE, "-p", project, "--env-file", str(ROOT / "deploy/local.env"), *files]
+
+
 @pytest.fixture
 def compose_stack(docker_client, fakes):
     project = f"zakitest{uuid.uuid4().hex[:6]}"
@@ -81,15 +87,7 @@ def compose_stack(docker_client, fakes):
         "DOCKER_GID": str(os.stat("/var/run/docker.sock").st_gid),
         "PROMETHEUS_CONFIG": str(prom_config),
     }
-    base = [
-        COMPOSE,
-        "-p",
-        project,
-        "--env-file",
-        str(ROOT / "deploy/local.env"),
-        "-f",
-        str(ROOT / "deploy/compose.yaml"),
-    ]
+    base = compose_command(project)
     up = subprocess.run([*base, "up", "-d"], env=env, capture_output=True, text=True, timeout=300)
     assert up.returncode == 0, up.stderr
     try:
@@ -172,17 +170,7 @@ async def test_nats_cluster_variant_replicates_the_streams(docker_client):
         )
     }
     env = {**os.environ, **ports, "ZAKI_SECRET_KEYS": "unused"}
-    base = [
-        COMPOSE,
-        "-p",
-        project,
-        "--env-file",
-        str(ROOT / "deploy/local.env"),
-        "-f",
-        str(ROOT / "deploy/compose.yaml"),
-        "-f",
-        str(ROOT / "deploy/compose.nats-cluster.yaml"),
-    ]
+    base = compose_command(project, "compose.nats-cluster.yaml")
     up = await asyncio.to_thread(
         subprocess.run,
         [*base, "up", "-d", "nats", "nats-2", "nats-3"],

@@ -9,7 +9,7 @@ import logging
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -73,7 +73,6 @@ class Watch:
     oom: bool = False
     pending_restart: bool = False
     docker_grace_until: float = 0.0  # after a die, Docker's own restart policy goes first
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Monitor:
