@@ -72,7 +72,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     def on_term(signum, frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_term)  # `kill` stops everything as cleanly as Ctrl-C
+    # `kill` stops everything as cleanly as Ctrl-C; SIGINT is set explicitly because a shell
+    # that starts us in the background would otherwise leave it ignored.
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
     try:
         say("checking the Docker engine...")
         ensure_docker(say)
