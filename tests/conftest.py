@@ -4,7 +4,6 @@ the platform's own processes, and local fakes of Telegram and an LLM provider.""
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -188,9 +187,6 @@ async def eventually(check, timeout: float = 30.0, interval: float = 0.2):
 
 def all_log_text(state_dir: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in (state_dir / "stack" / "logs").glob("*.log"))
-
-
-os.environ.setdefault("HYPOTHESIS_PROFILE", "default")
 
 
 JWT_SECRET = "test-jwt-secret-" + SESSION * 4

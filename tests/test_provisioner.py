@@ -1,7 +1,6 @@
 """The provisioner service as a process, driven by events, on real NATS, FerretDB and Docker."""
 
 import asyncio
-import os
 import stat
 from pathlib import Path
 
@@ -209,6 +208,3 @@ async def test_reconcile_removes_orphans_and_recreates_missing_containers(
 def test_data_root_layout_is_documented():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert "users/<user>/.openclaw/openclaw.json" in readme
-
-
-os.environ.setdefault("ZAKI_TEST", "1")
