@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from shared import subjects
 from shared.client import PlatformClient
 from shared.crypto import KeyRing
-from shared.events import InstanceDelete, InstanceRequested
+from shared.events import InstanceCommand, InstanceDelete, InstanceRequested
 from shared.gateway import identity_headers
 from zaki.fakes import FakeLLM, FakeTelegram, bound_port, serve
 from zaki.stack import Stack, docker_bridge_ip, free_port, wait_for_port
@@ -147,9 +147,7 @@ async def main() -> None:
             subject, ready = await platform.call(subjects.INSTANCE_REQUESTED, ev, timeout=300)
             total = time.perf_counter() - t0
             assert subject == subjects.INSTANCE_READY, ready
-            await platform.call(
-                subjects.INSTANCE_STOP, __import__("shared.events").events.InstanceCommand(user_id=ev.user_id)
-            )
+            await platform.call(subjects.INSTANCE_STOP, InstanceCommand(user_id=ev.user_id))
             bare = await bare_docker_run(tmp / "data", ev.user_id)
             rows.append((total, ready.timings, bare))
             await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=ev.user_id, purge=True))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from functools import lru_cache
 from pathlib import Path
 
@@ -93,7 +94,7 @@ class ZakiSettings(BaseSettings):
     die_grace_s: float = 3.0  # after a container dies, how long Docker's own restart policy gets
     health_write_interval_s: float = 30.0  # how often a healthy instance's last probe is persisted
 
-    replica_id: str = Field(default_factory=lambda: __import__("uuid").uuid4().hex[:12])
+    replica_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def images(self) -> list[str]:
         return [self.gateway_image, *(i.strip() for i in self.allowed_images.split(",") if i.strip())]

@@ -185,6 +185,16 @@ async def eventually(check, timeout: float = 30.0, interval: float = 0.2):
         await asyncio.sleep(interval)
 
 
+async def assert_metrics(url: str, *names: str) -> None:
+    """Scrapes a service's /metrics and requires every named series."""
+    import httpx
+
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(url)).text
+    missing = [n for n in names if n not in text]
+    assert not missing, missing
+
+
 def all_log_text(state_dir: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in (state_dir / "stack" / "logs").glob("*.log"))
 

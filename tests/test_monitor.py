@@ -9,7 +9,7 @@ from pathlib import Path
 
 from shared import subjects
 from shared.events import InstanceCommand, InstanceDelete, InstanceRequested
-from tests.conftest import STANDIN_IMAGE, eventually, new_user, start_monitor
+from tests.conftest import STANDIN_IMAGE, assert_metrics, eventually, new_user, start_monitor
 
 
 async def make_instance(platform, fakes):
@@ -138,7 +138,6 @@ async def test_two_replicas_share_and_take_over_without_double_restarts(
 
 
 async def test_summary_events_and_metrics(monitor, platform):
-    import httpx
 
     summaries = []
 
@@ -149,14 +148,12 @@ async def test_summary_events_and_metrics(monitor, platform):
     await eventually(lambda: summaries, timeout=10)  # every 2 s in this setup
     await sub.unsubscribe()
     assert summaries[0]["replica_id"] == "mon-a" and isinstance(summaries[0]["counts"], dict)
-    async with httpx.AsyncClient() as http:
-        text = (await http.get(monitor.address)).text
-    for name in (
+    await assert_metrics(
+        monitor.address,
         "zaki_monitor_instances",
         "zaki_monitor_probe_seconds_bucket",
         "zaki_monitor_probe_failures_total",
         "zaki_monitor_restarts_requested_total",
         "zaki_monitor_sweep_seconds_bucket",
         "zaki_monitor_die_to_event_seconds_bucket",
-    ):
-        assert name in text, name
+    )

@@ -21,7 +21,7 @@ from shared.client import PlatformClient
 from shared.crypto import KeyRing
 from shared.events import InstanceDelete, InstanceRequested, InstanceUpgrade
 from shared.store import Store
-from tests.conftest import REAL_IMAGE, STANDIN_IMAGE, eventually, new_user
+from tests.conftest import REAL_IMAGE, STANDIN_IMAGE, assert_metrics, eventually, new_user
 from zaki.stack import Stack, free_port, wait_for_port
 
 OPENCLAW = (
@@ -154,16 +154,14 @@ async def test_upgrade_recreates_the_container_with_the_new_image(
 
 
 async def test_metrics_are_exposed(provisioner):
-    async with httpx.AsyncClient() as http:
-        text = (await http.get(provisioner.address)).text
-    for name in (
+    await assert_metrics(
+        provisioner.address,
         "zaki_provisioner_requests_total",
         "zaki_provisioner_phase_seconds_bucket",
         "zaki_provisioner_reconcile_actions_total",
         'zaki_instances{state="running"}',
         "faststream_received_messages_total",
-    ):
-        assert name in text, name
+    )
 
 
 @pytest.mark.gateway

@@ -114,14 +114,19 @@ STRIPPED_RESPONSE = HOP_BY_HOP | {"content-length", "set-cookie", "server"}
 
 
 def error_response(
-    request: web.Request, status: int, code: str, message: str, **extra_headers: str
+    request: web.Request,
+    status: int,
+    code: str,
+    message: str,
+    extra: dict[str, Any] | None = None,
+    **extra_headers: str,
 ) -> web.Response:
-    """JSON errors; in the OpenAI error shape on /v1/*."""
+    """JSON errors; in the OpenAI error shape on /v1/*. *extra* adds top-level fields."""
     if request.path.startswith("/v1/"):
-        body = {"error": {"message": message, "type": code, "code": code, "param": None}}
+        body: dict[str, Any] = {"error": {"message": message, "type": code, "code": code, "param": None}}
     else:
         body = {"ok": False, "error": {"type": code, "message": message}}
-    return web.json_response(body, status=status, headers=extra_headers)
+    return web.json_response({**body, **(extra or {})}, status=status, headers=extra_headers)
 
 
 class GatewayProxy:
@@ -262,16 +267,14 @@ class GatewayProxy:
     def _not_running(self, request: web.Request, state: str | None) -> web.Response:
         REJECTED.labels("instance_not_running").inc()
         headers = {"Retry-After": "5"} if state in ("requested", "provisioning", "starting") else {}
-        resp = error_response(
+        return error_response(
             request,
             503,
             "instance_not_running",
             f"your gateway is {state or 'not provisioned'}",
+            {"state": state or "absent"},
             **headers,
         )
-        body = json.loads(resp.body)  # type: ignore[arg-type]
-        body["state"] = state or "absent"
-        return web.json_response(body, status=503, headers=headers)
 
     async def _forward(self, request: web.Request, tenant: Tenant, route: Route) -> web.StreamResponse:
         assert self.session is not None

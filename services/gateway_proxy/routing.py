@@ -30,16 +30,13 @@ class NoRoute(Exception):
 
 
 class RoutingTable:
-    def __init__(self, store: Store, docker_host_addresses: dict[str, str] | None = None) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
         self.routes: dict[str, Route] = {}
         self._misses: dict[str, tuple[float, str | None]] = {}
-        # Where to dial each Docker host's published ports (multi-host); default: the record's host.
-        self.host_addresses = docker_host_addresses or {}
 
     def _route(self, doc: dict) -> Route:
-        host = self.host_addresses.get(doc.get("docker_host", ""), doc.get("host", "127.0.0.1"))
-        return Route(doc["_id"], host, int(doc["port"]), doc["instance_id"])
+        return Route(doc["_id"], doc.get("host", "127.0.0.1"), int(doc["port"]), doc["instance_id"])
 
     async def load(self) -> None:
         docs = await self.store.list_instances(states=[InstanceState.RUNNING.value])

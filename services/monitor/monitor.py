@@ -19,6 +19,7 @@ from pymongo.errors import DuplicateKeyError
 from services.monitor.health import HealthTracker, RestartPolicy, jitter_offset, owner
 from shared import subjects
 from shared.events import HealthState, HealthSummary, InstanceCommand, InstanceHealthChanged
+from shared.gateway import container_name
 from shared.probe import AioProber, ProbeResult
 from shared.settings import ZakiSettings
 from shared.state import InstanceState
@@ -350,7 +351,7 @@ class Monitor:
         import docker
 
         try:
-            c = self.docker.containers.get(f"zaki-user-{user_id}")
+            c = self.docker.containers.get(container_name(user_id))
         except docker.errors.NotFound:
             return "missing"
         return c.attrs["State"]["Status"]
