@@ -24,6 +24,7 @@ from pydantic import BaseModel
 
 from shared import subjects
 from shared.events import (
+    BROKER_EVENT_MODELS,
     COMMAND_MODELS,
     OUTCOME_MODELS,
     DeadLetter,
@@ -47,6 +48,9 @@ DESCRIPTIONS = {
     subjects.INSTANCE_FAILED: "A command failed; reason is a stable code, message is for humans.",
     subjects.INSTANCE_STOPPED: "A gateway was stopped.",
     subjects.INSTANCE_DELETED: "A gateway and its secrets are gone.",
+    subjects.INSTANCE_BUDGET_EXCEEDED: "The LLM broker refuses a user's model calls (provider-style 429) "
+    "until the period ends: a hard budget limit was reached. Once per user, limit and period.",
+    subjects.INSTANCE_BUDGET_WARNING: "A user crossed the soft share of a token budget; calls still pass.",
 }
 
 
@@ -65,6 +69,7 @@ def build_spec_broker() -> NatsBroker:
 
     published = {
         **OUTCOME_MODELS,
+        **BROKER_EVENT_MODELS,
         f"{subjects.INSTANCE_HEALTH}.{{user_id}}": InstanceHealthChanged,
         subjects.HEALTH_SUMMARY: HealthSummary,
         f"{subjects.DEAD_LETTER}.{{subject}}": DeadLetter,
@@ -91,6 +96,7 @@ def render() -> dict[str, str]:
     models: dict[str, type[BaseModel]] = {
         **{s.rsplit(".", 1)[-1]: m for s, m in COMMAND_MODELS.items()},
         **{s.rsplit(".", 1)[-1]: m for s, m in OUTCOME_MODELS.items()},
+        **{"budget-" + s.rsplit(".", 1)[-1]: m for s, m in BROKER_EVENT_MODELS.items()},
         "health": InstanceHealthChanged,
         "health-summary": HealthSummary,
         "deadletter": DeadLetter,

@@ -33,7 +33,13 @@ STREAMS = [
     ),
     StreamConfig(
         name=subjects.EVENT_STREAM,
-        subjects=[*subjects.OUTCOMES, f"{subjects.INSTANCE_HEALTH}.*", subjects.HEALTH_SUMMARY],
+        subjects=[
+            *subjects.OUTCOMES,
+            f"{subjects.INSTANCE_HEALTH}.*",
+            subjects.HEALTH_SUMMARY,
+            subjects.INSTANCE_BUDGET_EXCEEDED,
+            subjects.INSTANCE_BUDGET_WARNING,
+        ],
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         max_age=7 * DAY,

@@ -8,8 +8,10 @@ associated data, so a ciphertext copied into another record or field fails to op
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import re
+import secrets
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -82,3 +84,25 @@ class KeyRing:
         if self.key_id(sealed) == self.primary_kid:
             return None
         return self.encrypt(self.decrypt(sealed, context), context)
+
+
+def instance_secret_context(user_id: str, field: str) -> str:
+    """The AES-GCM context of one instance secret: a sealed value only opens for its own field of its own user."""
+    return f"instance:{user_id}:{field}"
+
+
+def provider_key_context(provider: str) -> str:
+    return f"provider:{provider}:api_key"
+
+
+BROKER_CREDENTIAL_PREFIX = "zkb_"
+
+
+def new_broker_credential() -> str:
+    """A per-instance credential for the LLM broker: what a gateway's config holds instead of a provider key."""
+    return BROKER_CREDENTIAL_PREFIX + secrets.token_urlsafe(32)
+
+
+def credential_hash(credential: str) -> str:
+    """Lookup key for a credential (high-entropy secrets: a plain SHA-256 is enough, no stretching)."""
+    return hashlib.sha256(credential.encode()).hexdigest()

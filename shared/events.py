@@ -55,6 +55,19 @@ class ProviderSettings(BaseModel):
     )
 
 
+class Budget(BaseModel):
+    """Per-user limits the LLM broker enforces; None means the platform default (ZAKI_BUDGET_*).
+    A hard limit refuses calls with a provider-style 429; a soft one only warns."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    requests_per_minute: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    tokens_per_day: Annotated[int, Field(ge=1)] | None = None
+    tokens_per_month: Annotated[int, Field(ge=1)] | None = None
+    # Share of a token limit at which instance.budget.warning is published.
+    soft_ratio: Annotated[float, Field(gt=0, le=1)] | None = None
+
+
 def _check_token(v: SecretStr) -> SecretStr:
     check_bot_token(v.get_secret_value())
     return v
@@ -72,6 +85,7 @@ class InstanceRequested(Event):
     )
     # Optional gateway image; must be one the operator allows (ZAKI_ALLOWED_IMAGES).
     image: ImageRef | None = None
+    budget: Budget | None = None
 
     _token = field_validator("bot_token")(_check_token)
 
@@ -88,6 +102,7 @@ class InstanceUpdate(InstanceCommand):
     model: ModelRef | None = None
     bot_token: WireSecret | None = None
     provider: ProviderSettings | None = None
+    budget: Budget | None = None
 
     @field_validator("bot_token")
     @classmethod
@@ -151,6 +166,27 @@ class InstanceDeleted(Event):
     purged: bool = False
 
 
+class BudgetLimit(StrEnum):
+    REQUESTS_PER_MINUTE = "requests_per_minute"
+    TOKENS_PER_DAY = "tokens_per_day"
+    TOKENS_PER_MONTH = "tokens_per_month"
+
+
+class BudgetExceeded(Event):
+    """A hard limit was hit: the broker refuses the user's model calls until *period* ends."""
+
+    user_id: str
+    instance_id: str
+    limit: BudgetLimit
+    used: int
+    allowed: int
+    period: str  # "2026-11-26", "2026-11" or the minute
+
+
+class BudgetWarning(BudgetExceeded):
+    """A soft limit was crossed; calls still go through."""
+
+
 class HealthState(StrEnum):
     UNKNOWN = "unknown"
     HEALTHY = "healthy"
@@ -196,4 +232,9 @@ OUTCOME_MODELS: dict[str, type[Event]] = {
     subjects.INSTANCE_FAILED: InstanceFailed,
     subjects.INSTANCE_STOPPED: InstanceStopped,
     subjects.INSTANCE_DELETED: InstanceDeleted,
+}
+
+BROKER_EVENT_MODELS: dict[str, type[Event]] = {
+    subjects.INSTANCE_BUDGET_EXCEEDED: BudgetExceeded,
+    subjects.INSTANCE_BUDGET_WARNING: BudgetWarning,
 }

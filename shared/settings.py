@@ -52,12 +52,30 @@ class ZakiSettings(BaseSettings):
     # Lets gateways reach a Bot API at a private address (a local fake): tests and demos only.
     telegram_private_network: bool = False
 
-    # The model provider the gateways call (OpenAI-compatible).
+    # The platform's default model provider, as the LLM broker reaches it. Seeds the
+    # provider "<llm_provider_name>" on the broker's first start when an api key is given;
+    # afterwards `zaki providers` owns it. Gateways never see this URL or key.
     llm_provider_name: str = "zaki"
-    llm_base_url: str = "http://host.docker.internal:8000/v1"
+    llm_base_url: str = "http://127.0.0.1:8000/v1"
     llm_api: str = "openai-completions"
     llm_api_key: SecretStr = SecretStr("")
+    llm_models: str = ""  # comma-separated model ids the default provider offers (besides the default)
     default_model: str = "zaki/default"
+
+    # LLM broker: every model call of every gateway goes through it.
+    # It listens where gateway containers can reach it (the Docker bridge address) and nowhere else.
+    broker_host: str = "172.17.0.1"
+    broker_port: int = 8090
+    # The broker's address as gateways see it from inside their containers.
+    broker_url_for_gateways: str = "http://host.docker.internal:8090"
+    # Refuse a broker credential that arrives from outside its own instance's network.
+    broker_check_source: bool = True
+    broker_timeout_s: float = 600.0  # a long generation may stream for minutes
+    # Platform default budgets per user (0: unlimited); an instance's own budget overrides them.
+    budget_requests_per_minute: int = 60
+    budget_tokens_per_day: int = 0
+    budget_tokens_per_month: int = 0
+    budget_soft_ratio: float = Field(default=0.8, gt=0, le=1)
 
     # Metrics
     metrics_port: int = 0  # 0: no metrics listener

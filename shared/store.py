@@ -43,6 +43,9 @@ class Store:
         self.api_keys = self.db["api_keys"]
         self.leases = self.db["leases"]
         self.journal = self.db["instance_journal"]
+        self.providers = self.db["providers"]
+        self.usage = self.db["usage"]
+        self.budget_events = self.db["budget_events"]
 
     async def ensure_indexes(self) -> None:
         # Instances are keyed by user id (_id): one live instance per user by construction.
@@ -54,6 +57,8 @@ class Store:
         await self.ports.create_index([("user_id", ASCENDING)], name="by_user")
         await self.api_keys.create_index([("user_id", ASCENDING)], name="by_user")
         await self.journal.create_index([("user_id", ASCENDING)], name="by_user")
+        await self.instances.create_index([("broker_key_hash", ASCENDING)], name="by_broker_key")
+        await self.usage.create_index([("user_id", ASCENDING), ("month", ASCENDING)], name="by_user_month")
 
     async def ping(self) -> None:
         await self.client.admin.command("ping")
@@ -231,3 +236,65 @@ class Store:
 
     async def set_request_outcome(self, request_id: str, outcome: dict[str, Any]) -> None:
         await self.requests.update_one({"_id": request_id}, {"$set": {"outcome": outcome}})
+
+    # --- model providers (the LLM broker's upstreams) -------------------------------------------
+
+    async def get_provider(self, name: str) -> dict[str, Any] | None:
+        return await self.providers.find_one({"_id": name})
+
+    async def list_providers(self) -> list[dict[str, Any]]:
+        return [doc async for doc in self.providers.find({}).sort("_id", ASCENDING)]
+
+    async def add_provider(self, name: str, fields: dict[str, Any]) -> bool:
+        """Inserts a provider; False when one of that name exists (add never overwrites a key)."""
+        now = utcnow()
+        try:
+            await self.providers.insert_one(
+                {"_id": name, "state": "active", "version": 1, "created_at": now, "updated_at": now, **fields}
+            )
+        except DuplicateKeyError:
+            return False
+        return True
+
+    async def update_provider(self, name: str, fields: dict[str, Any]) -> bool:
+        res = await self.providers.update_one(
+            {"_id": name}, {"$set": {**fields, "updated_at": utcnow()}, "$inc": {"version": 1}}
+        )
+        return res.matched_count == 1
+
+    # --- usage and budgets ---------------------------------------------------------------------
+
+    async def add_usage(
+        self, user_id: str, day: str, requests: int, prompt_tokens: int, completion_tokens: int
+    ) -> None:
+        """One atomic $inc on the user's document for the day (upserted)."""
+        await self.usage.update_one(
+            {"_id": f"{user_id}:{day}"},
+            {
+                "$inc": {
+                    "requests": requests,
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "tokens": prompt_tokens + completion_tokens,
+                },
+                "$set": {"user_id": user_id, "day": day, "month": day[:7], "updated_at": utcnow()},
+            },
+            upsert=True,
+        )
+
+    async def usage_totals(self, user_id: str, day: str) -> tuple[int, int]:
+        """Tokens used on *day* and in its month."""
+        day_total = month_total = 0
+        async for doc in self.usage.find({"user_id": user_id, "month": day[:7]}, {"tokens": 1, "day": 1}):
+            month_total += int(doc.get("tokens", 0))
+            if doc.get("day") == day:
+                day_total = int(doc.get("tokens", 0))
+        return day_total, month_total
+
+    async def claim_budget_event(self, key: str) -> bool:
+        """True for the first claimant of *key* (one event per user, limit and period)."""
+        try:
+            await self.budget_events.insert_one({"_id": key, "at": utcnow()})
+        except DuplicateKeyError:
+            return False
+        return True

@@ -30,6 +30,9 @@ INSTANCE_DELETED = f"{PREFIX}.instance.deleted"
 INSTANCE_HEALTH = f"{PREFIX}.instance.health"  # + ".<user>"
 HEALTH_SUMMARY = f"{PREFIX}.health.summary"
 OUTCOMES = (INSTANCE_READY, INSTANCE_FAILED, INSTANCE_STOPPED, INSTANCE_DELETED)
+# Published by the LLM broker: a user went over a hard budget (calls refused) or a soft one.
+INSTANCE_BUDGET_EXCEEDED = f"{PREFIX}.instance.budget.exceeded"
+INSTANCE_BUDGET_WARNING = f"{PREFIX}.instance.budget.warning"
 
 DEAD_LETTER = f"{PREFIX}.deadletter"  # + ".<original subject>"
 
@@ -51,3 +54,5 @@ def dead_letter_subject(original: str) -> str:
 
 # Core NATS (not persisted): tells every proxy replica to drop a revoked API key now.
 APIKEY_REVOKED = f"{PREFIX}.apikey.revoked"
+# Core NATS: a provider key was added, rotated or revoked; every broker drops its cached copy.
+PROVIDER_CHANGED = f"{PREFIX}.provider.changed"

@@ -98,6 +98,7 @@ def keyring_spec() -> str:
 @pytest.fixture(scope="session")
 def service_env(stack: Stack, fakes: Fakes, keyring_spec: str, state_dir: Path) -> dict[str, str]:
     port0 = 23000 + (int(SESSION, 16) % 40) * 100
+    broker_port = free_port(fakes.host)
     return {
         "ZAKI_NATS_URL": stack.nats.address,  # type: ignore[attr-defined]
         "ZAKI_MONGO_URL": stack.mongo.address,  # type: ignore[attr-defined]
@@ -113,8 +114,12 @@ def service_env(stack: Stack, fakes: Fakes, keyring_spec: str, state_dir: Path) 
         "ZAKI_TELEGRAM_API_BASE": f"http://{fakes.host}:{fakes.tg_port}",
         "ZAKI_TELEGRAM_API_BASE_FOR_GATEWAYS": f"http://host.docker.internal:{fakes.tg_port}",
         "ZAKI_TELEGRAM_PRIVATE_NETWORK": "true",
-        "ZAKI_LLM_BASE_URL": f"http://host.docker.internal:{fakes.llm_port}/v1",
+        # The provider as the LLM broker reaches it; gateways only ever see the broker.
+        "ZAKI_LLM_BASE_URL": f"http://{fakes.host}:{fakes.llm_port}/v1",
         "ZAKI_LLM_API_KEY": "sk-platform-" + uuid.uuid4().hex,
+        "ZAKI_BROKER_HOST": fakes.host,
+        "ZAKI_BROKER_PORT": str(broker_port),
+        "ZAKI_BROKER_URL_FOR_GATEWAYS": f"http://host.docker.internal:{broker_port}",
         "ZAKI_DEFAULT_MODEL": "zaki/echo-1",
         "ZAKI_READINESS_TIMEOUT_S": "120",
         "ZAKI_RECONCILE_INTERVAL_S": "5",
@@ -128,7 +133,19 @@ def settings(service_env: dict[str, str]) -> ZakiSettings:
 
 
 @pytest.fixture(scope="session")
-def provisioner(stack: Stack, service_env: dict[str, str], docker_client: docker.DockerClient) -> Process:
+def broker(stack: Stack, service_env: dict[str, str]) -> Process:
+    """The LLM broker: every gateway's model calls go through it."""
+    metrics_port = free_port()
+    p = stack.start_service("services.llm_broker", {**service_env, "ZAKI_METRICS_PORT": str(metrics_port)})
+    wait_for_port(service_env["ZAKI_BROKER_HOST"], int(service_env["ZAKI_BROKER_PORT"]), p.proc, "llm broker")
+    p.address = f"http://127.0.0.1:{metrics_port}/metrics"
+    return p
+
+
+@pytest.fixture(scope="session")
+def provisioner(
+    stack: Stack, service_env: dict[str, str], docker_client: docker.DockerClient, broker: Process
+) -> Process:
     metrics_port = free_port()
     p = stack.start_service("services.provisioner", {**service_env, "ZAKI_METRICS_PORT": str(metrics_port)})
     wait_for_port("127.0.0.1", metrics_port, p.proc, "provisioner")

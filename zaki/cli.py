@@ -1,10 +1,12 @@
 """The ``zaki`` command: run the platform on one machine, check it, and drive it.
 
-zaki up [--demo]            start NATS, FerretDB, Docker and the three services
+zaki up [--demo]            start NATS, FerretDB, Docker and the four services
 zaki doctor                 check every dependency, say how to fix what is missing
 zaki instance create|list|show|stop|start|restart|delete|logs
 zaki keys create|list|revoke   per-user API keys for the gateway proxy
 zaki keys rotate            re-encrypt every stored secret under the newest key
+zaki providers add|rotate|revoke|list   model provider keys the LLM broker attaches
+zaki usage [--user U]       model calls and tokens per user and day
 zaki health                 every instance's health, as a table
 """
 
@@ -117,15 +119,29 @@ def cmd_up(args: argparse.Namespace) -> int:
                 ZAKI_TELEGRAM_API_BASE=f"http://{bridge}:{tg_port}",
                 ZAKI_TELEGRAM_API_BASE_FOR_GATEWAYS=f"http://host.docker.internal:{tg_port}",
                 ZAKI_TELEGRAM_PRIVATE_NETWORK="true",
-                ZAKI_LLM_BASE_URL=f"http://host.docker.internal:{llm_port}/v1",
+                ZAKI_LLM_BASE_URL=f"http://{bridge}:{llm_port}/v1",  # as the broker reaches it
                 ZAKI_LLM_API_KEY="sk-demo-not-a-real-key",
                 ZAKI_DEFAULT_MODEL="zaki/echo-1",
             )
+        # The LLM broker listens on the Docker bridge address: gateway containers reach it
+        # (as host.docker.internal), nothing beyond this machine does.
+        bridge_ip = docker_bridge_ip()
+        broker_port = int(os.environ.get("ZAKI_BROKER_PORT") or free_port(bridge_ip))
+        env.update(
+            ZAKI_BROKER_HOST=bridge_ip,
+            ZAKI_BROKER_PORT=str(broker_port),
+            ZAKI_BROKER_URL_FOR_GATEWAYS=f"http://host.docker.internal:{broker_port}",
+        )
         env = {**{k: v for k, v in os.environ.items() if k.startswith("ZAKI_")}, **env}
         (state_dir / "env.json").write_text(json.dumps(env, indent=1))
         (state_dir / "env.json").chmod(0o600)
         metrics = {}
-        for module in ("services.provisioner", "services.monitor", "services.gateway_proxy"):
+        for module in (
+            "services.provisioner",
+            "services.monitor",
+            "services.gateway_proxy",
+            "services.llm_broker",
+        ):
             port = free_port()
             metrics[module] = port
             stack.start_service(module, {**env, "ZAKI_METRICS_PORT": str(port)})
@@ -138,6 +154,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             ("FerretDB (MongoDB wire)", mongo.address),
             ("Docker engine", "local socket"),
             ("gateway proxy", f"http://127.0.0.1:{proxy_port}"),
+            ("LLM broker (gateways only)", f"http://{bridge_ip}:{broker_port}"),
             *(
                 (f"{m.rsplit('.', 1)[-1]} metrics", f"http://127.0.0.1:{p}/metrics")
                 for m, p in metrics.items()
@@ -346,7 +363,13 @@ async def _list_instances(store, user: str | None) -> int:
     if user and not docs:
         print(f"no instance for {user}")
         return 1
-    secret_fields = {"bot_token_enc", "gateway_password_enc", "provider_key_enc"}
+    secret_fields = {
+        "bot_token_enc",
+        "gateway_password_enc",
+        "provider_key_enc",
+        "broker_key_enc",
+        "broker_key_hash",
+    }
     if user:
         doc = {
             k: (v.isoformat() if hasattr(v, "isoformat") else v)
@@ -408,6 +431,68 @@ async def _rotate() -> int:
     return 0
 
 
+# --- zaki providers ... ----------------------------------------------------------------------
+
+
+def _read_key(args: argparse.Namespace) -> str:
+    """Provider keys come from stdin or an environment variable, never from argv (ps shows argv)."""
+    if args.key_env:
+        return os.environ.get(args.key_env, "").strip()
+    if sys.stdin.isatty():
+        import getpass
+
+        return getpass.getpass("provider API key: ").strip()
+    return sys.stdin.readline().strip()
+
+
+def cmd_providers(args: argparse.Namespace) -> int:
+    from services.llm_broker import providers as prov
+
+    async def run(store, s) -> int:
+        from shared.crypto import KeyRing
+
+        if args.action == "list":
+            for doc in await store.list_providers():
+                print(json.dumps(prov.describe(doc)))
+            return 0
+        if not args.name:
+            say("this action needs a provider name")
+            return 2
+        keys = KeyRing.from_spec(s.secret_keys.get_secret_value())
+        try:
+            if args.action == "add":
+                models = [m.strip() for m in (args.models or "").split(",") if m.strip()]
+                await prov.add_provider(
+                    store, keys, args.name, args.base_url or "", args.api, _read_key(args), models
+                )
+            elif args.action == "rotate":
+                await prov.rotate_provider_key(store, keys, args.name, _read_key(args))
+            else:
+                await prov.revoke_provider(store, args.name)
+        except prov.ProviderError as e:
+            say(f"error: {e}")
+            return 1
+        await prov.announce_change(s.nats_url, args.name)
+        say(f"provider {args.name}: {args.action} done; brokers use it from the next call")
+        return 0
+
+    return asyncio.run(_with_store(run))
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    async def run(store, s) -> int:
+        query = {"user_id": args.user} if args.user else {}
+        print(f"{'USER':<24} {'DAY':<10} {'REQUESTS':>9} {'PROMPT':>10} {'COMPLETION':>11} {'TOKENS':>10}")
+        async for d in store.usage.find(query).sort([("day", -1), ("user_id", 1)]).limit(args.limit):
+            print(
+                f"{d.get('user_id', ''):<24} {d.get('day', ''):<10} {d.get('requests', 0):>9} "
+                f"{d.get('prompt_tokens', 0):>10} {d.get('completion_tokens', 0):>11} {d.get('tokens', 0):>10}"
+            )
+        return 0
+
+    return asyncio.run(_with_store(run))
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     from services.monitor.cli import print_health
 
@@ -453,6 +538,26 @@ def main(argv: list[str] | None = None) -> int:
     keys.set_defaults(fn=cmd_keys)
 
     sub.add_parser("health", help="every instance's health").set_defaults(fn=cmd_health)
+
+    prov = sub.add_parser(
+        "providers", help="model provider keys the LLM broker uses (add/rotate/revoke/list)"
+    )
+    prov.add_argument("action", choices=["add", "rotate", "revoke", "list"])
+    prov.add_argument("name", nargs="?")
+    prov.add_argument("--base-url", help="the provider's API root, e.g. https://api.openai.com/v1")
+    prov.add_argument(
+        "--api",
+        default="openai-completions",
+        choices=["openai-completions", "openai-responses", "anthropic-messages"],
+    )
+    prov.add_argument("--models", help="comma-separated model ids")
+    prov.add_argument("--key-env", help="read the key from this environment variable (default: stdin)")
+    prov.set_defaults(fn=cmd_providers)
+
+    usage = sub.add_parser("usage", help="model usage per user and day, as the LLM broker counted it")
+    usage.add_argument("--user")
+    usage.add_argument("--limit", type=int, default=50)
+    usage.set_defaults(fn=cmd_usage)
 
     args = p.parse_args(argv)
     if getattr(args, "user_opt", None):

@@ -44,12 +44,62 @@ class FakeLLM:
 
     calls: list[dict] = field(default_factory=list)
     auth_headers: list[str] = field(default_factory=list)
+    # When set, only these keys are accepted (401 otherwise), like a real provider.
+    accepted_keys: set[str] | None = None
+    chunk_delay_s: float = 0.2  # between the chunks of a "slow ..." answer
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 << 20)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/messages", self.messages)
         return app
+
+    def _refused(self, key: str) -> web.Response | None:
+        if self.accepted_keys is not None and key not in self.accepted_keys:
+            return web.json_response(
+                {"error": {"message": "invalid key", "type": "invalid_request_error"}}, status=401
+            )
+        return None
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        """Anthropic's Messages API, enough for a broker test."""
+        body = await request.json()
+        self.calls.append(body)
+        key = request.headers.get("x-api-key", "")
+        self.auth_headers.append(key)
+        if (refused := self._refused(key)) is not None:
+            return refused
+        text = "echo: " + last_real_user_text(body.get("messages", []))
+        if not body.get("stream"):
+            return web.json_response(
+                {
+                    "id": "msg_fake",
+                    "type": "message",
+                    "role": "assistant",
+                    "model": body.get("model", "echo-1"),
+                    "content": [{"type": "text", "text": text}],
+                    "stop_reason": "end_turn",
+                    "usage": {"input_tokens": 7, "output_tokens": 4},
+                }
+            )
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for name, data in (
+            (
+                "message_start",
+                {"type": "message_start", "message": {"id": "msg_fake", "usage": {"input_tokens": 7}}},
+            ),
+            (
+                "content_block_delta",
+                {"type": "content_block_delta", "delta": {"type": "text_delta", "text": text}},
+            ),
+            ("message_delta", {"type": "message_delta", "usage": {"output_tokens": 4}}),
+            ("message_stop", {"type": "message_stop"}),
+        ):
+            await resp.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+        await resp.write_eof()
+        return resp
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "echo-1", "object": "model"}]})
@@ -57,7 +107,10 @@ class FakeLLM:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.calls.append(body)
-        self.auth_headers.append(request.headers.get("Authorization", ""))
+        auth = request.headers.get("Authorization", "")
+        self.auth_headers.append(auth)
+        if (refused := self._refused(auth.removeprefix("Bearer "))) is not None:
+            return refused
         text = "echo: " + last_real_user_text(body.get("messages", []))
         text = text.replace(INTERNAL_MARKER, "")
         usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
@@ -90,7 +143,13 @@ class FakeLLM:
             return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
         await resp.write(chunk({"role": "assistant", "content": ""}, None))
-        await resp.write(chunk({"content": text}, None))
+        if text.startswith("echo: slow"):
+            # One word per chunk, spaced out: lets a test see chunks arrive one by one.
+            for word in text.split():
+                await asyncio.sleep(self.chunk_delay_s)
+                await resp.write(chunk({"content": word + " "}, None))
+        else:
+            await resp.write(chunk({"content": text}, None))
         await resp.write(chunk({}, "stop", usage=usage) + b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp

@@ -34,7 +34,7 @@ from services.provisioner.config import (
 from services.provisioner.runtime import ContainerSpec, GatewayRuntime, RuntimeError_
 from services.provisioner.telegram import InvalidBotToken, TelegramClient, TelegramUnavailable
 from shared import subjects
-from shared.crypto import KeyRing
+from shared.crypto import KeyRing, credential_hash, instance_secret_context, new_broker_credential
 from shared.events import (
     Event,
     FailureReason,
@@ -97,8 +97,7 @@ def _bytes(size: str) -> int:
     return int(float(size[:-1]) * units[size[-1]]) if size[-1:] in units else int(size)
 
 
-def _ctx(user_id: str, field: str) -> str:
-    return f"instance:{user_id}:{field}"
+_ctx = instance_secret_context
 
 
 class Provisioner:
@@ -238,6 +237,7 @@ class Provisioner:
             "model": ev.model or self.s.default_model,
             "provider": ev.provider.model_dump(exclude={"api_key"}) if ev.provider else None,
             "telegram_allow_from": list(ev.telegram_allow_from),
+            "budget": ev.budget.model_dump(exclude_none=True) if ev.budget else None,
         }
         if ev.provider and ev.provider.api_key:
             fields["provider_key_enc"] = self.seal(
@@ -278,23 +278,22 @@ class Provisioner:
         except IllegalTransition as e:
             raise ProvisionError(FailureReason.ILLEGAL_TRANSITION, str(e)) from None
 
-    def _provider(self, doc: dict[str, Any]) -> Provider:
+    async def _provider(self, doc: dict[str, Any], credential: str) -> Provider:
+        """The provider as this gateway sees it: the LLM broker's address and the instance's
+        broker credential. The real provider key (the platform's, or the user's own) stays
+        with the broker."""
         p = doc.get("provider")
         if p:
-            settings = ProviderSettings.model_validate(p)
-            key = (
-                self.unseal(doc["_id"], "provider_key", doc["provider_key_enc"])
-                if doc.get("provider_key_enc")
-                else ""
-            )
-            return Provider(settings.name, settings.base_url, settings.api, key, tuple(settings.models))
-        return Provider(
-            self.s.llm_provider_name,
-            self.s.llm_base_url,
-            self.s.llm_api,
-            self.s.llm_api_key.get_secret_value(),
-            (self.s.default_model.split("/", 1)[-1],),
-        )
+            own = ProviderSettings.model_validate(p)
+            name, api, models = own.name, own.api, tuple(own.models)
+        else:
+            name = self.s.llm_provider_name
+            stored = await self.store.get_provider(name)
+            api = (stored or {}).get("api") or self.s.llm_api
+            extra = (stored or {}).get("models") or [m for m in self.s.llm_models.split(",") if m.strip()]
+            models = (self.s.default_model.split("/", 1)[-1], *(m.strip() for m in extra))
+        base_url = f"{self.s.broker_url_for_gateways.rstrip('/')}/p/{name}"
+        return Provider(name, base_url, api, credential, models)
 
     async def _write_config(self, doc: dict[str, Any], gateway_ip: str) -> dict[str, Any]:
         """Renders and writes the native config; returns the fields to record."""
@@ -306,8 +305,15 @@ class Provisioner:
             password = secrets.token_urlsafe(32)
             redact.register(password)
             fields["gateway_password_enc"] = self.seal(user_id, "gateway_password", password)
+        if doc.get("broker_key_enc"):
+            credential = self.unseal(user_id, "broker_key", doc["broker_key_enc"])
+        else:
+            credential = new_broker_credential()
+            redact.register(credential)
+            fields["broker_key_enc"] = self.seal(user_id, "broker_key", credential)
+            fields["broker_key_hash"] = credential_hash(credential)
         model = doc.get("model") or self.s.default_model
-        provider = self._provider(doc)
+        provider = await self._provider(doc, credential)
         if "/" not in model:
             model = f"{provider.name}/{model}"
         tg_root = self.s.telegram_api_base_for_gateways or self.s.telegram_api_base
@@ -332,6 +338,8 @@ class Provisioner:
                 FailureReason.DISK, f"cannot write the gateway config: {e.strerror}"
             ) from None
         fields["gateway_ip"] = gateway_ip
+        # The broker only honours this instance's credential from inside this network.
+        fields["subnet"] = self.subnet_for(doc["port"]) if doc.get("port") else None
         return fields
 
     def _container_spec(self, doc: dict[str, Any]) -> ContainerSpec:
@@ -545,7 +553,22 @@ class Provisioner:
                 fields["provider_key_enc"] = self.seal(
                     cmd.user_id, "provider_key", cmd.provider.api_key.get_secret_value()
                 )
+        gateway_changed = bool(fields)
+        if cmd.budget is not None:
+            # The broker enforces budgets: no config change, no restart.
+            fields["budget"] = cmd.budget.model_dump(exclude_none=True)
         await self.store.update_instance(cmd.user_id, fields, doc["instance_id"])
+        if not gateway_changed:
+            if doc["state"] == S.STOPPED:
+                await self.publish(
+                    subjects.INSTANCE_STOPPED,
+                    InstanceStopped(
+                        request_id=cmd.request_id, user_id=cmd.user_id, instance_id=doc["instance_id"]
+                    ),
+                )
+            else:
+                await self._answer_current(cmd.request_id, {**doc, **fields})
+            return
         if doc["state"] in (S.RUNNING, S.STARTING, S.FAILED):
             await self._restart(cmd)
         else:  # stopped: the new config is used on the next start
@@ -639,7 +662,7 @@ class Provisioner:
         metrics.STORE_PING.set(time.perf_counter() - t0)
 
 
-SECRET_FIELDS = ("bot_token", "gateway_password", "provider_key")
+SECRET_FIELDS = ("bot_token", "gateway_password", "provider_key", "broker_key")
 
 
 async def rotate_instance_secrets(store: Store, keyring: KeyRing) -> int:

@@ -1,0 +1,305 @@
+"""The LLM broker: every model call of every gateway, with the provider key attached here.
+
+A gateway's ``openclaw.json`` names the broker as its provider's ``baseUrl``
+(``<broker>/p/<provider>``) and holds a per-instance broker credential as ``apiKey``.
+The broker checks that credential (and that it comes from that instance's own network),
+enforces the user's budget, swaps in the real key (the platform's, or the user's own) and
+streams the provider's answer back unchanged while counting its tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import Counter, Histogram
+
+from services.llm_broker.budget import BudgetPolicy, UsageLedger, Verdict
+from services.llm_broker.directory import LIVE_STATES, BrokerClient, Directory, ProviderUnavailable, Upstream
+from services.llm_broker.usage import CHARS_PER_TOKEN, UsageMeter
+from shared.crypto import BROKER_CREDENTIAL_PREFIX
+from shared.settings import ZakiSettings
+
+log = logging.getLogger("zaki.broker")
+
+REQUESTS = Counter(
+    "zaki_broker_requests_total", "Model calls through the broker", ["provider", "status_class"]
+)
+TOKENS = Counter("zaki_broker_tokens_total", "Tokens counted by the broker", ["provider", "kind"])
+REFUSED = Counter("zaki_broker_refused_total", "Calls the broker refused", ["reason"])
+UPSTREAM_SECONDS = Histogram(
+    "zaki_broker_upstream_seconds",
+    "Provider time to response headers",
+    ["provider"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+OVERHEAD_SECONDS = Histogram(
+    "zaki_broker_overhead_seconds",
+    "Time the broker spends before calling the provider (auth, budget, key)",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
+)
+
+# Paths a provider API may be called on, relative to its base URL. Anything else is a 404.
+ALLOWED_PATHS: dict[str, re.Pattern[str]] = {
+    "openai-completions": re.compile(r"^(chat/completions|completions|embeddings|models(/[\w.:@-]+)?)$"),
+    "openai-responses": re.compile(r"^(responses|chat/completions|embeddings|models(/[\w.:@-]+)?)$"),
+    "anthropic-messages": re.compile(r"^v1/(messages|messages/count_tokens|models(/[\w.:@-]+)?)$"),
+}
+_PATH = re.compile(r"^/p/([a-z][a-z0-9-]{0,31})/(.*)$")
+
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+}
+STRIPPED_REQUEST = HOP_BY_HOP | {
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "cookie",
+    "host",
+    "content-length",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "openai-organization",
+    "openai-project",
+}
+STRIPPED_RESPONSE = HOP_BY_HOP | {
+    "content-length",
+    "set-cookie",
+    "server",
+    "openai-organization",
+    "openai-project",
+    "anthropic-organization-id",
+}
+
+_ANTHROPIC_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+}
+
+
+def provider_error(api: str, status: int, code: str, message: str, **headers: str) -> web.Response:
+    """An error in the shape the calling SDK expects, so the agent can tell the user what happened."""
+    if api.startswith("anthropic"):
+        body: dict[str, Any] = {
+            "type": "error",
+            "error": {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message},
+        }
+    else:
+        kind = {401: "invalid_request_error", 429: "requests"}.get(status, "invalid_request_error")
+        if status >= 500:
+            kind = "server_error"
+        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _credential(headers: Any) -> str | None:
+    auth = headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip() or None
+    return headers.get("x-api-key") or headers.get("api-key") or None
+
+
+def _guess_api(request: web.Request) -> str:
+    h = request.headers
+    return "anthropic-messages" if ("x-api-key" in h or "anthropic-version" in h) else "openai-completions"
+
+
+class LLMBroker:
+    def __init__(
+        self,
+        settings: ZakiSettings,
+        directory: Directory,
+        ledger: UsageLedger,
+        publish: Callable[[str, Verdict, BrokerClient, bool], Awaitable[None]],
+    ) -> None:
+        self.s = settings
+        self.directory = directory
+        self.ledger = ledger
+        self.publish = publish
+        self.session: aiohttp.ClientSession | None = None
+
+    def build(self) -> web.Application:
+        app = web.Application(client_max_size=self.s.max_body_bytes)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._cleanup)
+        return app
+
+    async def _start(self, app: web.Application) -> None:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300),
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=self.s.broker_timeout_s, connect=10, sock_read=300),
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        )
+        self.ledger.start()
+
+    async def _cleanup(self, app: web.Application) -> None:
+        if self.session is not None:
+            await self.session.close()
+        await self.ledger.stop()
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        # "source": the caller's address as the broker sees it (what the network check compares).
+        return web.json_response({"ok": True, "source": request.remote})
+
+    def _refuse(self, api: str, status: int, reason: str, message: str, **headers: str) -> web.Response:
+        REFUSED.labels(reason).inc()
+        return provider_error(api, status, reason, message, **headers)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        api = _guess_api(request)
+        credential = _credential(request.headers)
+        if not credential or not credential.startswith(BROKER_CREDENTIAL_PREFIX) or len(credential) > 200:
+            return self._refuse(api, 401, "invalid_api_key", "missing or malformed broker credential")
+        client = await self.directory.client(credential)
+        if client is None:
+            return self._refuse(api, 401, "invalid_api_key", "unknown broker credential")
+        if self.s.broker_check_source and not client.allows_source(request.remote):
+            # A credential copied out of one tenant's container is useless anywhere else.
+            log.warning(
+                "broker credential used from outside its network",
+                extra={"user_id": client.user_id, "source": request.remote},
+            )
+            return self._refuse(api, 403, "wrong_network", "this credential is not valid from this address")
+        if client.state not in LIVE_STATES:
+            return self._refuse(api, 403, "instance_not_running", f"the instance is {client.state}")
+        m = _PATH.match(request.path)
+        if m is None:
+            return self._refuse(api, 404, "not_found", "no such route; use /p/<provider>/...")
+        name, rest = m.groups()
+        try:
+            upstream = await self.directory.upstream(client, name)
+        except ProviderUnavailable:
+            return self._refuse(api, 404, "unknown_provider", f"no active provider named {name!r}")
+        api = upstream.api
+        allowed = ALLOWED_PATHS.get(api)
+        if allowed is None or not allowed.match(rest) or request.method not in ("GET", "POST"):
+            return self._refuse(api, 404, "not_found", f"{request.method} {rest} is not a model call")
+        verdict = await self.ledger.check(client.user_id, BudgetPolicy.effective(client.budget, self.s))
+        if verdict is not None:
+            REFUSED.labels(verdict.limit.value).inc()
+            await self.publish("exceeded", verdict, client, True)
+            return provider_error(
+                api,
+                429,
+                "rate_limit_exceeded",
+                f"budget exceeded: {verdict.limit.value} is {verdict.allowed} and {verdict.used} "
+                f"were used in {verdict.period}; calls resume in {verdict.retry_after_s} s",
+                **{"Retry-After": str(verdict.retry_after_s)},
+            )
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._refuse(api, 413, "request_too_large", f"body over {self.s.max_body_bytes} bytes")
+        OVERHEAD_SECONDS.observe(time.perf_counter() - t0)
+        return await self._forward(request, client, upstream, rest, body)
+
+    def _upstream_request(self, request: web.Request, up: Upstream, rest: str) -> tuple[str, dict[str, str]]:
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in STRIPPED_REQUEST}
+        if up.key:
+            if up.api.startswith("anthropic"):
+                headers["x-api-key"] = up.key
+            else:
+                headers["Authorization"] = f"Bearer {up.key}"
+        query = f"?{request.query_string}" if request.query_string else ""
+        return f"{up.base_url.rstrip('/')}/{rest}{query}", headers
+
+    async def _forward(
+        self, request: web.Request, client: BrokerClient, up: Upstream, rest: str, body: bytes
+    ) -> web.StreamResponse:
+        assert self.session is not None
+        label = "byok" if up.version == 0 else up.name
+        t0 = time.perf_counter()
+        for attempt in (1, 2):
+            url, headers = self._upstream_request(request, up, rest)
+            try:
+                upstream = await self.session.request(
+                    request.method, url, headers=headers, data=body, allow_redirects=False
+                )
+            except (aiohttp.ClientError, TimeoutError) as e:
+                REQUESTS.labels(label, "5xx").inc()
+                log.warning("provider unreachable", extra={"provider": up.name, "error": type(e).__name__})
+                return provider_error(
+                    up.api, 502, "provider_unreachable", "the model provider did not answer"
+                )
+            if upstream.status == 401 and attempt == 1 and up.version:
+                # The key may have been rotated a moment ago: re-read it once and retry.
+                self.directory.forget_provider(up.name)
+                try:
+                    fresh = await self.directory.upstream(client, up.name)
+                except ProviderUnavailable:
+                    fresh = up
+                if fresh.version != up.version:
+                    upstream.release()
+                    up = fresh
+                    continue
+            break
+        UPSTREAM_SECONDS.labels(label).observe(time.perf_counter() - t0)
+        REQUESTS.labels(label, f"{upstream.status // 100}xx").inc()
+        headers = {k: v for k, v in upstream.headers.items() if k.lower() not in STRIPPED_RESPONSE}
+        streaming = "text/event-stream" in upstream.headers.get("Content-Type", "")
+        meter = UsageMeter(streaming)
+        resp = web.StreamResponse(status=upstream.status, headers=headers)
+        try:
+            await resp.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await resp.write(chunk)  # forwarded first, counted after
+                meter.feed(chunk)
+            await resp.write_eof()
+        except (
+            aiohttp.ClientPayloadError,
+            aiohttp.ClientConnectionError,
+            TimeoutError,
+            ConnectionResetError,
+        ):
+            log.warning("stream broke off", extra={"provider": up.name, "user_id": client.user_id})
+        finally:
+            upstream.release()
+            if upstream.status < 400:
+                self._count(client, label, meter, body)
+        return resp
+
+    def _count(self, client: BrokerClient, label: str, meter: UsageMeter, body: bytes) -> None:
+        usage = meter.finish()
+        if not usage.reported:
+            usage.prompt_tokens = -(-len(body) // CHARS_PER_TOKEN)
+        TOKENS.labels(label, "prompt").inc(usage.prompt_tokens)
+        TOKENS.labels(label, "completion").inc(usage.completion_tokens)
+        self.ledger.record(client.user_id, usage.prompt_tokens, usage.completion_tokens)
+        policy = BudgetPolicy.effective(client.budget, self.s)
+        if policy.tokens_per_day or policy.tokens_per_month:
+            asyncio.get_running_loop().create_task(self._maybe_warn(client, policy))
+
+    async def _maybe_warn(self, client: BrokerClient, policy: BudgetPolicy) -> None:
+        try:
+            verdict = await self.ledger.soft_crossed(client.user_id, policy)
+            if verdict is not None:
+                await self.publish("warning", verdict, client, False)
+        except Exception:
+            log.exception("budget warning failed", extra={"user_id": client.user_id})
+
+
+def budget_event_key(kind: str, verdict: Verdict, user_id: str) -> str:
+    return f"{kind}:{user_id}:{verdict.limit.value}:{verdict.period}"
