@@ -142,6 +142,19 @@ def broker(stack: Stack, service_env: dict[str, str]) -> Process:
     return p
 
 
+def broker_url(service_env: dict[str, str]) -> str:
+    return f"http://{service_env['ZAKI_BROKER_HOST']}:{service_env['ZAKI_BROKER_PORT']}"
+
+
+@pytest.fixture
+def host_net(broker: Process, service_env: dict[str, str]) -> str:
+    """The address this host's calls to the broker come from (the broker says), as a network:
+    an instance record with this subnet may call the broker from the test itself."""
+    import httpx
+
+    return f"{httpx.get(broker_url(service_env) + '/healthz').json()['source']}/32"
+
+
 @pytest.fixture(scope="session")
 def provisioner(
     stack: Stack, service_env: dict[str, str], docker_client: docker.DockerClient, broker: Process

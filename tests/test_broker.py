@@ -22,7 +22,7 @@ from shared.crypto import KeyRing, credential_hash, instance_secret_context, new
 from shared.events import Budget, BudgetExceeded, InstanceDelete, InstanceUpdate
 from shared.gateway import container_name
 from shared.settings import ZakiSettings
-from tests.conftest import STANDIN_IMAGE, assert_metrics, eventually, new_user
+from tests.conftest import STANDIN_IMAGE, assert_metrics, broker_url, eventually, new_user
 from tests.test_provisioner import chat, request
 
 # --- pure parts ------------------------------------------------------------------------------
@@ -94,10 +94,6 @@ def test_errors_come_in_the_provider_shape():
 # --- the broker process, called from the host --------------------------------------------------
 
 
-def broker_url(service_env: dict[str, str]) -> str:
-    return f"http://{service_env['ZAKI_BROKER_HOST']}:{service_env['ZAKI_BROKER_PORT']}"
-
-
 async def fake_instance(store, keyring_spec: str, subnet: str, **fields) -> tuple[str, str]:
     """An instance record with a broker credential, as the provisioner writes it (no container):
     *subnet* says where its calls may come from (the host itself for calls made by the test)."""
@@ -117,12 +113,6 @@ async def fake_instance(store, keyring_spec: str, subnet: str, **fields) -> tupl
 
 def chat_body(text: str, stream: bool = False) -> dict:
     return {"model": "echo-1", "stream": stream, "messages": [{"role": "user", "content": text}]}
-
-
-@pytest.fixture
-def host_net(broker, service_env: dict[str, str]) -> str:
-    """The address this host's calls to the broker come from, as a one-address network."""
-    return f"{httpx.get(broker_url(service_env) + '/healthz').json()['source']}/32"
 
 
 async def test_broker_attaches_the_platform_key_and_counts_usage(

@@ -2,6 +2,7 @@
 one instance goes request -> ready -> proxied chat -> delete, and Prometheus scrapes all."""
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ from shared.crypto import KeyRing
 from shared.events import InstanceDelete, InstanceRequested
 from shared.store import Store
 from tests.conftest import STANDIN_IMAGE, new_user
+from tests.test_broker import call_from_container
 from zaki.stack import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,8 +51,10 @@ def compose_stack(docker_client, fakes):
             "MONITOR_METRICS_PORT",
             "PROXY1_METRICS_PORT",
             "PROXY2_METRICS_PORT",
+            "BROKER_METRICS_PORT",
         )
     }
+    ports["ZAKI_BROKER_PORT"] = str(free_port(fakes.host))
     data_root = Path(f"/tmp/{project}-data")
     data_root.mkdir(mode=0o755)
     os.chown(data_root, 1000, 1000)
@@ -64,6 +68,7 @@ def compose_stack(docker_client, fakes):
                 ("zaki-monitor", "MONITOR_METRICS_PORT"),
                 ("zaki-gateway-proxy", "PROXY1_METRICS_PORT"),
                 ("zaki-gateway-proxy-2", "PROXY2_METRICS_PORT"),
+                ("zaki-llm-broker", "BROKER_METRICS_PORT"),
             )
         )
     )
@@ -82,7 +87,9 @@ def compose_stack(docker_client, fakes):
         "ZAKI_TELEGRAM_API_BASE": f"http://{fakes.host}:{fakes.tg_port}",
         "ZAKI_TELEGRAM_API_BASE_FOR_GATEWAYS": f"http://host.docker.internal:{fakes.tg_port}",
         "ZAKI_TELEGRAM_PRIVATE_NETWORK": "true",
-        "ZAKI_LLM_BASE_URL": f"http://host.docker.internal:{fakes.llm_port}/v1",
+        "ZAKI_LLM_BASE_URL": f"http://{fakes.host}:{fakes.llm_port}/v1",
+        "ZAKI_LLM_API_KEY": "sk-compose-" + uuid.uuid4().hex,
+        "ZAKI_BRIDGE_IP": fakes.host,
         "ZAKI_DEFAULT_MODEL": "zaki/echo-1",
         "DOCKER_GID": str(os.stat("/var/run/docker.sock").st_gid),
         "PROMETHEUS_CONFIG": str(prom_config),
@@ -106,8 +113,9 @@ def compose_stack(docker_client, fakes):
         prom_config.unlink(missing_ok=True)
 
 
-async def test_compose_stack_runs_an_instance_end_to_end(compose_stack, fakes):
+async def test_compose_stack_runs_an_instance_end_to_end(compose_stack, fakes, docker_client):
     env, ports, _ = compose_stack
+    data_root = Path(env["ZAKI_DATA_ROOT"])
     await asyncio.to_thread(wait_for_port, "127.0.0.1", int(ports["ZAKI_PROXY_PORT"]), None, "proxy", 120)
     await asyncio.to_thread(
         wait_for_port, "127.0.0.1", int(ports["PROVISIONER_METRICS_PORT"]), None, "provisioner", 120
@@ -132,6 +140,17 @@ async def test_compose_stack_runs_an_instance_end_to_end(compose_stack, fakes):
             )
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["message"]["content"] == "echo: via compose"
+        # The compose LLM broker answers the gateway's container with its broker credential.
+        config = json.loads((data_root / "users" / ev.user_id / ".openclaw" / "openclaw.json").read_text())
+        provider = config["models"]["providers"]["zaki"]
+        answer = await call_from_container(
+            docker_client,
+            ev.user_id,
+            f"{provider['baseUrl']}/chat/completions",
+            provider["apiKey"],
+            "brokered",
+        )
+        assert answer["status"] == 200 and "echo: brokered" in answer["body"], answer
         subject, _ = await platform.call(
             subjects.INSTANCE_DELETE, InstanceDelete(user_id=ev.user_id, purge=True)
         )
@@ -142,10 +161,10 @@ async def test_compose_stack_runs_an_instance_end_to_end(compose_stack, fakes):
         ) as http:
             for _ in range(30):
                 targets = (await http.get("/api/v1/targets")).json()["data"]["activeTargets"]
-                if len(targets) == 4 and all(t["health"] == "up" for t in targets):
+                if len(targets) == 5 and all(t["health"] == "up" for t in targets):
                     break
                 await asyncio.sleep(1)
-            assert [t["health"] for t in targets] == ["up"] * 4, targets
+            assert [t["health"] for t in targets] == ["up"] * 5, targets
     finally:
         await platform.close()
         await store.close()

@@ -31,11 +31,14 @@ def test_committed_dashboards_are_up_to_date():
 
 
 @pytest.mark.skipif(PROMETHEUS is None, reason="prometheus missing: scripts/setup.sh installs it")
-async def test_every_panel_query_returns_data(provisioner, monitor, proxy, platform, fakes, store, tmp_path):
+async def test_every_panel_query_returns_data(
+    provisioner, monitor, proxy, broker, platform, fakes, store, tmp_path, service_env, keyring_spec, host_net
+):
     from services.gateway_proxy import keys
     from shared import subjects
     from shared.events import InstanceDelete, InstanceRequested
-    from tests.conftest import STANDIN_IMAGE, new_user
+    from tests.conftest import STANDIN_IMAGE, broker_url, new_user
+    from tests.test_broker import chat_body, fake_instance
 
     # A small flow of its own, so the panels have something to show even when run alone.
     ev = InstanceRequested(
@@ -45,11 +48,20 @@ async def test_every_panel_query_returns_data(provisioner, monitor, proxy, platf
     assert subject == subjects.INSTANCE_READY
     _, key = await keys.create_key(store, ev.user_id, {"chat"})
 
+    _, broker_cred = await fake_instance(store, keyring_spec, host_net)
+
     async def traffic() -> None:
         async with httpx.AsyncClient(base_url=proxy.address, timeout=30) as http:
             body = {"model": "openclaw", "messages": [{"role": "user", "content": "dash"}]}
             await http.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
             await http.get("/v1/models")  # 401
+        async with httpx.AsyncClient(base_url=broker_url(service_env), timeout=30) as http:
+            await http.post(
+                "/p/zaki/chat/completions",
+                json=chat_body("dash"),
+                headers={"Authorization": f"Bearer {broker_cred}"},
+            )
+            await http.post("/p/zaki/chat/completions", json=chat_body("dash"))  # refused: no credential
 
     def target(url: str) -> str:
         return urlparse(url).netloc
@@ -61,6 +73,7 @@ async def test_every_panel_query_returns_data(provisioner, monitor, proxy, platf
             {"job_name": "zaki-provisioner", "static_configs": [{"targets": [target(provisioner.address)]}]},
             {"job_name": "zaki-monitor", "static_configs": [{"targets": [target(monitor.address)]}]},
             {"job_name": "zaki-gateway-proxy", "static_configs": [{"targets": [target(proxy.metrics)]}]},
+            {"job_name": "zaki-llm-broker", "static_configs": [{"targets": [target(broker.address)]}]},
         ],
     }
     (tmp_path / "prometheus.yml").write_text(json.dumps(config))

@@ -266,10 +266,64 @@ INFRA = [
     ),
 ]
 
+BROKER = [
+    (
+        "Model calls",
+        "ts",
+        "Calls by provider and status",
+        "reqps",
+        [
+            (
+                "sum by (provider, status_class) (rate(zaki_broker_requests_total[$__rate_interval]))",
+                "{{provider}} {{status_class}}",
+            )
+        ],
+    ),
+    (
+        "Model calls",
+        "ts",
+        "Tokens per second",
+        "short",
+        [("sum by (kind) (rate(zaki_broker_tokens_total[$__rate_interval]))", "{{kind}}")],
+    ),
+    (
+        "Budgets and refusals",
+        "ts",
+        "Refused calls by reason",
+        "reqps",
+        [("sum by (reason) (rate(zaki_broker_refused_total[$__rate_interval]))", "{{reason}}")],
+    ),
+    (
+        "Latency",
+        "ts",
+        "Provider time to headers p90",
+        "s",
+        [
+            (
+                "histogram_quantile(0.9, sum by (le, provider) (rate(zaki_broker_upstream_seconds_bucket[$__rate_interval])))",
+                "{{provider}}",
+            )
+        ],
+    ),
+    (
+        "Latency",
+        "ts",
+        "Broker overhead p99 (auth, budget, key)",
+        "s",
+        [
+            (
+                "histogram_quantile(0.99, sum by (le) (rate(zaki_broker_overhead_seconds_bucket[$__rate_interval])))",
+                "p99",
+            )
+        ],
+    ),
+]
+
 DASHBOARDS = {
     "zaki-fleet": ("Zaki / Fleet", FLEET),
     "zaki-proxy": ("Zaki / Gateway proxy", PROXY),
     "zaki-infrastructure": ("Zaki / Infrastructure", INFRA),
+    "zaki-llm-broker": ("Zaki / LLM broker", BROKER),
 }
 
 
