@@ -51,6 +51,7 @@ ALLOWED_PATHS: dict[str, re.Pattern[str]] = {
     "openai-responses": re.compile(r"^(responses|chat/completions|embeddings|models(/[\w.:@-]+)?)$"),
     "anthropic-messages": re.compile(r"^v1/(messages|messages/count_tokens|models(/[\w.:@-]+)?)$"),
 }
+SMALL_BODY = 256 * 1024
 _PATH = re.compile(r"^/p/([a-z][a-z0-9-]{0,31})/(.*)$")
 
 HOP_BY_HOP = {
@@ -261,6 +262,19 @@ class LLMBroker:
         headers = {k: v for k, v in upstream.headers.items() if k.lower() not in STRIPPED_RESPONSE}
         streaming = "text/event-stream" in upstream.headers.get("Content-Type", "")
         meter = UsageMeter(streaming)
+        length = upstream.headers.get("Content-Length")
+        if not streaming and length is not None and int(length) <= SMALL_BODY:
+            # A JSON answer of known size: one read, one write.
+            try:
+                data = await upstream.read()
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError):
+                return provider_error(up.api, 502, "provider_unreachable", "the model provider broke off")
+            finally:
+                upstream.release()
+            meter.feed(data)
+            if upstream.status < 400:
+                self._count(client, label, meter, body)
+            return web.Response(status=upstream.status, body=data, headers=headers)
         resp = web.StreamResponse(status=upstream.status, headers=headers)
         try:
             await resp.prepare(request)
