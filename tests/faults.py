@@ -93,8 +93,11 @@ class FaultPlatform:
             self.start(module)
         await self.ready()
 
-    async def ready(self) -> None:
+    async def ready_consumers(self) -> None:
         await _wait_consumers(self.env["ZAKI_NATS_URL"], 7)
+
+    async def ready(self) -> None:
+        await self.ready_consumers()
         wait_for_port("127.0.0.1", self.proxy_port, self.procs["services.gateway_proxy"].proc, "proxy")
         wait_for_port(
             self.env["ZAKI_BROKER_HOST"], self.broker_port, self.procs["services.llm_broker"].proc, "broker"
@@ -145,7 +148,8 @@ class FaultPlatform:
 
     # --- load -----------------------------------------------------------------------------------
 
-    async def request(self, platform: PlatformClient, n: int) -> tuple[list[str], list[asyncio.Future]]:
+    async def request(self, platform: PlatformClient, n: int) -> tuple[list[str], list[str]]:
+        """Publishes *n* stand-in instance requests; returns their user ids and request ids."""
         events = [
             InstanceRequested(
                 request_id=new_user("req"),
@@ -157,10 +161,9 @@ class FaultPlatform:
         ]
         for ev in events:
             self.fakes_telegram.add_bot(ev.bot_token.get_secret_value(), f"bot{ev.user_id}")
-        futures = [platform.expect(ev.request_id) for ev in events]
         for ev in events:
             await platform.send(subjects.INSTANCE_REQUESTED, ev)
-        return [ev.user_id for ev in events], futures
+        return [ev.user_id for ev in events], [ev.request_id for ev in events]
 
     async def tenant(self, platform: PlatformClient) -> tuple[str, str, str]:
         """One running instance with an API key and a broker credential usable from this host."""
@@ -276,3 +279,55 @@ async def outcomes_in_stream(nats_url: str, request_ids: list[str], timeout: flo
             break
         await asyncio.sleep(1)
     return found
+
+
+class SlowDockerSocket:
+    """A Unix socket in front of Docker's that holds every request for *delay* seconds:
+    a daemon that answers slowly, as the monitor sees it."""
+
+    def __init__(self, path: Path, delay: float, upstream: str = "/var/run/docker.sock") -> None:
+        self.path, self.delay, self.upstream = path, delay, upstream
+        self.server: asyncio.base_events.Server | None = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_unix_connection(self.upstream)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, delay: float) -> None:
+            try:
+                while data := await src.read(65536):
+                    if delay:
+                        await asyncio.sleep(delay)
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer, self.delay), pipe(up_reader, writer, 0))
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_unix_server(self._handle, path=str(self.path))
+        return f"unix://{self.path}"
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def restart_requests(nats_url: str, seconds: float) -> Counter:
+    """Counts instance.restart commands per user over *seconds* (from the command stream's subject)."""
+    import json
+
+    import nats
+
+    seen: Counter = Counter()
+    nc = await nats.connect(nats_url)
+
+    async def on_msg(msg) -> None:
+        seen[json.loads(msg.data).get("user_id")] += 1
+
+    await nc.subscribe(subjects.INSTANCE_RESTART, cb=on_msg)
+    await asyncio.sleep(seconds)
+    await nc.close()
+    return seen

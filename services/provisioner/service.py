@@ -189,8 +189,9 @@ class Provisioner:
     async def _requested(self, ev: InstanceRequested) -> None:
         seen = await self.store.claim_request(ev.request_id, ev.user_id, "requested")
         doc = await self.store.get_instance(ev.user_id)
-        if doc is not None and doc.get("request_id") != ev.request_id:
+        if doc is not None and doc.get("request_id") != ev.request_id and doc["state"] != S.FAILED:
             # A second request for a user who already has an instance: answer with what exists.
+            # (A failed instance is provisioned again: that is what a new request asks for.)
             await self._answer_current(ev.request_id, doc)
             return
         if doc is not None and (
@@ -238,6 +239,7 @@ class Provisioner:
             "provider": ev.provider.model_dump(exclude={"api_key"}) if ev.provider else None,
             "telegram_allow_from": list(ev.telegram_allow_from),
             "budget": ev.budget.model_dump(exclude_none=True) if ev.budget else None,
+            "request_id": ev.request_id,
         }
         if ev.provider and ev.provider.api_key:
             fields["provider_key_enc"] = self.seal(
