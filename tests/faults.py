@@ -264,7 +264,9 @@ async def outcomes_in_stream(nats_url: str, request_ids: list[str], timeout: flo
             await asyncio.sleep(1)
             continue
         try:
-            sub = await nc.jetstream().subscribe("zaki.instance.*", ordered_consumer=True)
+            sub = await nc.jetstream().subscribe(
+                "zaki.instance.*", stream=subjects.EVENT_STREAM, ordered_consumer=True
+            )
             while time.monotonic() < deadline and not wanted <= found.keys():
                 try:
                     msg = await sub.next_msg(timeout=2)
