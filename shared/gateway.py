@@ -15,6 +15,7 @@ GATEWAY_UID = 1000
 USER_HEADER = "x-forwarded-user"
 REQUIRED_HEADERS = ("x-forwarded-proto",)
 GATEWAY_SCOPES = ("operator.read", "operator.write")
+CONTROL_UI_BASE_PATH = "/ui"  # gateway.controlUi.basePath; the proxy serves the Control UI at the same path
 
 
 def gateway_identity(user_id: str) -> str:

@@ -228,7 +228,7 @@ async def steady_load(url: str, headers: dict[str, str], body: dict, n: int, rep
     async with httpx.AsyncClient(timeout=30) as http:
         for i in range(0, n, 4):
             await asyncio.gather(*(one(http) for _ in range(min(4, n - i))))
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)  # spread over ~5 s, so the load spans the fault
 
 
 async def check_converged(fp: FaultPlatform, docker_client: docker.DockerClient, users: list[str]) -> dict:

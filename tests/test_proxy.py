@@ -3,6 +3,7 @@
 import asyncio
 import itertools
 import json
+import re
 import signal
 import time
 from datetime import UTC, datetime, timedelta
@@ -291,9 +292,59 @@ async def test_real_gateway_through_the_proxy(proxy, provisioner, platform, fake
             await ws.send(json.dumps({"type": "req", "id": "c2", "method": "sessions.list", "params": {}}))
             listed = await _response(ws, "c2", received)
             assert listed["ok"], listed
+        await _control_ui(proxy, user, key, received)
         assert password.encode() not in received
     finally:
         await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=user, purge=True))
+
+
+ORIGIN = "http://127.0.0.1:8080"  # ZAKI_PROXY_PUBLIC_ORIGIN's default: where the proxy's pages live
+
+
+async def _control_ui(proxy, user: str, api_key: str, received: bytearray) -> None:
+    """The gateway's Control UI through the proxy, as a browser with the dashboard's session
+    cookie sees it; and the cookie refused to every other origin."""
+    now = datetime.now(UTC)
+    session = jwt.encode({"sub": user, "aud": "zaki", "exp": now + timedelta(minutes=5)}, JWT_SECRET, "HS256")
+    cookie = {"Cookie": f"zaki_session={session}"}
+    async with httpx.AsyncClient(base_url=proxy.address, timeout=60) as http:
+        page = await http.get("/ui/", headers=cookie)  # a navigation: no Origin
+        received += page.content + str(page.headers).encode()
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"], page.text[:300]
+        assert "openclaw-app" in page.text
+        assert page.headers.get("x-frame-options") == "DENY" and "set-cookie" not in page.headers
+        asset = re.search(r'(?:src|href)="(/ui/assets/[^"]+\.js)"', page.text)
+        assert asset, page.text[:2000]
+        js = await http.get(asset.group(1), headers=cookie)
+        assert js.status_code == 200 and "javascript" in js.headers["content-type"]
+        assert (await http.get("/ui/")).status_code == 401  # no credential
+        no_ui = await http.get("/ui/", headers={"Authorization": f"Bearer {api_key}"})
+        assert no_ui.status_code == 403  # an API key without the ui scope
+        # Cross-site uses of the cookie: refused before they reach anything.
+        for origin in ("https://evil.example", "null"):
+            r = await http.post(
+                "/v1/chat/completions", json=chat_body("csrf"), headers={**cookie, "Origin": origin}
+            )
+            assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
+        r = await http.post("/v1/chat/completions", json=chat_body("csrf"), headers=cookie)
+        assert r.status_code == 403  # a cookie-authenticated POST must say where it comes from
+    ws_url = proxy.address.replace("http://", "ws://") + "/ui"
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await websockets.connect(ws_url, additional_headers={**cookie, "Origin": "https://evil.example"})
+    assert refused.value.response.status_code == 403  # no cross-site WebSocket hijacking
+    async with websockets.connect(ws_url, additional_headers={**cookie, "Origin": ORIGIN}) as ws:
+        received += (await ws.recv()).encode()
+        connect = {
+            "minProtocol": 4,
+            "maxProtocol": 4,
+            "client": {"id": "openclaw-control-ui", "version": "0.1.0", "platform": "web", "mode": "webchat"},
+            "role": "operator",
+            "scopes": ["operator.read", "operator.write"],
+            "caps": [],
+        }
+        await ws.send(json.dumps({"type": "req", "id": "u1", "method": "connect", "params": connect}))
+        hello = await _response(ws, "u1", received)
+        assert hello["ok"], hello  # device-less operator session, by trusted-proxy identity
 
 
 async def _response(ws, rid, sink):

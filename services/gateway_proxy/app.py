@@ -27,7 +27,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from services.gateway_proxy.auth import Authenticator, AuthError, Tenant, credential_from
 from services.gateway_proxy.limits import TenantLimits
 from services.gateway_proxy.routing import NoRoute, Route, RoutingTable
-from shared.gateway import identity_headers
+from shared.gateway import CONTROL_UI_BASE_PATH, identity_headers
 from shared.settings import ZakiSettings
 
 log = logging.getLogger("zaki.proxy")
@@ -80,6 +80,7 @@ ROUTES: dict[tuple[str, str], tuple[str, str]] = {
     ("POST", "/tools/invoke"): ("tools_invoke", "tools"),
 }
 WS_PATHS = ("/ws", "/v1/ws")
+UI_PREFIX = CONTROL_UI_BASE_PATH  # the Control UI, for browsers with a session cookie
 SMALL_BODY = 64 * 1024
 
 HOP_BY_HOP = {
@@ -218,11 +219,32 @@ class GatewayProxy:
         return resp
 
     async def _tenant(self, request: web.Request, scope: str, protocols: list[str] | None = None) -> Tenant:
-        tenant = await self.auth.authenticate(credential_from(request.headers, request.cookies, protocols))
+        credential, source = credential_from(request.headers, request.cookies, protocols)
+        if source == "cookie":
+            self._check_browser_origin(request)
+        tenant = await self.auth.authenticate(credential)
         request["tenant"] = tenant
         if scope not in tenant.scopes:
             raise AuthError(403, "insufficient_scope", f"this credential lacks the '{scope}' scope")
         return tenant
+
+    def _check_browser_origin(self, request: web.Request) -> None:
+        """A cookie rides along on any cross-site request a browser makes: only our own
+        pages may use it (no cross-site request forgery, no cross-site WebSocket hijacking).
+        A browser always sends Origin on WebSockets and on POSTs; a GET navigation may
+        carry none, which is safe for the read-only routes."""
+        origin = request.headers.get("Origin")
+        allowed = self.s.proxy_public_origins()
+        if origin is None:
+            if request.method in ("GET", "HEAD") and not self._is_upgrade(request):
+                return
+            raise AuthError(403, "origin_not_allowed", "a session cookie needs an Origin header")
+        if origin not in allowed:
+            raise AuthError(403, "origin_not_allowed", "this origin may not use the session cookie")
+
+    @staticmethod
+    def _is_upgrade(request: web.Request) -> bool:
+        return request.headers.get("Upgrade", "").lower() == "websocket"
 
     def _upstream_headers(self, request: web.Request, tenant: Tenant) -> dict[str, str]:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in STRIPPED_REQUEST}
@@ -233,12 +255,16 @@ class GatewayProxy:
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         path = request.path
-        if path in WS_PATHS:
-            request["route"] = "websocket"
-            return await self.websocket(request)
+        ui = path == UI_PREFIX or path.startswith(UI_PREFIX + "/")
+        if path in WS_PATHS or (ui and self._is_upgrade(request)):
+            request["route"] = "control_ui_ws" if ui else "websocket"
+            return await self.websocket(request, "ui" if ui else "ws")
         known = ROUTES.get((request.method, path))
         if known is None and request.method == "GET" and path.startswith("/v1/models/"):
             known = ("models", "chat")
+        if known is None and ui and request.method in ("GET", "HEAD"):
+            # The gateway's Control UI (served under gateway.controlUi.basePath = UI_PREFIX).
+            known = ("control_ui", "ui")
         if known is None:
             REJECTED.labels("unknown_route").inc()
             return error_response(request, 404, "not_found", f"no route {request.method} {path}")
@@ -330,12 +356,12 @@ class GatewayProxy:
         finally:
             upstream.release()
 
-    async def websocket(self, request: web.Request) -> web.StreamResponse:
+    async def websocket(self, request: web.Request, scope: str = "ws") -> web.StreamResponse:
         protocols = [
             p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()
         ]
         try:
-            tenant = await self._tenant(request, "ws", protocols)
+            tenant = await self._tenant(request, scope, protocols)
         except AuthError as e:
             REJECTED.labels(e.code).inc()
             return error_response(request, e.status, e.code, str(e))

@@ -104,21 +104,26 @@ class Authenticator:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not USER_ID_RE.fullmatch(sub):
             raise _unauthorized()
-        scopes = claims.get("scopes", ["chat", "tools", "ws"])
+        scopes = claims.get("scopes", ["chat", "tools", "ws", "ui"])
         if isinstance(scopes, str):
             scopes = scopes.split()
         return Tenant(sub, frozenset(s for s in scopes if s in keys.SCOPES), f"jwt:{claims.get('jti', sub)}")
 
 
-def credential_from(headers, cookies, protocols: list[str] | None = None) -> str | None:
-    """Bearer header, the dashboard's session cookie, or (browsers' WebSockets) a
-    ``bearer.<token>`` subprotocol. Never the query string: URLs end up in logs."""
+SESSION_COOKIE = "zaki_session"
+
+
+def credential_from(headers, cookies, protocols: list[str] | None = None) -> tuple[str | None, str]:
+    """The credential and where it came from: a Bearer header, the dashboard's session
+    cookie ("cookie": a browser sends it by itself, so the caller must check the Origin),
+    or (browsers' WebSockets) a ``bearer.<token>`` subprotocol. Never the query string:
+    URLs end up in logs."""
     auth = headers.get("Authorization", "")
     if auth[:7].lower() == "bearer ":
-        return auth[7:].strip()
-    if cookies.get("zaki_session"):
-        return cookies["zaki_session"]
+        return auth[7:].strip(), "header"
+    if cookies.get(SESSION_COOKIE):
+        return cookies[SESSION_COOKIE], "cookie"
     for proto in protocols or ():
         if proto.startswith("bearer."):
-            return proto[7:]
-    return None
+            return proto[7:], "subprotocol"
+    return None, "none"

@@ -16,7 +16,7 @@ from typing import Any
 from shared.store import Store, utcnow
 from shared.validation import check_user_id
 
-SCOPES = frozenset({"chat", "tools", "ws"})
+SCOPES = frozenset({"chat", "tools", "ws", "ui"})  # ui: the gateway's Control UI in a browser
 PREFIX = "zk_"
 
 

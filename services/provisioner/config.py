@@ -11,6 +11,7 @@ from typing import Any
 
 from shared.gateway import (
     CONTAINER_WORKSPACE,
+    CONTROL_UI_BASE_PATH,
     GATEWAY_PORT,
     GATEWAY_SCOPES,
     GATEWAY_UID,
@@ -73,7 +74,8 @@ def render_openclaw_config(spec: GatewaySpec) -> dict[str, Any]:
                 },
                 "identityScopes": {identity: list(GATEWAY_SCOPES)},
             },
-            "controlUi": {"allowedOrigins": list(spec.allowed_origins)},
+            # Served through the proxy under /ui (its UI_PREFIX); the proxy sets the Origin.
+            "controlUi": {"allowedOrigins": list(spec.allowed_origins), "basePath": CONTROL_UI_BASE_PATH},
             # Tenants get the agent, not a root-ish shell on the container.
             "terminal": {"enabled": False},
             "http": {"endpoints": {"chatCompletions": {"enabled": True}, "responses": {"enabled": True}}},
