@@ -8,6 +8,7 @@ set and on FerretDB, which has no transactions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable
@@ -23,6 +24,9 @@ log = logging.getLogger("zaki.store")
 
 
 _UNSET = object()  # marks a field to $unset in a versioned write
+# A write claim this old whose version never landed belongs to a dead writer. Far longer than
+# one update takes, shorter than the provisioner's redelivery backoff reaches.
+STALE_CLAIM_S = 15.0
 
 
 def utcnow() -> datetime:
@@ -120,6 +124,7 @@ class Store:
             try:
                 await self.journal.insert_one(claim)
             except DuplicateKeyError:
+                await self._drop_stale_claim(claim["_id"])
                 await asyncio.sleep(random.uniform(0.001, 0.01))
                 continue
             fields = {**fields, "version": version + 1, "updated_at": utcnow()}
@@ -127,7 +132,14 @@ class Store:
             update: dict[str, Any] = {"$set": {k: v for k, v in fields.items() if v is not _UNSET}}
             if unset:
                 update["$unset"] = unset
-            res = await self.instances.update_one({"_id": user_id, "version": version}, update)
+            try:
+                res = await self.instances.update_one({"_id": user_id, "version": version}, update)
+            except Exception:
+                # The claim is ours and the write did not happen (or we cannot know): give the
+                # version back, best effort; a claim left behind goes stale and is dropped.
+                with contextlib.suppress(Exception):
+                    await self.journal.delete_one({"_id": claim["_id"]})
+                raise
             if res.matched_count == 1:
                 doc.update(update["$set"])
                 for k in unset:
@@ -135,6 +147,19 @@ class Store:
                 return doc
             # The record was replaced (deleted and re-created) under us: start over.
         raise RuntimeError(f"instance {user_id}: too much write contention")
+
+    async def _drop_stale_claim(self, claim_id: str) -> None:
+        """A claim whose writer died between the claim and the write (a crash, a database
+        restart) would block that version forever. Once it is older than any live write can
+        be and the record never reached that version, it is removed."""
+        claim = await self.journal.find_one({"_id": claim_id})
+        if claim is None or (utcnow() - claim["at"]).total_seconds() < STALE_CLAIM_S:
+            return
+        user_id, _, version = claim_id.rpartition(":")
+        doc = await self.instances.find_one({"_id": user_id}, {"version": 1})
+        if doc is not None and int(doc.get("version", 1)) < int(version):
+            log.warning("dropping a stale write claim", extra={"user_id": user_id, "claim": claim_id})
+            await self.journal.delete_one({"_id": claim_id, "at": claim["at"]})
 
     async def transition(
         self,

@@ -165,7 +165,7 @@ class FaultPlatform:
             await platform.send(subjects.INSTANCE_REQUESTED, ev)
         return [ev.user_id for ev in events], [ev.request_id for ev in events]
 
-    async def tenant(self, platform: PlatformClient) -> tuple[str, str, str]:
+    async def tenant(self, platform: PlatformClient) -> tuple[str, str, str, str]:
         """One running instance with an API key and a broker credential usable from this host."""
         ev = InstanceRequested(
             request_id=new_user("req"), user_id=new_user("t"), bot_token=new_bot_token(), image=STANDIN_IMAGE
@@ -184,7 +184,7 @@ class FaultPlatform:
             {"instance_id": "c1", "broker_key_hash": credential_hash(credential), "subnet": f"{host}/32"},
         )
         await self.store.instances.update_one({"_id": caller}, {"$set": {"state": "running"}})
-        return ev.user_id, key, credential
+        return ev.user_id, key, caller, credential
 
     async def delete_all(self, platform: PlatformClient, users: list[str]) -> None:
         await asyncio.gather(
@@ -229,6 +229,10 @@ async def steady_load(url: str, headers: dict[str, str], body: dict, n: int, rep
         for i in range(0, n, 4):
             await asyncio.gather(*(one(http) for _ in range(min(4, n - i))))
             await asyncio.sleep(0.1)  # spread over ~5 s, so the load spans the fault
+
+
+async def usage_tokens(store: Store, user_id: str) -> int:
+    return sum([int(d.get("tokens", 0)) async for d in store.usage.find({"user_id": user_id})])
 
 
 async def check_converged(fp: FaultPlatform, docker_client: docker.DockerClient, users: list[str]) -> dict:

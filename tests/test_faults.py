@@ -25,6 +25,7 @@ from tests.faults import (
     outcomes_in_stream,
     restart_requests,
     steady_load,
+    usage_tokens,
 )
 
 CHAT = {"model": "openclaw", "messages": [{"role": "user", "content": "load"}]}
@@ -43,7 +44,7 @@ async def burst_under_fault(fp: FaultPlatform, docker_client, fault, label: str,
     half a second in. Returns what happened, for the fault table."""
     platform = await PlatformClient.connect(fp.nats.address)
     try:
-        tenant, key, credential = await fp.tenant(platform)
+        tenant, key, caller, credential = await fp.tenant(platform)
         users, request_ids = await fp.request(platform, n)
         proxy, broker = LoadReport(), LoadReport()
         load = asyncio.gather(
@@ -63,6 +64,8 @@ async def burst_under_fault(fp: FaultPlatform, docker_client, fault, label: str,
         await fault()
         recovered_s = time.monotonic() - t0
         await load
+        # Every answered model call is counted (8 tokens each from the fake provider).
+        counted = await usage_tokens(fp.store, caller)
         outcomes = await outcomes_in_stream(fp.env["ZAKI_NATS_URL"], request_ids, timeout=150)
         state = await check_converged(fp, docker_client, [*users, tenant])
         result = {
@@ -72,12 +75,14 @@ async def burst_under_fault(fp: FaultPlatform, docker_client, fault, label: str,
             f"{n - len(outcomes)} without outcome",
             "proxied": f"{proxy.ok}/200 ok, {proxy.retried} retried, {proxy.lost} lost",
             "brokered": f"{broker.ok}/100 ok, {broker.retried} retried, {broker.lost} lost",
+            "usage": f"{counted // 8} of {broker.ok} answered calls counted",
             "fault_s": round(recovered_s, 1),
             **state,
         }
         print("FAULT-TABLE", json.dumps(result))
         assert len(outcomes) == n and set(outcomes.values()) == {subjects.INSTANCE_READY}, result
         assert proxy.lost == 0 and broker.lost == 0, result
+        assert counted >= broker.ok * 8, result
         assert not state["duplicates"] and not state["orphans"] and not state["missing"], result
         assert not state["not_running"] and state["ports_unique"] and state["ports_per_instance"], result
         return result

@@ -69,3 +69,23 @@ async def test_request_ids_are_claimed_once(store):
     assert await store.claim_request(rid, "alice", "requested") is None
     again = await store.claim_request(rid, "alice", "requested")
     assert again is not None and again["_id"] == rid
+
+
+async def test_a_dead_writers_claim_blocks_only_until_it_goes_stale(store):
+    """A writer that claimed version 2 and died before writing (FerretDB restarted under it)
+    must not wedge the record forever: a fresh orphan claim blocks, a stale one is dropped."""
+    from datetime import timedelta
+
+    from shared.store import STALE_CLAIM_S, utcnow
+
+    user = new_user()
+    await store.create_instance(user, {"instance_id": "i1"})
+    await store.journal.insert_one({"_id": f"{user}:2", "user_id": user, "at": utcnow()})
+    with pytest.raises(RuntimeError, match="contention"):
+        await store.transition(user, InstanceState.PROVISIONING)
+    assert (await store.get_instance(user))["state"] == "requested"
+    await store.journal.update_one(
+        {"_id": f"{user}:2"}, {"$set": {"at": utcnow() - timedelta(seconds=STALE_CLAIM_S + 1)}}
+    )
+    doc = await store.transition(user, InstanceState.PROVISIONING)
+    assert doc["state"] == "provisioning" and doc["version"] == 2

@@ -273,14 +273,19 @@ class LLMBroker:
                 upstream.release()
             meter.feed(data)
             if upstream.status < 400:
-                self._count(client, label, meter, body)
+                await self._count(client, label, meter, body)
             return web.Response(status=upstream.status, body=data, headers=headers)
         resp = web.StreamResponse(status=upstream.status, headers=headers)
+        counted = False
         try:
             await resp.prepare(request)
             async for chunk in upstream.content.iter_any():
                 await resp.write(chunk)  # forwarded first, counted after
                 meter.feed(chunk)
+            upstream.release()
+            counted = True
+            if upstream.status < 400:
+                await self._count(client, label, meter, body)  # in the database before the end
             await resp.write_eof()
         except (
             aiohttp.ClientPayloadError,
@@ -291,17 +296,17 @@ class LLMBroker:
             log.warning("stream broke off", extra={"provider": up.name, "user_id": client.user_id})
         finally:
             upstream.release()
-            if upstream.status < 400:
-                self._count(client, label, meter, body)
+            if not counted and upstream.status < 400:
+                await self._count(client, label, meter, body)  # what was streamed before the break
         return resp
 
-    def _count(self, client: BrokerClient, label: str, meter: UsageMeter, body: bytes) -> None:
+    async def _count(self, client: BrokerClient, label: str, meter: UsageMeter, body: bytes) -> None:
         usage = meter.finish()
         if not usage.reported:
             usage.prompt_tokens = -(-len(body) // CHARS_PER_TOKEN)
         TOKENS.labels(label, "prompt").inc(usage.prompt_tokens)
         TOKENS.labels(label, "completion").inc(usage.completion_tokens)
-        self.ledger.record(client.user_id, usage.prompt_tokens, usage.completion_tokens)
+        await self.ledger.record_durably(client.user_id, usage.prompt_tokens, usage.completion_tokens)
         policy = BudgetPolicy.effective(client.budget, self.s)
         if policy.tokens_per_day or policy.tokens_per_month:
             asyncio.get_running_loop().create_task(self._maybe_warn(client, policy))

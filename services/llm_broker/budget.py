@@ -1,14 +1,16 @@
 """Per-user budgets: requests per minute and tokens per day and month.
 
 The ledger keeps each active user's totals in memory: what MongoDB said at the last
-refresh plus what this process has counted since. Counted usage is written back in
-batches, one atomic ``$inc`` per user and day, so a busy broker makes one database
-write per user per second, not one per call, and several broker processes add up.
+refresh plus what this process has counted since. Counted usage is written back by
+group commit: the calls that end together share one atomic ``$inc`` per user and day,
+written before their last byte goes out, so a busy broker does not write once per call
+and a crash never loses a completed call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -96,6 +98,8 @@ class UsageLedger:
         self.buckets: dict[str, TokenBucket] = {}
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
+        self._batch: asyncio.Future[None]
+        self._wake: asyncio.Event
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -195,12 +199,32 @@ class UsageLedger:
                     continue
                 self.unflushed[(user_id, day)] += p.prompt + p.completion
 
+    async def record_durably(self, user_id: str, prompt: int, completion: int, wait_s: float = 2.0) -> bool:
+        """Counts a call and waits until its usage is in the database (group commit: calls
+        that end together share one write per user). The broker awaits this before the last
+        byte of an answer, so a completed call is never lost to a crash of the broker. A
+        database that does not answer within *wait_s* only delays the write, not the answer."""
+        self.record(user_id, prompt, completion)
+        done = self._batch
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(done), wait_s)
+        except TimeoutError:
+            return False
+        return True
+
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.flush_interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
+            self._wake.clear()
+            done, self._batch = self._batch, asyncio.get_running_loop().create_future()
             await self.flush()
+            done.set_result(None)
 
     def start(self) -> None:
+        self._batch = asyncio.get_running_loop().create_future()
+        self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
