@@ -95,6 +95,9 @@ class ZakiSettings(BaseSettings):
     proxy_idle_timeout_s: float = 300.0  # no byte from the gateway for this long ends a stream
     proxy_workers: int = 1  # processes sharing the port (SO_REUSEPORT)
     proxy_drain_s: float = 30.0
+    # Serve the API routes on the raw llhttp data plane (services/gateway_proxy/fastpath.py);
+    # false: everything through aiohttp (the same rules, slower; see bench/proxy.py).
+    proxy_fastpath: bool = True
 
     # Monitor
     probe_interval_s: float = 4.0

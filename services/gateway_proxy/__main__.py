@@ -14,6 +14,7 @@ from aiohttp import web
 
 from services.gateway_proxy.app import GatewayProxy
 from services.gateway_proxy.auth import Authenticator
+from services.gateway_proxy.fastpath import FastProxyServer
 from services.gateway_proxy.routing import RoutingTable
 from shared import subjects
 from shared.bus import nats_servers
@@ -71,13 +72,25 @@ async def main(settings: ZakiSettings, stop: asyncio.Event) -> None:
     proxy = GatewayProxy(settings, auth, routes)
     runner = web.AppRunner(proxy.build(), access_log=None, shutdown_timeout=settings.proxy_drain_s)
     await runner.setup()
-    site = web.TCPSite(runner, settings.proxy_host, settings.proxy_port, reuse_port=True, backlog=2048)
-    await site.start()
-    log.info("listening", extra={"address": f"http://{settings.proxy_host}:{settings.proxy_port}"})
+    fast: FastProxyServer | None = None
+    if settings.proxy_fastpath:
+        # One listener: the raw data plane serves the API routes and hands every other
+        # connection (WebSockets, Control UI, health) to the aiohttp application.
+        fast = FastProxyServer(proxy, runner.server)
+        await fast.start(settings.proxy_host, settings.proxy_port)
+    else:
+        site = web.TCPSite(runner, settings.proxy_host, settings.proxy_port, reuse_port=True, backlog=2048)
+        await site.start()
+    log.info(
+        "listening",
+        extra={"address": f"http://{settings.proxy_host}:{settings.proxy_port}", "fastpath": bool(fast)},
+    )
     try:
         await stop.wait()
     finally:
-        await runner.cleanup()  # stops accepting, drains open requests and WebSockets
+        if fast is not None:
+            await fast.drain(settings.proxy_drain_s)  # no new connections; requests in flight finish
+        await runner.cleanup()  # drains open requests and WebSockets of the aiohttp side
         await nc.close()
         await store.close()
         for child in children:

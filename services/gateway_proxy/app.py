@@ -123,11 +123,9 @@ def error_response(
     **extra_headers: str,
 ) -> web.Response:
     """JSON errors; in the OpenAI error shape on /v1/*. *extra* adds top-level fields."""
-    if request.path.startswith("/v1/"):
-        body: dict[str, Any] = {"error": {"message": message, "type": code, "code": code, "param": None}}
-    else:
-        body = {"ok": False, "error": {"type": code, "message": message}}
-    return web.json_response({**body, **(extra or {})}, status=status, headers=extra_headers)
+    return web.json_response(
+        error_body(request.path, code, message, extra), status=status, headers=extra_headers
+    )
 
 
 class GatewayProxy:
@@ -140,7 +138,8 @@ class GatewayProxy:
         )
         self.session: aiohttp.ClientSession | None = None
         self.websockets: set[web.WebSocketResponse] = set()
-        self.origin = (settings.proxy_public_origins() or [None])[0]
+        self.allowed_origins = settings.proxy_public_origins()
+        self.origin = (self.allowed_origins or [None])[0]
         self.access = AccessLog()
 
     async def start(self, app: web.Application) -> None:
@@ -229,18 +228,9 @@ class GatewayProxy:
         return tenant
 
     def _check_browser_origin(self, request: web.Request) -> None:
-        """A cookie rides along on any cross-site request a browser makes: only our own
-        pages may use it (no cross-site request forgery, no cross-site WebSocket hijacking).
-        A browser always sends Origin on WebSockets and on POSTs; a GET navigation may
-        carry none, which is safe for the read-only routes."""
-        origin = request.headers.get("Origin")
-        allowed = self.s.proxy_public_origins()
-        if origin is None:
-            if request.method in ("GET", "HEAD") and not self._is_upgrade(request):
-                return
-            raise AuthError(403, "origin_not_allowed", "a session cookie needs an Origin header")
-        if origin not in allowed:
-            raise AuthError(403, "origin_not_allowed", "this origin may not use the session cookie")
+        check_cookie_origin(
+            request.method, request.headers.get("Origin"), self._is_upgrade(request), self.allowed_origins
+        )
 
     @staticmethod
     def _is_upgrade(request: web.Request) -> bool:
@@ -490,6 +480,28 @@ class AccessLog:
         if self.task is not None:
             self.task.cancel()
         self.flush()
+
+
+def check_cookie_origin(method: str, origin: str | None, upgrade: bool, allowed: list[str]) -> None:
+    """A cookie rides along on any cross-site request a browser makes: only our own pages
+    may use it (no cross-site request forgery, no cross-site WebSocket hijacking). A browser
+    always sends Origin on WebSockets and on POSTs; a GET navigation may carry none, which
+    is safe for the read-only routes."""
+    if origin is None:
+        if method in ("GET", "HEAD") and not upgrade:
+            return
+        raise AuthError(403, "origin_not_allowed", "a session cookie needs an Origin header")
+    if origin not in allowed:
+        raise AuthError(403, "origin_not_allowed", "this origin may not use the session cookie")
+
+
+def error_body(path: str, code: str, message: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON of an error answer: the OpenAI error shape on /v1/*."""
+    if path.startswith("/v1/"):
+        body: dict[str, Any] = {"error": {"message": message, "type": code, "code": code, "param": None}}
+    else:
+        body = {"ok": False, "error": {"type": code, "message": message}}
+    return {**body, **(extra or {})}
 
 
 def sanitize_connect(frame: str) -> str:

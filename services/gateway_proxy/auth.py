@@ -72,6 +72,10 @@ class Authenticator:
                 self._cache.clear()
         else:
             key = hit[1]
+        return self._tenant_of(key)
+
+    @staticmethod
+    def _tenant_of(key: keys.ApiKey | None) -> Tenant:
         if key is None:
             raise _unauthorized()
         if key.revoked:
@@ -79,6 +83,21 @@ class Authenticator:
         if not key.usable():
             raise _unauthorized("this API key has expired")
         return Tenant(key.user_id, key.scopes, key.key_id)
+
+    def authenticate_cached(self, credential: str | None) -> Tenant | None:
+        """The answer without I/O when it is known (a cached API key, any JWT), or None when
+        the store must be asked (then call ``authenticate``). Raises AuthError like it."""
+        if not credential:
+            raise _unauthorized()
+        parsed = keys.parse_key(credential)
+        if parsed is not None:
+            hit = self._cache.get(parsed[0])
+            if hit is None or hit[0] < time.monotonic() or hit[2] != parsed[1]:
+                return None
+            return self._tenant_of(hit[1])
+        if credential.count(".") == 2:
+            return self._jwt(credential)
+        raise _unauthorized()
 
     def _jwt(self, token: str) -> Tenant:
         # Algorithms are pinned by the key type we hold: "none" and alg confusion never pass.
