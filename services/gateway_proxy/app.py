@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import json
 import logging
+import re
 import sys
 import time
 import uuid
@@ -432,6 +433,15 @@ class GatewayProxy:
         return client
 
 
+_PLAIN = re.compile(r"[A-Za-z0-9_.:@-]*")
+
+
+def _json_str(value: str | None) -> str:
+    if value is None:
+        return "null"
+    return f'"{value}"' if _PLAIN.fullmatch(value) else json.dumps(value)
+
+
 class AccessLog:
     """Access log lines (JSON, same shape as the service's other logs) written in batches:
     one write every 200 ms instead of a logging record and a syscall per request."""
@@ -443,21 +453,26 @@ class AccessLog:
         self.task: asyncio.Task | None = None
         self.enabled = access_log.isEnabledFor(logging.INFO)
 
-    def write(self, **fields: Any) -> None:
+    def write(
+        self,
+        request_id: str,
+        tenant: str | None,
+        credential: str | None,
+        method: str,
+        route: str,
+        status: int,
+        ms: float,
+    ) -> None:
         if not self.enabled:
             return
-        ts = datetime.now(UTC).isoformat(timespec="milliseconds")
+        # Formatted by hand (json.dumps per request cost a tenth of the proxy's time); only
+        # the two fields that may hold arbitrary text go through the JSON encoder.
         self.lines.append(
-            json.dumps(
-                {
-                    "ts": ts,
-                    "level": "info",
-                    "service": "gateway_proxy",
-                    "logger": access_log.name,
-                    "msg": "request",
-                    **fields,
-                }
-            )
+            f'{{"ts": "{datetime.now(UTC).isoformat(timespec="milliseconds")}", "level": "info", '
+            f'"service": "gateway_proxy", "logger": "zaki.proxy.access", "msg": "request", '
+            f'"request_id": "{request_id}", "tenant": {_json_str(tenant)}, '
+            f'"credential": {_json_str(credential)}, "method": "{method}", "route": "{route}", '
+            f'"status": {status}, "ms": {ms}}}'
         )
         if len(self.lines) >= 1000:
             self.flush()

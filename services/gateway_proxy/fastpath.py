@@ -129,13 +129,19 @@ class FastProxyServer:
 
     # --- upstream connections ------------------------------------------------------------------
 
-    async def upstream(self, route: Route, fresh: bool = False) -> UpstreamConnection:
-        pool = None if fresh else self.pools.get((route.host, route.port))
+    def idle_upstream(self, route: Route) -> UpstreamConnection | None:
+        pool = self.pools.get((route.host, route.port))
         while pool:
             up = pool.pop()
             if not up.closed:
                 up.reused, up.got_bytes = True, False
                 return up
+        return None
+
+    async def upstream(self, route: Route, fresh: bool = False) -> UpstreamConnection:
+        up = None if fresh else self.idle_upstream(route)
+        if up is not None:
+            return up
         loop = asyncio.get_running_loop()
         _, up = await asyncio.wait_for(
             loop.create_connection(
@@ -450,6 +456,12 @@ class Exchange:
             )
             return
         route = proxy.routes.routes.get(tenant.user_id)
+        if route is not None:
+            up = self.client.server.idle_upstream(route)
+            if up is not None:  # the common case, with no task and no await
+                self.route = route
+                self._send(up, route)
+                return
         asyncio.get_running_loop().create_task(self._forward(route))
 
     def _refuse(self, status: int, code: str, message: str) -> None:
@@ -488,7 +500,6 @@ class Exchange:
 
     async def _forward(self, route: Route | None) -> None:
         proxy = self.client.proxy
-        req = self.req
         assert self.tenant is not None
         if route is None:
             try:
@@ -506,6 +517,11 @@ class Exchange:
             self.client.server.release(up)
             self._finish()
             return
+        self._send(up, route)
+
+    def _send(self, up: UpstreamConnection, route: Route) -> None:
+        req = self.req
+        assert self.tenant is not None
         self.up = up
         up.exchange = self
         body = b"".join(req.body)
@@ -559,23 +575,23 @@ class Exchange:
             out.append(b"Connection: close\r\n")
         out.append(b"\r\n")
         self.headers_sent = True
-        if not self.client.closed:
-            self.client.transport.write(b"".join(out))
+        self.up.out.append(b"".join(out))
 
     def response_body(self, data: bytes) -> None:
         self.last_data = time.perf_counter()
         BYTES_OUT.inc(len(data))
-        if self.client.closed:
-            return
         if self.chunked:
-            self.client.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.up.out.append(b"%x\r\n%s\r\n" % (len(data), data))
         else:
-            self.client.transport.write(data)
+            self.up.out.append(data)
 
     def response_done(self, upstream_keep_alive: bool) -> None:
-        if self.chunked and not self.client.closed:
-            self.client.transport.write(b"0\r\n\r\n")
         up, self.up = self.up, None
+        if up is None:
+            return
+        if self.chunked:
+            up.out.append(b"0\r\n\r\n")
+        self.flush(up.out)
         if up is not None:
             up.exchange = None
             if upstream_keep_alive:
@@ -584,11 +600,20 @@ class Exchange:
                 up.transport.close()
         self._finish()
 
+    def flush(self, out: list[bytes]) -> None:
+        """One write per upstream read: head, body and end of a small answer in one syscall."""
+        if out:
+            if not self.client.closed:
+                self.client.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+
     def upstream_failed(self, timeout: bool = False) -> None:
         """The gateway broke off (or went silent): an error if nothing was sent yet, else cut."""
         if self.done:
             return
         up, self.up = self.up, None
+        if up is not None:
+            self.flush(up.out)
         if up is not None:
             up.exchange = None
             up.transport.close()
@@ -665,6 +690,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.reused = False
         self.got_bytes = False
+        self.out: list[bytes] = []  # what one read produced for the client, written at once
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport subclass
@@ -678,6 +704,9 @@ class UpstreamConnection(asyncio.Protocol):
             if self.exchange is not None:
                 self.exchange.upstream_failed()
             self.transport.close()
+            return
+        if self.out and self.exchange is not None:
+            self.exchange.flush(self.out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
