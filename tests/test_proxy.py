@@ -218,8 +218,12 @@ async def test_stopped_and_deleted_instances_answer_503(proxy, provisioner, plat
         assert r.status_code == 503 and r.json()["state"] == "stopped"
         assert r.json()["error"]["type"] == "instance_not_running"
         await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=user, purge=True))
-        r = await http.get("/v1/models", headers=auth)
-        assert r.status_code == 503 and r.json()["state"] == "absent"
+
+        async def absent():  # the proxy hears instance.deleted at the same moment as this test
+            r = await http.get("/v1/models", headers=auth)
+            return r.status_code == 503 and r.json()["state"] == "absent"
+
+        await eventually(absent, timeout=2, interval=0.05)
 
 
 async def test_unreachable_gateway_is_502(proxy, provisioner, platform, fakes, store, docker_client):
@@ -407,7 +411,8 @@ async def test_shutdown_drains_open_streams(stack, service_env, provisioner, two
                 text += chunk
                 if text.count("data: ") == 2:
                     p.proc.send_signal(signal.SIGTERM)  # mid-stream
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as fresh:
         with pytest.raises(httpx.ConnectError):
-            await http.get("/v1/models")  # no new connections while draining or after
+            await fresh.get("/v1/models")  # no new connections while draining or after
     assert "data: [DONE]" in text  # the open stream was allowed to finish
     p.proc.wait(30)

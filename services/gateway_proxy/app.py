@@ -139,6 +139,7 @@ class GatewayProxy:
         )
         self.session: aiohttp.ClientSession | None = None
         self.websockets: set[web.WebSocketResponse] = set()
+        self.raw_websockets: set[Any] = set()  # the fast path's relays (wsrelay.WsRelay)
         self.allowed_origins = settings.proxy_public_origins()
         self.origin = (self.allowed_origins or [None])[0]
         self.access = AccessLog()

@@ -33,7 +33,9 @@ from services.gateway_proxy.app import (
     ROUTES,
     STRIPPED_REQUEST,
     STRIPPED_RESPONSE,
+    UI_PREFIX,
     UPSTREAM_LATENCY,
+    WS_PATHS,
     GatewayProxy,
     _child,
     check_cookie_origin,
@@ -42,6 +44,7 @@ from services.gateway_proxy.app import (
 )
 from services.gateway_proxy.auth import SESSION_COOKIE, AuthError, Tenant
 from services.gateway_proxy.routing import NoRoute, Route
+from services.gateway_proxy.wsrelay import WsRelay
 from shared.gateway import identity_headers
 
 log = logging.getLogger("zaki.proxy")
@@ -118,6 +121,8 @@ class FastProxyServer:
         self.draining = True
         if self.server is not None:
             self.server.close()
+        for ws in list(self.proxy.raw_websockets):
+            ws.go_away()
         if self.in_flight:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.idle.wait(), timeout)
@@ -176,6 +181,9 @@ class ClientConnection(asyncio.Protocol):
         self.pipelined = False
         self.closed = False
         self.rejecting = False  # answered 413: reading (and dropping) the rest of the body
+        self.ws: WsRelay | None = None
+        self.ws_req: _Request | None = None
+        self.ws_scope = "ws"
         self.remote = ""
 
     # --- asyncio.Protocol ------------------------------------------------------------------------
@@ -187,6 +195,9 @@ class ClientConnection(asyncio.Protocol):
         self.server.clients.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.ws is not None:
+            self.ws.from_client(data)
+            return
         if self.handoff:
             return
         if self.buffering:
@@ -194,8 +205,11 @@ class ClientConnection(asyncio.Protocol):
         self.completed_in_chunk = False
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            pass  # an Upgrade request: on_headers_complete chose the hand-over
+        except httptools.HttpParserUpgrade as e:
+            # An Upgrade request: on_headers_complete chose between our relay and a hand-over.
+            if self.ws_req is not None and not self.handoff:
+                self._start_websocket(data[e.args[0] :])
+                return
         except httptools.HttpParserError:
             if not self.handoff:
                 self._error_and_close(400, "bad_request", "malformed HTTP request")
@@ -208,14 +222,20 @@ class ClientConnection(asyncio.Protocol):
         self.server.clients.discard(self)
         if self.exchange is not None:
             self.exchange.client_gone()
+        if self.ws is not None:
+            self.ws.close()
 
     def pause_writing(self) -> None:
         if self.exchange is not None:
             self.exchange.pause_upstream()
+        elif self.ws is not None and self.ws.up is not None:
+            self.ws.up.transport.pause_reading()
 
     def resume_writing(self) -> None:
         if self.exchange is not None:
             self.exchange.resume_upstream()
+        elif self.ws is not None and self.ws.up is not None:
+            self.ws.up.transport.resume_reading()
 
     # --- llhttp callbacks -------------------------------------------------------------------------
 
@@ -246,7 +266,14 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserInvalidURLError:
             self._error_and_close(400, "bad_request", "malformed URL")
             return
-        known = None if req.header(b"upgrade") is not None else _fast_route(req.method, req.path)
+        if req.header(b"upgrade") is not None:
+            ui = req.path == UI_PREFIX or req.path.startswith(UI_PREFIX + "/")
+            if (req.path in WS_PATHS or ui) and req.method == "GET" and not self.pipelined:
+                self.ws_req, self.ws_scope = req, "ui" if ui else "ws"
+                return
+            known = None
+        else:
+            known = _fast_route(req.method, req.path)
         if known is None:
             if self.pipelined:
                 self._error_and_close(400, "bad_request", "pipelined request cannot be served")
@@ -276,7 +303,7 @@ class ClientConnection(asyncio.Protocol):
         if self.rejecting:
             self.transport.close()
             return
-        if req is None or self.handoff or self.closed:
+        if req is None or self.handoff or self.closed or req is self.ws_req:
             return
         self.completed_in_chunk = True
         self.buffering = True
@@ -321,6 +348,52 @@ class ClientConnection(asyncio.Protocol):
             self._next()
         else:
             self.transport.resume_reading()
+
+    def _start_websocket(self, leftover: bytes) -> None:
+        req = self.ws_req
+        assert req is not None
+        req.rid = next_request_id()
+        req.route = "control_ui_ws" if self.ws_scope == "ui" else "websocket"
+        self.buf = bytearray()
+        self.ws = WsRelay(self, req, self.ws_scope, leftover)
+        asyncio.get_running_loop().create_task(self.ws.start())
+
+    def ws_refused(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        req: _Request,
+        extra: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        _child(REQUESTS, req.route, f"{status // 100}xx").inc()
+        if not self.closed:
+            self.transport.write(
+                error_bytes(status, req.path, code, message, req.rid, extra, headers, close=True)
+            )
+            self.transport.close()
+        self.proxy.access.write(
+            request_id=req.rid,
+            tenant=None,
+            credential=None,
+            method="GET",
+            route=req.route,
+            status=status,
+            ms=0.0,
+        )
+
+    def log_websocket(self, req: _Request, tenant: Tenant | None, seconds: float) -> None:
+        _child(REQUESTS, req.route, "1xx").inc()
+        self.proxy.access.write(
+            request_id=req.rid,
+            tenant=tenant.user_id if tenant else None,
+            credential=tenant.credential_id if tenant else None,
+            method="GET",
+            route=req.route,
+            status=101,
+            ms=round(seconds * 1000, 2),
+        )
 
     def _reject_body(self, req: _Request) -> None:
         """413 at once, then read and drop what the client is still sending before closing
@@ -511,7 +584,14 @@ class Exchange:
         try:
             up = await self.client.server.upstream(route, fresh=self.retried)
         except (OSError, TimeoutError):
-            self._answer_error(502, "gateway_unreachable", "your gateway did not answer")
+            # Perhaps it just stopped and the event is on its way: the record says.
+            doc = await proxy.routes.store.get_instance(self.tenant.user_id)
+            state = doc["state"] if doc else None
+            if state != "running":
+                proxy.routes.on_gone(self.tenant.user_id, state)
+                self._not_running(state)
+            else:
+                self._answer_error(502, "gateway_unreachable", "your gateway did not answer")
             return
         if self.client.closed:
             self.client.server.release(up)

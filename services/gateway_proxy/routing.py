@@ -55,7 +55,7 @@ class RoutingTable:
         )
         self._misses.pop(user_id, None)
 
-    def on_gone(self, user_id: str, state: str) -> None:
+    def on_gone(self, user_id: str, state: str | None) -> None:
         self.routes.pop(user_id, None)
         self._misses[user_id] = (time.monotonic() + MISS_TTL_S, state)
 
