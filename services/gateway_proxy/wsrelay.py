@@ -107,6 +107,7 @@ class WsRelay:
         self.req = req
         self.scope = scope
         self.pending = bytearray(leftover)  # client bytes not yet forwarded (before the first text frame)
+        self.early = bytearray()  # gateway bytes that arrived before the client had its 101
         self.up: WsUpstream | None = None
         self.tenant: Tenant | None = None
         self.open = False
@@ -211,8 +212,9 @@ class WsRelay:
         self.opened_at = time.perf_counter()
         OPEN_WS.inc()
         self.client.proxy.raw_websockets.add(self)
-        if leftover:
-            self.from_upstream(leftover)
+        early, self.early = bytes(leftover) + bytes(self.early), bytearray()
+        if early:
+            self.from_upstream(early)
         if self.pending:
             data, self.pending = bytes(self.pending), bytearray()
             self.from_client(data)
@@ -269,6 +271,9 @@ class WsRelay:
 
     def from_upstream(self, data: bytes) -> None:
         if self.closed:
+            return
+        if not self.open:  # frames that beat our 101 to the client wait for it
+            self.early += data
             return
         BYTES_OUT.inc(len(data))
         self.to_client.feed(data)
