@@ -452,3 +452,39 @@ async def test_real_gateway_chats_through_the_broker_with_no_provider_key_inside
             for e in (a, b)
         )
     )
+
+
+async def test_bring_your_own_key_from_instance_requested(
+    provisioner, broker, platform, fakes, store, docker_client, state_dir
+):
+    """A user's own provider key in instance.requested: sealed in their record, never in their
+    container; their gateway's calls to that provider carry it, through the broker."""
+    from shared.events import ProviderSettings
+
+    own_key = "sk-own-" + uuid.uuid4().hex
+    ev = request(
+        fakes,
+        image=STANDIN_IMAGE,
+        model="mine/echo-1",
+        provider=ProviderSettings(
+            name="mine",
+            base_url=f"http://{fakes.host}:{fakes.llm_port}/v1",
+            api_key=own_key,
+            models=["echo-1"],
+        ),
+    )
+    subject, ready = await platform.call(subjects.INSTANCE_REQUESTED, ev, timeout=120)
+    assert subject == subjects.INSTANCE_READY, ready
+    try:
+        raw = (state_dir / "data" / "users" / ev.user_id / ".openclaw" / "openclaw.json").read_text()
+        assert own_key not in raw
+        provider = json.loads(raw)["models"]["providers"]["mine"]
+        assert provider["apiKey"].startswith("zkb_") and provider["baseUrl"].endswith("/p/mine")
+        assert own_key not in json.dumps(await store.get_instance(ev.user_id), default=str)  # sealed
+        answer = await call_from_container(
+            docker_client, ev.user_id, f"{provider['baseUrl']}/chat/completions", provider["apiKey"], "byok"
+        )
+        assert answer["status"] == 200 and "echo: byok" in answer["body"], answer
+        assert fakes.llm.auth_headers[-1] == f"Bearer {own_key}"
+    finally:
+        await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=ev.user_id, purge=True))
