@@ -95,6 +95,22 @@ def keyring_spec() -> str:
     return KeyRing.new_key_spec("k1")
 
 
+def outside_world_env(fakes: Fakes, broker_port: int) -> dict[str, str]:
+    """Settings that point a platform at the local fakes of Telegram and a model provider."""
+    return {
+        "ZAKI_TELEGRAM_API_BASE": f"http://{fakes.host}:{fakes.tg_port}",
+        "ZAKI_TELEGRAM_API_BASE_FOR_GATEWAYS": f"http://host.docker.internal:{fakes.tg_port}",
+        "ZAKI_TELEGRAM_PRIVATE_NETWORK": "true",
+        # The provider as the LLM broker reaches it; gateways only ever see the broker.
+        "ZAKI_LLM_BASE_URL": f"http://{fakes.host}:{fakes.llm_port}/v1",
+        "ZAKI_LLM_API_KEY": "sk-platform-" + uuid.uuid4().hex,
+        "ZAKI_BROKER_HOST": fakes.host,
+        "ZAKI_BROKER_PORT": str(broker_port),
+        "ZAKI_BROKER_URL_FOR_GATEWAYS": f"http://host.docker.internal:{broker_port}",
+        "ZAKI_DEFAULT_MODEL": "zaki/echo-1",
+    }
+
+
 @pytest.fixture(scope="session")
 def service_env(stack: Stack, fakes: Fakes, keyring_spec: str, state_dir: Path) -> dict[str, str]:
     port0 = 23000 + (int(SESSION, 16) % 40) * 100
@@ -111,16 +127,7 @@ def service_env(stack: Stack, fakes: Fakes, keyring_spec: str, state_dir: Path) 
         "ZAKI_ALLOWED_IMAGES": f"{STANDIN_IMAGE},zaki/standin-gateway:canary",
         "ZAKI_PORT_RANGE_START": str(port0),
         "ZAKI_PORT_RANGE_END": str(port0 + 99),
-        "ZAKI_TELEGRAM_API_BASE": f"http://{fakes.host}:{fakes.tg_port}",
-        "ZAKI_TELEGRAM_API_BASE_FOR_GATEWAYS": f"http://host.docker.internal:{fakes.tg_port}",
-        "ZAKI_TELEGRAM_PRIVATE_NETWORK": "true",
-        # The provider as the LLM broker reaches it; gateways only ever see the broker.
-        "ZAKI_LLM_BASE_URL": f"http://{fakes.host}:{fakes.llm_port}/v1",
-        "ZAKI_LLM_API_KEY": "sk-platform-" + uuid.uuid4().hex,
-        "ZAKI_BROKER_HOST": fakes.host,
-        "ZAKI_BROKER_PORT": str(broker_port),
-        "ZAKI_BROKER_URL_FOR_GATEWAYS": f"http://host.docker.internal:{broker_port}",
-        "ZAKI_DEFAULT_MODEL": "zaki/echo-1",
+        **outside_world_env(fakes, broker_port),
         "ZAKI_READINESS_TIMEOUT_S": "120",
         "ZAKI_RECONCILE_INTERVAL_S": "5",
         "ZAKI_STOP_TIMEOUT_S": "5",
@@ -280,3 +287,20 @@ def start_monitor(stack: Stack, service_env: dict[str, str], replica: str) -> Pr
 @pytest.fixture(scope="session")
 def monitor(stack: Stack, service_env: dict[str, str], provisioner: Process) -> Process:
     return start_monitor(stack, service_env, "mon-a")
+
+
+def operator_connect(
+    request_id: str, client_id: str = "cli", mode: str = "cli", platform: str = "linux"
+) -> str:
+    """OpenClaw's WebSocket ``connect`` frame for an operator client (no auth: the proxy vouches)."""
+    import json
+
+    params = {
+        "minProtocol": 4,
+        "maxProtocol": 4,
+        "client": {"id": client_id, "version": "0.1.0", "platform": platform, "mode": mode},
+        "role": "operator",
+        "scopes": ["operator.read", "operator.write"],
+        "caps": [],
+    }
+    return json.dumps({"type": "req", "id": request_id, "method": "connect", "params": params})

@@ -23,7 +23,7 @@ from shared.client import PlatformClient
 from shared.crypto import credential_hash, new_broker_credential
 from shared.events import InstanceDelete, InstanceRequested
 from shared.store import Store
-from tests.conftest import STANDIN_IMAGE, _wait_consumers, new_bot_token, new_user
+from tests.conftest import STANDIN_IMAGE, _wait_consumers, new_bot_token, new_user, outside_world_env
 from zaki.stack import REPO, Process, Stack, free_port, wait_for_port
 
 SERVICES = ("services.provisioner", "services.monitor", "services.gateway_proxy", "services.llm_broker")
@@ -56,15 +56,7 @@ class FaultPlatform:
             "ZAKI_GATEWAY_IMAGE": STANDIN_IMAGE,
             "ZAKI_PORT_RANGE_START": str(port0),
             "ZAKI_PORT_RANGE_END": str(port0 + 99),
-            "ZAKI_TELEGRAM_API_BASE": f"http://{fakes.host}:{fakes.tg_port}",
-            "ZAKI_TELEGRAM_API_BASE_FOR_GATEWAYS": f"http://host.docker.internal:{fakes.tg_port}",
-            "ZAKI_TELEGRAM_PRIVATE_NETWORK": "true",
-            "ZAKI_LLM_BASE_URL": f"http://{fakes.host}:{fakes.llm_port}/v1",
-            "ZAKI_LLM_API_KEY": "sk-fault-" + uuid.uuid4().hex,
-            "ZAKI_DEFAULT_MODEL": "zaki/echo-1",
-            "ZAKI_BROKER_HOST": fakes.host,
-            "ZAKI_BROKER_PORT": str(self.broker_port),
-            "ZAKI_BROKER_URL_FOR_GATEWAYS": f"http://host.docker.internal:{self.broker_port}",
+            **outside_world_env(fakes, self.broker_port),
             "ZAKI_BUDGET_REQUESTS_PER_MINUTE": "100000",
             "ZAKI_PROXY_PORT": str(self.proxy_port),
             "ZAKI_RATE_LIMIT_RPS": "10000",

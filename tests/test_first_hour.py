@@ -22,7 +22,7 @@ import httpx
 import pytest
 import websockets
 
-from tests.conftest import SESSION, eventually, new_bot_token
+from tests.conftest import SESSION, eventually, new_bot_token, operator_connect
 from zaki.stack import free_port
 
 
@@ -87,15 +87,7 @@ async def ws_rpc(base: str, key: str) -> dict:
         base.replace("http://", "ws://") + "/ws", additional_headers={"Authorization": f"Bearer {key}"}
     ) as ws:
         assert json.loads(await ws.recv())["event"] == "connect.challenge"
-        connect = {
-            "minProtocol": 4,
-            "maxProtocol": 4,
-            "client": {"id": "cli", "version": "0.1.0", "platform": "linux", "mode": "cli"},
-            "role": "operator",
-            "scopes": ["operator.read", "operator.write"],
-            "caps": [],
-        }
-        await ws.send(json.dumps({"type": "req", "id": "c1", "method": "connect", "params": connect}))
+        await ws.send(operator_connect("c1"))
         await ws.send(json.dumps({"type": "req", "id": "c2", "method": "sessions.list", "params": {}}))
         answers: dict[str, dict] = {}
         while "c2" not in answers:

@@ -20,7 +20,7 @@ from shared import subjects
 from shared.crypto import KeyRing
 from shared.events import InstanceCommand, InstanceDelete, InstanceRequested
 from shared.state import InstanceState
-from tests.conftest import JWT_SECRET, STANDIN_IMAGE, all_log_text, eventually, new_user
+from tests.conftest import JWT_SECRET, STANDIN_IMAGE, all_log_text, eventually, new_user, operator_connect
 
 
 async def make_instance(platform, fakes, image=STANDIN_IMAGE):
@@ -273,23 +273,7 @@ async def test_real_gateway_through_the_proxy(proxy, provisioner, platform, fake
         url = proxy.address.replace("http://", "ws://") + "/ws"
         async with websockets.connect(url, additional_headers=auth, max_size=64 << 20) as ws:
             received += (await ws.recv()).encode()
-            await ws.send(
-                json.dumps(
-                    {
-                        "type": "req",
-                        "id": "c1",
-                        "method": "connect",
-                        "params": {
-                            "minProtocol": 4,
-                            "maxProtocol": 4,
-                            "client": {"id": "cli", "version": "0.1.0", "platform": "linux", "mode": "cli"},
-                            "role": "operator",
-                            "scopes": ["operator.read", "operator.write"],
-                            "caps": [],
-                        },
-                    }
-                )
-            )
+            await ws.send(operator_connect("c1"))
             hello = await _response(ws, "c1", received)
             assert hello["ok"], hello
             assert set(hello["payload"]["auth"]["scopes"]) >= {"operator.read", "operator.write"}
@@ -338,15 +322,7 @@ async def _control_ui(proxy, user: str, api_key: str, received: bytearray) -> No
     assert refused.value.response.status_code == 403  # no cross-site WebSocket hijacking
     async with websockets.connect(ws_url, additional_headers={**cookie, "Origin": ORIGIN}) as ws:
         received += (await ws.recv()).encode()
-        connect = {
-            "minProtocol": 4,
-            "maxProtocol": 4,
-            "client": {"id": "openclaw-control-ui", "version": "0.1.0", "platform": "web", "mode": "webchat"},
-            "role": "operator",
-            "scopes": ["operator.read", "operator.write"],
-            "caps": [],
-        }
-        await ws.send(json.dumps({"type": "req", "id": "u1", "method": "connect", "params": connect}))
+        await ws.send(operator_connect("u1", "openclaw-control-ui", "webchat", "web"))
         hello = await _response(ws, "u1", received)
         assert hello["ok"], hello  # device-less operator session, by trusted-proxy identity
 

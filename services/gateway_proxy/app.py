@@ -29,6 +29,7 @@ from services.gateway_proxy.auth import Authenticator, AuthError, Tenant, creden
 from services.gateway_proxy.limits import TenantLimits
 from services.gateway_proxy.routing import NoRoute, Route, RoutingTable
 from shared.gateway import CONTROL_UI_BASE_PATH, identity_headers
+from shared.http import HOP_BY_HOP
 from shared.settings import ZakiSettings
 
 log = logging.getLogger("zaki.proxy")
@@ -84,17 +85,6 @@ WS_PATHS = ("/ws", "/v1/ws")
 UI_PREFIX = CONTROL_UI_BASE_PATH  # the Control UI, for browsers with a session cookie
 SMALL_BODY = 64 * 1024
 
-HOP_BY_HOP = {
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "trailers",
-    "transfer-encoding",
-    "upgrade",
-}
 # Client headers the proxy owns: credentials and anything that claims an identity or origin.
 STRIPPED_REQUEST = HOP_BY_HOP | {
     "authorization",

@@ -24,6 +24,7 @@ from services.llm_broker.budget import BudgetPolicy, UsageLedger, Verdict
 from services.llm_broker.directory import LIVE_STATES, BrokerClient, Directory, ProviderUnavailable, Upstream
 from services.llm_broker.usage import CHARS_PER_TOKEN, UsageMeter
 from shared.crypto import BROKER_CREDENTIAL_PREFIX
+from shared.http import HOP_BY_HOP
 from shared.settings import ZakiSettings
 
 log = logging.getLogger("zaki.broker")
@@ -54,17 +55,6 @@ ALLOWED_PATHS: dict[str, re.Pattern[str]] = {
 SMALL_BODY = 256 * 1024
 _PATH = re.compile(r"^/p/([a-z][a-z0-9-]{0,31})/(.*)$")
 
-HOP_BY_HOP = {
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "trailers",
-    "transfer-encoding",
-    "upgrade",
-}
 STRIPPED_REQUEST = HOP_BY_HOP | {
     "authorization",
     "x-api-key",
