@@ -392,3 +392,34 @@ async def test_shutdown_drains_open_streams(stack, service_env, provisioner, two
             await fresh.get("/v1/models")  # no new connections while draining or after
     assert "data: [DONE]" in text  # the open stream was allowed to finish
     p.proc.wait(30)
+
+
+async def test_idle_and_trickling_connections_are_closed(stack, service_env, provisioner):
+    """Keep-alive connections do not live forever and a request whose headers trickle in
+    (slowloris) gets 408: no client can hold connection slots indefinitely."""
+    from tests.conftest import free_port, wait_for_port
+
+    port = free_port()
+    p = stack.start_service(
+        "services.gateway_proxy",
+        {
+            **service_env,
+            "ZAKI_PROXY_PORT": str(port),
+            "ZAKI_METRICS_PORT": "0",
+            "ZAKI_PROXY_KEEPALIVE_S": "1",
+            "ZAKI_PROXY_HEADER_TIMEOUT_S": "1",
+        },
+    )
+    try:
+        wait_for_port("127.0.0.1", port, p.proc, "proxy")
+        idle_r, idle_w = await asyncio.open_connection("127.0.0.1", port)
+        slow_r, slow_w = await asyncio.open_connection("127.0.0.1", port)
+        slow_w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # and then nothing more
+        await slow_w.drain()
+        answer = await asyncio.wait_for(slow_r.read(), 10)  # read() returns at EOF
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert await asyncio.wait_for(idle_r.read(), 10) == b""  # closed by the proxy
+        for w in (idle_w, slow_w):
+            w.close()
+    finally:
+        p.stop()

@@ -108,6 +108,7 @@ class FastProxyServer:
         self.in_flight = 0
         self.idle = asyncio.Event()  # set whenever no request is in flight
         self.server: asyncio.base_events.Server | None = None
+        self._sweeper: asyncio.Task | None = None
         self.draining = False
 
     async def start(self, host: str, port: int) -> None:
@@ -115,12 +116,31 @@ class FastProxyServer:
         self.server = await loop.create_server(
             lambda: ClientConnection(self), host, port, reuse_port=True, backlog=2048
         )
+        self._sweeper = loop.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Closes keep-alive connections idle too long and requests whose headers trickle in
+        (slowloris): no connection holds a slot forever."""
+        keepalive, header_timeout = self.s.proxy_keepalive_s, self.s.proxy_header_timeout_s
+        while True:
+            await asyncio.sleep(min(keepalive, header_timeout, 5.0) / 2)
+            now = time.monotonic()
+            for c in list(self.clients):
+                if c.exchange is not None or c.ws is not None or c.closed:
+                    continue
+                if c.req is not None or c.rejecting:
+                    if now - c.req_started > header_timeout:
+                        c.timed_out()
+                elif now - c.last_active > keepalive:
+                    c.transport.close()
 
     async def drain(self, timeout: float) -> None:
         """Stops accepting, lets requests in flight finish (up to *timeout*), then closes idle connections."""
         self.draining = True
         if self.server is not None:
             self.server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for ws in list(self.proxy.raw_websockets):
             ws.go_away()
         if self.in_flight:
@@ -185,6 +205,7 @@ class ClientConnection(asyncio.Protocol):
         self.ws_req: _Request | None = None
         self.ws_scope = "ws"
         self.remote = ""
+        self.last_active = self.req_started = time.monotonic()
 
     # --- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -200,6 +221,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.handoff:
             return
+        self.last_active = time.monotonic()
         if self.buffering:
             self.buf += data
         self.completed_in_chunk = False
@@ -243,6 +265,7 @@ class ClientConnection(asyncio.Protocol):
         if self.completed_in_chunk or self.queue or self.exchange is not None:
             self.pipelined = True
         self.req = _Request()
+        self.req_started = time.monotonic()
 
     def on_url(self, url: bytes) -> None:
         assert self.req is not None
@@ -348,6 +371,9 @@ class ClientConnection(asyncio.Protocol):
             self._next()
         else:
             self.transport.resume_reading()
+
+    def timed_out(self) -> None:
+        self._error_and_close(408, "request_timeout", "the request did not arrive in time")
 
     def _start_websocket(self, leftover: bytes) -> None:
         req = self.ws_req
