@@ -153,6 +153,24 @@ async def test_limits_413_and_429(proxy, two_tenants):
     await asyncio.sleep(2)  # let the bucket refill for other tests
 
 
+async def test_expect_100_continue_is_answered(proxy, two_tenants):
+    """curl sends `Expect: 100-continue` with bodies over 1 KiB and waits for the go-ahead."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(proxy.address.rsplit(":", 1)[1]))
+    body = json.dumps(chat_body("x" * 2000)).encode()
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {two_tenants['key_a']}\r\n".encode()
+        + b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    await writer.drain()
+    assert await asyncio.wait_for(reader.readline(), 0.5) == b"HTTP/1.1 100 Continue\r\n"
+    await reader.readline()
+    writer.write(body)
+    status = await asyncio.wait_for(reader.readline(), 10)
+    assert status.startswith(b"HTTP/1.1 200"), status
+    writer.close()
+
+
 async def test_sse_passes_through_chunk_by_chunk(proxy, two_tenants):
     t = two_tenants
     auth = {"Authorization": f"Bearer {t['key_a']}"}

@@ -50,7 +50,8 @@ from shared.gateway import identity_headers
 log = logging.getLogger("zaki.proxy")
 
 MAX_HEADER_BYTES = 32 * 1024
-_STRIPPED_REQUEST = {h.encode() for h in STRIPPED_REQUEST}
+# Expect is answered here (the whole body is read before the gateway is called).
+_STRIPPED_REQUEST = {h.encode() for h in STRIPPED_REQUEST} | {b"expect"}
 _STRIPPED_RESPONSE = {h.encode() for h in STRIPPED_RESPONSE}
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
@@ -310,6 +311,10 @@ class ClientConnection(asyncio.Protocol):
         if length is not None and length.isdigit() and int(length) > self.server.s.max_body_bytes:
             REJECTED.labels("body_too_large").inc()
             self._reject_body(req)
+            return
+        expect = req.header(b"expect")
+        if expect is not None and expect.lower() == "100-continue":
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for it otherwise
 
     def on_body(self, body: bytes) -> None:
         req = self.req
