@@ -672,7 +672,8 @@ class Exchange:
         self.last_data = time.perf_counter()
         _child(UPSTREAM_LATENCY, self.req.route).observe(self.last_data - self.t_up)
         self.status = status
-        self.chunked = not has_length
+        # 1xx, 204 and 304 answers have no body, hence no framing either.
+        self.chunked = not has_length and status >= 200 and status not in (204, 304)
         out = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))]
         for k, v in headers:
             lk = k.lower()
