@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 GATEWAY_PORT = 18789
@@ -29,6 +30,7 @@ def gateway_identity(user_id: str) -> str:
 LOCAL_CLIENT_IP = "203.0.113.1"
 
 
+@functools.lru_cache(maxsize=4096)
 def attributable_ip(client_ip: str | None) -> str:
     try:
         ip = ipaddress.ip_address(client_ip or "")

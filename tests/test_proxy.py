@@ -412,9 +412,10 @@ async def test_shutdown_drains_open_streams(stack, service_env, provisioner, two
     p.proc.wait(30)
 
 
-async def test_idle_and_trickling_connections_are_closed(stack, service_env, provisioner):
-    """Keep-alive connections do not live forever and a request whose headers trickle in
-    (slowloris) gets 408: no client can hold connection slots indefinitely."""
+async def test_idle_and_trickling_connections_are_closed(stack, service_env, provisioner, two_tenants):
+    """Keep-alive connections do not live forever, a request whose headers trickle in
+    (slowloris) gets 408, and a gateway that goes silent mid-stream is cut off: nobody can
+    hold connection slots indefinitely."""
     from tests.conftest import free_port, wait_for_port
 
     port = free_port()
@@ -426,6 +427,7 @@ async def test_idle_and_trickling_connections_are_closed(stack, service_env, pro
             "ZAKI_METRICS_PORT": "0",
             "ZAKI_PROXY_KEEPALIVE_S": "1",
             "ZAKI_PROXY_HEADER_TIMEOUT_S": "1",
+            "ZAKI_PROXY_IDLE_TIMEOUT_S": "1",
         },
     )
     try:
@@ -439,5 +441,20 @@ async def test_idle_and_trickling_connections_are_closed(stack, service_env, pro
         assert await asyncio.wait_for(idle_r.read(), 10) == b""  # closed by the proxy
         for w in (idle_w, slow_w):
             w.close()
+        # The gateway sends its first chunk, then nothing for 4 s: the proxy ends the stream.
+        body = chat_body("silent", stream=True, standin_chunks=2, standin_delay_ms=4000)
+        t0 = time.monotonic()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            with pytest.raises(httpx.HTTPError):
+                async with http.stream(
+                    "POST",
+                    "/v1/chat/completions",
+                    json=body,
+                    headers={"Authorization": f"Bearer {two_tenants['key_a']}"},
+                ) as r:
+                    assert r.status_code == 200
+                    async for _ in r.aiter_bytes():
+                        pass
+        assert time.monotonic() - t0 < 3.5
     finally:
         p.stop()

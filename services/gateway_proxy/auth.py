@@ -48,9 +48,11 @@ class Authenticator:
         self.jwt_public_key = jwt_public_key
         self.audience = audience
         self._cache: dict[str, tuple[float, keys.ApiKey | None, str]] = {}
+        self._tenants: dict[str, Tenant] = {}
 
     def forget(self, key_id: str) -> None:
         self._cache.pop(key_id, None)
+        self._tenants.pop(key_id, None)
 
     async def authenticate(self, credential: str | None) -> Tenant:
         if not credential:
@@ -68,8 +70,10 @@ class Authenticator:
         if hit is None or hit[0] < now or hit[2] != secret:
             key = await keys.lookup(self.store, key_id, secret)
             self._cache[key_id] = (now + KEY_CACHE_TTL_S, key, secret)
+            self._tenants.pop(key_id, None)
             if len(self._cache) > 100_000:
                 self._cache.clear()
+                self._tenants.clear()
         else:
             key = hit[1]
         return self._tenant_of(key)
@@ -94,7 +98,13 @@ class Authenticator:
             hit = self._cache.get(parsed[0])
             if hit is None or hit[0] < time.monotonic() or hit[2] != parsed[1]:
                 return None
-            return self._tenant_of(hit[1])
+            key = hit[1]
+            if key is not None and not key.revoked and key.usable():
+                tenant = self._tenants.get(key.key_id)
+                if tenant is None:  # one Tenant per key, not one per request
+                    tenant = self._tenants[key.key_id] = self._tenant_of(key)
+                return tenant
+            return self._tenant_of(key)
         if credential.count(".") == 2:
             return self._jwt(credential)
         raise _unauthorized()

@@ -76,6 +76,7 @@ class _Request:
         "body",
         "headers",
         "keep_alive",
+        "lower",
         "method",
         "path",
         "rid",
@@ -88,15 +89,14 @@ class _Request:
 
     def __init__(self) -> None:
         self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: list[tuple[bytes, bytes, bytes]] = []  # (name, lower-case name, value)
+        self.lower: dict[bytes, bytes] = {}
         self.body: list[bytes] = []
         self.size = 0
 
     def header(self, name: bytes) -> str | None:
-        for k, v in self.headers:
-            if k.lower() == name:
-                return v.decode("latin-1")
-        return None
+        v = self.lower.get(name)
+        return None if v is None else v.decode("latin-1")
 
 
 class FastProxyServer:
@@ -124,10 +124,17 @@ class FastProxyServer:
         (slowloris): no connection holds a slot forever."""
         keepalive, header_timeout = self.s.proxy_keepalive_s, self.s.proxy_header_timeout_s
         while True:
-            await asyncio.sleep(min(keepalive, header_timeout, 5.0) / 2)
-            now = time.monotonic()
+            await asyncio.sleep(min(keepalive, header_timeout, self.s.proxy_idle_timeout_s, 5.0) / 2)
+            now, perf = time.monotonic(), time.perf_counter()
             for c in list(self.clients):
-                if c.exchange is not None or c.ws is not None or c.closed:
+                ex = c.exchange
+                if ex is not None:
+                    # A gateway silent for ZAKI_PROXY_IDLE_TIMEOUT_S ends the request (504, or a cut
+                    # stream); checked here rather than with a timer per request.
+                    if ex.up is not None and perf - ex.last_data > self.s.proxy_idle_timeout_s:
+                        ex.upstream_failed(timeout=True)
+                    continue
+                if c.ws is not None or c.closed:
                     continue
                 if c.req is not None or c.rejecting:
                     if now - c.req_started > header_timeout:
@@ -276,7 +283,9 @@ class ClientConnection(asyncio.Protocol):
         req = self.req
         assert req is not None
         req.size += len(name) + len(value) + 4
-        req.headers.append((name, value))
+        lname = name.lower()
+        req.headers.append((name, lname, value))
+        req.lower[lname] = value
 
     def on_headers_complete(self) -> None:
         req = self.req
@@ -485,7 +494,6 @@ class Exchange:
         "status",
         "t_up",
         "tenant",
-        "timer",
         "up",
     )
 
@@ -499,7 +507,6 @@ class Exchange:
         self.chunked = False
         self.done = False
         self.keep_alive = req.keep_alive
-        self.timer: asyncio.TimerHandle | None = None
         self.last_data = 0.0
         self.t_up = 0.0
         self.route: Route | None = None
@@ -638,8 +645,8 @@ class Exchange:
         body = b"".join(req.body)
         BYTES_IN.inc(len(body))
         lines = [req.method.encode() + b" " + req.url + b" HTTP/1.1\r\n"]
-        for k, v in req.headers:
-            if k.lower() not in _STRIPPED_REQUEST:
+        for k, lk, v in req.headers:
+            if lk not in _STRIPPED_REQUEST:
                 lines.append(k + b": " + v + b"\r\n")
         ident = identity_headers(self.tenant.user_id, self.client.remote, proto="http")
         host = req.header(b"host") or ""
@@ -652,19 +659,6 @@ class Exchange:
         )
         self.t_up = self.last_data = time.perf_counter()
         up.transport.write(b"".join(lines) + body)
-        self.timer = asyncio.get_running_loop().call_later(
-            self.client.server.s.proxy_idle_timeout_s, self._check_idle
-        )
-
-    def _check_idle(self) -> None:
-        if self.done:
-            return
-        idle = self.client.server.s.proxy_idle_timeout_s
-        left = idle - (time.perf_counter() - self.last_data)
-        if left > 0:
-            self.timer = asyncio.get_running_loop().call_later(left, self._check_idle)
-            return
-        self.upstream_failed(timeout=True)
 
     # --- the answer ----------------------------------------------------------------------------------
 
@@ -768,8 +762,6 @@ class Exchange:
         if self.done:
             return
         self.done = True
-        if self.timer is not None:
-            self.timer.cancel()
         req = self.req
         elapsed = time.perf_counter() - req.t0
         status = self.status or 499

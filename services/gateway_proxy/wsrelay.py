@@ -130,7 +130,7 @@ class WsRelay:
 
         proxy = self.client.proxy
         req = self.req
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in req.headers}
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, _, v in req.headers}
         lower = {k.lower(): v for k, v in headers.items()}
         cookies = {}
         for part in lower.get("cookie", "").split(";"):
