@@ -44,7 +44,7 @@ from services.gateway_proxy.app import (
 )
 from services.gateway_proxy.auth import SESSION_COOKIE, AuthError, Tenant
 from services.gateway_proxy.routing import NoRoute, Route
-from services.gateway_proxy.wsrelay import WsRelay
+from services.gateway_proxy.wsrelay import WsRelay, flush_relayed
 from shared.gateway import identity_headers
 
 log = logging.getLogger("zaki.proxy")
@@ -125,6 +125,7 @@ class FastProxyServer:
         keepalive, header_timeout = self.s.proxy_keepalive_s, self.s.proxy_header_timeout_s
         while True:
             await asyncio.sleep(min(keepalive, header_timeout, self.s.proxy_idle_timeout_s, 5.0) / 2)
+            flush_relayed()
             now, perf = time.monotonic(), time.perf_counter()
             for c in list(self.clients):
                 ex = c.exchange
@@ -151,6 +152,7 @@ class FastProxyServer:
             self._sweeper.cancel()
         for ws in list(self.proxy.raw_websockets):
             ws.go_away()
+        flush_relayed()
         if self.in_flight:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.idle.wait(), timeout)

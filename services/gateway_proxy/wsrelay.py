@@ -28,6 +28,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("zaki.proxy")
 
 MAX_FIRST_FRAME = 1 << 20
+# WebSocket bytes relayed (in, out) since the last flush into zaki_proxy_bytes_total: counted
+# here per message, added to the Prometheus counter every few seconds (flush_relayed).
+RELAYED = [0, 0]
+
+
+def flush_relayed() -> None:
+    if RELAYED[0]:
+        BYTES_IN.inc(RELAYED[0])
+    if RELAYED[1]:
+        BYTES_OUT.inc(RELAYED[1])
+    RELAYED[0] = RELAYED[1] = 0
+
+
 GOING_AWAY = b"\x88\x02\x03\xe9"  # an unmasked close frame, code 1001 (server to client)
 
 
@@ -88,6 +101,13 @@ class FrameTracker:
                 self.remaining -= take
                 i += take
                 continue
+            if not self.head and n - i >= 2 and data[i + 1] & 0x7F < 126:
+                # The common case: a short frame whose 2-byte header is here whole.
+                off = 2 + (4 if data[i + 1] & 0x80 else 0)
+                if n - i >= off:
+                    self.remaining = data[i + 1] & 0x7F
+                    i += off
+                    continue
             buf = self.head + data[i : i + 14]
             parsed = _frame_header(buf)
             if parsed is None:
@@ -228,7 +248,7 @@ class WsRelay:
         up = self.up
         if up is None or self.closed:
             return
-        BYTES_IN.inc(len(data))
+        RELAYED[0] += len(data)
         if self.sanitized:
             up.transport.write(data)
             return
@@ -275,7 +295,7 @@ class WsRelay:
         if not self.open:  # frames that beat our 101 to the client wait for it
             self.early += data
             return
-        BYTES_OUT.inc(len(data))
+        RELAYED[1] += len(data)
         self.to_client.feed(data)
         if not self.client.closed:
             self.client.transport.write(data)
