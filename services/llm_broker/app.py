@@ -308,7 +308,3 @@ class LLMBroker:
                 await self.publish("warning", verdict, client, False)
         except Exception:
             log.exception("budget warning failed", extra={"user_id": client.user_id})
-
-
-def budget_event_key(kind: str, verdict: Verdict, user_id: str) -> str:
-    return f"{kind}:{user_id}:{verdict.limit.value}:{verdict.period}"
