@@ -369,7 +369,7 @@ async def test_expired_key_and_starting_instance(proxy, store):
 
     user = new_user()
     _, expired = await keys.create_key(store, user, {"chat"}, td(seconds=-1))
-    _, key = await keys.create_key(store, user, {"chat"})
+    _, key = await keys.create_key(store, user, {"chat", "ws"})
     await store.create_instance(user, {"instance_id": "s1", "docker_host": "local"})
     await store.transition(user, InstanceState.PROVISIONING)
     async with httpx.AsyncClient(base_url=proxy.address, timeout=30) as http:
@@ -378,6 +378,15 @@ async def test_expired_key_and_starting_instance(proxy, store):
         r = await http.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
         assert r.status_code == 503 and r.json()["state"] == "provisioning"
         assert r.headers["Retry-After"] == "5"
+    # The WebSocket handshake says the same.
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await websockets.connect(
+            proxy.address.replace("http://", "ws://") + "/ws",
+            additional_headers={"Authorization": f"Bearer {key}"},
+        )
+    assert refused.value.response.status_code == 503
+    assert refused.value.response.headers["Retry-After"] == "5"
+    assert json.loads(refused.value.response.body)["state"] == "provisioning"
     await store.instances.delete_one({"_id": user})
 
 

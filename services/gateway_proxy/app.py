@@ -274,15 +274,8 @@ class GatewayProxy:
 
     def _not_running(self, request: web.Request, state: str | None) -> web.Response:
         REJECTED.labels("instance_not_running").inc()
-        headers = {"Retry-After": "5"} if state in ("requested", "provisioning", "starting") else {}
-        return error_response(
-            request,
-            503,
-            "instance_not_running",
-            f"your gateway is {state or 'not provisioned'}",
-            {"state": state or "absent"},
-            **headers,
-        )
+        message, extra, headers = not_running(state)
+        return error_response(request, 503, "instance_not_running", message, extra, **headers)
 
     async def _forward(self, request: web.Request, tenant: Tenant, route: Route) -> web.StreamResponse:
         assert self.session is not None
@@ -486,6 +479,13 @@ class AccessLog:
         if self.task is not None:
             self.task.cancel()
         self.flush()
+
+
+def not_running(state: str | None) -> tuple[str, dict[str, Any], dict[str, str]]:
+    """The 503 for an instance that is not running: message, body fields, headers
+    (``Retry-After`` while it is on its way up)."""
+    headers = {"Retry-After": "5"} if state in ("requested", "provisioning", "starting") else {}
+    return f"your gateway is {state or 'not provisioned'}", {"state": state or "absent"}, headers
 
 
 def check_cookie_origin(method: str, origin: str | None, upgrade: bool, allowed: list[str]) -> None:

@@ -41,8 +41,9 @@ from services.gateway_proxy.app import (
     check_cookie_origin,
     error_body,
     next_request_id,
+    not_running,
 )
-from services.gateway_proxy.auth import SESSION_COOKIE, AuthError, Tenant
+from services.gateway_proxy.auth import SESSION_COOKIE, AuthError, Tenant, credential_from
 from services.gateway_proxy.routing import NoRoute, Route
 from services.gateway_proxy.wsrelay import WsRelay, flush_relayed
 from shared.gateway import identity_headers
@@ -97,6 +98,16 @@ class _Request:
     def header(self, name: bytes) -> str | None:
         v = self.lower.get(name)
         return None if v is None else v.decode("latin-1")
+
+    def credential(self, protocols: list[str] | None = None) -> tuple[str | None, str]:
+        """The caller's credential and where it came from, by the aiohttp side's rules."""
+        cookie = self.header(b"cookie")
+        session = _cookie(cookie, SESSION_COOKIE) if cookie else None
+        return credential_from(
+            {"Authorization": self.header(b"authorization") or ""},
+            {SESSION_COOKIE: session} if session else {},
+            protocols,
+        )
 
 
 class FastProxyServer:
@@ -531,14 +542,10 @@ class Exchange:
 
     def _credential(self) -> str | None:
         req = self.req
-        auth = req.header(b"authorization")
-        if auth and auth[:7].lower() == "bearer ":
-            return auth[7:].strip()
-        cookie = req.header(b"cookie")
-        value = _cookie(cookie, SESSION_COOKIE) if cookie else None
-        if value:
+        credential, source = req.credential()
+        if source == "cookie":
             check_cookie_origin(req.method, req.header(b"origin"), False, self.client.proxy.allowed_origins)
-        return value
+        return credential
 
     async def _authenticate(self, credential: str | None) -> None:
         try:
@@ -583,14 +590,8 @@ class Exchange:
 
     def _not_running(self, state: str | None) -> None:
         REJECTED.labels("instance_not_running").inc()
-        headers = {"Retry-After": "5"} if state in ("requested", "provisioning", "starting") else {}
-        self._answer_error(
-            503,
-            "instance_not_running",
-            f"your gateway is {state or 'not provisioned'}",
-            {"state": state or "absent"},
-            headers,
-        )
+        message, extra, headers = not_running(state)
+        self._answer_error(503, "instance_not_running", message, extra, headers)
 
     def _answer_error(
         self,

@@ -145,24 +145,15 @@ class WsRelay:
         return [p.strip() for p in raw.split(",") if p.strip()]
 
     async def start(self) -> None:
-        from services.gateway_proxy.app import check_cookie_origin
-        from services.gateway_proxy.auth import AuthError, credential_from
+        from services.gateway_proxy.app import check_cookie_origin, not_running
+        from services.gateway_proxy.auth import AuthError
 
         proxy = self.client.proxy
         req = self.req
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, _, v in req.headers}
-        lower = {k.lower(): v for k, v in headers.items()}
-        cookies = {}
-        for part in lower.get("cookie", "").split(";"):
-            k, _, v = part.strip().partition("=")
-            if k:
-                cookies[k] = v
-        credential, source = credential_from(
-            {"Authorization": lower.get("authorization", "")}, cookies, self.protocols()
-        )
+        credential, source = req.credential(self.protocols())
         try:
             if source == "cookie":
-                check_cookie_origin("GET", lower.get("origin"), True, proxy.allowed_origins)
+                check_cookie_origin("GET", req.header(b"origin"), True, proxy.allowed_origins)
             tenant = await proxy.auth.authenticate(credential)
             if self.scope not in tenant.scopes:
                 raise AuthError(403, "insufficient_scope", f"this credential lacks the '{self.scope}' scope")
@@ -175,13 +166,8 @@ class WsRelay:
             route = await proxy.routes.resolve(tenant.user_id)
         except NoRoute as e:
             REJECTED.labels("instance_not_running").inc()
-            self.client.ws_refused(
-                503,
-                "instance_not_running",
-                f"your gateway is {e.state or 'not provisioned'}",
-                req,
-                {"state": e.state or "absent"},
-            )
+            message, extra, headers = not_running(e.state)
+            self.client.ws_refused(503, "instance_not_running", message, req, extra, headers)
             return
         if not proxy.limits.open_websocket(tenant.user_id):
             REJECTED.labels("too_many_websockets").inc()
@@ -191,12 +177,12 @@ class WsRelay:
             return
         self.counted = True
         try:
-            await self._connect(route, lower)
+            await self._connect(route)
         except (OSError, TimeoutError, ConnectionError):
             self.client.ws_refused(502, "gateway_unreachable", "your gateway did not answer", req)
             self._release()
 
-    async def _connect(self, route: Route, lower: dict[str, str]) -> None:
+    async def _connect(self, route: Route) -> None:
         assert self.tenant is not None
         loop = asyncio.get_running_loop()
         _, up = await asyncio.wait_for(
@@ -211,7 +197,7 @@ class WsRelay:
             f"Host: {route.host}:{route.port}",
             "Upgrade: websocket",
             "Connection: Upgrade",
-            f"Sec-WebSocket-Key: {lower.get('sec-websocket-key', '')}",
+            f"Sec-WebSocket-Key: {self.req.header(b'sec-websocket-key') or ''}",
             "Sec-WebSocket-Version: 13",
             *(f"{k}: {v}" for k, v in headers.items()),
         ]
