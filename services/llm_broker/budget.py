@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from services.gateway_proxy.limits import TokenBucket
 from shared.events import BudgetLimit
+from shared.ratelimit import TokenBucket
 from shared.settings import ZakiSettings
 from shared.store import Store
 
