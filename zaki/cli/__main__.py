@@ -1,0 +1,5 @@
+import sys
+
+from zaki.cli import main
+
+sys.exit(main())

@@ -1,0 +1,162 @@
+"""``zaki up [--demo]``: NATS, FerretDB, Docker and the four services on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from zaki.cli.common import say
+
+
+def register(sub: Any) -> None:
+    up = sub.add_parser("up", help="run the whole platform on this machine")
+    up.add_argument("--demo", action="store_true", help="use local fakes of Telegram and the LLM provider")
+    up.add_argument("--no-build", action="store_true", help="do not build container images")
+    up.add_argument("--proxy-port", type=int, default=8080)
+    up.set_defaults(fn=run)
+
+
+def secret_keys(state_dir: Path) -> str:
+    from shared.crypto import KeyRing
+
+    if os.environ.get("ZAKI_SECRET_KEYS"):
+        return os.environ["ZAKI_SECRET_KEYS"]
+    path = state_dir / "secret_keys"
+    if not path.exists():
+        path.write_text(KeyRing.new_key_spec(f"k{int(time.time())}"))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def run(args: argparse.Namespace) -> int:
+    from zaki.stack import (
+        Stack,
+        StackError,
+        build_ferretdb,
+        docker_bridge_ip,
+        ensure_docker,
+        ensure_images,
+        free_port,
+        port_open,
+        wait_for_port,
+    )
+
+    state_dir = Path(args.state_dir).resolve()
+    stack = Stack(state_dir)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    # `kill` stops everything as cleanly as Ctrl-C; SIGINT is set explicitly because a shell
+    # that starts us in the background would otherwise leave it ignored.
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    try:
+        say("checking the Docker engine...")
+        ensure_docker(say)
+        if not args.no_build:
+            ensure_images(say)
+        build_ferretdb(say)
+        nats_port = 4222 if not port_open("127.0.0.1", 4222) else free_port()
+        mongo_port = 27017 if not port_open("127.0.0.1", 27017) else free_port()
+        say("starting NATS (JetStream) and FerretDB...")
+        nats = stack.start_nats(nats_port)
+        mongo = stack.start_ferretdb(mongo_port)
+        env = {
+            "ZAKI_NATS_URL": nats.address,
+            "ZAKI_MONGO_URL": mongo.address,
+            "ZAKI_SECRET_KEYS": secret_keys(state_dir),
+            "ZAKI_DATA_ROOT": os.environ.get("ZAKI_DATA_ROOT", str(state_dir / "data")),
+            "ZAKI_PROXY_PORT": os.environ.get("ZAKI_PROXY_PORT", str(args.proxy_port)),
+            "ZAKI_ALLOWED_IMAGES": os.environ.get("ZAKI_ALLOWED_IMAGES", "zaki/standin-gateway:latest"),
+        }
+        if args.demo:
+            bridge = docker_bridge_ip()
+            llm_port, tg_port = free_port(bridge), free_port(bridge)
+            fake = stack.spawn(
+                "fakes",
+                [
+                    sys.executable,
+                    "-m",
+                    "zaki.fakes",
+                    "--host",
+                    bridge,
+                    "--llm-port",
+                    str(llm_port),
+                    "--telegram-port",
+                    str(tg_port),
+                ],
+            )
+            wait_for_port(bridge, tg_port, fake.proc, "demo fakes")
+            env.update(
+                ZAKI_TELEGRAM_API_BASE=f"http://{bridge}:{tg_port}",
+                ZAKI_TELEGRAM_API_BASE_FOR_GATEWAYS=f"http://host.docker.internal:{tg_port}",
+                ZAKI_TELEGRAM_PRIVATE_NETWORK="true",
+                ZAKI_LLM_BASE_URL=f"http://{bridge}:{llm_port}/v1",  # as the broker reaches it
+                ZAKI_LLM_API_KEY="sk-demo-not-a-real-key",
+                ZAKI_DEFAULT_MODEL="zaki/echo-1",
+            )
+        # The LLM broker listens on the Docker bridge address: gateway containers reach it
+        # (as host.docker.internal), nothing beyond this machine does.
+        bridge_ip = docker_bridge_ip()
+        broker_port = int(os.environ.get("ZAKI_BROKER_PORT") or free_port(bridge_ip))
+        env.update(
+            ZAKI_BROKER_HOST=bridge_ip,
+            ZAKI_BROKER_PORT=str(broker_port),
+            ZAKI_BROKER_URL_FOR_GATEWAYS=f"http://host.docker.internal:{broker_port}",
+        )
+        env = {**{k: v for k, v in os.environ.items() if k.startswith("ZAKI_")}, **env}
+        (state_dir / "env.json").write_text(json.dumps(env, indent=1))
+        (state_dir / "env.json").chmod(0o600)
+        metrics = {}
+        for module in (
+            "services.provisioner",
+            "services.monitor",
+            "services.gateway_proxy",
+            "services.llm_broker",
+        ):
+            port = free_port()
+            metrics[module] = port
+            stack.start_service(module, {**env, "ZAKI_METRICS_PORT": str(port)})
+        for module, port in metrics.items():
+            wait_for_port("127.0.0.1", port, None, module, timeout=60)
+        proxy_port = int(env["ZAKI_PROXY_PORT"])
+        wait_for_port("127.0.0.1", proxy_port, None, "gateway proxy", timeout=60)
+        rows = [
+            ("NATS (JetStream)", nats.address),
+            ("FerretDB (MongoDB wire)", mongo.address),
+            ("Docker engine", "local socket"),
+            ("gateway proxy", f"http://127.0.0.1:{proxy_port}"),
+            ("LLM broker (gateways only)", f"http://{bridge_ip}:{broker_port}"),
+            *(
+                (f"{m.rsplit('.', 1)[-1]} metrics", f"http://127.0.0.1:{p}/metrics")
+                for m, p in metrics.items()
+            ),
+            ("logs", str(state_dir / "logs")),
+        ]
+        if args.demo:
+            rows.append(("demo fakes", "Telegram and LLM stand-ins (--demo)"))
+        say("Zaki is up:")
+        for name, where in rows:
+            print(f"  {name:<26} {where}", flush=True)
+        say("Ctrl-C stops everything.")
+        while True:
+            for p in stack.processes:
+                if p.proc.poll() is not None:
+                    raise StackError(f"{p.name} exited with code {p.proc.returncode}; see {p.log_path}")
+            time.sleep(1)
+    except KeyboardInterrupt:
+        say("stopping...")
+        return 0
+    except StackError as e:
+        say(f"error: {e}")
+        return 1
+    finally:
+        stack.stop()
+        say("stopped.")
