@@ -1,0 +1,223 @@
+"""Bringing one gateway up: its config and secrets on disk, its network and port, its
+container, its readiness; and, when that fails, leaving nothing behind.
+
+Every step is idempotent and recorded in the instance record, so a redelivered command
+after a crash picks up where the last attempt stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from typing import Any
+
+from services.provisioner import metrics
+from services.provisioner.base import Phase, ProvisionerBase, ProvisionError, S, log
+from services.provisioner.config import (
+    GatewaySpec,
+    Provider,
+    prepare_user_dirs,
+    render_openclaw_config,
+    write_config_atomically,
+)
+from services.provisioner.runtime import ContainerSpec, RuntimeError_
+from shared import subjects
+from shared.crypto import credential_hash, new_broker_credential
+from shared.events import FailureReason, ProviderSettings
+from shared.gateway import CONTAINER_STATE_DIR, CONTAINER_WORKSPACE, container_name, network_name
+from shared.logging import redact
+from shared.probe import AioProber
+from shared.state import IllegalTransition
+from shared.store import NoPortAvailable
+
+
+class Lifecycle(ProvisionerBase):
+    async def _provider(self, doc: dict[str, Any], credential: str) -> Provider:
+        """The provider as this gateway sees it: the LLM broker's address and the instance's
+        broker credential. The real provider key (the platform's, or the user's own) stays
+        with the broker."""
+        p = doc.get("provider")
+        if p:
+            own = ProviderSettings.model_validate(p)
+            name, api, models = own.name, own.api, tuple(own.models)
+        else:
+            name = self.s.llm_provider_name
+            stored = await self.store.get_provider(name)
+            api = (stored or {}).get("api") or self.s.llm_api
+            extra = (stored or {}).get("models") or [m for m in self.s.llm_models.split(",") if m.strip()]
+            models = (self.s.default_model.split("/", 1)[-1], *(m.strip() for m in extra))
+        base_url = f"{self.s.broker_url_for_gateways.rstrip('/')}/p/{name}"
+        return Provider(name, base_url, api, credential, models)
+
+    async def _write_config(self, doc: dict[str, Any], gateway_ip: str) -> dict[str, Any]:
+        """Renders and writes the native config; returns the fields to record."""
+        user_id = doc["_id"]
+        fields: dict[str, Any] = {}
+        if doc.get("gateway_password_enc"):
+            password = self.unseal(user_id, "gateway_password", doc["gateway_password_enc"])
+        else:
+            password = secrets.token_urlsafe(32)
+            redact.register(password)
+            fields["gateway_password_enc"] = self.seal(user_id, "gateway_password", password)
+        if doc.get("broker_key_enc"):
+            credential = self.unseal(user_id, "broker_key", doc["broker_key_enc"])
+        else:
+            credential = new_broker_credential()
+            redact.register(credential)
+            fields["broker_key_enc"] = self.seal(user_id, "broker_key", credential)
+            fields["broker_key_hash"] = credential_hash(credential)
+        model = doc.get("model") or self.s.default_model
+        provider = await self._provider(doc, credential)
+        if "/" not in model:
+            model = f"{provider.name}/{model}"
+        tg_root = self.s.telegram_api_base_for_gateways or self.s.telegram_api_base
+        spec = GatewaySpec(
+            user_id=user_id,
+            bot_token=self.unseal(user_id, "bot_token", doc["bot_token_enc"]),
+            model=model,
+            provider=provider,
+            trusted_proxy_ip=gateway_ip,
+            password=password,
+            allowed_origins=tuple(self.s.proxy_public_origins()),
+            telegram_api_root=None if tg_root.rstrip("/") == "https://api.telegram.org" else tg_root,
+            telegram_allow_from=tuple(doc.get("telegram_allow_from") or ()),
+            telegram_private_network=self.s.telegram_private_network,
+        )
+        dirs = self._dirs(user_id)
+        try:
+            await asyncio.to_thread(prepare_user_dirs, dirs)
+            await asyncio.to_thread(write_config_atomically, dirs.config, render_openclaw_config(spec))
+        except OSError as e:
+            raise ProvisionError(
+                FailureReason.DISK, f"cannot write the gateway config: {e.strerror}"
+            ) from None
+        fields["gateway_ip"] = gateway_ip
+        # The broker only honours this instance's credential from inside this network.
+        fields["subnet"] = self.subnet_for(doc["port"]) if doc.get("port") else None
+        return fields
+
+    def _container_spec(self, doc: dict[str, Any]) -> ContainerSpec:
+        dirs = self._dirs(doc["_id"])
+        return ContainerSpec(
+            user_id=doc["_id"],
+            instance_id=doc["instance_id"],
+            image=doc.get("image") or self.s.gateway_image,
+            host_port=doc["port"],
+            publish_ip=self.s.gateway_publish_ip,
+            network=network_name(doc["_id"]),
+            binds={str(dirs.state): CONTAINER_STATE_DIR, str(dirs.workspace): CONTAINER_WORKSPACE},
+            env={
+                "HOME": "/home/node",
+                "OPENCLAW_HOME": "/home/node",
+                "OPENCLAW_STATE_DIR": CONTAINER_STATE_DIR,
+                "OPENCLAW_CONFIG_PATH": f"{CONTAINER_STATE_DIR}/openclaw.json",
+                "OPENCLAW_WORKSPACE_DIR": CONTAINER_WORKSPACE,
+                "XDG_CACHE_HOME": f"{CONTAINER_STATE_DIR}/cache",
+            },
+            memory=self.s.gateway_memory,
+            cpus=self.s.gateway_cpus,
+            pids_limit=self.s.gateway_pids_limit,
+        )
+
+    async def _provision_and_start(self, doc: dict[str, Any], request_id: str) -> None:
+        user_id = doc["_id"]
+        timings: dict[str, float] = {}
+        t_start = time.perf_counter()
+        try:
+            with Phase(timings, "config"):
+                if not doc.get("port"):
+                    try:
+                        port = await self.store.allocate_port(
+                            self.runtime.host_id,
+                            user_id,
+                            self.s.port_range_start,
+                            self.s.port_range_end,
+                            self.runtime.port_is_free,
+                        )
+                    except NoPortAvailable as e:
+                        raise ProvisionError(FailureReason.NO_PORT, str(e)) from None
+                    await self.store.update_instance(user_id, {"port": port}, doc["instance_id"])
+                    doc["port"] = port
+                gateway_ip = await self.runtime.ensure_network(user_id, self.subnet_for(doc["port"]))
+                fields = await self._write_config(doc, gateway_ip)
+            if doc["state"] != S.STARTING:
+                doc = await self._transition(request_id, user_id, S.STARTING, fields)
+            else:
+                await self.store.update_instance(user_id, fields, doc["instance_id"])
+            await self._create_and_run(doc, request_id, timings)
+        except ProvisionError:
+            await self._cleanup_failed(user_id, doc.get("instance_id"), str(request_id))
+            raise
+        except RuntimeError_ as e:
+            await self._cleanup_failed(user_id, doc.get("instance_id"), str(request_id))
+            raise ProvisionError(FailureReason.DOCKER, str(e)) from None
+        timings["total"] = round(time.perf_counter() - t_start, 3)
+        metrics.REQUESTS.labels("ready", "").inc()
+        await self.publish(subjects.INSTANCE_READY, self._ready_event(doc, request_id, timings))
+        await self.store.set_request_outcome(request_id, {"state": S.RUNNING.value})
+
+    async def _create_and_run(self, doc: dict[str, Any], request_id: str, timings: dict[str, float]) -> None:
+        spec = self._container_spec(doc)
+        with Phase(timings, "create"):
+            cid = await self.runtime.create(spec)
+        with Phase(timings, "start"):
+            status = await self.runtime.status(spec.name)
+            if not status.running:
+                await self.runtime.start(spec.name)
+        with Phase(timings, "ready"):
+            await self.wait_ready(doc["_id"], doc["port"], spec.name)
+        doc.update(
+            await self._transition(
+                request_id, doc["_id"], S.RUNNING, {"container_id": cid, "last_error": None}
+            )
+        )
+
+    async def wait_ready(self, user_id: str, port: int, name: str) -> None:
+        deadline = time.monotonic() + self.s.readiness_timeout_s
+        delay = 0.25
+        first = await self.runtime.status(name)
+        while True:
+            if self.prober is None:
+                self.prober = AioProber(concurrency=64)
+            result = await self.prober.probe(self.s.gateway_publish_ip, port, user_id, "/readyz", timeout=2.0)
+            if result.ok:
+                return
+            status = await self.runtime.status(name)
+            if status.exists and status.exit_code == 78 and status.state in ("exited", "restarting"):
+                raise ProvisionError(
+                    FailureReason.GATEWAY_NOT_READY,
+                    "the gateway refused its config (exit 78)",
+                    await self.runtime.logs(name, 30),
+                )
+            if status.restart_count - first.restart_count >= 3:
+                raise ProvisionError(
+                    FailureReason.GATEWAY_NOT_READY,
+                    f"the gateway keeps exiting (exit code {status.exit_code}, OOM killed: {status.oom_killed})",
+                    await self.runtime.logs(name, 30),
+                )
+            if time.monotonic() >= deadline:
+                raise ProvisionError(
+                    FailureReason.GATEWAY_NOT_READY,
+                    f"gateway not ready after {self.s.readiness_timeout_s:.0f} s (last probe: {result.error})",
+                    await self.runtime.logs(name, 30),
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.5)  # a local probe is cheap; being late to notice is not
+
+    async def _cleanup_failed(self, user_id: str, instance_id: str | None, reason: str) -> None:
+        """Leaves no running orphan: removes the container, frees the port, marks the record failed."""
+        try:
+            await self.runtime.remove(container_name(user_id))
+        except RuntimeError_:
+            log.exception("could not remove a failed container", extra={"user_id": user_id})
+        await self.store.release_port(self.runtime.host_id, user_id)
+        with contextlib.suppress(IllegalTransition):
+            await self.store.transition(
+                user_id,
+                S.FAILED,
+                instance_id=instance_id,
+                set_fields={"last_error": reason},
+                unset_fields=["port"],
+            )
