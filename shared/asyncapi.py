@@ -48,6 +48,13 @@ DESCRIPTIONS = {
     subjects.INSTANCE_FAILED: "A command failed; reason is a stable code, message is for humans.",
     subjects.INSTANCE_STOPPED: "A gateway was stopped.",
     subjects.INSTANCE_DELETED: "A gateway and its secrets are gone.",
+    subjects.INSTANCE_SUSPEND: "Suspend an idle gateway (the waker sends these): container stopped, port and "
+    "network kept. Answered by instance.suspended.",
+    subjects.INSTANCE_WAKE: "Wake a suspended gateway (the proxy on traffic, the waker on a Telegram message or a "
+    "due scheduled job). Answered by instance.ready; instance.woken says why.",
+    subjects.INSTANCE_SUSPENDED: "A gateway was suspended for idleness; next_wake_at says when its next "
+    "scheduled job will wake it.",
+    subjects.INSTANCE_WOKEN: "A suspended gateway is ready again; reason says what woke it.",
     subjects.INSTANCE_BUDGET_EXCEEDED: "The LLM broker refuses a user's model calls (provider-style 429) "
     "until the period ends: a hard budget limit was reached. Once per user, limit and period.",
     subjects.INSTANCE_BUDGET_WARNING: "A user crossed the soft share of a token budget; calls still pass.",

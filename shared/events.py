@@ -68,6 +68,10 @@ class Budget(BaseModel):
     soft_ratio: Annotated[float, Field(gt=0, le=1)] | None = None
 
 
+# Idle time before suspend (issue 16): at most 30 days; 0 means never suspend.
+IdleSeconds = Annotated[int, Field(ge=0, le=30 * 24 * 3600)]
+
+
 def _check_token(v: SecretStr) -> SecretStr:
     check_bot_token(v.get_secret_value())
     return v
@@ -86,6 +90,8 @@ class InstanceRequested(Event):
     # Optional gateway image; must be one the operator allows (ZAKI_ALLOWED_IMAGES).
     image: ImageRef | None = None
     budget: Budget | None = None
+    # Seconds without traffic before the platform suspends the gateway; 0 = never; None = ZAKI_IDLE_SUSPEND_S.
+    idle_suspend_s: IdleSeconds | None = None
 
     _token = field_validator("bot_token")(_check_token)
 
@@ -103,6 +109,7 @@ class InstanceUpdate(InstanceCommand):
     bot_token: WireSecret | None = None
     provider: ProviderSettings | None = None
     budget: Budget | None = None
+    idle_suspend_s: IdleSeconds | None = None  # see InstanceRequested; no gateway restart
 
     @field_validator("bot_token")
     @classmethod
@@ -117,6 +124,31 @@ class InstanceDelete(InstanceCommand):
 
 class InstanceUpgrade(InstanceCommand):
     image: ImageRef
+
+
+class SuspendReason(StrEnum):
+    IDLE = "idle"  # no traffic, WebSocket, model call or Telegram update for the idle time
+    COMMAND = "command"  # an operator or another system asked
+
+
+class WakeReason(StrEnum):
+    REQUEST = "request"  # HTTP, SSE or WebSocket traffic through the proxy
+    TELEGRAM = "telegram"  # a message to the user's bot
+    SCHEDULE = "schedule"  # a scheduled (cron) job of the gateway is due
+    COMMAND = "command"
+
+
+class InstanceSuspend(InstanceCommand):
+    """Stop an idle gateway, keeping its port and network; traffic and its bot wake it."""
+
+    cause: SuspendReason = SuspendReason.COMMAND
+    idle_s: Annotated[float, Field(ge=0)] | None = None  # how long it had been idle
+
+
+class InstanceWake(InstanceCommand):
+    """Start a suspended gateway. Several wakes of one instance boot it once."""
+
+    cause: WakeReason = WakeReason.COMMAND
 
 
 class FailureReason(StrEnum):
@@ -164,6 +196,25 @@ class InstanceDeleted(Event):
     user_id: str
     instance_id: str
     purged: bool = False
+
+
+class InstanceSuspended(Event):
+    request_id: str
+    user_id: str
+    instance_id: str
+    reason: SuspendReason
+    idle_s: float | None = None
+    # When the platform will wake it by itself for its next scheduled job (None: only on traffic).
+    next_wake_at: datetime | None = None
+
+
+class InstanceWoken(Event):
+    request_id: str
+    user_id: str
+    instance_id: str
+    reason: WakeReason
+    suspended_s: float | None = None  # how long it slept
+    timings: dict[str, float] = Field(default_factory=dict)
 
 
 class BudgetLimit(StrEnum):
@@ -225,6 +276,8 @@ COMMAND_MODELS: dict[str, type[Event]] = {
     subjects.INSTANCE_DELETE: InstanceDelete,
     subjects.INSTANCE_UPDATE: InstanceUpdate,
     subjects.INSTANCE_UPGRADE: InstanceUpgrade,
+    subjects.INSTANCE_SUSPEND: InstanceSuspend,
+    subjects.INSTANCE_WAKE: InstanceWake,
 }
 
 OUTCOME_MODELS: dict[str, type[Event]] = {
@@ -232,6 +285,8 @@ OUTCOME_MODELS: dict[str, type[Event]] = {
     subjects.INSTANCE_FAILED: InstanceFailed,
     subjects.INSTANCE_STOPPED: InstanceStopped,
     subjects.INSTANCE_DELETED: InstanceDeleted,
+    subjects.INSTANCE_SUSPENDED: InstanceSuspended,
+    subjects.INSTANCE_WOKEN: InstanceWoken,
 }
 
 BROKER_EVENT_MODELS: dict[str, type[Event]] = {

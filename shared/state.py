@@ -15,6 +15,9 @@ class InstanceState(StrEnum):
     STOPPED = "stopped"
     DELETING = "deleting"
     DELETED = "deleted"
+    # Stopped by the platform for idleness (issue 16): woken by traffic, a Telegram message or a
+    # scheduled job. Distinct from a user's own `stopped`, which traffic never wakes.
+    SUSPENDED = "suspended"
 
 
 S = InstanceState
@@ -24,12 +27,13 @@ TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
     S.REQUESTED: frozenset({S.PROVISIONING, S.FAILED, S.DELETING}),
     S.PROVISIONING: frozenset({S.STARTING, S.FAILED, S.DELETING}),
     S.STARTING: frozenset({S.RUNNING, S.FAILED, S.STOPPING, S.DELETING, S.STARTING}),
-    S.RUNNING: frozenset({S.STARTING, S.STOPPING, S.DELETING, S.FAILED}),
+    S.RUNNING: frozenset({S.STARTING, S.STOPPING, S.DELETING, S.FAILED, S.SUSPENDED}),
     S.FAILED: frozenset({S.PROVISIONING, S.STARTING, S.STOPPING, S.DELETING}),
     S.STOPPING: frozenset({S.STOPPED, S.FAILED, S.DELETING}),
     S.STOPPED: frozenset({S.STARTING, S.PROVISIONING, S.DELETING}),
     S.DELETING: frozenset({S.DELETED}),
     S.DELETED: frozenset({S.REQUESTED}),
+    S.SUSPENDED: frozenset({S.STARTING, S.RUNNING, S.PROVISIONING, S.STOPPING, S.STOPPED, S.DELETING}),
 }
 
 

@@ -12,6 +12,9 @@ INSTANCE_RESTART = f"{PREFIX}.instance.restart"
 INSTANCE_DELETE = f"{PREFIX}.instance.delete"
 INSTANCE_UPDATE = f"{PREFIX}.instance.update"
 INSTANCE_UPGRADE = f"{PREFIX}.instance.upgrade"
+# Idle suspend and wake (issue 16): sent by the waker (idle, Telegram, schedule) and the proxy (traffic).
+INSTANCE_SUSPEND = f"{PREFIX}.instance.suspend"
+INSTANCE_WAKE = f"{PREFIX}.instance.wake"
 COMMANDS = (
     INSTANCE_REQUESTED,
     INSTANCE_STOP,
@@ -20,6 +23,8 @@ COMMANDS = (
     INSTANCE_DELETE,
     INSTANCE_UPDATE,
     INSTANCE_UPGRADE,
+    INSTANCE_SUSPEND,
+    INSTANCE_WAKE,
 )
 
 # Outcomes the platform publishes.
@@ -29,7 +34,16 @@ INSTANCE_STOPPED = f"{PREFIX}.instance.stopped"
 INSTANCE_DELETED = f"{PREFIX}.instance.deleted"
 INSTANCE_HEALTH = f"{PREFIX}.instance.health"  # + ".<user>"
 HEALTH_SUMMARY = f"{PREFIX}.health.summary"
-OUTCOMES = (INSTANCE_READY, INSTANCE_FAILED, INSTANCE_STOPPED, INSTANCE_DELETED)
+INSTANCE_SUSPENDED = f"{PREFIX}.instance.suspended"
+INSTANCE_WOKEN = f"{PREFIX}.instance.woken"
+OUTCOMES = (
+    INSTANCE_READY,
+    INSTANCE_FAILED,
+    INSTANCE_STOPPED,
+    INSTANCE_DELETED,
+    INSTANCE_SUSPENDED,
+    INSTANCE_WOKEN,
+)
 # Published by the LLM broker: a user went over a hard budget (calls refused) or a soft one.
 INSTANCE_BUDGET_EXCEEDED = f"{PREFIX}.instance.budget.exceeded"
 INSTANCE_BUDGET_WARNING = f"{PREFIX}.instance.budget.warning"
@@ -54,5 +68,8 @@ def dead_letter_subject(original: str) -> str:
 
 # Core NATS (not persisted): tells every proxy replica to drop a revoked API key now.
 APIKEY_REVOKED = f"{PREFIX}.apikey.revoked"
+# Core NATS request/reply: the provisioner asks the waker to stop long-polling a bot's getUpdates
+# before it starts that bot's gateway (two long polls on one bot get 409 Conflict).
+WAKER_RELEASE = f"{PREFIX}.waker.release"
 # Core NATS: a provider key was added, rotated or revoked; every broker drops its cached copy.
 PROVIDER_CHANGED = f"{PREFIX}.provider.changed"
