@@ -1,0 +1,349 @@
+"""Tenant egress: what a gateway container may reach, enforced with iptables on the host.
+
+Default: DNS (the host's resolvers) and the public internet, plus the LLM broker's port.
+Everything else is refused: RFC 1918, CGNAT, loopback, link-local (cloud metadata),
+multicast and reserved space, the host's own addresses and its public connected subnets
+(its LAN), and so every platform service and every other tenant.
+
+Two paths need rules (a packet to one of the host's own addresses is delivered locally,
+through INPUT, never FORWARD):
+- FORWARD: ``DOCKER-USER -> ZAKI-EGRESS -> ZKF-<id>`` per tenant bridge ``br-<id>``;
+- INPUT: ``INPUT -> ZAKI-INPUT -> ZKI-<id>``.
+Each tenant's two chains are rebuilt atomically (``iptables-restore --noflush``); the
+shared chains only hold one jump per bridge. Replies (ESTABLISHED, RELATED) always pass:
+the proxy and the monitor connect *into* the container through its published port.
+
+``tenant_rules`` is a pure function (bridge, subnet, policy -> rules); ``TenantEgress``
+reads the host's state, applies, removes and garbage-collects. Needs root (CAP_NET_ADMIN).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import re
+import socket
+import subprocess
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from shared.settings import ZakiSettings
+
+log = logging.getLogger("zaki.provisioner.egress")
+
+IPv4Net = ipaddress.IPv4Network
+IPv4Addr = ipaddress.IPv4Address
+
+# Never reachable from a tenant unless the operator allowlists it (ZAKI_EGRESS_ALLOW).
+# Documentation ranges (TEST-NET) are not listed: they are not routed on the internet.
+BLOCKED = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "0.0.0.0/8",  # "this network"
+        "10.0.0.0/8",  # RFC 1918
+        "100.64.0.0/10",  # carrier-grade NAT (some clouds' internal services)
+        "127.0.0.0/8",  # loopback
+        "169.254.0.0/16",  # link-local: cloud metadata services
+        "172.16.0.0/12",  # RFC 1918 (Docker's default bridges)
+        "192.0.0.0/24",  # IETF protocol assignments
+        "192.168.0.0/16",  # RFC 1918
+        "198.18.0.0/15",  # benchmarking
+        "224.0.0.0/4",  # multicast
+        "240.0.0.0/4",  # reserved and limited broadcast
+    )
+)
+FORWARD_CHAIN = "ZAKI-EGRESS"  # jumped to from DOCKER-USER
+INPUT_CHAIN = "ZAKI-INPUT"  # jumped to from INPUT
+DOCKER_USER = "DOCKER-USER"
+REJECT = "-j REJECT --reject-with icmp-admin-prohibited"  # fails fast, and says why
+_BRIDGE = re.compile(r"^br-([0-9a-f]{12})$")
+_ALLOW = re.compile(r"^(?P<net>[0-9./]+)(?::(?:(?P<proto>tcp|udp)/)?(?P<port>\d{1,5}))?$")
+
+
+class EgressConfigError(ValueError):
+    """A malformed egress setting (the message names it)."""
+
+
+class EgressError(Exception):
+    """Applying the rules failed; the message is safe to publish."""
+
+
+@dataclass(frozen=True)
+class Allow:
+    """One destination tenants may reach: a network, optionally one protocol and port."""
+
+    net: IPv4Net
+    proto: str | None = None  # tcp | udp | None (any)
+    port: int | None = None
+
+    def match(self) -> str:
+        m = f"-d {self.net}"
+        if self.proto:
+            m += f" -p {self.proto} -m {self.proto}"
+            if self.port:
+                m += f" --dport {self.port}"
+        return m
+
+
+def parse_allow(spec: str) -> tuple[Allow, ...]:
+    """``ZAKI_EGRESS_ALLOW``: "CIDR", "CIDR:PORT" (tcp) or "CIDR:tcp/PORT" / "CIDR:udp/PORT", comma-separated."""
+    out = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        m = _ALLOW.match(item)
+        try:
+            net = ipaddress.IPv4Network(m["net"], strict=False) if m else None
+        except ValueError:
+            net = None
+        port = int(m["port"]) if m and m["port"] else None
+        if net is None or (port is not None and not 0 < port < 65536):
+            raise EgressConfigError(
+                f"ZAKI_EGRESS_ALLOW: {item!r} is not CIDR, CIDR:PORT or CIDR:tcp|udp/PORT (IPv4)"
+            )
+        out.append(Allow(net, (m["proto"] or "tcp") if port else None, port))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class EgressPolicy:
+    """What every tenant may reach besides the public internet."""
+
+    broker_port: int
+    broker_ip: IPv4Addr | None = None  # None: the port on any host address
+    dns: tuple[IPv4Addr, ...] = ()
+    allow: tuple[Allow, ...] = ()
+    host_nets: tuple[IPv4Net, ...] = ()  # host addresses and LANs outside BLOCKED
+
+
+def chains_for(bridge: str) -> tuple[str, str]:
+    """The tenant's FORWARD and INPUT chains (named after its bridge, ``br-<12 hex>``)."""
+    m = _BRIDGE.match(bridge)
+    if m is None:
+        raise EgressConfigError(f"not a tenant bridge name: {bridge!r}")
+    return f"ZKF-{m[1]}", f"ZKI-{m[1]}"
+
+
+def tenant_rules(bridge: str, subnet: str, policy: EgressPolicy) -> list[str]:
+    """The ``iptables-restore`` lines that (re)build the tenant's two chains. Pure."""
+    fwd, inp = chains_for(bridge)
+    src = ipaddress.IPv4Network(subnet)
+    lines = [f":{fwd} - [0:0]", f":{inp} - [0:0]"]  # declaring a chain with --noflush empties it
+    for chain in (fwd, inp):
+        lines += [
+            f"-A {chain} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+            f"-A {chain} ! -s {src} -j DROP",  # spoofed source: never ours to pass
+        ]
+        lines += [f"-A {chain} {a.match()} -j RETURN" for a in policy.allow]
+        for ip in policy.dns:
+            lines += [f"-A {chain} -d {ip}/32 -p {p} -m {p} --dport 53 -j RETURN" for p in ("udp", "tcp")]
+    broker = f"-d {policy.broker_ip}/32 " if policy.broker_ip else ""
+    lines.append(f"-A {inp} {broker}-p tcp -m tcp --dport {policy.broker_port} -j RETURN")
+    lines.append(f"-A {inp} {REJECT}")  # anything else to the host itself
+    for net in (*BLOCKED, *policy.host_nets):
+        lines.append(f"-A {fwd} -d {net} {REJECT}")
+    return lines  # what is left in ZKF returns to Docker's rules: the public internet
+
+
+# --- reading the host ---------------------------------------------------------------------------
+
+
+def _blocked(net: IPv4Net) -> bool:
+    return any(net.subnet_of(b) for b in BLOCKED)
+
+
+def host_networks() -> tuple[IPv4Net, ...]:
+    """The host's own IPv4 addresses and connected subnets that BLOCKED does not cover
+    (a public address and its LAN)."""
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, timeout=10)
+    found: list[IPv4Net] = []
+    for word in out.stdout.split():
+        if "/" not in word or not word[0].isdigit():
+            continue
+        with contextlib.suppress(ValueError):
+            iface = ipaddress.IPv4Interface(word)
+            for net in (iface.network, ipaddress.IPv4Network(f"{iface.ip}/32")):
+                if not _blocked(net) and net not in found:
+                    found.append(net)
+    return tuple(found)
+
+
+def host_resolvers(paths: Iterable[str] = ("/etc/resolv.conf", "/run/systemd/resolve/resolv.conf")) -> tuple:
+    """The nameservers Docker's embedded DNS forwards to (loopback ones are skipped: those
+    are queried from the host's namespace, not the container's)."""
+    for path in paths:
+        try:
+            text = Path(path).read_text()
+        except OSError:
+            continue
+        ips = []
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] == "nameserver":
+                with contextlib.suppress(ValueError):
+                    ip = ipaddress.ip_address(parts[1])
+                    if isinstance(ip, IPv4Addr) and not ip.is_loopback:
+                        ips.append(ip)
+        if ips:
+            return tuple(ips)
+    return ()
+
+
+def _address(host: str) -> IPv4Addr | None:
+    """An IPv4 literal, or a name resolved here (None for 0.0.0.0: any host address)."""
+    try:
+        ip = ipaddress.IPv4Address(host)
+    except ValueError:
+        try:
+            ip = ipaddress.IPv4Address(socket.gethostbyname(host))
+        except (OSError, ValueError) as e:
+            raise EgressConfigError(f"cannot resolve {host!r} to an IPv4 address") from e
+    return None if ip.is_unspecified else ip
+
+
+def build_policy(
+    s: ZakiSettings,
+    host_gateway: Callable[[], str | None],
+    host_nets: Callable[[], tuple[IPv4Net, ...]] = host_networks,
+    resolvers: Callable[[], tuple] = host_resolvers,
+) -> EgressPolicy:
+    """The policy from the settings and the host's current addresses and resolvers."""
+    allow = list(parse_allow(s.egress_allow))
+    if s.telegram_private_network and s.telegram_api_base_for_gateways:
+        # The operator pointed the gateways at a Bot API on a private address (a local fake).
+        u = urlsplit(s.telegram_api_base_for_gateways)
+        host = u.hostname or ""
+        ip = host_gateway() if host == "host.docker.internal" else None
+        with contextlib.suppress(ValueError):
+            ip = ip or str(ipaddress.IPv4Address(host))
+        if ip:
+            port = u.port or (443 if u.scheme == "https" else 80)
+            allow.append(Allow(ipaddress.IPv4Network(f"{ip}/32"), "tcp", port))
+    if s.egress_dns.strip():
+        try:
+            dns = tuple(ipaddress.IPv4Address(d.strip()) for d in s.egress_dns.split(",") if d.strip())
+        except ValueError as e:
+            raise EgressConfigError(f"ZAKI_EGRESS_DNS: {e}") from None
+    else:
+        dns = resolvers()
+    return EgressPolicy(
+        broker_port=s.broker_port,
+        broker_ip=_address(s.broker_host),
+        dns=dns,
+        allow=tuple(allow),
+        host_nets=host_nets(),
+    )
+
+
+def docker_host_gateway(client) -> Callable[[], str | None]:
+    """Where ``host.docker.internal`` (host-gateway) points: the default bridge's gateway."""
+
+    def read() -> str | None:
+        with contextlib.suppress(Exception):
+            for cfg in client.networks.get("bridge").attrs.get("IPAM", {}).get("Config") or []:
+                if cfg.get("Gateway"):
+                    return cfg["Gateway"]
+        # Docker often leaves the default bridge's gateway out of IPAM: docker0's address.
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(
+                ["ip", "-4", "-o", "addr", "show", "docker0"], capture_output=True, text=True, timeout=10
+            ).stdout
+            for word in out.split():
+                if "/" in word and word[0].isdigit():
+                    return word.split("/")[0]
+        return None
+
+    return read
+
+
+# --- applying -----------------------------------------------------------------------------------
+
+
+class TenantEgress:
+    """Applies the policy to tenant bridges. Every call is idempotent."""
+
+    def __init__(
+        self,
+        settings: ZakiSettings,
+        host_gateway: Callable[[], str | None] = lambda: None,
+        iptables: str = "iptables",
+    ) -> None:
+        self.enabled = settings.egress_policy == "enforce"
+        self.settings = settings
+        self.host_gateway = host_gateway
+        self.iptables = iptables
+        parse_allow(settings.egress_allow)  # a bad setting fails at start, not at the first user
+
+    def _run(self, *args: str, stdin: str | None = None, check: bool = True, tool: str = "") -> bool:
+        """Runs iptables (or ``iptables<tool>``) with the xtables lock; True when it succeeded."""
+        try:
+            p = subprocess.run(
+                [f"{self.iptables}{tool}", "-w", *args],
+                input=stdin,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise EgressError(f"{self.iptables} could not run ({type(e).__name__}): root is needed") from e
+        if check and p.returncode != 0:
+            raise EgressError(f"{self.iptables} {' '.join(args[:3])}: {p.stderr.strip()[:300]}")
+        return p.returncode == 0
+
+    def _ensure_base(self) -> None:
+        for chain, parent in ((FORWARD_CHAIN, DOCKER_USER), (INPUT_CHAIN, "INPUT")):
+            if not self._run("-S", chain, check=False):
+                self._run("-N", chain, check=False)  # a racing replica may have made it
+            if not self._run("-C", parent, "-j", chain, check=False):
+                if parent == DOCKER_USER and not self._run("-S", DOCKER_USER, check=False):
+                    raise EgressError("Docker's DOCKER-USER chain is missing (dockerd with iptables=false?)")
+                self._run("-I", parent, "1", "-j", chain)
+
+    def apply(self, bridge: str, subnet: str, policy: EgressPolicy | None = None) -> None:
+        """(Re)builds the tenant's chains and makes sure the jumps to them exist."""
+        if not self.enabled:
+            return
+        policy = policy or self.policy()
+        fwd, inp = chains_for(bridge)
+        self._ensure_base()
+        text = "*filter\n" + "\n".join(tenant_rules(bridge, subnet, policy)) + "\nCOMMIT\n"
+        self._run("--noflush", stdin=text, tool="-restore")
+        for parent, chain in ((FORWARD_CHAIN, fwd), (INPUT_CHAIN, inp)):
+            if not self._run("-C", parent, "-i", bridge, "-j", chain, check=False):
+                self._run("-A", parent, "-i", bridge, "-j", chain)
+
+    def remove(self, bridge: str) -> None:
+        if not self.enabled:
+            return
+        fwd, inp = chains_for(bridge)
+        for parent, chain in ((FORWARD_CHAIN, fwd), (INPUT_CHAIN, inp)):
+            while self._run("-D", parent, "-i", bridge, "-j", chain, check=False):
+                pass  # a racing replica may have added it twice
+            self._run("-F", chain, check=False)
+            self._run("-X", chain, check=False)
+
+    def sync(self, networks: Mapping[str, str]) -> None:
+        """Applies the policy to every bridge in *networks* (bridge -> subnet) and removes
+        the chains of bridges that no longer exist on this host (any platform's)."""
+        if not self.enabled:
+            return
+        policy = self.policy()
+        for bridge, subnet in networks.items():
+            self.apply(bridge, subnet, policy)
+        for bridge in self.tenant_bridges():
+            if bridge not in networks and not Path("/sys/class/net", bridge).exists():
+                log.info("removing the egress rules of a vanished bridge", extra={"bridge": bridge})
+                self.remove(bridge)
+
+    def tenant_bridges(self) -> list[str]:
+        """Bridges that have a jump in ZAKI-EGRESS."""
+        p = subprocess.run(
+            [self.iptables, "-w", "-S", FORWARD_CHAIN], capture_output=True, text=True, timeout=30
+        )
+        return sorted(set(re.findall(r"-i (br-[0-9a-f]{12}) ", p.stdout)))
+
+    def policy(self) -> EgressPolicy:
+        return build_policy(self.settings, self.host_gateway)
