@@ -79,6 +79,16 @@ class ZakiSettings(BaseSettings):
 
     # Metrics
     metrics_port: int = 0  # 0: no metrics listener
+    # Loopback by default: a tenant container reaches every host port bound to all interfaces.
+    metrics_host: str = "127.0.0.1"
+
+    # Tenant egress (services/provisioner/egress.py): iptables rules per tenant network, so a
+    # container reaches DNS, the public internet and the broker only. "off" is unsafe.
+    egress_policy: str = Field(default="enforce", pattern=r"^(enforce|off)$")
+    # Extra destinations tenants may reach, comma-separated: "CIDR", "CIDR:PORT" (tcp) or "CIDR:udp/PORT".
+    egress_allow: str = ""
+    # Resolvers tenants may query on port 53 (comma-separated); empty: the host's resolv.conf.
+    egress_dns: str = ""
 
     # Gateway proxy
     proxy_host: str = "127.0.0.1"
