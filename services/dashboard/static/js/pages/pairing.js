@@ -1,0 +1,97 @@
+// People who wrote to the bot and wait for the owner's approval (Telegram pairing), and
+// the Telegram user ids that are answered without asking.
+import { get, patch, post } from "../api.js";
+import { clear, h, notice, when } from "../dom.js";
+
+const POLL_MS = 5000;
+
+export async function render(view) {
+  const msg = notice();
+  const list = h("ul.cards", { id: "pairing-list" });
+  const empty = h("p.muted", { id: "pairing-empty" }, "Nobody is waiting. When someone writes to your bot, their request shows up here.");
+
+  async function load() {
+    try {
+      const { requests } = await get("/api/agent/pairing");
+      clear(list);
+      empty.hidden = requests.length > 0;
+      for (const r of requests) list.append(item(r));
+      if (!msg.classList.contains("error")) msg.hide();
+    } catch (err) {
+      clear(list);
+      empty.hidden = true;
+      msg.show(err.code === "agent_not_running" ? "Your agent is not running: start it to see who is asking." : err.message);
+    }
+  }
+
+  function item(r) {
+    const who = [r.name, r.username ? `@${r.username}` : null].filter(Boolean).join(" ") || "Someone";
+    const approve = h("button.primary", { type: "button", dataset: { action: "approve" } }, "Approve");
+    const dismiss = h("button", { type: "button", dataset: { action: "dismiss" } }, "Dismiss");
+    const li = h(
+      "li.card.pairing",
+      { dataset: { code: r.code } },
+      h("div", {}, h("b.who", {}, who), h("div.muted", {}, `Telegram id ${r.sender_id || "?"} · code `, h("code", {}, r.code), ` · ${when(r.created_at)}`)),
+      h("div.row", {}, approve, dismiss),
+    );
+    const act = async (action) => {
+      approve.disabled = dismiss.disabled = true;
+      try {
+        await post(`/api/agent/pairing/${action}`, { code: r.code });
+        msg.show(action === "approve" ? `${who} can now talk to your agent.` : `Request from ${who} dismissed.`, "info");
+        li.remove();
+        empty.hidden = list.children.length > 0;
+      } catch (err) {
+        msg.show(err.message);
+        approve.disabled = dismiss.disabled = false;
+      }
+    };
+    approve.addEventListener("click", () => act("approve"));
+    dismiss.addEventListener("click", () => act("dismiss"));
+    return li;
+  }
+
+  view.append(
+    h(
+      "section.card",
+      {},
+      h("h1", {}, "People asking to talk to your bot"),
+      h("p.muted", {}, "A stranger who writes to your bot gets a code. Approve them here and the agent answers their next message."),
+      msg,
+      empty,
+      list,
+    ),
+    await allowed(),
+  );
+  await load();
+  const timer = setInterval(load, POLL_MS);
+  return () => clearInterval(timer);
+}
+
+/** The Telegram user ids answered directly (set when the agent is created; editable when the API allows). */
+async function allowed() {
+  const msg = notice();
+  const { agent } = await get("/api/agent").catch(() => ({ agent: null }));
+  const ids = agent?.telegram_allow_from;
+  const input = h("input", { id: "allow-from", inputMode: "numeric", value: (ids || []).join(", "), placeholder: "123456789, 987654321", "aria-label": "Allowed Telegram user ids" });
+  const save = h("button", { type: "submit" }, "Save");
+  const form = h("form.row", {}, input, save);
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const list = input.value.split(/[\s,]+/).filter(Boolean);
+    try {
+      await patch("/api/agent", { telegram_allow_from: list });
+      msg.show("Saved: the agent restarts with the new list.", "info");
+    } catch (err) {
+      msg.show(err.message);
+    }
+  });
+  return h(
+    "section.card",
+    {},
+    h("h2", {}, "Always allowed"),
+    h("p.muted", {}, "Telegram user ids the bot answers without asking (a person can get theirs from @userinfobot)."),
+    msg,
+    ids === undefined ? h("p.muted", {}, "Set when you create your agent.") : form,
+  );
+}
