@@ -107,7 +107,7 @@ class ZakiSettings(BaseSettings):
     proxy_drain_s: float = 30.0
     proxy_keepalive_s: float = 75.0  # an idle client connection is closed after this long
     proxy_header_timeout_s: float = 30.0  # a request must arrive whole (headers and body) within this
-    # Serve the API routes on the raw llhttp data plane (services/gateway_proxy/fastpath.py);
+    # Serve the API routes on the raw llhttp data plane (services/gateway_proxy/http_plane.py);
     # false: everything through aiohttp (the same rules, slower; see bench/proxy.py).
     proxy_fastpath: bool = True
 

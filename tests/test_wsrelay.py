@@ -7,7 +7,7 @@ import os
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.gateway_proxy.wsrelay import FrameTracker, _encode_header, _frame_header, _mask
+from services.gateway_proxy.ws_frames import FrameTracker, _encode_header, _frame_header, _mask
 
 
 def frame(n: int, masked: bool) -> bytes:

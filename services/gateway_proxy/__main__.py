@@ -13,10 +13,11 @@ import sys
 import nats
 from aiohttp import web
 
-from services.gateway_proxy.app import GatewayProxy
+from services.gateway_proxy.aiohttp_app import AiohttpPlane
 from services.gateway_proxy.auth import Authenticator
-from services.gateway_proxy.fastpath import FastProxyServer
+from services.gateway_proxy.http_plane import FastProxyServer
 from services.gateway_proxy.routing import RoutingTable
+from services.gateway_proxy.state import ProxyState
 from shared import subjects
 from shared.bus import nats_servers
 from shared.runner import run_service
@@ -70,14 +71,16 @@ async def main(settings: ZakiSettings, stop: asyncio.Event) -> None:
     )
     nc = await follow_events(settings.nats_url, routes, auth)
     await routes.load()
-    proxy = GatewayProxy(settings, auth, routes)
-    runner = web.AppRunner(proxy.build(), access_log=None, shutdown_timeout=settings.proxy_drain_s)
+    state = ProxyState(settings, auth, routes)
+    runner = web.AppRunner(
+        AiohttpPlane(state).build(), access_log=None, shutdown_timeout=settings.proxy_drain_s
+    )
     await runner.setup()
     fast: FastProxyServer | None = None
     if settings.proxy_fastpath:
         # One listener: the raw data plane serves the API routes and hands every other
         # connection (WebSockets, Control UI, health) to the aiohttp application.
-        fast = FastProxyServer(proxy, runner.server)
+        fast = FastProxyServer(state, runner.server)
         await fast.start(settings.proxy_host, settings.proxy_port)
     else:
         site = web.TCPSite(runner, settings.proxy_host, settings.proxy_port, reuse_port=True, backlog=2048)

@@ -156,3 +156,16 @@ def credential_from(headers, cookies, protocols: list[str] | None = None) -> tup
         if proto.startswith("bearer."):
             return proto[7:], "subprotocol"
     return None, "none"
+
+
+def check_cookie_origin(method: str, origin: str | None, upgrade: bool, allowed: list[str]) -> None:
+    """A cookie rides along on any cross-site request a browser makes: only our own pages
+    may use it (no cross-site request forgery, no cross-site WebSocket hijacking). A browser
+    always sends Origin on WebSockets and on POSTs; a GET navigation may carry none, which
+    is safe for the read-only routes."""
+    if origin is None:
+        if method in ("GET", "HEAD") and not upgrade:
+            return
+        raise AuthError(403, "origin_not_allowed", "a session cookie needs an Origin header")
+    if origin not in allowed:
+        raise AuthError(403, "origin_not_allowed", "this origin may not use the session cookie")

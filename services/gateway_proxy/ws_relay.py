@@ -1,11 +1,10 @@
 """WebSocket relay on raw bytes: after the handshake, frames pass through untouched.
 
 The proxy checks the credential, opens the gateway's WebSocket with its own identity
-headers, and rewrites exactly one frame: the client's first text message (OpenClaw's
-``connect``), from which it drops client-supplied ``auth`` and ``device``. Everything
-after that is copied as bytes; a small tracker follows frame boundaries (headers only,
-payloads are never copied or unmasked) so the proxy can still say goodbye with a close
-frame (1001) when it shuts down.
+headers, and rewrites exactly one message: the client's first (OpenClaw's ``connect``,
+see ``ws_frames``). Everything after that is copied as bytes; a small tracker follows frame
+boundaries (headers only, payloads are never copied or unmasked) so the proxy can still say
+goodbye with a close frame (1001) when it shuts down.
 """
 
 from __future__ import annotations
@@ -13,120 +12,51 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import httptools
 
-from services.gateway_proxy.app import BYTES_IN, BYTES_OUT, OPEN_WS, REJECTED, sanitize_connect
+from services.gateway_proxy.auth import AuthError, Tenant
+from services.gateway_proxy.errors import not_running
+from services.gateway_proxy.observe import OPEN_WS, REJECTED, RELAYED
+from services.gateway_proxy.raw_request import RawRequest
 from services.gateway_proxy.routing import NoRoute, Route
+from services.gateway_proxy.state import ProxyState
+from services.gateway_proxy.ws_frames import DONE, GOING_AWAY, MORE, FrameTracker, rewrite_first_message
 from shared.gateway import identity_headers
-
-if TYPE_CHECKING:
-    from services.gateway_proxy.auth import Tenant
-    from services.gateway_proxy.fastpath import ClientConnection, _Request
 
 log = logging.getLogger("zaki.proxy")
 
-MAX_FIRST_FRAME = 1 << 20
-# WebSocket bytes relayed (in, out) since the last flush into zaki_proxy_bytes_total: counted
-# here per message, added to the Prometheus counter every few seconds (flush_relayed).
-RELAYED = [0, 0]
 
+class RelayClient(Protocol):
+    """The client connection a relay serves (http_plane.ClientConnection)."""
 
-def flush_relayed() -> None:
-    if RELAYED[0]:
-        BYTES_IN.inc(RELAYED[0])
-    if RELAYED[1]:
-        BYTES_OUT.inc(RELAYED[1])
-    RELAYED[0] = RELAYED[1] = 0
+    state: ProxyState
+    transport: asyncio.Transport
+    closed: bool
+    remote: str
 
+    def ws_refused(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        req: RawRequest,
+        extra: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None: ...
 
-GOING_AWAY = b"\x88\x02\x03\xe9"  # an unmasked close frame, code 1001 (server to client)
-
-
-def _frame_header(buf: bytes | bytearray) -> tuple[int, int] | None:
-    """(header length, payload length) of the frame at the start of *buf*, or None if incomplete."""
-    if len(buf) < 2:
-        return None
-    n = buf[1] & 0x7F
-    off = 2
-    if n == 126:
-        if len(buf) < 4:
-            return None
-        n, off = int.from_bytes(buf[2:4], "big"), 4
-    elif n == 127:
-        if len(buf) < 10:
-            return None
-        n, off = int.from_bytes(buf[2:10], "big"), 10
-    if buf[1] & 0x80:
-        off += 4
-    return (off, n) if len(buf) >= off else None
-
-
-def _mask(payload: bytes, key: bytes) -> bytes:
-    """XOR with the 4-byte key (masking and unmasking are the same operation)."""
-    n = len(payload)
-    if not n:
-        return payload
-    k = (key * (n // 4 + 1))[:n]
-    return (int.from_bytes(payload, "big") ^ int.from_bytes(k, "big")).to_bytes(n, "big")
-
-
-def _encode_header(first_byte: int, length: int, key: bytes) -> bytes:
-    if length < 126:
-        return bytes((first_byte, 0x80 | length)) + key
-    if length < 1 << 16:
-        return bytes((first_byte, 0x80 | 126)) + length.to_bytes(2, "big") + key
-    return bytes((first_byte, 0x80 | 127)) + length.to_bytes(8, "big") + key
-
-
-class FrameTracker:
-    """Follows frame boundaries in one direction of a WebSocket stream."""
-
-    __slots__ = ("head", "remaining")
-
-    def __init__(self) -> None:
-        self.remaining = 0  # payload bytes of the current frame still to come
-        self.head = b""  # a frame header split across reads
-
-    @property
-    def at_boundary(self) -> bool:
-        return not self.remaining and not self.head
-
-    def feed(self, data: bytes) -> None:
-        i, n = 0, len(data)
-        while i < n:
-            if self.remaining:
-                take = min(self.remaining, n - i)
-                self.remaining -= take
-                i += take
-                continue
-            if not self.head and n - i >= 2 and data[i + 1] & 0x7F < 126:
-                # The common case: a short frame whose 2-byte header is here whole.
-                off = 2 + (4 if data[i + 1] & 0x80 else 0)
-                if n - i >= off:
-                    self.remaining = data[i + 1] & 0x7F
-                    i += off
-                    continue
-            buf = self.head + data[i : i + 14]
-            parsed = _frame_header(buf)
-            if parsed is None:
-                self.head = buf
-                return
-            off, length = parsed
-            i += off - len(self.head)
-            self.head = b""
-            self.remaining = length
+    def log_websocket(self, req: RawRequest, tenant: Tenant | None, seconds: float) -> None: ...
 
 
 class WsRelay:
     """One proxied WebSocket: handshake checks, the gateway's handshake, then bytes."""
 
-    def __init__(self, client: ClientConnection, req: _Request, scope: str, leftover: bytes) -> None:
+    def __init__(self, client: RelayClient, req: RawRequest, scope: str, leftover: bytes) -> None:
         self.client = client
         self.req = req
         self.scope = scope
-        self.pending = bytearray(leftover)  # client bytes not yet forwarded (before the first text frame)
+        self.pending = bytearray(leftover)  # client bytes not yet forwarded (before the first message)
         self.early = bytearray()  # gateway bytes that arrived before the client had its 101
         self.up: WsUpstream | None = None
         self.tenant: Tenant | None = None
@@ -145,31 +75,24 @@ class WsRelay:
         return [p.strip() for p in raw.split(",") if p.strip()]
 
     async def start(self) -> None:
-        from services.gateway_proxy.app import check_cookie_origin, not_running
-        from services.gateway_proxy.auth import AuthError
-
-        proxy = self.client.proxy
+        state = self.client.state
         req = self.req
         credential, source = req.credential(self.protocols())
         try:
-            if source == "cookie":
-                check_cookie_origin("GET", req.header(b"origin"), True, proxy.allowed_origins)
-            tenant = await proxy.auth.authenticate(credential)
-            if self.scope not in tenant.scopes:
-                raise AuthError(403, "insufficient_scope", f"this credential lacks the '{self.scope}' scope")
+            tenant = await state.tenant(credential, source, "GET", req.header(b"origin"), True, self.scope)
         except AuthError as e:
             REJECTED.labels(e.code).inc()
             self.client.ws_refused(e.status, e.code, str(e), req)
             return
         self.tenant = tenant
         try:
-            route = await proxy.routes.resolve(tenant.user_id)
+            route = await state.routes.resolve(tenant.user_id)
         except NoRoute as e:
             REJECTED.labels("instance_not_running").inc()
             message, extra, headers = not_running(e.state)
             self.client.ws_refused(503, "instance_not_running", message, req, extra, headers)
             return
-        if not proxy.limits.open_websocket(tenant.user_id):
+        if not state.limits.open_websocket(tenant.user_id):
             REJECTED.labels("too_many_websockets").inc()
             self.client.ws_refused(
                 429, "too_many_websockets", "too many open WebSockets", req, headers={"Retry-After": "10"}
@@ -190,8 +113,8 @@ class WsRelay:
         )
         self.up = up
         headers = identity_headers(self.tenant.user_id, self.client.remote, proto="http")
-        if self.client.proxy.origin:
-            headers["Origin"] = self.client.proxy.origin
+        if self.client.state.origin:
+            headers["Origin"] = self.client.state.origin
         lines = [
             "GET / HTTP/1.1",
             f"Host: {route.host}:{route.port}",
@@ -217,7 +140,7 @@ class WsRelay:
         self.open = True
         self.opened_at = time.perf_counter()
         OPEN_WS.inc()
-        self.client.proxy.raw_websockets.add(self)
+        self.client.state.raw_websockets.add(self)
         early, self.early = bytes(leftover) + bytes(self.early), bytearray()
         if early:
             self.from_upstream(early)
@@ -239,41 +162,13 @@ class WsRelay:
             up.transport.write(data)
             return
         self.pending += data
-        self._sanitize_first()
-
-    def _sanitize_first(self) -> None:
-        """Forwards frames up to and including the first text message, which is rewritten."""
-        assert self.up is not None
-        buf = self.pending
-        while True:
-            parsed = _frame_header(buf)
-            if parsed is None:
-                if len(buf) > MAX_FIRST_FRAME:
-                    self.close()
-                return
-            off, length = parsed
-            if len(buf) < off + length:
-                if off + length > MAX_FIRST_FRAME:
-                    self.close()
-                return
-            opcode, fin = buf[0] & 0x0F, buf[0] & 0x80
-            frame = bytes(buf[: off + length])
-            del buf[: off + length]
-            if opcode != 1:  # pings and the like pass as they are
-                self.up.transport.write(frame)
-                continue
-            if not fin:
-                self.close()  # a fragmented connect frame: not something OpenClaw clients send
-                return
-            key = frame[off - 4 : off] if frame[1] & 0x80 else b"\0\0\0\0"
-            text = _mask(frame[off:], key).decode("utf-8", "replace")
-            payload = sanitize_connect(text).encode()
-            self.up.transport.write(_encode_header(frame[0], len(payload), key) + _mask(payload, key))
+        out, found = rewrite_first_message(self.pending)
+        if out:
+            up.transport.write(out)
+        if found == DONE:
             self.sanitized = True
-            if buf:
-                self.up.transport.write(bytes(buf))
-            self.pending = bytearray()
-            return
+        elif found != MORE:
+            self.close()
 
     def from_upstream(self, data: bytes) -> None:
         if self.closed:
@@ -317,11 +212,11 @@ class WsRelay:
         if self.open:
             self.open = False
             OPEN_WS.dec()
-            self.client.proxy.raw_websockets.discard(self)
+            self.client.state.raw_websockets.discard(self)
             self.client.log_websocket(self.req, self.tenant, time.perf_counter() - self.opened_at)
         if self.counted and self.tenant is not None:
             self.counted = False
-            self.client.proxy.limits.close_websocket(self.tenant.user_id)
+            self.client.state.limits.close_websocket(self.tenant.user_id)
 
 
 class WsUpstream(asyncio.Protocol):
