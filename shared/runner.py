@@ -17,7 +17,7 @@ def run_service(name: str, main: Callable[[ZakiSettings, asyncio.Event], Awaitab
     """Configures JSON logging and metrics, then runs *main* until SIGTERM/SIGINT sets the stop event."""
     settings = get_settings()
     configure_logging(name)
-    serve_metrics(settings.metrics_port)
+    serve_metrics(settings.metrics_port, settings.metrics_host)
     log = logging.getLogger(f"zaki.{name}")
 
     async def runner() -> None:
