@@ -1,5 +1,6 @@
 """From inside a user's gateway container: non-root, no capabilities, no Docker socket,
-and no way to the other tenant's gateway, MongoDB, NATS or the proxy."""
+and no way to the other tenant's gateway, MongoDB, NATS, the proxy or the model provider
+(only the LLM broker). tests/test_egress.py covers the egress policy's address classes."""
 
 import asyncio
 import json
@@ -55,6 +56,7 @@ async def test_a_tenant_container_cannot_reach_anything_it_should_not(
             ("NATS via docker0", fakes.host, nats_port),
             ("MongoDB via docker0", fakes.host, mongo_port),
             ("other tenant's port on loopback", "127.0.0.1", ready_b.port),
+            ("model provider on docker0 (the broker's job)", fakes.host, fakes.llm_port),
         ]
         # In a thread: the fakes answering the positive control below live on this event loop.
         result = await asyncio.to_thread(
@@ -64,10 +66,10 @@ async def test_a_tenant_container_cannot_reach_anything_it_should_not(
         assert set(reached) == {t[0] for t in targets}
         assert all(v != "open" for v in reached.values()), reached
 
-        # Positive control: the LLM endpoint (host.docker.internal) is meant to be reachable.
-        llm = json.dumps([["llm", fakes.host, fakes.llm_port]])
-        check = await asyncio.to_thread(ca.exec_run, ["node", "-e", PROBE_JS, llm], user="1000:1000")
-        assert json.loads(check.output.decode().strip().splitlines()[-1]) == {"llm": "open"}
+        # Positive control: the LLM broker (host.docker.internal) is meant to be reachable.
+        broker = json.dumps([["broker", fakes.host, int(service_env["ZAKI_BROKER_PORT"])]])
+        check = await asyncio.to_thread(ca.exec_run, ["node", "-e", PROBE_JS, broker], user="1000:1000")
+        assert json.loads(check.output.decode().strip().splitlines()[-1]) == {"broker": "open"}
 
         status = ca.exec_run(["cat", "/proc/1/status"]).output.decode()
         fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
