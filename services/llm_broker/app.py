@@ -5,6 +5,10 @@ A gateway's ``openclaw.json`` names the broker as its provider's ``baseUrl``
 The broker checks that credential (and that it comes from that instance's own network),
 enforces the user's budget, swaps in the real key (the platform's, or the user's own) and
 streams the provider's answer back unchanged while counting its tokens.
+
+The provider URL is checked on every call (shared/provider_url.py: a user's own URL is
+hostile), its host's addresses when it connects (egress.py), only an allowlist of request
+headers goes on, and a redirect is passed back to the caller, never followed.
 """
 
 from __future__ import annotations
@@ -20,11 +24,15 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import Counter, Histogram
 
+from services.llm_broker import egress
 from services.llm_broker.budget import BudgetPolicy, UsageLedger, Verdict
 from services.llm_broker.directory import LIVE_STATES, BrokerClient, Directory, ProviderUnavailable, Upstream
+from services.llm_broker.requests import prepare
+from services.llm_broker.reservations import Reservation
 from services.llm_broker.usage import CHARS_PER_TOKEN, UsageMeter
 from shared.crypto import BROKER_CREDENTIAL_PREFIX
 from shared.http import HOP_BY_HOP
+from shared.provider_url import ProviderURL, ProviderURLError, URLPolicy
 from shared.settings import ZakiSettings
 
 log = logging.getLogger("zaki.broker")
@@ -47,28 +55,15 @@ OVERHEAD_SECONDS = Histogram(
 )
 
 # Paths a provider API may be called on, relative to its base URL. Anything else is a 404.
+_MODEL = r"models(/(?!\.\.?$)[\w.:@-]+)?"  # a model id, never a dot segment
 ALLOWED_PATHS: dict[str, re.Pattern[str]] = {
-    "openai-completions": re.compile(r"^(chat/completions|completions|embeddings|models(/[\w.:@-]+)?)$"),
-    "openai-responses": re.compile(r"^(responses|chat/completions|embeddings|models(/[\w.:@-]+)?)$"),
-    "anthropic-messages": re.compile(r"^v1/(messages|messages/count_tokens|models(/[\w.:@-]+)?)$"),
+    "openai-completions": re.compile(rf"^(chat/completions|completions|embeddings|{_MODEL})$"),
+    "openai-responses": re.compile(rf"^(responses|chat/completions|embeddings|{_MODEL})$"),
+    "anthropic-messages": re.compile(rf"^v1/(messages|messages/count_tokens|{_MODEL})$"),
 }
 SMALL_BODY = 256 * 1024
 _PATH = re.compile(r"^/p/([a-z][a-z0-9-]{0,31})/(.*)$")
 
-STRIPPED_REQUEST = HOP_BY_HOP | {
-    "authorization",
-    "x-api-key",
-    "api-key",
-    "cookie",
-    "host",
-    "content-length",
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "openai-organization",
-    "openai-project",
-}
 STRIPPED_RESPONSE = HOP_BY_HOP | {
     "content-length",
     "set-cookie",
@@ -127,6 +122,8 @@ class LLMBroker:
         self.ledger = ledger
         self.publish = publish
         self.session: aiohttp.ClientSession | None = None
+        self.policy = URLPolicy.from_settings(settings)
+        self._targets: dict[str, ProviderURL] = {}  # base URLs that passed the check
 
     def build(self) -> web.Application:
         app = web.Application(client_max_size=self.s.max_body_bytes)
@@ -138,7 +135,7 @@ class LLMBroker:
 
     async def _start(self, app: web.Application) -> None:
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300),
+            connector=egress.connector(self.policy),
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=self.s.broker_timeout_s, connect=10, sock_read=300),
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
@@ -188,48 +185,113 @@ class LLMBroker:
         allowed = ALLOWED_PATHS.get(api)
         if allowed is None or not allowed.match(rest) or request.method not in ("GET", "POST"):
             return self._refuse(api, 404, "not_found", f"{request.method} {rest} is not a model call")
-        verdict = await self.ledger.check(client.user_id, BudgetPolicy.effective(client.budget, self.s))
+        try:
+            target = self._target(upstream.base_url)
+        except ProviderURLError as e:
+            log.warning("provider URL refused", extra={"user_id": client.user_id, "reason": e.reason.value})
+            return self._refuse(api, 403, "provider_url_refused", str(e))
+        policy = BudgetPolicy.effective(client.budget, self.s)
+        verdict = await self.ledger.check(client.user_id, policy)
         if verdict is not None:
-            REFUSED.labels(verdict.limit.value).inc()
-            await self.publish("exceeded", verdict, client, True)
-            return provider_error(
-                api,
-                429,
-                "rate_limit_exceeded",
-                f"budget exceeded: {verdict.limit.value} is {verdict.allowed} and {verdict.used} "
-                f"were used in {verdict.period}; calls resume in {verdict.retry_after_s} s",
-                **{"Retry-After": str(verdict.retry_after_s)},
-            )
+            return await self._over_budget(api, verdict, client, True)
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return self._refuse(api, 413, "request_too_large", f"body over {self.s.max_body_bytes} bytes")
+        limited = request.method == "POST" and bool(policy.tokens_per_day or policy.tokens_per_month)
+        ask_usage = self.s.broker_request_stream_usage and api.startswith("openai") and b'"stream"' in body
+        reservation: Reservation | None = None
+        if limited or ask_usage:
+            prepared = prepare(api, rest, body, self.s.broker_reserve_tokens, ask_usage)
+            body = prepared.body
+            if limited:
+                held = await self.ledger.reserve(client.user_id, policy, prepared.reserve)
+                if isinstance(held, Verdict):
+                    return await self._over_budget(api, held, client, False)
+                reservation = held
         OVERHEAD_SECONDS.observe(time.perf_counter() - t0)
-        return await self._forward(request, client, upstream, rest, body)
+        try:
+            return await self._forward(request, client, upstream, target, rest, body, reservation)
+        finally:
+            if reservation is not None and not reservation.done:
+                await self.ledger.release(reservation)  # refused, failed or broken before counting
 
-    def _upstream_request(self, request: web.Request, up: Upstream, rest: str) -> tuple[str, dict[str, str]]:
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in STRIPPED_REQUEST}
+    async def _over_budget(
+        self, api: str, verdict: Verdict, client: BrokerClient, used_up: bool
+    ) -> web.Response:
+        """A provider-style 429. *used_up*: the usage itself reached the limit (one event is
+        published); otherwise the calls in flight hold the rest of it for now."""
+        REFUSED.labels(verdict.limit.value if used_up else "tokens_in_flight").inc()
+        if used_up:
+            await self.publish("exceeded", verdict, client, True)
+            why = f"{verdict.used} were used in {verdict.period}"
+        else:
+            why = f"{verdict.used} are used or held by calls in flight in {verdict.period}"
+        return provider_error(
+            api,
+            429,
+            "rate_limit_exceeded",
+            f"budget exceeded: {verdict.limit.value} is {verdict.allowed} and {why}; "
+            f"calls resume in {verdict.retry_after_s} s",
+            **{"Retry-After": str(verdict.retry_after_s)},
+        )
+
+    def _target(self, base_url: str) -> ProviderURL:
+        """The checked provider URL (cached: operators' providers are called all the time)."""
+        target = self._targets.get(base_url)
+        if target is None:
+            target = self.policy.check_url(base_url)
+            if len(self._targets) > 10_000:
+                self._targets.clear()
+            self._targets[base_url] = target
+        return target
+
+    def _upstream_request(
+        self, request: web.Request, up: Upstream, target: ProviderURL, rest: str
+    ) -> tuple[str, dict[str, str]]:
+        headers = egress.forwarded_headers(request.headers)
         if up.key:
             if up.api.startswith("anthropic"):
                 headers["x-api-key"] = up.key
             else:
                 headers["Authorization"] = f"Bearer {up.key}"
-        query = f"?{request.query_string}" if request.query_string else ""
-        return f"{up.base_url.rstrip('/')}/{rest}{query}", headers
+        query = request.rel_url.raw_query_string
+        return f"{target.url}/{rest}{'?' + query if query else ''}", headers
 
     async def _forward(
-        self, request: web.Request, client: BrokerClient, up: Upstream, rest: str, body: bytes
+        self,
+        request: web.Request,
+        client: BrokerClient,
+        up: Upstream,
+        target: ProviderURL,
+        rest: str,
+        body: bytes,
+        reservation: Reservation | None,
     ) -> web.StreamResponse:
         assert self.session is not None
         label = "byok" if up.version == 0 else up.name
         t0 = time.perf_counter()
         for attempt in (1, 2):
-            url, headers = self._upstream_request(request, up, rest)
+            url, headers = self._upstream_request(request, up, target, rest)
             try:
                 upstream = await self.session.request(
                     request.method, url, headers=headers, data=body, allow_redirects=False
                 )
             except (aiohttp.ClientError, TimeoutError) as e:
+                refused = egress.refusal_of(e)
+                if refused is not None:
+                    log.warning(
+                        "provider address refused",
+                        extra={"user_id": client.user_id, "reason": refused.reason.value},
+                    )
+                    return self._refuse(
+                        up.api,
+                        403,
+                        "provider_address_refused",
+                        f"provider URL refused ({refused.reason.value}): {target.host} resolves only to "
+                        "addresses the broker may not call; an operator may allow it in "
+                        "ZAKI_BROKER_PRIVATE_HOSTS",
+                    )
                 REQUESTS.labels(label, "5xx").inc()
                 log.warning("provider unreachable", extra={"provider": up.name, "error": type(e).__name__})
                 return provider_error(
@@ -245,6 +307,10 @@ class LLMBroker:
                 if fresh.version != up.version:
                     upstream.release()
                     up = fresh
+                    try:
+                        target = self._target(up.base_url)
+                    except ProviderURLError as e:
+                        return self._refuse(up.api, 403, "provider_url_refused", str(e))
                     continue
             break
         UPSTREAM_SECONDS.labels(label).observe(time.perf_counter() - t0)
@@ -263,7 +329,7 @@ class LLMBroker:
                 upstream.release()
             meter.feed(data)
             if upstream.status < 400:
-                await self._count(client, label, meter, body)
+                await self._count(client, label, meter, body, reservation)
             return web.Response(status=upstream.status, body=data, headers=headers)
         resp = web.StreamResponse(status=upstream.status, headers=headers)
         counted = False
@@ -275,7 +341,7 @@ class LLMBroker:
             upstream.release()
             counted = True
             if upstream.status < 400:
-                await self._count(client, label, meter, body)  # in the database before the end
+                await self._count(client, label, meter, body, reservation)  # in the database before the end
             await resp.write_eof()
         except (
             aiohttp.ClientPayloadError,
@@ -287,16 +353,25 @@ class LLMBroker:
         finally:
             upstream.release()
             if not counted and upstream.status < 400:
-                await self._count(client, label, meter, body)  # what was streamed before the break
+                await self._count(client, label, meter, body, reservation)  # streamed before the break
         return resp
 
-    async def _count(self, client: BrokerClient, label: str, meter: UsageMeter, body: bytes) -> None:
+    async def _count(
+        self,
+        client: BrokerClient,
+        label: str,
+        meter: UsageMeter,
+        body: bytes,
+        reservation: Reservation | None,
+    ) -> None:
         usage = meter.finish()
         if not usage.reported:
             usage.prompt_tokens = -(-len(body) // CHARS_PER_TOKEN)
         TOKENS.labels(label, "prompt").inc(usage.prompt_tokens)
         TOKENS.labels(label, "completion").inc(usage.completion_tokens)
-        await self.ledger.record_durably(client.user_id, usage.prompt_tokens, usage.completion_tokens)
+        await self.ledger.record_durably(
+            client.user_id, usage.prompt_tokens, usage.completion_tokens, reservation=reservation
+        )
         policy = BudgetPolicy.effective(client.budget, self.s)
         if policy.tokens_per_day or policy.tokens_per_month:
             asyncio.get_running_loop().create_task(self._maybe_warn(client, policy))

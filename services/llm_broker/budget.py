@@ -5,6 +5,10 @@ refresh plus what this process has counted since. Counted usage is written back 
 group commit: the calls that end together share one atomic ``$inc`` per user and day,
 written before their last byte goes out, so a busy broker does not write once per call
 and a crash never loses a completed call.
+
+Before a call with a token limit goes out it reserves an estimate of its tokens in the
+store (services/llm_broker/reservations.py); the flush that writes its real usage settles
+the reservation.
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from services.llm_broker.reservations import Reservation, ReservationBook
 from shared.events import BudgetLimit
 from shared.ratelimit import TokenBucket
 from shared.settings import ZakiSettings
@@ -26,6 +31,8 @@ from shared.store import Store
 log = logging.getLogger("zaki.broker.budget")
 
 REFRESH_S = 2.0  # how stale another process's usage may be in this one's view
+RESERVED_RETRY_S = 2  # Retry-After when only the calls in flight fill a limit
+SWEEP_S = 60.0  # how often settled reservations are cleaned up
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,7 @@ class _Totals:
     day_tokens: int = 0  # from the database at the last refresh
     month_tokens: int = 0
     fetched: float = 0.0
+    fetched_wall: float = 0.0  # wall time before that read (compared with settlement times)
 
 
 @dataclass
@@ -85,11 +93,15 @@ class _Pending:
     requests: int = 0
     prompt: int = 0
     completion: int = 0
+    reservations: list[str] = field(default_factory=list)
 
 
 class UsageLedger:
-    def __init__(self, store: Store, flush_interval_s: float = 1.0) -> None:
+    def __init__(self, store: Store, flush_interval_s: float = 1.0, reservation_ttl_s: float = 660.0) -> None:
         self.store = store
+        self.reservations = ReservationBook(store, reservation_ttl_s)
+        # Reservations whose usage this process has counted but not yet settled in the store.
+        self.counted: set[str] = set()
         self.flush_interval_s = flush_interval_s
         self.totals: dict[str, _Totals] = {}
         # Counted but not yet written, per (user, day); unflushed: written, not yet re-read.
@@ -98,6 +110,8 @@ class UsageLedger:
         self.buckets: dict[str, TokenBucket] = {}
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
+        self._unsettled: list[str] = []
+        self._swept = time.monotonic()
         self._batch: asyncio.Future[None]
         self._wake: asyncio.Event
 
@@ -107,8 +121,9 @@ class UsageLedger:
         """Tokens used today and this month, as this process best knows them."""
         t = self.totals.get(user_id)
         if t is None or t.day != day or time.monotonic() - t.fetched > REFRESH_S:
+            wall = time.time()
             day_tokens, month_tokens = await self.store.usage_totals(user_id, day)
-            t = self.totals[user_id] = _Totals(day, day_tokens, month_tokens, time.monotonic())
+            t = self.totals[user_id] = _Totals(day, day_tokens, month_tokens, time.monotonic(), wall)
             # What this process wrote since is now part of the database's numbers.
             for key in [k for k in self.unflushed if k[0] == user_id]:
                 del self.unflushed[key]
@@ -161,6 +176,35 @@ class UsageLedger:
             )
         return None
 
+    async def reserve(
+        self, user_id: str, policy: BudgetPolicy, tokens: int, now: datetime | None = None
+    ) -> Reservation | Verdict:
+        """Holds *tokens* for a call about to go out, or the limit that the reservations of
+        the calls ahead of it (in any process) already fill."""
+        now = now or datetime.now(UTC)
+        day = today(now)
+        day_used, month_used = await self.used(user_id, day)
+        seen_at = self.totals[user_id].fetched_wall
+        r, ahead = await self.reservations.open(user_id, day, tokens, seen_at, self.counted)
+        for limit, used, allowed, period in (
+            (BudgetLimit.TOKENS_PER_DAY, day_used + ahead.day, policy.tokens_per_day, day),
+            (BudgetLimit.TOKENS_PER_MONTH, month_used + ahead.month, policy.tokens_per_month, day[:7]),
+        ):
+            if allowed and used >= allowed:
+                await self.release(r)
+                # The calls in flight may use less than they hold: worth a retry soon.
+                return Verdict(limit, used, allowed, period, RESERVED_RETRY_S)
+        return r
+
+    async def release(self, r: Reservation) -> None:
+        """Gives back the reservation of a call that was refused, failed or not counted."""
+        if not r.done:
+            r.done = True
+            try:
+                await self.reservations.settle([r.id])
+            except Exception:
+                log.warning("reservation release failed; it expires", extra={"user_id": r.user_id})
+
     async def soft_crossed(
         self, user_id: str, policy: BudgetPolicy, now: datetime | None = None
     ) -> Verdict | None:
@@ -177,15 +221,28 @@ class UsageLedger:
 
     # --- writing ----------------------------------------------------------------------------
 
-    def record(self, user_id: str, prompt: int, completion: int, now: datetime | None = None) -> None:
+    def record(
+        self,
+        user_id: str,
+        prompt: int,
+        completion: int,
+        now: datetime | None = None,
+        reservation: Reservation | None = None,
+    ) -> None:
         p = self.pending[(user_id, today(now))]
         p.requests += 1
         p.prompt += prompt
         p.completion += completion
+        if reservation is not None and not reservation.done:
+            reservation.done = True  # settled by the flush that writes this usage
+            p.reservations.append(reservation.id)
+            self.counted.add(reservation.id)
 
     async def flush(self) -> None:
         async with self._lock:  # one writer per process: increments never race each other here
             batch, self.pending = self.pending, defaultdict(_Pending)
+            settle = self._unsettled
+            self._unsettled = []
             for (user_id, day), p in batch.items():
                 try:
                     await self.store.add_usage(user_id, day, p.requests, p.prompt, p.completion)
@@ -196,15 +253,35 @@ class UsageLedger:
                     q.requests += p.requests
                     q.prompt += p.prompt
                     q.completion += p.completion
+                    q.reservations += p.reservations
                     continue
                 self.unflushed[(user_id, day)] += p.prompt + p.completion
+                settle += p.reservations
+            # After the usage: a reservation is never settled before its tokens are written.
+            try:
+                await self.reservations.settle(settle)
+                self.counted.difference_update(settle)
+            except Exception:
+                log.warning("settling reservations failed; will retry")
+                self._unsettled = settle
+            if time.monotonic() - self._swept > SWEEP_S:
+                self._swept = time.monotonic()
+                with contextlib.suppress(Exception):
+                    await self.reservations.sweep()
 
-    async def record_durably(self, user_id: str, prompt: int, completion: int, wait_s: float = 2.0) -> bool:
+    async def record_durably(
+        self,
+        user_id: str,
+        prompt: int,
+        completion: int,
+        wait_s: float = 2.0,
+        reservation: Reservation | None = None,
+    ) -> bool:
         """Counts a call and waits until its usage is in the database (group commit: calls
         that end together share one write per user). The broker awaits this before the last
         byte of an answer, so a completed call is never lost to a crash of the broker. A
         database that does not answer within *wait_s* only delays the write, not the answer."""
-        self.record(user_id, prompt, completion)
+        self.record(user_id, prompt, completion, reservation=reservation)
         done = self._batch
         self._wake.set()
         try:

@@ -8,6 +8,7 @@ next call.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -16,8 +17,11 @@ import nats
 from shared import subjects
 from shared.bus import nats_servers
 from shared.crypto import KeyRing, provider_key_context
+from shared.provider_url import ProviderURLError, URLPolicy, check_provider_url
 from shared.settings import ZakiSettings
 from shared.store import Store
+
+log = logging.getLogger("zaki.broker")
 
 NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 APIS = ("openai-completions", "openai-responses", "anthropic-messages")
@@ -27,19 +31,31 @@ class ProviderError(ValueError):
     pass
 
 
-def _check(name: str, base_url: str | None = None, api: str | None = None) -> None:
+def _check(
+    name: str, base_url: str | None = None, api: str | None = None, policy: URLPolicy | None = None
+) -> None:
     if not NAME.match(name):
         raise ProviderError(f"provider name {name!r} must match {NAME.pattern}")
-    if base_url is not None and not re.match(r"^https?://[^\s]+$", base_url):
-        raise ProviderError("base URL must be http(s)://...")
+    if base_url is not None:
+        try:
+            check_provider_url(base_url, policy)  # the broker's own rule, checked again per call
+        except ProviderURLError as e:
+            raise ProviderError(str(e)) from None
     if api is not None and api not in APIS:
         raise ProviderError(f"api must be one of {', '.join(APIS)}")
 
 
 async def add_provider(
-    store: Store, keys: KeyRing, name: str, base_url: str, api: str, key: str, models: list[str]
+    store: Store,
+    keys: KeyRing,
+    name: str,
+    base_url: str,
+    api: str,
+    key: str,
+    models: list[str],
+    policy: URLPolicy | None = None,
 ) -> None:
-    _check(name, base_url, api)
+    _check(name, base_url, api, policy)
     if not key:
         raise ProviderError("a provider needs an API key")
     ok = await store.add_provider(
@@ -98,6 +114,11 @@ async def seed_default_provider(store: Store, keys: KeyRing, s: ZakiSettings) ->
     if not key or await store.get_provider(s.llm_provider_name) is not None:
         return False
     models = [m.strip() for m in s.llm_models.split(",") if m.strip()]
+    try:
+        check_provider_url(s.llm_base_url, URLPolicy.from_settings(s))
+    except ProviderURLError as e:
+        log.error("default provider not seeded: ZAKI_LLM_BASE_URL %s", e)
+        return False
     try:
         await add_provider(store, keys, s.llm_provider_name, s.llm_base_url, s.llm_api, key, models)
     except ProviderError:

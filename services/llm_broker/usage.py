@@ -9,8 +9,10 @@ here. Providers report usage in different places:
 - Anthropic messages: ``message_start.message.usage.input_tokens`` and
   ``message_delta.usage.output_tokens``.
 
-When a stream carries no usage at all, completion tokens are estimated from the text
-(about four characters a token) so a budget can never be dodged by hiding usage.
+When an answer carries no usage at all, completion tokens are estimated from everything
+generated (about four characters a token): text, reasoning, refusals and tool-call arguments
+in every API's delta shape, so a budget can never be dodged by hiding usage. The broker also
+asks OpenAI-style providers for usage on streams (requests.py).
 """
 
 from __future__ import annotations
@@ -50,18 +52,45 @@ def _apply_usage(usage: Usage, u: Any) -> None:
         usage.completion_tokens = max(usage.completion_tokens, completion)
 
 
-def _text_chars(event: dict[str, Any]) -> int:
+# Generated-text fields of an OpenAI chat delta (or message), of an Anthropic delta or block.
+_CHAT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal", "text")
+_ANTHROPIC_FIELDS = ("text", "thinking", "partial_json")
+
+
+def _str_len(v: Any) -> int:
+    return len(v) if isinstance(v, str) else 0
+
+
+def _calls_chars(calls: Any) -> int:
+    """OpenAI tool_calls (a list) or a legacy function_call (one object): names and arguments."""
+    n = 0
+    for call in calls if isinstance(calls, list) else (calls,):
+        if isinstance(call, dict):
+            fn = call.get("function", call)
+            if isinstance(fn, dict):
+                n += _str_len(fn.get("name")) + _str_len(fn.get("arguments"))
+    return n
+
+
+def _generated_chars(event: dict[str, Any]) -> int:
+    """Characters of generated output in one stream event, whatever the API."""
     n = 0
     for choice in event.get("choices") or ():
         if isinstance(choice, dict):
-            delta = choice.get("delta") or {}
-            if isinstance(delta, dict) and isinstance(delta.get("content"), str):
-                n += len(delta["content"])
+            n += _str_len(choice.get("text"))  # legacy completions
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                n += sum(_str_len(delta.get(f)) for f in _CHAT_FIELDS)
+                n += _calls_chars(delta.get("tool_calls")) + _calls_chars(delta.get("function_call"))
     delta = event.get("delta")
-    if isinstance(delta, dict) and isinstance(delta.get("text"), str):  # anthropic content_block_delta
-        n += len(delta["text"])
-    if event.get("type") == "response.output_text.delta" and isinstance(event.get("delta"), str):
-        n += len(event["delta"])
+    kind = event.get("type")
+    if isinstance(delta, dict):  # anthropic content_block_delta: text, thinking, input_json
+        n += sum(_str_len(delta.get(f)) for f in _ANTHROPIC_FIELDS)
+    elif isinstance(delta, str) and isinstance(kind, str) and kind.endswith(".delta"):
+        n += len(delta)  # responses: output_text, reasoning*, function_call_arguments, refusal ...
+    block = event.get("content_block")
+    if isinstance(block, dict):  # anthropic content_block_start: a tool's name, any initial text
+        n += _str_len(block.get("name")) + sum(_str_len(block.get(f)) for f in _ANTHROPIC_FIELDS)
     return n
 
 
@@ -110,7 +139,7 @@ class UsageMeter:
         delta = event.get("delta")
         if isinstance(delta, dict):
             _apply_usage(self.usage, delta.get("usage"))
-        self._chars += _text_chars(event)
+        self._chars += _generated_chars(event)
 
     def finish(self) -> Usage:
         if not self.streaming:
@@ -121,6 +150,9 @@ class UsageMeter:
                     body = None
                 if isinstance(body, dict):
                     _apply_usage(self.usage, body.get("usage"))
+                    if not self.usage.reported and any(k in body for k in ("choices", "content", "output")):
+                        # A generation that hides its usage: the whole answer counts.
+                        self._chars = len(self._buf)
         elif self._buf:
             self.feed(b"\n")
         if not self.usage.reported and self._chars:
