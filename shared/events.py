@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, SecretStr, field_validator
 
 from shared import subjects
+from shared.provider_url import check_provider_url
 from shared.validation import ModelRef, RequestId, UserId, check_bot_token
 
 # A secret on the wire: hidden in repr/str and logs, revealed only in the JSON sent to NATS.
@@ -53,6 +54,14 @@ class ProviderSettings(BaseModel):
     models: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:/@-]{0,127}$")]] = Field(
         default_factory=list, max_length=32
     )
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        # The broker's URL rule, under the settings of the process that validates the event
+        # (the provisioner's, for commands); the broker checks again at call time.
+        check_provider_url(v)
+        return v
 
 
 class Budget(BaseModel):
@@ -155,6 +164,7 @@ class FailureReason(StrEnum):
     INVALID_REQUEST = "invalid_request"
     INVALID_USER_ID = "invalid_user_id"
     INVALID_BOT_TOKEN = "invalid_bot_token"  # noqa: S105 - a reason code
+    INVALID_PROVIDER_URL = "invalid_provider_url"
     TELEGRAM_UNREACHABLE = "telegram_unreachable"
     NO_PORT = "no_port_available"
     DISK = "disk_error"

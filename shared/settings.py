@@ -71,6 +71,18 @@ class ZakiSettings(BaseSettings):
     # Refuse a broker credential that arrives from outside its own instance's network.
     broker_check_source: bool = True
     broker_timeout_s: float = 600.0  # a long generation may stream for minutes
+    # Where provider URLs may point (shared/provider_url.py). Comma-separated.
+    # Domain suffixes a provider host must match ("api.openai.com,anthropic.com"); empty: any public host.
+    broker_allowed_hosts: str = ""
+    # host[:port] entries (names, addresses or networks) that may be called over plain http.
+    broker_http_hosts: str = ""
+    # host[:port] entries that may be, or resolve to, a loopback/private/link-local/platform
+    # address (an operator's own model server, the local fakes). Default: none.
+    broker_private_hosts: str = ""
+    # Tokens reserved for a call's answer when the request sets no max_tokens (budget reservations).
+    broker_reserve_tokens: int = Field(default=4096, ge=0)
+    # Ask OpenAI-style providers for usage on streams (stream_options.include_usage).
+    broker_request_stream_usage: bool = True
     # Platform default budgets per user (0: unlimited); an instance's own budget overrides them.
     budget_requests_per_minute: int = 60
     budget_tokens_per_day: int = 0

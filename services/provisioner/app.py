@@ -37,7 +37,11 @@ MAX_ATTEMPTS = 6
 HEARTBEAT_S = 5.0
 
 # Which field of instance.requested made it invalid -> the reason in instance.failed.
-_FIELD_REASONS = {"user_id": FailureReason.INVALID_USER_ID, "bot_token": FailureReason.INVALID_BOT_TOKEN}
+_FIELD_REASONS = {
+    "user_id": FailureReason.INVALID_USER_ID,
+    "bot_token": FailureReason.INVALID_BOT_TOKEN,
+    "provider.base_url": FailureReason.INVALID_PROVIDER_URL,
+}
 
 
 @dataclass
