@@ -50,6 +50,8 @@ class Store:
         self.providers = self.db["providers"]
         self.usage = self.db["usage"]
         self.budget_events = self.db["budget_events"]
+        # Written by the broker, read by the monitor: instances whose model calls are refused.
+        self.model_path = self.db["model_path"]
 
     async def ensure_indexes(self) -> None:
         # Instances are keyed by user id (_id): one live instance per user by construction.
