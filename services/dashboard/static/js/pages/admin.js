@@ -34,6 +34,8 @@ export async function render(view, { params }) {
 }
 
 function table(headers, rows) {
+  // Each cell carries its column's name: on a phone the rows become cards that show it.
+  for (const tr of rows) [...tr.children].forEach((td, i) => (td.dataset.label = headers[i] || ""));
   return h("table.admin", {}, h("thead", {}, h("tr", {}, headers.map((t) => h("th", {}, t)))), h("tbody", {}, rows.length ? rows : h("tr", {}, h("td.muted", { colSpan: headers.length }, "Nothing yet."))));
 }
 

@@ -93,10 +93,11 @@ function status(view, app, agent) {
     health.dataset.health = cur.health || "unknown";
     const idx = STEPS.indexOf(cur.state);
     steps.querySelectorAll("li").forEach((li, i) => {
-      li.classList.toggle("done", idx >= 0 && i < idx);
-      li.classList.toggle("current", i === idx);
+      const last = idx === STEPS.length - 1; // running: every step is done
+      li.classList.toggle("done", idx >= 0 && (i < idx || last));
+      li.classList.toggle("current", i === idx && !last);
     });
-    buttons.start.disabled = !["stopped", "failed"].includes(cur.state);
+    buttons.start.disabled = !["stopped", "failed", "suspended"].includes(cur.state);
     buttons.stop.disabled = cur.state !== "running";
     buttons.restart.disabled = cur.state !== "running";
     if (cur.state === "running" && cur.bot_username) {
@@ -212,6 +213,6 @@ function status(view, app, agent) {
 }
 
 function meterRow(label, value, limit, id) {
-  const bar = h("meter", { id, min: 0, max: limit || Math.max(value, 1), value, low: (limit || 1) * 0.8, high: (limit || 1) * 0.95 });
+  const bar = limit ? h("meter", { id, min: 0, max: limit, value, low: limit * 0.8, high: limit * 0.95 }) : h("span.muted", { id }, "no limit");
   return h("div.meter", {}, h("span", {}, label), bar, h("span.muted", {}, `${number(value)} / ${number(limit)}`));
 }

@@ -34,7 +34,9 @@ export function login(view, { params }) {
   const pw = field("Password", { name: "password", type: "password", autocomplete: "current-password", required: true });
   const intro = params.get("expired")
     ? h("p.notice.info", { role: "status" }, "Your session has ended. Log in again to continue where you were.")
-    : h("p.muted", {}, "Your own AI agent, on Telegram and on the web.");
+    : params.get("deleted")
+      ? h("p.notice.info", { role: "status" }, "Your account was deleted. Goodbye!")
+      : h("p.muted", {}, "Your own AI agent, on Telegram and on the web.");
   const f = form(
     "Log in",
     intro,

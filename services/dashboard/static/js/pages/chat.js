@@ -24,7 +24,7 @@ export async function render(view, { app }) {
   const msg = notice();
   const log = h("div.chat-log", { id: "chat-log", "aria-live": "polite" });
   const list = h("ul.convs", { id: "conversations" });
-  const input = h("textarea", { id: "chat-input", rows: 2, placeholder: "Message your agent…  (Enter sends, Shift+Enter for a new line)", "aria-label": "Message" });
+  const input = h("textarea", { id: "chat-input", rows: 2, placeholder: "Message your agent…", title: "Enter sends, Shift+Enter starts a new line", "aria-label": "Message" });
   const send = h("button.primary", { type: "submit", id: "chat-send" }, "Send");
   const stop = h("button", { type: "button", id: "chat-stop", hidden: true }, "Stop");
   const fresh = h("button", { type: "button", id: "chat-new" }, "New conversation");

@@ -1,0 +1,62 @@
+"""One origin for the browser tests: the dashboard's pages and API (`/`, `/assets/…`, `/api/…`)
+and the gateway proxy (everything else: `/v1/…`, `/ui/…`), as the proxy itself will route them
+once it has the dashboard's route. Streams both ways (SSE), passes cookies and Origin untouched."""
+
+from __future__ import annotations
+
+from aiohttp import ClientSession, DummyCookieJar, web
+
+from shared.http import HOP_BY_HOP
+
+DASHBOARD_PREFIXES = ("/api/", "/assets/")
+
+
+def _to_dashboard(path: str) -> bool:
+    return path == "/" or path.startswith(DASHBOARD_PREFIXES) or path == "/favicon.ico"
+
+
+class Front:
+    def __init__(self, dashboard: str, proxy: str) -> None:
+        self.dashboard, self.proxy = dashboard, proxy
+        self.http: ClientSession | None = None
+        self.runner: web.AppRunner | None = None
+
+    async def start(self, port: int) -> str:
+        self.http = ClientSession(cookie_jar=DummyCookieJar(), auto_decompress=False)
+        app = web.Application(client_max_size=4 << 20)
+        app.router.add_route("*", "/{tail:.*}", self.relay)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+        return f"http://127.0.0.1:{port}"
+
+    async def relay(self, request: web.Request) -> web.StreamResponse:
+        assert self.http is not None
+        base = self.dashboard if _to_dashboard(request.path) else self.proxy
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP | {"host"}}
+        headers["X-Forwarded-For"] = request.remote or "127.0.0.1"
+        body = await request.read()
+        async with self.http.request(
+            request.method,
+            base + request.rel_url.raw_path_qs,
+            headers=headers,
+            data=body or None,
+            allow_redirects=False,
+        ) as up:
+            resp = web.StreamResponse(status=up.status, reason=up.reason)
+            for k, v in up.headers.items():
+                if k.lower() not in HOP_BY_HOP | {"content-length"}:
+                    resp.headers.add(k, v)
+            if up.headers.get("Content-Length") and "Content-Encoding" not in up.headers:
+                resp.content_length = int(up.headers["Content-Length"])
+            await resp.prepare(request)
+            async for chunk in up.content.iter_any():
+                await resp.write(chunk)
+            await resp.write_eof()
+            return resp
+
+    async def close(self) -> None:
+        if self.runner:
+            await self.runner.cleanup()
+        if self.http:
+            await self.http.close()
