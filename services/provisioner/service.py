@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from services.provisioner.base import Phase, ProvisionError, Retry, _bytes, _ctx
 from services.provisioner.reconcile import Reconciler
+from services.provisioner.suspend import Suspension
 from shared.crypto import KeyRing
 from shared.store import Store
 
 __all__ = ["Phase", "ProvisionError", "Provisioner", "Retry", "_bytes", "_ctx", "rotate_instance_secrets"]
 
 
-class Provisioner(Reconciler):
-    """Commands, lifecycle and reconcile of the gateways of one Docker host."""
+class Provisioner(Suspension, Reconciler):
+    """Commands, lifecycle, idle suspend/wake and reconcile of the gateways of one Docker host."""
 
 
 SECRET_FIELDS = ("bot_token", "gateway_password", "provider_key", "broker_key")
