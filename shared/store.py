@@ -289,6 +289,14 @@ class Store:
         )
         return res.matched_count == 1
 
+    async def readd_provider(self, name: str, fields: dict[str, Any]) -> bool:
+        """Brings a revoked provider back with new settings and key; False unless it was revoked."""
+        res = await self.providers.update_one(
+            {"_id": name, "state": "revoked"},
+            {"$set": {**fields, "state": "active", "updated_at": utcnow()}, "$inc": {"version": 1}},
+        )
+        return res.matched_count == 1
+
     # --- usage and budgets ---------------------------------------------------------------------
 
     async def add_usage(

@@ -54,21 +54,46 @@ async def add_provider(
     key: str,
     models: list[str],
     policy: URLPolicy | None = None,
-) -> None:
+) -> bool:
+    """Adds a provider, or brings a revoked one back with the given settings and key.
+    Returns True when it was a revoked provider re-added."""
     _check(name, base_url, api, policy)
     if not key:
         raise ProviderError("a provider needs an API key")
-    ok = await store.add_provider(
-        name,
-        {
-            "base_url": base_url,
-            "api": api,
-            "models": models,
-            "key_enc": keys.encrypt(key, provider_key_context(name)),
-        },
+    fields = {
+        "base_url": base_url,
+        "api": api,
+        "models": models,
+        "key_enc": keys.encrypt(key, provider_key_context(name)),
+    }
+    if await store.add_provider(name, fields):
+        return False
+    if await store.readd_provider(name, fields):
+        return True
+    raise ProviderError(
+        f"provider {name} exists; use update to change its base URL, API kind or models, rotate for its key"
     )
-    if not ok:
-        raise ProviderError(f"provider {name} exists; use rotate to change its key")
+
+
+async def update_provider(
+    store: Store,
+    name: str,
+    base_url: str | None = None,
+    api: str | None = None,
+    models: list[str] | None = None,
+    policy: URLPolicy | None = None,
+) -> dict[str, Any]:
+    """Changes a provider in place (its name, and so every user's model reference, stays;
+    its key stays too: rotate changes that). Returns the fields that changed."""
+    _check(name, base_url, api, policy)
+    doc = await store.get_provider(name)
+    if doc is None:
+        raise ProviderError(f"no provider named {name}")
+    wanted = {"base_url": base_url, "api": api, "models": models}
+    fields = {k: v for k, v in wanted.items() if v is not None and v != doc.get(k)}
+    if fields and not await store.update_provider(name, fields):
+        raise ProviderError(f"no provider named {name}")
+    return fields
 
 
 async def rotate_provider_key(store: Store, keys: KeyRing, name: str, key: str) -> None:
