@@ -1,0 +1,42 @@
+"""Every operator action, recorded with actor, time and target (store collection ``audit``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pymongo import DESCENDING
+
+from shared.store import Store, utcnow
+
+
+def audit(store: Store):
+    return store.db["audit"]
+
+
+async def ensure_indexes(store: Store) -> None:
+    await audit(store).create_index([("at", DESCENDING)], name="by_time")
+
+
+async def record(
+    store: Store,
+    actor: str,
+    action: str,
+    target: str,
+    detail: dict[str, Any] | None = None,
+    actor_name: str | None = None,
+) -> None:
+    """Written before the action's answer: an action that is not recorded did not happen."""
+    await audit(store).insert_one(
+        {
+            "at": utcnow(),
+            "actor": actor,
+            "actor_name": actor_name,
+            "action": action,
+            "target": target,
+            "detail": detail or {},
+        }
+    )
+
+
+async def recent(store: Store, limit: int = 100) -> list[dict[str, Any]]:
+    return [d async for d in audit(store).find({}, {"_id": 0}).sort("at", DESCENDING).limit(limit)]
