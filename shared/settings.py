@@ -137,6 +137,28 @@ class ZakiSettings(BaseSettings):
     probe_spread: float = 0.8  # share of the interval over which one sweep's probes are spread
     slow_probe_s: float = 1.0  # a readiness answer slower than this counts as degraded
     die_grace_s: float = 3.0  # after a container dies, how long Docker's own restart policy gets
+    # Dashboard (services/dashboard): accounts, sessions and the JSON API behind the web pages.
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 8095
+    dashboard_signup_open: bool = True
+    dashboard_session_idle_s: float = Field(default=7 * 86400, gt=0)  # a session unused this long ends
+    dashboard_session_max_s: float = Field(default=30 * 86400, gt=0)  # and every session ends after this
+    dashboard_jwt_ttl_s: float = Field(default=900, ge=60)  # the proxy cookie's JWT; renewed by the pages
+    # PEM private key (Ed25519, RSA or EC) matching jwt_public_key; empty: HS256 with jwt_secret.
+    dashboard_jwt_private_key: SecretStr = SecretStr("")
+    dashboard_models: str = ""  # models a user may pick (comma-separated); empty: the default + llm_models
+    dashboard_file_max_bytes: int = Field(default=64 * 1024, ge=1024)  # SOUL.md / MEMORY.md
+    dashboard_user_prefix: str = Field(default="u", pattern=r"^[a-z][a-z0-9]{0,20}$")  # new accounts' user ids
+    # Failed log-ins: a burst, then one more per interval; per account and per client address.
+    dashboard_login_account_burst: int = Field(default=5, ge=1)
+    dashboard_login_account_interval_s: float = Field(default=30.0, gt=0)
+    dashboard_login_address_burst: int = Field(default=20, ge=1)
+    dashboard_login_address_interval_s: float = Field(default=10.0, gt=0)
+    # Peers whose X-Forwarded-For is believed (the proxy on the same host): the client address.
+    dashboard_trusted_proxies: str = "127.0.0.1,::1"
+    # The gateway image agents created from the dashboard ask for (one of images()); empty: the default.
+    dashboard_gateway_image: str = ""
+
     health_write_interval_s: float = 30.0  # how often a healthy instance's last probe is persisted
 
     replica_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
