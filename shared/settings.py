@@ -123,20 +123,6 @@ class ZakiSettings(BaseSettings):
     # false: everything through aiohttp (the same rules, slower; see bench/proxy.py).
     proxy_fastpath: bool = True
 
-    # Monitor
-    probe_interval_s: float = 4.0
-    probe_timeout_s: float = 2.0
-    probe_concurrency: int = 200
-    unhealthy_after: int = 2
-    healthy_after: int = 2
-    restart_backoff_base_s: float = 2.0
-    restart_backoff_max_s: float = 300.0
-    crashloop_restarts: int = 5
-    crashloop_window_s: float = 600.0
-    summary_interval_s: float = 30.0
-    probe_spread: float = 0.8  # share of the interval over which one sweep's probes are spread
-    slow_probe_s: float = 1.0  # a readiness answer slower than this counts as degraded
-    die_grace_s: float = 3.0  # after a container dies, how long Docker's own restart policy gets
     # Dashboard (services/dashboard): accounts, sessions and the JSON API behind the web pages.
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 8095
@@ -159,6 +145,20 @@ class ZakiSettings(BaseSettings):
     # The gateway image agents created from the dashboard ask for (one of images()); empty: the default.
     dashboard_gateway_image: str = ""
 
+    # Monitor
+    probe_interval_s: float = 4.0
+    probe_timeout_s: float = 2.0
+    probe_concurrency: int = 200
+    unhealthy_after: int = 2
+    healthy_after: int = 2
+    restart_backoff_base_s: float = 2.0
+    restart_backoff_max_s: float = 300.0
+    crashloop_restarts: int = 5
+    crashloop_window_s: float = 600.0
+    summary_interval_s: float = 30.0
+    probe_spread: float = 0.8  # share of the interval over which one sweep's probes are spread
+    slow_probe_s: float = 1.0  # a readiness answer slower than this counts as degraded
+    die_grace_s: float = 3.0  # after a container dies, how long Docker's own restart policy gets
     health_write_interval_s: float = 30.0  # how often a healthy instance's last probe is persisted
 
     replica_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
