@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -70,3 +71,28 @@ async def progress(what: str, coro: Awaitable[T]) -> T:
     if sys.stderr.isatty():
         print(file=sys.stderr)
     return task.result()
+
+
+def write_private(path: Path, text: str, *, replace: bool = True) -> bool:
+    """Writes a secret file that is owner-only from its first byte: created 0600 under a
+    temporary name (O_EXCL, so never through someone's symlink) and then moved into place,
+    so nobody ever sees it with a wider mode or half-written. With ``replace=False`` an
+    existing file is kept (a key ring must never be overwritten) and False is returned."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)  # atomic create-if-absent
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)

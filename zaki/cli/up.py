@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
@@ -11,7 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from zaki.cli.common import say
+from zaki.cli.common import say, write_private
+
+STANDIN_IMAGE = "zaki/standin-gateway:latest"
 
 
 def register(sub: Any) -> None:
@@ -23,15 +26,59 @@ def register(sub: Any) -> None:
 
 
 def secret_keys(state_dir: Path) -> str:
+    """The key ring of this state folder: generated once, owner-only from its first byte."""
     from shared.crypto import KeyRing
 
     if os.environ.get("ZAKI_SECRET_KEYS"):
         return os.environ["ZAKI_SECRET_KEYS"]
     path = state_dir / "secret_keys"
     if not path.exists():
-        path.write_text(KeyRing.new_key_spec(f"k{int(time.time())}"))
-        path.chmod(0o600)
+        write_private(path, KeyRing.new_key_spec(f"k{int(time.time())}"), replace=False)
     return path.read_text().strip()
+
+
+def write_env(state_dir: Path, env: dict[str, str]) -> None:
+    """env.json holds the key ring and every setting: owner-only, like the key ring."""
+    write_private(state_dir / "env.json", json.dumps(env, indent=1))
+
+
+def allowed_images(demo: bool) -> str:
+    """The stand-in echo gateway is a fake: only --demo allows it (and tests, which set
+    ZAKI_ALLOWED_IMAGES themselves); a real platform runs only its real gateway image."""
+    configured = os.environ.get("ZAKI_ALLOWED_IMAGES")
+    if configured is not None:
+        return configured
+    return STANDIN_IMAGE if demo else ""
+
+
+def demo_llm_port(bridge: str) -> int:
+    """The fake provider's port: the one the last --demo run used when it is free, so the
+    provider the broker stored then still points at it."""
+    from urllib.parse import urlsplit
+
+    from zaki.stack import free_port, port_open
+
+    last = urlsplit(os.environ.get("ZAKI_LLM_BASE_URL", ""))
+    if last.hostname == bridge and last.port and not port_open(bridge, last.port):
+        return last.port
+    return free_port(bridge)
+
+
+def warn_on_provider_drift(mongo_url: str, env: dict[str, str]) -> None:
+    """Says when ZAKI_LLM_* disagree with the provider the broker stored on its first start."""
+    from shared.crypto import KeyRing
+    from shared.store import Store
+    from zaki.cli.providers import seed_drift
+
+    async def check() -> list[str]:
+        store = Store(mongo_url, env.get("ZAKI_MONGO_DB", "zaki"))
+        try:
+            return await seed_drift(store, KeyRing.from_spec(env["ZAKI_SECRET_KEYS"]), env)
+        finally:
+            await store.close()
+
+    for line in asyncio.run(check()):
+        say(f"warning: {line}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,11 +121,12 @@ def run(args: argparse.Namespace) -> int:
             "ZAKI_SECRET_KEYS": secret_keys(state_dir),
             "ZAKI_DATA_ROOT": os.environ.get("ZAKI_DATA_ROOT", str(state_dir / "data")),
             "ZAKI_PROXY_PORT": os.environ.get("ZAKI_PROXY_PORT", str(args.proxy_port)),
-            "ZAKI_ALLOWED_IMAGES": os.environ.get("ZAKI_ALLOWED_IMAGES", "zaki/standin-gateway:latest"),
+            "ZAKI_ALLOWED_IMAGES": allowed_images(args.demo),
         }
         if args.demo:
             bridge = docker_bridge_ip()
-            llm_port, tg_port = free_port(bridge), free_port(bridge)
+            llm_port = demo_llm_port(bridge)
+            tg_port = free_port(bridge)
             fake = stack.spawn(
                 "fakes",
                 [
@@ -101,6 +149,14 @@ def run(args: argparse.Namespace) -> int:
                 ZAKI_LLM_BASE_URL=f"http://{bridge}:{llm_port}/v1",  # as the broker reaches it
                 ZAKI_LLM_API_KEY="sk-demo-not-a-real-key",
                 ZAKI_DEFAULT_MODEL="zaki/echo-1",
+                # The fake provider is plain http on this host's bridge address: the broker
+                # calls such a host only when the operator names it.
+                ZAKI_BROKER_HTTP_HOSTS=_with(
+                    os.environ.get("ZAKI_BROKER_HTTP_HOSTS"), f"{bridge}:{llm_port}"
+                ),
+                ZAKI_BROKER_PRIVATE_HOSTS=_with(
+                    os.environ.get("ZAKI_BROKER_PRIVATE_HOSTS"), f"{bridge}:{llm_port}"
+                ),
             )
         # The LLM broker listens on the Docker bridge address: gateway containers reach it
         # (as host.docker.internal), nothing beyond this machine does.
@@ -112,8 +168,8 @@ def run(args: argparse.Namespace) -> int:
             ZAKI_BROKER_URL_FOR_GATEWAYS=f"http://host.docker.internal:{broker_port}",
         )
         env = {**{k: v for k, v in os.environ.items() if k.startswith("ZAKI_")}, **env}
-        (state_dir / "env.json").write_text(json.dumps(env, indent=1))
-        (state_dir / "env.json").chmod(0o600)
+        write_env(state_dir, env)
+        warn_on_provider_drift(mongo.address, env)
         metrics = {}
         for module in (
             "services.provisioner",
@@ -160,3 +216,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         stack.stop()
         say("stopped.")
+
+
+def _with(entries: str | None, entry: str) -> str:
+    """A comma-separated setting with one more entry."""
+    return ",".join([*(e for e in (entries or "").split(",") if e.strip()), entry])
