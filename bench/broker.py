@@ -98,6 +98,8 @@ async def main() -> None:
             "ZAKI_MONGO_DB": "bench",
             "ZAKI_SECRET_KEYS": keys,
             "ZAKI_LLM_BASE_URL": f"http://{host}:{llm_port}/v1",
+            "ZAKI_BROKER_HTTP_HOSTS": f"{host}:{llm_port}",
+            "ZAKI_BROKER_PRIVATE_HOSTS": f"{host}:{llm_port}",
             "ZAKI_LLM_API_KEY": "sk-bench-" + uuid.uuid4().hex,
             "ZAKI_BROKER_HOST": host,
             "ZAKI_BROKER_PORT": str(broker_port),

@@ -103,6 +103,9 @@ def outside_world_env(fakes: Fakes, broker_port: int) -> dict[str, str]:
         "ZAKI_TELEGRAM_PRIVATE_NETWORK": "true",
         # The provider as the LLM broker reaches it; gateways only ever see the broker.
         "ZAKI_LLM_BASE_URL": f"http://{fakes.host}:{fakes.llm_port}/v1",
+        # The fake provider is plain http on the Docker bridge: allowed by name and port only.
+        "ZAKI_BROKER_HTTP_HOSTS": f"{fakes.host}:{fakes.llm_port}",
+        "ZAKI_BROKER_PRIVATE_HOSTS": f"{fakes.host}:{fakes.llm_port}",
         "ZAKI_LLM_API_KEY": "sk-platform-" + uuid.uuid4().hex,
         "ZAKI_BROKER_HOST": fakes.host,
         "ZAKI_BROKER_PORT": str(broker_port),

@@ -459,6 +459,8 @@ async def test_bring_your_own_key_from_instance_requested(
 ):
     """A user's own provider key in instance.requested: sealed in their record, never in their
     container; their gateway's calls to that provider carry it, through the broker."""
+    from pydantic import SecretStr
+
     from shared.events import ProviderSettings
 
     own_key = "sk-own-" + uuid.uuid4().hex
@@ -466,10 +468,13 @@ async def test_bring_your_own_key_from_instance_requested(
         fakes,
         image=STANDIN_IMAGE,
         model="mine/echo-1",
-        provider=ProviderSettings(
+        # Built unchecked: the provisioner validates it under its own settings, which allow
+        # the fake provider (this test process's settings do not).
+        provider=ProviderSettings.model_construct(
             name="mine",
             base_url=f"http://{fakes.host}:{fakes.llm_port}/v1",
-            api_key=own_key,
+            api="openai-completions",
+            api_key=SecretStr(own_key),
             models=["echo-1"],
         ),
     )

@@ -88,6 +88,8 @@ def compose_stack(docker_client, fakes):
         "ZAKI_TELEGRAM_API_BASE_FOR_GATEWAYS": f"http://host.docker.internal:{fakes.tg_port}",
         "ZAKI_TELEGRAM_PRIVATE_NETWORK": "true",
         "ZAKI_LLM_BASE_URL": f"http://{fakes.host}:{fakes.llm_port}/v1",
+        "ZAKI_BROKER_HTTP_HOSTS": f"{fakes.host}:{fakes.llm_port}",
+        "ZAKI_BROKER_PRIVATE_HOSTS": f"{fakes.host}:{fakes.llm_port}",
         "ZAKI_LLM_API_KEY": "sk-compose-" + uuid.uuid4().hex,
         "ZAKI_BRIDGE_IP": fakes.host,
         "ZAKI_DEFAULT_MODEL": "zaki/echo-1",
