@@ -9,6 +9,7 @@ import logging
 import nats
 from aiohttp import web
 
+from services.llm_broker import model_path
 from services.llm_broker.app import LLMBroker
 from services.llm_broker.budget import UsageLedger
 from services.llm_broker.directory import Directory
@@ -55,6 +56,7 @@ async def main(settings: ZakiSettings, stop: asyncio.Event) -> None:
     await ensure_streams(settings.nats_url, settings.stream_replicas)
     directory = Directory(store, keys)
     nc = await follow_events(settings.nats_url, directory)
+    model_path.TRACKER.attach(store, nc, settings.network_pool)  # wrong_network refusals -> health
     ledger = UsageLedger(store, reservation_ttl_s=settings.broker_timeout_s + 60)
     await ledger.reservations.ensure_indexes()
     broker = LLMBroker(settings, directory, ledger, BudgetEvents(store, nc.jetstream()))

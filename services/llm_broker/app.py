@@ -24,17 +24,19 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import Counter, Histogram
 
-from services.llm_broker import egress
+from services.llm_broker import egress, model_path
 from services.llm_broker.budget import BudgetPolicy, UsageLedger, Verdict
 from services.llm_broker.directory import LIVE_STATES, BrokerClient, Directory, ProviderUnavailable, Upstream
 from services.llm_broker.requests import prepare
 from services.llm_broker.reservations import Reservation
 from services.llm_broker.usage import CHARS_PER_TOKEN, UsageMeter
+from shared.activity import ActivityRecorder
 from shared.crypto import BROKER_CREDENTIAL_PREFIX
 from shared.http import HOP_BY_HOP
 from shared.provider_url import ProviderURL, ProviderURLError, URLPolicy
 from shared.settings import ZakiSettings
 
+ACTIVITY = ActivityRecorder("broker")  # last model call per user, flushed every ZAKI_ACTIVITY_FLUSH_S
 log = logging.getLogger("zaki.broker")
 
 REQUESTS = Counter(
@@ -141,8 +143,11 @@ class LLMBroker:
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
         self.ledger.start()
+        self._activity = asyncio.create_task(ACTIVITY.run(self.directory.store.db, self.s.activity_flush_s))
 
     async def _cleanup(self, app: web.Application) -> None:
+        if getattr(self, "_activity", None) is not None:
+            self._activity.cancel()
         if self.session is not None:
             await self.session.close()
         await self.ledger.stop()
@@ -170,9 +175,12 @@ class LLMBroker:
                 "broker credential used from outside its network",
                 extra={"user_id": client.user_id, "source": request.remote},
             )
+            model_path.note(client, request.remote, refused=True)  # the monitor hears of it
             return self._refuse(api, 403, "wrong_network", "this credential is not valid from this address")
+        model_path.note(client, request.remote, refused=False)
         if client.state not in LIVE_STATES:
             return self._refuse(api, 403, "instance_not_running", f"the instance is {client.state}")
+        ACTIVITY.touch(client.user_id)  # a model call keeps its gateway awake (idle suspend)
         m = _PATH.match(request.path)
         if m is None:
             return self._refuse(api, 404, "not_found", "no such route; use /p/<provider>/...")

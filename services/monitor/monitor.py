@@ -16,6 +16,7 @@ from typing import Any
 from prometheus_client import Counter, Gauge, Histogram
 from pymongo.errors import DuplicateKeyError
 
+from services.monitor import model_path
 from services.monitor.health import HealthTracker, RestartPolicy, jitter_offset, owner
 from shared import subjects
 from shared.events import HealthState, HealthSummary, InstanceCommand, InstanceHealthChanged
@@ -74,6 +75,7 @@ class Watch:
     oom: bool = False
     pending_restart: bool = False
     docker_grace_until: float = 0.0  # after a die, Docker's own restart policy goes first
+    model_path: str = ""  # why the broker refuses its model calls ("": it does not)
 
 
 class Monitor:
@@ -143,9 +145,14 @@ class Monitor:
         for user_id in list(self.watches):
             if user_id not in mine:
                 del self.watches[user_id]  # stopped, deleted, or now another replica's
+        marks = await model_path.refused(self.store)
         due = []
         for doc in mine.values():
             w = self._watch_for(doc)
+            mark = marks.get(w.user_id)
+            w.model_path = (
+                model_path.detail(mark) if mark and mark.get("instance_id") == w.instance_id else ""
+            )
             if doc["state"] in WATCHED:
                 w.pending_restart = False
                 due.append(w)
@@ -179,12 +186,16 @@ class Monitor:
         if not result.ok:
             PROBE_FAILURES.labels(result.error).inc()
         w.last_probe, w.last_probe_at = result, time.time()
-        changed = w.tracker.observe(result.ok, result.latency_s, result.error)
+        ok, error = result.ok, result.error
+        if ok and w.model_path:
+            ok, error = False, model_path.REASON  # answers, but cannot call a model
+        changed = w.tracker.observe(ok, result.latency_s, error)
         if changed is not None:
-            await self._changed(w, changed)
+            await self._changed(w, changed, w.model_path if error == model_path.REASON else "")
         elif time.time() - w.last_written > self.s.health_write_interval_s:
             await self._persist(w)
-        if w.tracker.state in (H.UNHEALTHY, H.UNREACHABLE):
+        # A restart does not mend a model path (reconcile recreates a stale network).
+        if w.tracker.state in (H.UNHEALTHY, H.UNREACHABLE) and w.tracker.reason != model_path.REASON:
             await self.maybe_restart(w, w.tracker.reason or "probe_failed")
 
     def counts(self) -> dict[HealthState, int]:
@@ -299,6 +310,11 @@ class Monitor:
         action = event.get("Action", "")
         w = self.watches.get(user_id or "")
         if w is None or attrs.get("zaki.instance") != w.instance_id:
+            return
+        if action == "start" and w.model_path:
+            # A fresh start may be on a corrected network: refused again on its next call if not.
+            await model_path.forget(self.store, w.user_id, w.instance_id)
+            w.model_path = ""
             return
         if action == "oom":
             # Reported whatever the record's state (even mid-restart): operators must see
