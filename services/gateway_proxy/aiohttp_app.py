@@ -16,11 +16,12 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from services.gateway_proxy import aiohttp_ws
 from services.gateway_proxy.aiohttp_ws import is_upgrade, request_tenant
 from services.gateway_proxy.auth import AuthError, Tenant
-from services.gateway_proxy.decision import STRIPPED_REQUEST, STRIPPED_RESPONSE, Kind, decide
+from services.gateway_proxy.decision import STRIPPED_REQUEST, STRIPPED_RESPONSE, Decision, Kind, decide
 from services.gateway_proxy.errors import error_response, not_running_response
 from services.gateway_proxy.observe import (
     BYTES_IN,
@@ -124,7 +125,10 @@ class AiohttpPlane:
         return headers
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
-        d = decide(request.method, request.path, is_upgrade(request))
+        d = decide(request.method, request.raw_path, is_upgrade(request))
+        if d.kind is Kind.BAD_PATH:
+            REJECTED.labels("bad_path").inc()
+            return error_response(request, 400, "invalid_path", d.error)
         if d.kind is Kind.HEALTH:
             return web.json_response({"ok": True, "routes": len(self.state.routes.routes)})
         if d.kind is Kind.NOT_FOUND:
@@ -152,14 +156,17 @@ class AiohttpPlane:
             route = await self.state.routes.resolve(tenant.user_id)
         except NoRoute as e:
             return not_running_response(request, e.state)
-        return await self._forward(request, tenant, route)
+        return await self._forward(request, tenant, route, d)
 
-    async def _forward(self, request: web.Request, tenant: Tenant, route: Route) -> web.StreamResponse:
+    async def _forward(
+        self, request: web.Request, tenant: Tenant, route: Route, d: Decision
+    ) -> web.StreamResponse:
         session = self.state.session
         assert session is not None
         body = await request.read()
         BYTES_IN.inc(len(body))
-        url = f"http://{route.host}:{route.port}{request.rel_url.raw_path_qs}"
+        # The normalised path (and the client's query), sent as it is (encoded=True: no requoting).
+        url = URL(f"http://{route.host}:{route.port}{d.target}", encoded=True)
         t0 = time.perf_counter()
         try:
             upstream = await session.request(

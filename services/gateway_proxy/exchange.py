@@ -201,7 +201,9 @@ class Exchange:
         up.exchange = self
         body = b"".join(req.body)
         BYTES_IN.inc(len(body))
-        lines = [req.method.encode() + b" " + req.url + b" HTTP/1.1\r\n"]
+        assert req.decision is not None
+        # The normalised path (and the client's query): what the proxy routed on.
+        lines = [req.method.encode() + b" " + req.decision.target.encode() + b" HTTP/1.1\r\n"]
         for k, lk, v in req.headers:
             if lk not in _STRIPPED_REQUEST:
                 lines.append(k + b": " + v + b"\r\n")

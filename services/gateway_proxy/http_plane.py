@@ -199,13 +199,13 @@ class ClientConnection(asyncio.Protocol):
             self._error_and_close(431, "headers_too_large", "request headers too large")
             return
         req.method = self.parser.get_method().decode()
-        try:
-            req.path = httptools.parse_url(req.url).path.decode("utf-8", "surrogateescape")
-        except httptools.HttpParserInvalidURLError:
-            self._error_and_close(400, "bad_request", "malformed URL")
-            return
         upgrade = req.header(b"upgrade") is not None
-        d = decide(req.method, req.path, upgrade)
+        d = decide(req.method, req.url.decode("latin-1"), upgrade)
+        req.path = d.path
+        if d.kind is Kind.BAD_PATH:
+            REJECTED.labels("bad_path").inc()
+            self._error_and_close(400, "invalid_path", d.error)
+            return
         if upgrade:
             if d.kind is Kind.WEBSOCKET and req.method == "GET" and not self.pipelined:
                 self.ws_req, req.decision = req, d
