@@ -13,6 +13,7 @@ import sys
 import nats
 from aiohttp import web
 
+from services.gateway_proxy import wake
 from services.gateway_proxy.aiohttp_app import AiohttpPlane
 from services.gateway_proxy.auth import Authenticator
 from services.gateway_proxy.http_plane import FastProxyServer
@@ -41,6 +42,8 @@ async def follow_events(nats_url: str, routes: RoutingTable, auth: Authenticator
             )
         elif msg.subject == subjects.INSTANCE_STOPPED:
             routes.on_gone(body["user_id"], "stopped")
+        elif msg.subject == subjects.INSTANCE_SUSPENDED:
+            routes.on_gone(body["user_id"], "suspended")
         elif msg.subject == subjects.INSTANCE_DELETED:
             routes.on_gone(body["user_id"], None)
 
@@ -52,7 +55,8 @@ async def follow_events(nats_url: str, routes: RoutingTable, auth: Authenticator
         await routes.load()
 
     nc = await nats.connect(nats_servers(nats_url), reconnected_cb=reconnected, max_reconnect_attempts=-1)
-    for subject in (subjects.INSTANCE_READY, subjects.INSTANCE_STOPPED, subjects.INSTANCE_DELETED):
+    outcomes = (subjects.INSTANCE_READY, subjects.INSTANCE_STOPPED, subjects.INSTANCE_DELETED)
+    for subject in (*outcomes, subjects.INSTANCE_SUSPENDED):
         await nc.subscribe(subject, cb=on_outcome)
     await nc.subscribe(subjects.APIKEY_REVOKED, cb=on_revoked)
     return nc
@@ -70,6 +74,7 @@ async def main(settings: ZakiSettings, stop: asyncio.Event) -> None:
         store, settings.jwt_secret.get_secret_value(), settings.jwt_public_key, settings.jwt_audience
     )
     nc = await follow_events(settings.nats_url, routes, auth)
+    activity_flusher = wake.install(routes, nc, settings)  # hold requests for sleeping gateways
     await routes.load()
     state = ProxyState(settings, auth, routes)
     runner = web.AppRunner(
@@ -98,6 +103,7 @@ async def main(settings: ZakiSettings, stop: asyncio.Event) -> None:
         if fast is not None:
             await fast.drain(settings.proxy_drain_s)  # no new connections; requests in flight finish
         await runner.cleanup()  # drains open requests and WebSockets of the aiohttp side
+        activity_flusher.cancel()
         await nc.close()
         await store.close()
         for child in children:

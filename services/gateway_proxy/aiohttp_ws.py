@@ -12,6 +12,7 @@ from services.gateway_proxy.errors import error_response, not_running_response
 from services.gateway_proxy.observe import BYTES_IN, BYTES_OUT, OPEN_WS, REJECTED
 from services.gateway_proxy.routing import NoRoute, Route
 from services.gateway_proxy.state import ProxyState
+from services.gateway_proxy.wake import ACTIVITY
 from services.gateway_proxy.ws_frames import sanitize_connect
 from shared.gateway import identity_headers
 
@@ -73,6 +74,7 @@ async def _relay(state: ProxyState, request: web.Request, tenant: Tenant, route:
     await client.prepare(request)
     state.websockets.add(client)
     OPEN_WS.inc()
+    ACTIVITY.opened(tenant.user_id)  # an open WebSocket keeps its gateway awake
     first = True
 
     async def client_to_upstream() -> None:
@@ -109,4 +111,5 @@ async def _relay(state: ProxyState, request: web.Request, tenant: Tenant, route:
         await client.close()
         state.websockets.discard(client)
         OPEN_WS.dec()
+        ACTIVITY.closed(tenant.user_id)
     return client

@@ -50,7 +50,8 @@ def error_bytes(
 def not_running(state: str | None) -> tuple[str, dict[str, Any], dict[str, str]]:
     """The 503 for an instance that is not running: message, body fields, headers
     (``Retry-After`` while it is on its way up)."""
-    headers = {"Retry-After": "5"} if state in ("requested", "provisioning", "starting") else {}
+    on_the_way = ("requested", "provisioning", "starting", "suspended", "restarting")  # not a user's stop
+    headers = {"Retry-After": "5"} if state in on_the_way else {}
     return f"your gateway is {state or 'not provisioned'}", {"state": state or "absent"}, headers
 
 

@@ -179,15 +179,17 @@ class Exchange:
         try:
             up = await self.client.pool.get(route, fresh=self.retried)
         except (OSError, TimeoutError):
-            # Perhaps it just stopped and the event is on its way: the record says.
-            doc = await state.routes.store.get_instance(self.tenant.user_id)
-            instance_state = doc["state"] if doc else None
-            if instance_state != "running":
-                state.routes.on_gone(self.tenant.user_id, instance_state)
-                self._not_running(instance_state)
-            else:
+            # It just stopped, sleeps, or Docker is restarting it: the record says; a gateway on
+            # its way back is waited for (bounded, services/gateway_proxy/wake.py), once.
+            try:
+                route = await state.routes.recover(self.tenant.user_id, route)
+                up = await self.client.pool.get(route, fresh=True)
+            except NoRoute as e:
+                self._not_running(e.state)
+                return
+            except (OSError, TimeoutError):
                 self._answer_error(502, "gateway_unreachable", "your gateway did not answer")
-            return
+                return
         if self.client.closed:
             self.client.pool.release(up)
             self._finish()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from services.gateway_proxy.wake import ACTIVITY, HOLDS, Gone, WakeGate
 from shared.state import InstanceState
 from shared.store import Store
 
@@ -34,6 +35,7 @@ class RoutingTable:
         self.store = store
         self.routes: dict[str, Route] = {}
         self._misses: dict[str, tuple[float, str | None]] = {}
+        self.gate: WakeGate | None = None  # holds requests for a sleeping or restarting gateway
 
     def _route(self, doc: dict) -> Route:
         return Route(doc["_id"], doc.get("host", "127.0.0.1"), int(doc["port"]), doc["instance_id"])
@@ -54,12 +56,22 @@ class RoutingTable:
             }
         )
         self._misses.pop(user_id, None)
+        if self.gate is not None:
+            self.gate.ready(user_id)
+
+    def adopt(self, doc: dict) -> Route:
+        """A running record seen by a waiter: route it (its ready event may have gone elsewhere)."""
+        route = self._route(doc)
+        self.routes[doc["_id"]] = route
+        self._misses.pop(doc["_id"], None)
+        return route
 
     def on_gone(self, user_id: str, state: str | None) -> None:
         self.routes.pop(user_id, None)
         self._misses[user_id] = (time.monotonic() + MISS_TTL_S, state)
 
     async def resolve(self, user_id: str) -> Route:
+        ACTIVITY.touch(user_id)
         route = self.routes.get(user_id)
         if route is not None:
             return route
@@ -73,4 +85,25 @@ class RoutingTable:
                 return route
             miss = (now + MISS_TTL_S, doc["state"] if doc else None)
             self._misses[user_id] = miss
+        if self.gate is not None and miss[1] in HOLDS:
+            try:
+                return await self.gate.hold(self, user_id, miss[1])
+            except Gone as e:
+                raise NoRoute(e.state) from None
         raise NoRoute(miss[1])
+
+    async def recover(self, user_id: str, route: Route) -> Route:
+        """*route*'s gateway refused a connection: a route to retry once it is back (held,
+        bounded), or NoRoute with the state to answer."""
+        doc = await self.store.get_instance(user_id)
+        state = doc["state"] if doc else None
+        if state != InstanceState.RUNNING:
+            self.on_gone(user_id, state)
+        if self.gate is None or (state not in HOLDS and state != InstanceState.RUNNING):
+            raise NoRoute(state)
+        try:
+            if state == InstanceState.RUNNING:  # Docker is restarting it after a crash
+                return await self.gate.hold(self, user_id, "restarting", stale=route)
+            return await self.gate.hold(self, user_id, state)
+        except Gone as e:
+            raise NoRoute(e.state) from None

@@ -22,6 +22,7 @@ from services.gateway_proxy.observe import OPEN_WS, REJECTED, RELAYED
 from services.gateway_proxy.raw_request import RawRequest
 from services.gateway_proxy.routing import NoRoute, Route
 from services.gateway_proxy.state import ProxyState
+from services.gateway_proxy.wake import ACTIVITY
 from services.gateway_proxy.ws_frames import DONE, GOING_AWAY, MORE, FrameTracker, rewrite_first_message
 from shared.gateway import identity_headers
 
@@ -100,7 +101,14 @@ class WsRelay:
             return
         self.counted = True
         try:
-            await self._connect(route)
+            try:
+                await self._connect(route)
+            except OSError:  # refused: asleep, stopped or restarting; wait for it (bounded), once
+                await self._connect(await state.routes.recover(tenant.user_id, route))
+        except NoRoute as e:
+            message, extra, headers = not_running(e.state)
+            self.client.ws_refused(503, "instance_not_running", message, req, extra, headers)
+            self._release()
         except (OSError, TimeoutError, ConnectionError):
             self.client.ws_refused(502, "gateway_unreachable", "your gateway did not answer", req)
             self._release()
@@ -140,6 +148,7 @@ class WsRelay:
         self.open = True
         self.opened_at = time.perf_counter()
         OPEN_WS.inc()
+        ACTIVITY.opened(self.tenant.user_id)  # an open WebSocket keeps its gateway awake
         self.client.state.raw_websockets.add(self)
         early, self.early = bytes(leftover) + bytes(self.early), bytearray()
         if early:
@@ -212,6 +221,8 @@ class WsRelay:
         if self.open:
             self.open = False
             OPEN_WS.dec()
+            if self.tenant is not None:
+                ACTIVITY.closed(self.tenant.user_id)
             self.client.state.raw_websockets.discard(self)
             self.client.log_websocket(self.req, self.tenant, time.perf_counter() - self.opened_at)
         if self.counted and self.tenant is not None:

@@ -88,6 +88,7 @@ class Commands(Lifecycle):
             "provider": ev.provider.model_dump(exclude={"api_key"}) if ev.provider else None,
             "telegram_allow_from": list(ev.telegram_allow_from),
             "budget": ev.budget.model_dump(exclude_none=True) if ev.budget else None,
+            "idle_suspend_s": ev.idle_suspend_s,  # None: ZAKI_IDLE_SUSPEND_S (services/waker)
             "request_id": ev.request_id,
         }
         if ev.provider and ev.provider.api_key:
@@ -184,6 +185,8 @@ class Commands(Lifecycle):
         if cmd.budget is not None:
             # The broker enforces budgets: no config change, no restart.
             fields["budget"] = cmd.budget.model_dump(exclude_none=True)
+        if cmd.idle_suspend_s is not None:  # the waker reads it: no restart either
+            fields["idle_suspend_s"] = cmd.idle_suspend_s
         await self.store.update_instance(cmd.user_id, fields, doc["instance_id"])
         if not gateway_changed:
             if doc["state"] == S.STOPPED:

@@ -95,6 +95,13 @@ class Suspension(Lifecycle):
                 metrics.COMMANDS.labels(kind, "failed").inc()
                 await self.fail(cmd.request_id, cmd.user_id, e)
 
+    async def _answer_current(self, request_id: str, doc: dict[str, Any]) -> None:
+        if doc.get("state") == S.SUSPENDED:  # e.g. a budget-only update of a sleeper
+            cmd = InstanceSuspend(request_id=request_id, user_id=doc["_id"])
+            await self._publish_suspended(cmd, doc, None)
+            return
+        await super()._answer_current(request_id, doc)
+
     # --- suspend --------------------------------------------------------------------------------
 
     async def _next_job(self, user_id: str) -> datetime | None:

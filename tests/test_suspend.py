@@ -1,0 +1,254 @@
+"""Idle suspend and wake end to end (issue 16) on the real platform processes, with stand-in
+gateways: suspended after idle, woken by an HTTP chat, an SSE stream, a WebSocket RPC call
+or a Telegram message, one boot for a storm of requests, a user's stop never woken, the
+monitor quiet about a sleeper, and a crash-restart held instead of a 502."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import docker
+import httpx
+import pytest
+import websockets
+
+from services.gateway_proxy import keys
+from shared import subjects
+from shared.client import PlatformClient
+from shared.events import (
+    InstanceCommand,
+    InstanceDelete,
+    InstanceRequested,
+    InstanceSuspend,
+    InstanceUpdate,
+)
+from shared.state import InstanceState
+from shared.store import Store
+from tests.conftest import STANDIN_IMAGE, eventually, new_user
+from zaki.stack import Process, free_port, wait_for_port
+
+WAKER_ENV = {"ZAKI_WAKER_SWEEP_S": "1", "ZAKI_WAKER_POLL_TIMEOUT_S": "2", "ZAKI_WAKE_LEAD_S": "5"}
+
+
+@pytest.fixture(scope="module")
+def waker(stack, service_env, provisioner) -> Process:
+    """The waker, for this module only (it would suspend other tests' idle gateways)."""
+    port = free_port()
+    p = stack.start_service("services.waker", {**service_env, **WAKER_ENV, "ZAKI_METRICS_PORT": str(port)})
+    wait_for_port("127.0.0.1", port, p.proc, "waker")
+    p.address = f"http://127.0.0.1:{port}/metrics"
+    yield p
+    p.stop()
+
+
+async def make(platform: PlatformClient, fakes, idle_s: int | None = None) -> tuple[str, str, int]:
+    token = fakes.bot()
+    ev = InstanceRequested(
+        request_id=new_user("req"),
+        user_id=new_user("z"),
+        bot_token=token,
+        image=STANDIN_IMAGE,
+        idle_suspend_s=idle_s,
+    )
+    subject, ready = await platform.call(subjects.INSTANCE_REQUESTED, ev, timeout=120)
+    assert subject == subjects.INSTANCE_READY, ready
+    return ev.user_id, token, ready.port  # type: ignore[attr-defined]
+
+
+async def suspend(platform: PlatformClient, user: str) -> dict:
+    subject, ev = await platform.call(subjects.INSTANCE_SUSPEND, InstanceSuspend(user_id=user), timeout=60)
+    assert subject == subjects.INSTANCE_SUSPENDED, ev
+    return ev.model_dump()
+
+
+def events_for(platform: PlatformClient, subject: str, user: str) -> list[dict]:
+    return [b for s, b in platform.seen if s == subject and b.get("user_id") == user]
+
+
+def container_running(docker_client: docker.DockerClient, user: str) -> bool:
+    return docker_client.containers.get(f"zaki-user-{user}").attrs["State"]["Running"]
+
+
+async def delete(platform: PlatformClient, user: str) -> None:
+    await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=user, purge=True), timeout=60)
+
+
+def chat(text: str, **kw) -> dict:
+    return {"model": "openclaw", "messages": [{"role": "user", "content": text}], **kw}
+
+
+async def test_idle_gateway_is_suspended_and_a_chat_wakes_it(
+    waker, proxy, platform, fakes, store, docker_client
+):
+    user, _, port = await make(platform, fakes, idle_s=3)
+    _, key = await keys.create_key(store, user, {"chat"})
+    try:
+        await eventually(lambda: events_for(platform, subjects.INSTANCE_SUSPENDED, user), timeout=40)
+        [ev] = events_for(platform, subjects.INSTANCE_SUSPENDED, user)
+        assert ev["reason"] == "idle" and ev["idle_s"] >= 3 and ev["next_wake_at"] is None
+        doc = await store.get_instance(user)
+        assert doc["state"] == InstanceState.SUSPENDED and doc["asleep"] is True
+        assert doc["port"] == port and not container_running(docker_client, user)  # memory freed, port kept
+        docker_client.networks.get(f"zaki-net-{user}")  # network kept
+        # Keep it awake from now on (an update of idle time alone restarts nothing).
+        await platform.send(subjects.INSTANCE_UPDATE, InstanceUpdate(user_id=user, idle_suspend_s=0))
+        await eventually(lambda: _field(store, user, "idle_suspend_s", 0), timeout=10)
+        async with httpx.AsyncClient(base_url=proxy.address, timeout=90) as http:
+            t0 = time.monotonic()
+            r = await http.post(
+                "/v1/chat/completions", json=chat("wake up"), headers={"Authorization": f"Bearer {key}"}
+            )
+            took = time.monotonic() - t0
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == "echo: wake up"
+        # instance.ready (the proxy routes on it) comes first, instance.woken right after.
+        woken = await eventually(lambda: events_for(platform, subjects.INSTANCE_WOKEN, user), timeout=10)
+        assert [w["reason"] for w in woken] == ["request"] and woken[0]["suspended_s"] > 0
+        assert (await store.get_instance(user))["state"] == InstanceState.RUNNING
+        print(f"\nwake by request: first answer after {took:.2f} s, timings {woken[0]['timings']}")
+    finally:
+        await delete(platform, user)
+
+
+async def _field(store: Store, user: str, name: str, value) -> bool:
+    doc = await store.get_instance(user)
+    return doc is not None and doc.get(name) == value
+
+
+async def test_a_storm_of_requests_boots_it_once(waker, proxy, platform, fakes, store, docker_client):
+    user, _, _ = await make(platform, fakes)
+    _, key = await keys.create_key(store, user, {"chat"})
+    try:
+        await suspend(platform, user)
+        since = int(time.time())
+        auth = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(base_url=proxy.address, timeout=90) as http:
+            answers = await asyncio.gather(
+                *(http.post("/v1/chat/completions", json=chat(f"n{i}"), headers=auth) for i in range(20))
+            )
+        assert [r.status_code for r in answers] == [200] * 20, [
+            r.text for r in answers if r.status_code != 200
+        ]
+        assert sorted(r.json()["choices"][0]["message"]["content"] for r in answers) == sorted(
+            f"echo: n{i}" for i in range(20)
+        )
+        starts = docker_client.api.events(
+            since=since,
+            until=int(time.time()) + 1,
+            filters={"container": f"zaki-user-{user}", "event": "start"},
+            decode=True,
+        )
+        assert len(list(starts)) == 1  # one boot
+        await eventually(lambda: events_for(platform, subjects.INSTANCE_WOKEN, user), timeout=10)
+        await asyncio.sleep(1)
+        assert len(events_for(platform, subjects.INSTANCE_WOKEN, user)) == 1
+    finally:
+        await delete(platform, user)
+
+
+async def test_sse_and_websocket_wake_it_too(waker, proxy, platform, fakes, store):
+    user, _, _ = await make(platform, fakes)
+    _, key = await keys.create_key(store, user, {"chat", "ws"})
+    auth = {"Authorization": f"Bearer {key}"}
+    try:
+        await suspend(platform, user)
+        async with httpx.AsyncClient(base_url=proxy.address, timeout=90) as http:
+            async with http.stream(
+                "POST", "/v1/chat/completions", json=chat("streamed", stream=True), headers=auth
+            ) as r:
+                assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+                text = "".join([c async for c in r.aiter_text()])
+        assert text.rstrip().endswith("data: [DONE]")
+        deltas = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+        assert "".join(d["choices"][0]["delta"].get("content", "") for d in deltas) == "echo: streamed"
+        await suspend(platform, user)
+        url = proxy.address.replace("http://", "ws://") + "/ws"
+        async with websockets.connect(url, additional_headers=auth, open_timeout=90) as ws:
+            assert json.loads(await ws.recv())["event"] == "connect.challenge"
+            await ws.send(json.dumps({"type": "req", "id": "1", "method": "connect", "params": {}}))
+            assert json.loads(await ws.recv())["ok"]
+            await ws.send(json.dumps({"type": "req", "id": "2", "method": "health", "params": {}}))
+            assert json.loads(await ws.recv())["ok"]
+        await eventually(lambda: len(events_for(platform, subjects.INSTANCE_WOKEN, user)) == 2, timeout=10)
+        assert [w["reason"] for w in events_for(platform, subjects.INSTANCE_WOKEN, user)] == [
+            "request",
+            "request",
+        ]
+    finally:
+        await delete(platform, user)
+
+
+async def test_a_telegram_message_wakes_it_once(waker, platform, fakes, store):
+    user, token, _ = await make(platform, fakes)
+    tg = fakes.telegram
+    try:
+        await suspend(platform, user)
+        await eventually(lambda: tg.polling(token), timeout=20)  # the waker long-polls the sleeper's bot
+        uid = tg.inject_message(token, "are you awake?")
+        await eventually(lambda: events_for(platform, subjects.INSTANCE_WOKEN, user), timeout=60)
+        await asyncio.sleep(3)  # more than a poll and a sweep: a second wake would have come by now
+        await eventually(lambda: len(events_for(platform, subjects.INSTANCE_WOKEN, user)) == 2, timeout=10)
+        assert [w["reason"] for w in events_for(platform, subjects.INSTANCE_WOKEN, user)] == ["telegram"]
+        assert tg.conflicts_for(token) == 0
+        assert uid in tg.unconfirmed(token)  # still there for the gateway to read
+        assert not tg.polling(token)
+    finally:
+        await delete(platform, user)
+
+
+async def test_a_users_stop_is_never_woken(waker, proxy, platform, fakes, store, docker_client):
+    user, token, _ = await make(platform, fakes)
+    _, key = await keys.create_key(store, user, {"chat"})
+    try:
+        subject, _ = await platform.call(subjects.INSTANCE_STOP, InstanceCommand(user_id=user), timeout=60)
+        assert subject == subjects.INSTANCE_STOPPED
+        fakes.telegram.inject_message(token, "hello?")
+        async with httpx.AsyncClient(base_url=proxy.address, timeout=30) as http:
+            t0 = time.monotonic()
+            r = await http.post(
+                "/v1/chat/completions", json=chat("hi"), headers={"Authorization": f"Bearer {key}"}
+            )
+        assert r.status_code == 503 and r.json()["state"] == "stopped" and time.monotonic() - t0 < 2
+        assert "Retry-After" not in r.headers
+        await asyncio.sleep(3)
+        assert events_for(platform, subjects.INSTANCE_WOKEN, user) == []
+        assert not container_running(docker_client, user) and not fakes.telegram.polling(token)
+    finally:
+        await delete(platform, user)
+
+
+async def test_the_monitor_does_not_count_a_sleeper_as_down(waker, monitor, platform, fakes):
+    user, _, _ = await make(platform, fakes)
+    try:
+        await asyncio.sleep(3)  # watched and healthy first
+        await suspend(platform, user)
+        await asyncio.sleep(6)  # several probe intervals and Docker's die event
+        health = [b for s, b in platform.seen if s == subjects.health_subject(user)]
+        assert not [h for h in health if h["state"] in ("unhealthy", "unreachable", "crashlooping")], health
+        restarts = [
+            b for s, b in platform.seen if s == subjects.INSTANCE_RESTART and b.get("user_id") == user
+        ]
+        assert restarts == []
+    finally:
+        await delete(platform, user)
+
+
+async def test_a_crash_restart_is_held_not_502(proxy, monitor, platform, fakes, store, docker_client):
+    user, _, _ = await make(platform, fakes)
+    _, key = await keys.create_key(store, user, {"chat"})
+    auth = {"Authorization": f"Bearer {key}"}
+    try:
+        async with httpx.AsyncClient(base_url=proxy.address, timeout=90) as http:
+            assert (
+                await http.post("/v1/chat/completions", json=chat("before"), headers=auth)
+            ).status_code == 200
+            # Docker's restart policy or the monitor's restart request brings it back meanwhile.
+            docker_client.containers.get(f"zaki-user-{user}").kill()
+            answers = []
+            for i in range(5):
+                answers.append(await http.post("/v1/chat/completions", json=chat(f"after {i}"), headers=auth))
+        assert [r.status_code for r in answers] == [200] * 5, [r.text for r in answers]
+    finally:
+        await delete(platform, user)
