@@ -4,9 +4,11 @@ the platform's own processes, and local fakes of Telegram and an LLM provider.""
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import docker
 import nats
@@ -25,6 +27,36 @@ REAL_IMAGE = "zaki/openclaw-gateway:2026.9.6"
 STANDIN_IMAGE = "zaki/standin-gateway:latest"
 SESSION = uuid.uuid4().hex[:6]
 PLATFORM_ID = f"test-{SESSION}"
+
+
+def on_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1")
+
+
+def missing_tool(what: str) -> NoReturn:
+    """A tool a test needs is missing. Locally the test is skipped; under CI=true it fails,
+    because setup installs every tool there and a skip would hide a missing install step."""
+    why = f"{what} is missing: scripts/setup.sh installs it"
+    if on_ci():
+        pytest.fail(f"{why} (CI=true: a missing tool fails, it never skips)", pytrace=False)
+    pytest.skip(why)
+
+
+def require_tool(found: object, what: str) -> pytest.MarkDecorator:
+    """A mark for a test or module (``pytestmark``) that needs a tool: *found* is its path (or
+    anything falsy when it is missing). The one rule for missing tools: see missing_tool."""
+    return pytest.mark.requires_tool(what, bool(found))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "requires_tool(what, found): see tests/conftest.py require_tool")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("requires_tool"):
+        what, found = mark.args
+        if not found:
+            missing_tool(what)
 
 
 def new_user(prefix: str = "u") -> str:

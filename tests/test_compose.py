@@ -18,16 +18,14 @@ from shared.client import PlatformClient
 from shared.crypto import KeyRing
 from shared.events import InstanceDelete, InstanceRequested
 from shared.store import Store
-from tests.conftest import STANDIN_IMAGE, new_user
+from tests.conftest import STANDIN_IMAGE, new_user, require_tool
 from tests.test_broker import call_from_container
 from zaki.stack import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = shutil.which("docker-compose")
 
-pytestmark = pytest.mark.skipif(
-    COMPOSE is None, reason="docker-compose missing: scripts/setup.sh installs it"
-)
+pytestmark = require_tool(COMPOSE, "docker-compose")
 
 
 def compose_command(project: str, *overrides: str) -> list[str]:

@@ -15,7 +15,7 @@ import pytest
 from shared import subjects
 from shared.client import PlatformClient
 from shared.events import InstanceRequested, InstanceUpdate
-from tests.conftest import STANDIN_IMAGE, new_bot_token, new_user
+from tests.conftest import STANDIN_IMAGE, new_bot_token, new_user, require_tool
 from tests.faults import (
     SERVICES,
     FaultPlatform,
@@ -274,7 +274,7 @@ async def test_a_slow_docker_daemon_causes_no_restarts(fp, docker_client, tmp_pa
 FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 
 
-@pytest.mark.skipif(not Path(FAKETIME_LIB).exists(), reason="faketime missing: scripts/setup.sh installs it")
+@require_tool(Path(FAKETIME_LIB).exists(), "libfaketime (Debian's faketime)")
 async def test_wall_clock_jumps_cause_no_restarts(fp, docker_client, tmp_path):
     fp.start("services.provisioner")
     await fp.ready_consumers()

@@ -5,16 +5,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
+from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "tests" / "rules.test.yml"
 PROMTOOL = shutil.which("promtool")
 
-pytestmark = pytest.mark.skipif(
-    PROMTOOL is None, reason="promtool missing: scripts/setup.sh installs prometheus"
-)
+pytestmark = require_tool(PROMTOOL, "promtool (Debian's prometheus)")
 
 
 def test_rules_are_valid():

@@ -21,7 +21,7 @@ from shared.client import PlatformClient
 from shared.crypto import KeyRing
 from shared.events import InstanceDelete, InstanceRequested, InstanceUpgrade
 from shared.store import Store
-from tests.conftest import REAL_IMAGE, STANDIN_IMAGE, assert_metrics, eventually, new_user
+from tests.conftest import REAL_IMAGE, STANDIN_IMAGE, assert_metrics, eventually, new_user, require_tool
 from zaki.stack import Stack, free_port, wait_for_port
 
 OPENCLAW = (
@@ -71,9 +71,7 @@ def test_rendered_config_keeps_its_invariants(spec):
     json.dumps(cfg)  # serialisable
 
 
-@pytest.mark.skipif(
-    not OPENCLAW.exists(), reason="openclaw npm package not installed (deploy/images/build.sh does)"
-)
+@require_tool(OPENCLAW.exists(), "the openclaw npm package (deploy/images/build.sh all)")
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(specs)
 def test_rendered_config_passes_openclaws_own_validation(tmp_path_factory, spec):

@@ -10,12 +10,12 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "deploy" / "grafana"))
 from dashboards import panel_queries  # noqa: E402
 
+from tests.conftest import require_tool  # noqa: E402
 from zaki.stack import free_port, wait_for_port  # noqa: E402
 
 PROMETHEUS = shutil.which("prometheus")
@@ -30,7 +30,7 @@ def test_committed_dashboards_are_up_to_date():
     assert out.returncode == 0, out.stderr
 
 
-@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus missing: scripts/setup.sh installs it")
+@require_tool(PROMETHEUS, "prometheus (Debian's prometheus)")
 async def test_every_panel_query_returns_data(
     provisioner, monitor, proxy, broker, platform, fakes, store, tmp_path, service_env, keyring_spec, host_net
 ):

@@ -211,7 +211,7 @@ build_stand_ins() {
 case "$what" in
   gateway) build_gateway ;;
   standin) build_standin ;;
-  all) build_standin; build_gateway ;;
+  all) build_standin; build_gateway; openclaw_modules >/dev/null ;;  # the modules: `openclaw config validate` in tests
   services) build_services ;;
   stack) build_services; build_stand_ins ;;
   *) echo "usage: $0 [gateway|standin|all|services|stack]" >&2; exit 2 ;;
