@@ -266,6 +266,7 @@ async def create_agent(ctx: Ctx) -> CreatedAgentOut:
         bot_token=token,
         model=model,
         telegram_allow_from=b.telegram_allow_from,
+        image=d.settings.dashboard_gateway_image or None,
     )
     marker = {"request_id": request_id, "requested_at": utcnow(), "bot_username": username, "model": model}
     await accounts.accounts(d.store).update_one({"_id": ctx.user_id}, {"$set": {"agent": marker}})

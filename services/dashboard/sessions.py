@@ -191,7 +191,8 @@ async def authenticate(ctx: Ctx, level: Auth) -> None:
     doc = await lookup(deps.store, token or "", deps.settings)
     account = await deps.store.db["accounts"].find_one({"_id": doc["user_id"]}) if doc else None
     if doc is None or account is None:
-        clear_cookies(ctx)
+        if ctx.via_cookie:  # a stale cookie is dropped; a bearer client's jar is not ours to touch
+            clear_cookies(ctx)
         raise ApiError(401, *NOT_AUTHENTICATED)
     if account.get("disabled"):
         await revoke_all(deps.store, account["_id"])
