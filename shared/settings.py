@@ -161,6 +161,17 @@ class ZakiSettings(BaseSettings):
     die_grace_s: float = 3.0  # after a container dies, how long Docker's own restart policy gets
     health_write_interval_s: float = 30.0  # how often a healthy instance's last probe is persisted
 
+    # Idle suspend and wake (issue 16; services/waker, shared/activity.py).
+    idle_suspend_s: float = Field(default=1800.0, ge=0)  # 0: never; per instance: idle_suspend_s
+    wake_timeout_s: float = 60.0  # a request held for a waking gateway gets 503 + Retry-After after this
+    wake_queue_per_tenant: int = 64  # requests held per waking tenant; more get 503 at once
+    activity_flush_s: float = 5.0  # how often proxies and brokers write last-seen activity
+    waker_poll_timeout_s: int = Field(default=25, ge=0, le=50)  # Telegram long-poll timeout
+    waker_concurrency: int = 500  # long polls in flight at once
+    waker_sweep_s: float = 10.0  # idle sweep and resync with the store
+    wake_lead_s: float = 60.0  # wake this long before a gateway's next scheduled job
+    waker_release_timeout_s: float = 3.0  # the provisioner waits this long for the waker to stop polling
+
     replica_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def images(self) -> list[str]:
@@ -173,14 +184,3 @@ class ZakiSettings(BaseSettings):
 @lru_cache
 def get_settings() -> ZakiSettings:
     return ZakiSettings()
-    # Idle suspend and wake (issue 16; services/waker, shared/activity.py).
-    idle_suspend_s: float = Field(default=1800.0, ge=0)  # 0: never; per instance: idle_suspend_s
-    wake_timeout_s: float = 60.0  # a request held for a waking gateway gets 503 + Retry-After after this
-    wake_queue_per_tenant: int = 64  # requests held per waking tenant; more get 503 at once
-    activity_flush_s: float = 5.0  # how often proxies and brokers write last-seen activity
-    waker_poll_timeout_s: int = Field(default=25, ge=0, le=50)  # Telegram long-poll timeout
-    waker_concurrency: int = 500  # long polls in flight at once
-    waker_sweep_s: float = 10.0  # idle sweep and resync with the store
-    wake_lead_s: float = 60.0  # wake this long before a gateway's next scheduled job
-    waker_release_timeout_s: float = 3.0  # the provisioner waits this long for the waker to stop polling
-
