@@ -43,11 +43,15 @@ DESCRIPTIONS = {
     subjects.INSTANCE_RESTART: "Restart a gateway (the monitor sends these, with a reason). Answered by instance.ready.",
     subjects.INSTANCE_DELETE: "Delete a gateway; purge also removes the workspace. Answered by instance.deleted.",
     subjects.INSTANCE_UPDATE: "New model, bot token or provider: config rewritten, gateway restarted.",
-    subjects.INSTANCE_UPGRADE: "Recreate the gateway on another allowed image; the data carries over.",
+    subjects.INSTANCE_UPGRADE: "Recreate the gateway on another allowed image; the data carries over. "
+    "When the new image does not get ready, the last good one is restored (instance.upgrade.rolled_back).",
     subjects.INSTANCE_READY: "A gateway answers on /readyz; host and port are internal (reach it through the proxy).",
     subjects.INSTANCE_FAILED: "A command failed; reason is a stable code, message is for humans.",
-    subjects.INSTANCE_STOPPED: "A gateway was stopped.",
+    subjects.INSTANCE_STOPPED: "A gateway was stopped; reason is set when the platform stopped it on its own "
+    "(disk_quota_exceeded: the data folder is over its limit; a start is refused until it is under).",
     subjects.INSTANCE_DELETED: "A gateway and its secrets are gone.",
+    subjects.INSTANCE_UPGRADE_ROLLED_BACK: "An upgrade's image did not get ready: the last good image was "
+    "restored and is starting (instance.ready follows with the same request_id).",
     subjects.INSTANCE_SUSPEND: "Suspend an idle gateway (the waker sends these): container stopped, port and "
     "network kept. Answered by instance.suspended.",
     subjects.INSTANCE_WAKE: "Wake a suspended gateway (the proxy on traffic, the waker on a Telegram message or a "

@@ -173,6 +173,10 @@ class FailureReason(StrEnum):
     NOT_FOUND = "not_found"
     ILLEGAL_TRANSITION = "illegal_transition"
     INTERNAL = "internal_error"
+    # The platform's own retries of a failed instance were used up (ZAKI_HEAL_*): no more retries.
+    CRASHLOOPING = "crashlooping"
+    # The tenant's data folder is over ZAKI_TENANT_DISK_BYTES / ZAKI_TENANT_MAX_FILES.
+    DISK_QUOTA = "disk_quota_exceeded"
 
 
 class InstanceReady(Event):
@@ -195,10 +199,30 @@ class InstanceFailed(Event):
     logs: list[str] = Field(default_factory=list)
 
 
+class StopReason(StrEnum):
+    DISK_QUOTA = "disk_quota_exceeded"  # stopped by the platform: the data folder is over its limit
+
+
 class InstanceStopped(Event):
     request_id: str
     user_id: str
     instance_id: str
+    # Set when the platform stopped it on its own (None: a stop command).
+    reason: StopReason | None = None
+    message: str = ""
+
+
+class InstanceUpgradeRolledBack(Event):
+    """An upgrade's image did not get ready: the instance runs its last good image again."""
+
+    request_id: str
+    user_id: str
+    instance_id: str
+    failed_image: str
+    image: str  # the last good image, restored
+    reason: FailureReason
+    message: str
+    logs: list[str] = Field(default_factory=list)
 
 
 class InstanceDeleted(Event):
@@ -295,6 +319,7 @@ OUTCOME_MODELS: dict[str, type[Event]] = {
     subjects.INSTANCE_FAILED: InstanceFailed,
     subjects.INSTANCE_STOPPED: InstanceStopped,
     subjects.INSTANCE_DELETED: InstanceDeleted,
+    subjects.INSTANCE_UPGRADE_ROLLED_BACK: InstanceUpgradeRolledBack,
     subjects.INSTANCE_SUSPENDED: InstanceSuspended,
     subjects.INSTANCE_WOKEN: InstanceWoken,
 }

@@ -43,6 +43,20 @@ class ZakiSettings(BaseSettings):
     readiness_timeout_s: float = 120.0
     stop_timeout_s: int = 20
     reconcile_interval_s: float = 60.0
+    # Self-healing (services/provisioner/reconcile.py): an instance that was running and failed on
+    # the platform's own initiative is retried after base * 2^n s (at most max), heal_max_attempts
+    # times; then it is `crashlooping` and left alone. A failure heal_reset_s after the previous
+    # one starts a fresh count.
+    heal_backoff_base_s: float = Field(default=30.0, gt=0)
+    heal_backoff_max_s: float = Field(default=900.0, gt=0)
+    heal_max_attempts: int = Field(default=5, ge=0)
+    heal_reset_s: float = Field(default=3600.0, gt=0)
+    # V8's heap cap as a share of the gateway's memory limit (the seed: 1024 MiB of 2 GiB); 0: none.
+    gateway_heap_ratio: float = Field(default=0.5, ge=0, lt=1)
+    # Per-tenant data folder limits (0: none), measured by every reconcile; over them the
+    # instance is stopped (reason disk_quota_exceeded) and a start is refused.
+    tenant_disk_bytes: int = Field(default=0, ge=0)
+    tenant_max_files: int = Field(default=0, ge=0)
 
     # Telegram Bot API root (no /bot<token> suffix); tests point it at a local fake.
     telegram_api_base: str = "https://api.telegram.org"

@@ -11,6 +11,8 @@ class InstanceState(StrEnum):
     STARTING = "starting"
     RUNNING = "running"
     FAILED = "failed"
+    # Failed again and again on the platform's own retries (issue 14.3): left alone until a user acts.
+    CRASHLOOPING = "crashlooping"
     STOPPING = "stopping"
     STOPPED = "stopped"
     DELETING = "deleting"
@@ -28,7 +30,8 @@ TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
     S.PROVISIONING: frozenset({S.STARTING, S.FAILED, S.DELETING}),
     S.STARTING: frozenset({S.RUNNING, S.FAILED, S.STOPPING, S.DELETING, S.STARTING}),
     S.RUNNING: frozenset({S.STARTING, S.STOPPING, S.DELETING, S.FAILED, S.SUSPENDED}),
-    S.FAILED: frozenset({S.PROVISIONING, S.STARTING, S.STOPPING, S.DELETING}),
+    S.FAILED: frozenset({S.PROVISIONING, S.STARTING, S.STOPPING, S.DELETING, S.CRASHLOOPING}),
+    S.CRASHLOOPING: frozenset({S.PROVISIONING, S.STARTING, S.STOPPING, S.DELETING}),
     S.STOPPING: frozenset({S.STOPPED, S.FAILED, S.DELETING}),
     S.STOPPED: frozenset({S.STARTING, S.PROVISIONING, S.DELETING}),
     S.DELETING: frozenset({S.DELETED}),

@@ -264,6 +264,21 @@ class Store:
     async def set_request_outcome(self, request_id: str, outcome: dict[str, Any]) -> None:
         await self.requests.update_one({"_id": request_id}, {"$set": {"outcome": outcome}})
 
+    # --- a user's credentials (ended when the instance is deleted) ----------------------------------
+
+    async def revoke_user_keys(self, user_id: str) -> list[str]:
+        """Revokes every API key of *user_id*; returns the ids that were live, for the proxies'
+        revocation notice (``subjects.APIKEY_REVOKED``)."""
+        live = {"user_id": user_id, "revoked": {"$ne": True}}
+        ids = [d["_id"] async for d in self.api_keys.find(live, {"_id": 1})]
+        await self.api_keys.update_many(live, {"$set": {"revoked": True, "revoked_at": utcnow()}})
+        return ids
+
+    async def revoke_user_sessions(self, user_id: str) -> int:
+        """Ends every dashboard session of *user_id* (services/dashboard/sessions.py's records)."""
+        res = await self.db["dashboard_sessions"].delete_many({"user_id": user_id})
+        return res.deleted_count
+
     # --- model providers (the LLM broker's upstreams) -------------------------------------------
 
     async def get_provider(self, name: str) -> dict[str, Any] | None:

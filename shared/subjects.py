@@ -36,6 +36,8 @@ INSTANCE_HEALTH = f"{PREFIX}.instance.health"  # + ".<user>"
 HEALTH_SUMMARY = f"{PREFIX}.health.summary"
 INSTANCE_SUSPENDED = f"{PREFIX}.instance.suspended"
 INSTANCE_WOKEN = f"{PREFIX}.instance.woken"
+# An upgrade's new image missed readiness; the last good image runs again.
+INSTANCE_UPGRADE_ROLLED_BACK = f"{PREFIX}.instance.upgrade.rolled_back"
 OUTCOMES = (
     INSTANCE_READY,
     INSTANCE_FAILED,
@@ -43,6 +45,7 @@ OUTCOMES = (
     INSTANCE_DELETED,
     INSTANCE_SUSPENDED,
     INSTANCE_WOKEN,
+    INSTANCE_UPGRADE_ROLLED_BACK,
 )
 # Published by the LLM broker: a user went over a hard budget (calls refused) or a soft one.
 INSTANCE_BUDGET_EXCEEDED = f"{PREFIX}.instance.budget.exceeded"

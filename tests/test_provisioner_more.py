@@ -331,3 +331,47 @@ async def test_gateway_that_never_gets_ready_fails_cleanly(
     faults.unlink()
     subject, _ = await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=user, purge=True))
     assert subject == subjects.INSTANCE_DELETED
+
+
+async def test_gateway_heap_is_capped_below_the_memory_limit(
+    provisioner, platform, fakes, docker_client, settings
+):
+    """The seed's NODE_OPTIONS: V8 stops at half the container's limit instead of growing until
+    the kernel OOM-kills the container (ZAKI_GATEWAY_HEAP_RATIO)."""
+    ev = InstanceRequested(
+        request_id=new_user("req"), user_id=new_user("heap"), bot_token=fakes.bot(), image=STANDIN_IMAGE
+    )
+    subject, _ = await platform.call(subjects.INSTANCE_REQUESTED, ev, timeout=120)
+    assert subject == subjects.INSTANCE_READY
+    c = docker_client.containers.get(f"zaki-user-{ev.user_id}")
+    env = dict(e.split("=", 1) for e in c.attrs["Config"]["Env"])
+    assert settings.gateway_memory == "2g" and c.attrs["HostConfig"]["Memory"] == 2 << 30
+    assert env["NODE_OPTIONS"] == "--max-old-space-size=1024"
+    await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=ev.user_id, purge=True))
+
+
+async def test_delete_revokes_the_users_api_keys(proxy, provisioner, platform, fakes, store):
+    """A user id created again after a delete inherits no API key (nor dashboard session)."""
+    from services.gateway_proxy import keys
+
+    user = new_user("del")
+    ev = InstanceRequested(
+        request_id=new_user("req"), user_id=user, bot_token=fakes.bot(), image=STANDIN_IMAGE
+    )
+    assert (await platform.call(subjects.INSTANCE_REQUESTED, ev, timeout=120))[0] == subjects.INSTANCE_READY
+    key_id, key = await keys.create_key(store, user, {"chat"})
+    await store.db["dashboard_sessions"].insert_one({"_id": new_user("sess"), "user_id": user})
+    auth = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(base_url=proxy.address, timeout=30) as http:
+        assert (await http.get("/v1/models", headers=auth)).status_code == 200  # cached by the proxy now
+        subject, _ = await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=user), timeout=60)
+        assert subject == subjects.INSTANCE_DELETED
+        again = ev.model_copy(update={"request_id": new_user("req"), "event_id": new_user("ev")})
+        assert (await platform.call(subjects.INSTANCE_REQUESTED, again, timeout=120))[
+            0
+        ] == subjects.INSTANCE_READY
+        r = await http.get("/v1/models", headers=auth)
+        assert r.status_code == 401, r.text
+    assert (await store.api_keys.find_one({"_id": key_id}))["revoked"] is True
+    assert await store.db["dashboard_sessions"].count_documents({"user_id": user}) == 0
+    await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=user, purge=True))

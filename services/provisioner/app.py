@@ -56,6 +56,9 @@ class ProvisionerApp:
     async def publish(self, subject: str, event: Event) -> None:
         await self.broker.publish(to_json(event), subject, stream=subjects.EVENT_STREAM)
 
+    async def notify(self, subject: str, data: bytes) -> None:
+        await self.broker.publish(data, subject)  # core NATS: heard by every live subscriber
+
     async def dead_letter(self, subject: str, data: bytes, err: MalformedEvent) -> None:
         metrics.DEAD_LETTERS.labels(subject).inc()
         log.warning("dead-lettered a malformed event", extra={"subject": subject, "reason": err.reason})
@@ -152,6 +155,7 @@ class ProvisionerApp:
             KeyRing.from_spec(s.secret_keys.get_secret_value()),
             TelegramClient(s.telegram_api_base, s.telegram_timeout_s),
             self.publish,
+            self.notify,
         )
 
     async def after_start(self) -> None:

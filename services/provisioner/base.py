@@ -35,6 +35,12 @@ log = logging.getLogger("zaki.provisioner")
 S = InstanceState
 
 Publish = Callable[[str, Event], Awaitable[None]]
+# Core NATS, not persisted: notices every live process must hear now (a revoked API key).
+Notify = Callable[[str, bytes], Awaitable[None]]
+
+
+async def _no_notify(subject: str, data: bytes) -> None:
+    return None
 
 
 class ProvisionError(Exception):
@@ -84,6 +90,7 @@ class ProvisionerBase:
         keyring: KeyRing,
         telegram: TelegramClient,
         publish: Publish,
+        notify: Notify = _no_notify,
     ) -> None:
         self.s = settings
         self.store = store
@@ -91,6 +98,7 @@ class ProvisionerBase:
         self.keys = keyring
         self.telegram = telegram
         self.publish = publish
+        self.notify = notify
         self.prober: AioProber | None = None  # made on first use, inside the event loop
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from services.provisioner import metrics
 from services.provisioner.base import ProvisionError, Retry, S, log
+from services.provisioner.healing import HEALABLE
 from services.provisioner.lifecycle import Lifecycle
 from services.provisioner.runtime import RuntimeError_
 from services.provisioner.telegram import InvalidBotToken, TelegramUnavailable
@@ -23,8 +24,14 @@ from shared.events import (
     InstanceStopped,
     InstanceUpdate,
     InstanceUpgrade,
+    InstanceUpgradeRolledBack,
+    StopReason,
 )
 from shared.gateway import container_name
+from shared.logging import redact
+
+# States from which a request, start or restart provisions the instance anew.
+GIVEN_UP = (S.FAILED, S.CRASHLOOPING)
 
 
 class Commands(Lifecycle):
@@ -38,7 +45,7 @@ class Commands(Lifecycle):
     async def _requested(self, ev: InstanceRequested) -> None:
         seen = await self.store.claim_request(ev.request_id, ev.user_id, "requested")
         doc = await self.store.get_instance(ev.user_id)
-        if doc is not None and doc.get("request_id") != ev.request_id and doc["state"] != S.FAILED:
+        if doc is not None and doc.get("request_id") != ev.request_id and doc["state"] not in GIVEN_UP:
             # A second request for a user who already has an instance: answer with what exists.
             # (A failed instance is provisioned again: that is what a new request asks for.)
             await self._answer_current(ev.request_id, doc)
@@ -64,6 +71,7 @@ class Commands(Lifecycle):
             raise ProvisionError(FailureReason.INVALID_BOT_TOKEN, str(e)) from None
         except TelegramUnavailable as e:
             raise Retry(str(e)) from None
+        await self._refuse_over_quota(ev.user_id)  # a data folder kept from an earlier instance
 
         if doc is None:
             doc = await self.store.create_instance(
@@ -95,7 +103,7 @@ class Commands(Lifecycle):
             fields["provider_key_enc"] = self.seal(
                 ev.user_id, "provider_key", ev.provider.api_key.get_secret_value()
             )
-        if doc["state"] in (S.REQUESTED, S.FAILED):
+        if doc["state"] in (S.REQUESTED, *GIVEN_UP):
             doc = await self._transition(ev.request_id, ev.user_id, S.PROVISIONING, fields)
         else:
             await self.store.update_instance(ev.user_id, fields, doc["instance_id"])
@@ -120,18 +128,34 @@ class Commands(Lifecycle):
                 await self.fail(cmd.request_id, cmd.user_id, e)
 
     async def _stop(self, cmd: InstanceCommand) -> None:
+        await self._stop_instance(cmd)
+
+    async def _stop_instance(
+        self, cmd: InstanceCommand, reason: StopReason | None = None, message: str = ""
+    ) -> None:
+        """A user's stop (*reason* None) or the platform's own (disk limits). Either way the
+        platform never retries a stopped instance: ``heal`` is cleared."""
         doc = await self._existing(cmd)
+        fields: dict[str, Any] = {"heal": None, "stop_reason": reason.value if reason else None}
+        if reason is not None:
+            fields["last_error"] = f"{reason.value}: {message}"[:600]
         if doc["state"] != S.STOPPED:
             if doc["state"] != S.STOPPING:
-                doc = await self._transition(cmd.request_id, cmd.user_id, S.STOPPING)
+                doc = await self._transition(cmd.request_id, cmd.user_id, S.STOPPING, fields)
             try:
                 await self.runtime.stop(container_name(cmd.user_id), self.s.stop_timeout_s)
             except RuntimeError_ as e:
                 raise ProvisionError(FailureReason.DOCKER, str(e)) from None
-            doc = await self._transition(cmd.request_id, cmd.user_id, S.STOPPED)
+            doc = await self._transition(cmd.request_id, cmd.user_id, S.STOPPED, fields)
         await self.publish(
             subjects.INSTANCE_STOPPED,
-            InstanceStopped(request_id=cmd.request_id, user_id=cmd.user_id, instance_id=doc["instance_id"]),
+            InstanceStopped(
+                request_id=cmd.request_id,
+                user_id=cmd.user_id,
+                instance_id=doc["instance_id"],
+                reason=reason,
+                message=message,
+            ),
         )
 
     async def _start(self, cmd: InstanceCommand) -> None:
@@ -139,16 +163,21 @@ class Commands(Lifecycle):
         if doc["state"] == S.RUNNING:
             await self._answer_current(cmd.request_id, doc)
             return
-        if doc["state"] == S.FAILED or not doc.get("port"):
+        await self._refuse_over_quota(cmd.user_id)
+        if doc["state"] in GIVEN_UP or not doc.get("port"):
             doc = await self._transition(cmd.request_id, cmd.user_id, S.PROVISIONING)
         await self._provision_and_start(doc, cmd.request_id)
 
-    async def _restart(self, cmd: InstanceCommand) -> None:
+    async def _restart(self, cmd: InstanceCommand, heal: bool | None = None) -> None:
+        """*heal*: whether reconcile retries a failure (healing.py). By default, when the
+        instance was running and the restart does not carry new input (an update)."""
         doc = await self._existing(cmd)
-        if doc["state"] not in (S.RUNNING, S.STARTING, S.FAILED):
+        if doc["state"] not in (S.RUNNING, S.STARTING, *GIVEN_UP):
             raise ProvisionError(
                 FailureReason.ILLEGAL_TRANSITION, f"cannot restart an instance that is {doc['state']}"
             )
+        if heal is None:
+            heal = doc["state"] in (S.RUNNING, S.STARTING) and not isinstance(cmd, InstanceUpdate)
         log.info("restarting", extra={"user_id": cmd.user_id, "reason": cmd.reason or ""})
         if doc["state"] == S.RUNNING:
             doc = await self._transition(cmd.request_id, cmd.user_id, S.STARTING)
@@ -156,9 +185,9 @@ class Commands(Lifecycle):
             await self.runtime.stop(container_name(cmd.user_id), self.s.stop_timeout_s)
         except RuntimeError_ as e:
             raise ProvisionError(FailureReason.DOCKER, str(e)) from None
-        if doc["state"] == S.FAILED or not doc.get("port"):
+        if doc["state"] in GIVEN_UP or not doc.get("port"):
             doc = await self._transition(cmd.request_id, cmd.user_id, S.PROVISIONING)
-        await self._provision_and_start(doc, cmd.request_id)
+        await self._provision_and_start(doc, cmd.request_id, heal=heal)
 
     async def _update(self, cmd: InstanceCommand) -> None:
         assert isinstance(cmd, InstanceUpdate)
@@ -199,7 +228,7 @@ class Commands(Lifecycle):
             else:
                 await self._answer_current(cmd.request_id, {**doc, **fields})
             return
-        if doc["state"] in (S.RUNNING, S.STARTING, S.FAILED):
+        if doc["state"] in (S.RUNNING, S.STARTING, *GIVEN_UP):
             await self._restart(cmd)
         else:  # stopped: the new config is used on the next start
             await self._write_config({**doc, **fields}, doc.get("gateway_ip") or "")
@@ -211,17 +240,57 @@ class Commands(Lifecycle):
                 FailureReason.INVALID_REQUEST, f"image {cmd.image} is not allowed on this platform"
             )
         doc = await self._existing(cmd)
+        good = doc.get("last_good_image") or doc.get("image") or self.s.gateway_image
         await self.store.update_instance(cmd.user_id, {"image": cmd.image}, doc["instance_id"])
-        if doc["state"] in (S.RUNNING, S.STARTING, S.FAILED):
+        if doc["state"] not in (S.RUNNING, S.STARTING, *GIVEN_UP):
+            return  # stopped: the new image is used on the next start
+        try:
             # A new image needs a new container (create() replaces one whose image differs);
-            # the data folder carries over.
-            await self._restart(cmd)
+            # the data folder carries over. Its failure is not healed: the old image is.
+            await self._restart(cmd, heal=False)
+        except ProvisionError as e:
+            if e.reason not in HEALABLE or good == cmd.image:
+                raise
+            current = await self.store.get_instance(cmd.user_id)
+            if current is None or current["state"] != S.FAILED:
+                raise  # it failed before the new container was tried: nothing to roll back
+            await self._roll_back(cmd, doc["instance_id"], good, e)
+
+    async def _roll_back(
+        self, cmd: InstanceUpgrade, instance_id: str, good: str, err: ProvisionError
+    ) -> None:
+        """The new image missed readiness (the record is failed, its container removed): the
+        last good image goes back on the record and starts again, healed like any running
+        instance if even that fails."""
+        log.warning(
+            "upgrade rolled back",
+            extra={"user_id": cmd.user_id, "image": cmd.image, "reason": err.reason.value},
+        )
+        metrics.COMMANDS.labels("upgrade", "rolled_back").inc()
+        doc = await self._transition(
+            cmd.request_id, cmd.user_id, S.PROVISIONING, {"image": good}, instance_id=instance_id
+        )
+        await self.publish(
+            subjects.INSTANCE_UPGRADE_ROLLED_BACK,
+            InstanceUpgradeRolledBack(
+                request_id=cmd.request_id,
+                user_id=cmd.user_id,
+                instance_id=instance_id,
+                failed_image=cmd.image,
+                image=good,
+                reason=err.reason,
+                message=redact(str(err))[:1000],
+                logs=[redact(line)[:500] for line in err.logs[-20:]],
+            ),
+        )
+        await self._provision_and_start(doc, cmd.request_id, heal=True)
 
     async def _delete(self, cmd: InstanceCommand) -> None:
         purge = isinstance(cmd, InstanceDelete) and cmd.purge
         doc = await self._existing(cmd)
         if doc["state"] != S.DELETING:
             doc = await self._transition(cmd.request_id, cmd.user_id, S.DELETING)
+        await self._revoke_credentials(cmd.user_id)
         try:
             await self.runtime.remove(container_name(cmd.user_id))
             await self.runtime.remove_network(cmd.user_id)
@@ -241,3 +310,17 @@ class Commands(Lifecycle):
                 request_id=cmd.request_id, user_id=cmd.user_id, instance_id=doc["instance_id"], purged=purge
             ),
         )
+
+    async def _revoke_credentials(self, user_id: str) -> None:
+        """A deleted instance takes its user's API keys and dashboard sessions with it, so a
+        user id created again later inherits nothing. Proxies drop the keys from their caches
+        on the same notice as ``zaki keys revoke`` sends."""
+        key_ids = await self.store.revoke_user_keys(user_id)
+        sessions = await self.store.revoke_user_sessions(user_id)
+        for key_id in key_ids:
+            await self.notify(subjects.APIKEY_REVOKED, key_id.encode())
+        if key_ids or sessions:
+            log.info(
+                "credentials revoked with the instance",
+                extra={"user_id": user_id, "api_keys": len(key_ids), "sessions": sessions},
+            )

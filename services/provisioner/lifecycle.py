@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from services.provisioner import metrics
-from services.provisioner.base import Phase, ProvisionerBase, ProvisionError, S, log
+from services.provisioner.base import Phase, ProvisionerBase, ProvisionError, S, _bytes, log
 from services.provisioner.config import (
     GatewaySpec,
     Provider,
@@ -22,6 +22,8 @@ from services.provisioner.config import (
     render_openclaw_config,
     write_config_atomically,
 )
+from services.provisioner.healing import HEALABLE, next_heal
+from services.provisioner.quota import Usage, measure
 from services.provisioner.runtime import ContainerSpec, RuntimeError_
 from shared import subjects
 from shared.crypto import credential_hash, new_broker_credential
@@ -30,7 +32,7 @@ from shared.gateway import CONTAINER_STATE_DIR, CONTAINER_WORKSPACE, container_n
 from shared.logging import redact
 from shared.probe import AioProber
 from shared.state import IllegalTransition
-from shared.store import NoPortAvailable
+from shared.store import NoPortAvailable, utcnow
 
 
 class Lifecycle(ProvisionerBase):
@@ -115,13 +117,38 @@ class Lifecycle(ProvisionerBase):
                 "OPENCLAW_CONFIG_PATH": f"{CONTAINER_STATE_DIR}/openclaw.json",
                 "OPENCLAW_WORKSPACE_DIR": CONTAINER_WORKSPACE,
                 "XDG_CACHE_HOME": f"{CONTAINER_STATE_DIR}/cache",
+                **self._heap_cap(),
             },
             memory=self.s.gateway_memory,
             cpus=self.s.gateway_cpus,
             pids_limit=self.s.gateway_pids_limit,
         )
 
-    async def _provision_and_start(self, doc: dict[str, Any], request_id: str) -> None:
+    def _heap_cap(self) -> dict[str, str]:
+        """V8 grows its heap until the kernel OOM-kills the whole container; capped below the
+        memory limit, a leak ends in a clean heap-exhaustion exit that Docker restarts."""
+        mib = int(_bytes(self.s.gateway_memory) * self.s.gateway_heap_ratio) >> 20
+        return {"NODE_OPTIONS": f"--max-old-space-size={mib}"} if mib > 0 else {}
+
+    async def disk_usage(self, user_id: str) -> Usage | None:
+        """The tenant's data folder against its limits; None when no limit is set."""
+        if not (self.s.tenant_disk_bytes or self.s.tenant_max_files):
+            return None
+        root = self._dirs(user_id).root
+        return await asyncio.to_thread(measure, root, self.s.tenant_disk_bytes, self.s.tenant_max_files)
+
+    async def _refuse_over_quota(self, user_id: str) -> None:
+        usage = await self.disk_usage(user_id)
+        if usage is not None and usage.over:
+            raise ProvisionError(
+                FailureReason.DISK_QUOTA,
+                f"{usage.over}: not started; free space in the workspace or ask the operator",
+            )
+
+    async def _provision_and_start(self, doc: dict[str, Any], request_id: str, heal: bool = False) -> None:
+        """Port, network, config, container, readiness. On failure the container is removed, the
+        port freed and the record marked failed; *heal* (the instance was running and fails on the
+        platform's side) lets reconcile retry it, and is kept across retries; otherwise it is cleared."""
         user_id = doc["_id"]
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
@@ -142,17 +169,20 @@ class Lifecycle(ProvisionerBase):
                     doc["port"] = port
                 gateway_ip = await self.runtime.ensure_network(user_id, self.subnet_for(doc["port"]))
                 fields = await self._write_config(doc, gateway_ip)
+                if not heal:
+                    fields["heal"] = None
             if doc["state"] != S.STARTING:
                 doc = await self._transition(request_id, user_id, S.STARTING, fields)
             else:
                 await self.store.update_instance(user_id, fields, doc["instance_id"])
             await self._create_and_run(doc, request_id, timings)
-        except ProvisionError:
-            await self._cleanup_failed(user_id, doc.get("instance_id"), str(request_id))
+        except ProvisionError as e:
+            await self._cleanup_failed(user_id, doc.get("instance_id"), e, heal)
             raise
         except RuntimeError_ as e:
-            await self._cleanup_failed(user_id, doc.get("instance_id"), str(request_id))
-            raise ProvisionError(FailureReason.DOCKER, str(e)) from None
+            err = ProvisionError(FailureReason.DOCKER, str(e))
+            await self._cleanup_failed(user_id, doc.get("instance_id"), err, heal)
+            raise err from None
         timings["total"] = round(time.perf_counter() - t_start, 3)
         metrics.REQUESTS.labels("ready", "").inc()
         await self.publish(subjects.INSTANCE_READY, self._ready_event(doc, request_id, timings))
@@ -170,7 +200,11 @@ class Lifecycle(ProvisionerBase):
             await self.wait_ready(doc["_id"], doc["port"], spec.name)
         doc.update(
             await self._transition(
-                request_id, doc["_id"], S.RUNNING, {"container_id": cid, "last_error": None}
+                request_id,
+                doc["_id"],
+                S.RUNNING,
+                # The image that got ready is what an upgrade rolls back to.
+                {"container_id": cid, "last_error": None, "last_good_image": spec.image},
             )
         )
 
@@ -206,18 +240,23 @@ class Lifecycle(ProvisionerBase):
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.5)  # a local probe is cheap; being late to notice is not
 
-    async def _cleanup_failed(self, user_id: str, instance_id: str | None, reason: str) -> None:
-        """Leaves no running orphan: removes the container, frees the port, marks the record failed."""
+    async def _cleanup_failed(
+        self, user_id: str, instance_id: str | None, err: ProvisionError, heal: bool = False
+    ) -> None:
+        """Leaves no running orphan: removes the container, frees the port, marks the record
+        failed; with *heal*, when and how often reconcile retries it (see healing.py)."""
         try:
             await self.runtime.remove(container_name(user_id))
         except RuntimeError_:
             log.exception("could not remove a failed container", extra={"user_id": user_id})
         await self.store.release_port(self.runtime.host_id, user_id)
+        fields: dict[str, Any] = {"last_error": f"{err.reason.value}: {redact(str(err))[:500]}"}
+        if heal and err.reason in HEALABLE:
+            current = await self.store.get_instance(user_id)
+            fields["heal"] = next_heal((current or {}).get("heal"), err.reason, utcnow(), self.s)
+        else:
+            fields["heal"] = None
         with contextlib.suppress(IllegalTransition):
             await self.store.transition(
-                user_id,
-                S.FAILED,
-                instance_id=instance_id,
-                set_fields={"last_error": reason},
-                unset_fields=["port"],
+                user_id, S.FAILED, instance_id=instance_id, set_fields=fields, unset_fields=["port"]
             )

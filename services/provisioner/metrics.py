@@ -23,12 +23,15 @@ MEMORY_RESERVED = Gauge(
     "zaki_docker_host_memory_reserved_bytes", "Sum of the memory limits of this host's gateways"
 )
 STORE_PING = Gauge("zaki_store_ping_seconds", "Round trip of a ping to MongoDB")
+DISK_SCAN_SECONDS = Gauge(
+    "zaki_provisioner_disk_scan_seconds", "Wall time of the last walk of the tenants' data folders"
+)
 
 # Series exist from the start (zero), so dashboards and alerts see them before the first event.
 for _phase in ("config", "create", "start", "ready"):
     PHASE_SECONDS.labels(_phase)
 REQUESTS.labels("ready", "")
-for _action in ("removed_orphan", "recreated"):
+for _action in ("removed_orphan", "recreated", "healed", "crashlooping", "over_quota"):
     RECONCILE_ACTIONS.labels(_action)
 CONSUMER_PENDING = Gauge("zaki_jetstream_consumer_pending", "Commands not yet delivered", ["consumer"])
 CONSUMER_REDELIVERED = Gauge(

@@ -1,23 +1,28 @@
-"""Docker brought in line with the records of this Docker host, and the host's capacity
-metrics. Runs periodically on every replica; safe to run concurrently."""
+"""Docker brought in line with the records of this Docker host: orphans removed, missing
+containers recreated, failed instances retried with backoff (healing.py), tenants over
+their disk limits stopped (quota.py); and the host's capacity metrics. Runs periodically on
+every replica; safe to run concurrently (per-user locks here, versioned writes in the store).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import time
+from typing import Any
 
-from services.provisioner import metrics
+from services.provisioner import healing, metrics
 from services.provisioner.base import ProvisionError, S, _bytes, log
 from services.provisioner.commands import Commands
-from shared.events import InstanceCommand
+from shared.events import FailureReason, InstanceCommand, StopReason
 from shared.gateway import container_name
 from shared.state import InstanceState
+from shared.store import utcnow
 
 
 class Reconciler(Commands):
     async def reconcile(self) -> dict[str, int]:
         """Brings Docker in line with the records of this Docker host. Safe to run concurrently."""
-        actions = {"removed_orphan": 0, "recreated": 0}
+        actions = {"removed_orphan": 0, "recreated": 0, "healed": 0, "crashlooping": 0, "over_quota": 0}
         records = {d["_id"]: d for d in await self.store.list_instances(docker_host=self.runtime.host_id)}
         for c in await self.runtime.list_managed():
             doc = records.get(c.user_id or "")
@@ -37,10 +42,12 @@ class Reconciler(Commands):
                         await self._transition(cmd.request_id, user_id, S.STARTING)
                         fresh = await self.store.get_instance(user_id)
                         if fresh is not None:
-                            await self._provision_and_start(fresh, cmd.request_id)
+                            await self._provision_and_start(fresh, cmd.request_id, heal=True)
                             actions["recreated"] += 1
                     except ProvisionError as e:
                         await self.fail(cmd.request_id, user_id, e)
+        await self._heal(records, actions)
+        await self._enforce_disk_limits(records, actions)
         for action, n in actions.items():
             metrics.RECONCILE_ACTIONS.labels(action).inc(n)
         by_state = {s.value: 0 for s in InstanceState}
@@ -50,6 +57,93 @@ class Reconciler(Commands):
             metrics.INSTANCES.labels(state).set(n)
         await self._capacity_metrics(sum(by_state.values()) - by_state[S.DELETED.value])
         return actions
+
+    async def _heal(self, records: dict[str, dict[str, Any]], actions: dict[str, int]) -> None:
+        """Failed instances the platform may retry (healing.py): retried when their backoff is
+        over; after heal_max_attempts retries, `crashlooping` with an instance.failed event."""
+        for user_id, doc in records.items():
+            if doc["state"] != S.FAILED or healing.decide(doc.get("heal"), utcnow(), self.s) is None:
+                continue
+            async with self._locks[user_id]:
+                fresh = await self.store.get_instance(user_id)  # another command may have run
+                if fresh is None or fresh["state"] != S.FAILED:
+                    continue
+                decision = healing.decide(fresh.get("heal"), utcnow(), self.s)
+                if decision == "give_up":
+                    await self._give_up(fresh)
+                    actions["crashlooping"] += 1
+                elif decision == "retry":
+                    await self._retry(fresh)
+                    actions["healed"] += 1
+
+    async def _retry(self, doc: dict[str, Any]) -> None:
+        user_id, heal = doc["_id"], doc["heal"]
+        attempt = int(heal.get("attempts", 0)) + 1
+        cmd = InstanceCommand(
+            user_id=user_id, reason=f"reconcile: retry {attempt} after {heal.get('reason')}"
+        )
+        log.info("retrying a failed instance", extra={"user_id": user_id, "attempt": attempt})
+        try:
+            # Counted before the attempt: a crash mid-way does not make retries free.
+            fresh = await self._transition(
+                cmd.request_id,
+                user_id,
+                S.PROVISIONING,
+                {"heal": {**heal, "attempts": attempt}},
+                instance_id=doc["instance_id"],
+            )
+        except ProvisionError:
+            return  # another replica got there first
+        try:
+            await self._refuse_over_quota(user_id)
+            await self._provision_and_start(fresh, cmd.request_id, heal=True)
+        except ProvisionError as e:
+            if e.reason == FailureReason.DISK_QUOTA:
+                await self._cleanup_failed(user_id, doc["instance_id"], e)
+            await self.fail(cmd.request_id, user_id, e)
+
+    async def _give_up(self, doc: dict[str, Any]) -> None:
+        user_id, heal = doc["_id"], doc["heal"]
+        cmd = InstanceCommand(user_id=user_id, reason="reconcile: retries used up")
+        message = (
+            f"gave up after {heal.get('attempts', 0)} retries (last failure: {doc.get('last_error') or heal.get('reason')}); "
+            "a start, restart or upgrade command tries again"
+        )
+        try:
+            await self._transition(
+                cmd.request_id,
+                user_id,
+                S.CRASHLOOPING,
+                {"last_error": message[:600]},
+                instance_id=doc["instance_id"],
+            )
+        except ProvisionError:
+            return
+        log.warning("instance crash-looping: no more retries", extra={"user_id": user_id})
+        await self.fail(cmd.request_id, user_id, ProvisionError(FailureReason.CRASHLOOPING, message))
+
+    async def _enforce_disk_limits(self, records: dict[str, dict[str, Any]], actions: dict[str, int]) -> None:
+        """Stops a live instance whose data folder is over ZAKI_TENANT_DISK_BYTES or _MAX_FILES."""
+        if not (self.s.tenant_disk_bytes or self.s.tenant_max_files):
+            return
+        t0 = time.perf_counter()
+        for user_id, doc in records.items():
+            if doc["state"] not in (S.RUNNING, S.STARTING):
+                continue
+            usage = await self.disk_usage(user_id)
+            if usage is None or not usage.over:
+                continue
+            async with self._locks[user_id]:
+                cmd = InstanceCommand(user_id=user_id, reason=StopReason.DISK_QUOTA.value)
+                log.warning("stopping an instance over its disk limits", extra={"user_id": user_id})
+                message = f"{usage.over}: stopped; free space in the workspace or ask the operator"
+                try:
+                    await self._stop_instance(cmd, StopReason.DISK_QUOTA, message)
+                except ProvisionError as e:
+                    await self.fail(cmd.request_id, user_id, e)
+                    continue
+                actions["over_quota"] += 1
+        metrics.DISK_SCAN_SECONDS.set(time.perf_counter() - t0)
 
     async def _capacity_metrics(self, instances: int) -> None:
         """Docker host capacity (ports, memory) and store latency, for the infrastructure dashboard."""
