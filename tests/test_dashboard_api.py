@@ -42,9 +42,20 @@ def start_dashboard(stack: Stack, service_env: dict[str, str], **extra: str) -> 
     return p
 
 
-@pytest.fixture(scope="session")
+_SHARED: dict[str, Process] = {}
+
+
+def shared_dashboard(stack: Stack, service_env: dict[str, str]) -> Process:
+    """One dashboard for every test_dashboard_* module of this session."""
+    p = _SHARED.get("dashboard")
+    if p is None or p.proc.poll() is not None:
+        p = _SHARED["dashboard"] = start_dashboard(stack, service_env)
+    return p
+
+
+@pytest.fixture
 def dashboard(stack: Stack, service_env: dict[str, str]) -> Process:
-    return start_dashboard(stack, service_env)
+    return shared_dashboard(stack, service_env)
 
 
 def new_name(prefix: str = "user") -> str:
