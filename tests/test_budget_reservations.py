@@ -174,8 +174,12 @@ async def test_reservations_hold_across_broker_processes(stack):
         # what is held goes away, what was used stays.
         for i, r in enumerate(held):
             await ledgers[i % 2].record_durably(user, 1, 2, reservation=r)
-        open_left = await stores[0].db["budget_reservations"].count_documents({"user_id": user, "open": True})
-        assert open_left == 0
+        coll = stores[0].db["budget_reservations"]
+
+        async def all_settled() -> bool:
+            return await coll.count_documents({"user_id": user, "open": True}) == 0
+
+        await eventually(all_settled, timeout=5)
         ledgers[0].totals.clear()
         again = await ledgers[0].reserve(user, policy, size)
         assert isinstance(again, Reservation), again

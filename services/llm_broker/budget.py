@@ -239,10 +239,12 @@ class UsageLedger:
             self.counted.add(reservation.id)
 
     async def flush(self) -> None:
+        await self.write_usage()
+        await self.settle()
+
+    async def write_usage(self) -> None:
         async with self._lock:  # one writer per process: increments never race each other here
             batch, self.pending = self.pending, defaultdict(_Pending)
-            settle = self._unsettled
-            self._unsettled = []
             for (user_id, day), p in batch.items():
                 try:
                     await self.store.add_usage(user_id, day, p.requests, p.prompt, p.completion)
@@ -256,18 +258,22 @@ class UsageLedger:
                     q.reservations += p.reservations
                     continue
                 self.unflushed[(user_id, day)] += p.prompt + p.completion
-                settle += p.reservations
-            # After the usage: a reservation is never settled before its tokens are written.
-            try:
-                await self.reservations.settle(settle)
-                self.counted.difference_update(settle)
-            except Exception:
-                log.warning("settling reservations failed; will retry")
-                self._unsettled = settle
-            if time.monotonic() - self._swept > SWEEP_S:
-                self._swept = time.monotonic()
-                with contextlib.suppress(Exception):
-                    await self.reservations.sweep()
+                self._unsettled += p.reservations
+
+    async def settle(self) -> None:
+        """Settles the reservations whose usage is written (never before: until then they hold
+        their tokens for the other processes; this one skips them, it counts their usage)."""
+        ids, self._unsettled = self._unsettled, []
+        try:
+            await self.reservations.settle(ids)
+            self.counted.difference_update(ids)
+        except Exception:
+            log.warning("settling reservations failed; will retry")
+            self._unsettled = ids + self._unsettled
+        if time.monotonic() - self._swept > SWEEP_S:
+            self._swept = time.monotonic()
+            with contextlib.suppress(Exception):
+                await self.reservations.sweep()
 
     async def record_durably(
         self,
@@ -296,8 +302,9 @@ class UsageLedger:
                 await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
             self._wake.clear()
             done, self._batch = self._batch, asyncio.get_running_loop().create_future()
-            await self.flush()
-            done.set_result(None)
+            await self.write_usage()
+            done.set_result(None)  # the answers may end: their usage is written
+            await self.settle()
 
     def start(self) -> None:
         self._batch = asyncio.get_running_loop().create_future()
