@@ -139,13 +139,14 @@ async def seed_default_provider(store: Store, keys: KeyRing, s: ZakiSettings) ->
     if not key or await store.get_provider(s.llm_provider_name) is not None:
         return False
     models = [m.strip() for m in s.llm_models.split(",") if m.strip()]
+    policy = URLPolicy.from_settings(s)
     try:
-        check_provider_url(s.llm_base_url, URLPolicy.from_settings(s))
+        check_provider_url(s.llm_base_url, policy)
     except ProviderURLError as e:
         log.error("default provider not seeded: ZAKI_LLM_BASE_URL %s", e)
         return False
     try:
-        await add_provider(store, keys, s.llm_provider_name, s.llm_base_url, s.llm_api, key, models)
+        await add_provider(store, keys, s.llm_provider_name, s.llm_base_url, s.llm_api, key, models, policy)
     except ProviderError:
         return False  # a concurrent broker seeded it first
     return True
