@@ -24,6 +24,7 @@ from services.provisioner.egress import (
     Allow,
     EgressConfigError,
     EgressPolicy,
+    build_policy,
     chains_for,
     parse_allow,
     tenant_rules,
@@ -32,6 +33,7 @@ from services.provisioner.runtime import DockerRuntime
 from shared import subjects
 from shared.events import InstanceDelete, InstanceRequested
 from shared.gateway import container_name, network_name
+from shared.settings import ZakiSettings
 from tests.conftest import PLATFORM_ID, STANDIN_IMAGE, new_user
 from tests.test_isolation import PROBE_JS
 
@@ -109,6 +111,29 @@ def test_egress_settings_are_parsed_or_refused_with_a_clear_error():
             parse_allow(bad)
     with pytest.raises(EgressConfigError):
         chains_for("docker0")  # never touches a bridge that is not a tenant's
+
+
+def test_the_policy_follows_the_settings():
+    s = ZakiSettings(
+        broker_host="172.17.0.1",
+        broker_port=8091,
+        telegram_private_network=True,
+        telegram_api_base_for_gateways="http://host.docker.internal:9011",
+        egress_allow="10.1.2.3:5432",
+        egress_dns="192.168.0.53",
+    )
+    p = build_policy(s, lambda: "172.17.0.1", host_nets=lambda: (), resolvers=lambda: ())
+    assert (p.broker_ip, p.broker_port) == (ipaddress.IPv4Address("172.17.0.1"), 8091)
+    assert p.dns == (ipaddress.IPv4Address("192.168.0.53"),)
+    assert Allow(ipaddress.IPv4Network("172.17.0.1/32"), "tcp", 9011) in p.allow  # the Bot API it named
+    assert Allow(ipaddress.IPv4Network("10.1.2.3/32"), "tcp", 5432) in p.allow
+    # A public Bot API needs no rule; the broker on 0.0.0.0 is its port on any host address.
+    public = build_policy(
+        ZakiSettings(broker_host="0.0.0.0"), lambda: "172.17.0.1", host_nets=lambda: (), resolvers=lambda: ()
+    )
+    assert public.allow == () and public.broker_ip is None
+    with pytest.raises(EgressConfigError, match="ZAKI_EGRESS_DNS"):
+        build_policy(ZakiSettings(egress_dns="resolver.lan"), lambda: None, host_nets=lambda: ())
 
 
 # --- on this machine, from inside a tenant container -------------------------------------------
@@ -234,6 +259,7 @@ async def test_a_tenant_reaches_the_broker_and_the_internet_but_no_host_or_priva
         ]
         allowed = [
             ("broker", fakes.host, int(service_env["ZAKI_BROKER_PORT"])),
+            ("the Bot API the operator named for gateways", fakes.host, fakes.tg_port),
             ("public-looking test host", NetnsHosts.ADDRESSES["public"], listen_port),
         ]
         reached = await probe(c, blocked + allowed)
