@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 
 from services.llm_broker.egress import EgressRefused, GuardedResolver, forwarded_headers, refusal_of
+from services.llm_broker.providers import seed_default_provider
 from shared import subjects
 from shared.bus import MalformedEvent, decode_event
 from shared.crypto import KeyRing, provider_key_context
@@ -401,3 +402,21 @@ async def test_a_redirect_is_passed_back_not_followed(
     assert r.headers["location"].endswith("/v1/chat/completions")
     await asyncio.sleep(0.2)
     assert fakes.llm.redirects == redirects + 1 and len(fakes.llm.calls) == calls
+
+
+async def test_a_default_provider_at_a_refused_url_is_not_seeded(store, keyring_spec):
+    name = f"p{uuid.uuid4().hex[:8]}"
+    s = ZakiSettings(
+        llm_provider_name=name,
+        llm_base_url="http://127.0.0.1:9100/v1",
+        llm_api_key="sk-x",
+        secret_keys=keyring_spec,
+    )
+    keys = KeyRing.from_spec(keyring_spec)
+    assert not await seed_default_provider(store, keys, s)  # a plain platform: loopback over http
+    assert await store.get_provider(name) is None
+    allowed = s.model_copy(
+        update={"broker_http_hosts": "127.0.0.1:9100", "broker_private_hosts": "127.0.0.1:9100"}
+    )
+    assert await seed_default_provider(store, keys, allowed)
+    assert (await store.get_provider(name))["base_url"] == "http://127.0.0.1:9100/v1"
