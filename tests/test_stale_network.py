@@ -84,9 +84,19 @@ async def test_networks_that_disagree_are_found_replaced_or_refused(docker_clien
         await runtime.ensure_network(a, spare_subnet(service_env, 2))
         assert await runtime.reconcile_networks({a: spare_subnet(service_env, 3)}) == [a]
         assert await runtime.reconcile_networks({a: spare_subnet(service_env, 2)}) == []
-        # ensure_network replaces it (no container uses it).
+        # A container of someone else on it: never removed, the network is refused.
+        other = docker_client.containers.create(STANDIN_IMAGE, network=network_name(a), labels=mine)
+        with pytest.raises(RuntimeError_, match="in use"):
+            await runtime.ensure_network(a, spare_subnet(service_env, 3))
+        other.remove(force=True)
+        # The user's own (stopped) gateway on it goes with it: the provisioner creates it again.
+        own = docker_client.containers.create(
+            STANDIN_IMAGE, network=network_name(a), labels={**mine, "zaki.user": a}
+        )
         await runtime.ensure_network(a, spare_subnet(service_env, 3))
         assert subnet_of(docker_client, network_name(a)) == spare_subnet(service_env, 3)
+        with pytest.raises(docker.errors.NotFound):
+            own.reload()
         # A stale network of another user holding the subnet now allocated is removed.
         make_network(docker_client, network_name(b), spare_subnet(service_env, 4), {**mine, "zaki.user": b})
         await runtime.ensure_network(c, spare_subnet(service_env, 4))
