@@ -204,7 +204,7 @@ class Lifecycle(ProvisionerBase):
                 doc["_id"],
                 S.RUNNING,
                 # The image that got ready is what an upgrade rolls back to.
-                {"container_id": cid, "last_error": None, "last_good_image": spec.image},
+                {"container_id": cid, "last_error": None, "last_good_image": spec.image, "stop_reason": None},
             )
         )
 
