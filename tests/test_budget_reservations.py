@@ -137,6 +137,10 @@ async def test_a_parallel_burst_overshoots_a_hard_limit_by_at_most_one_reservati
             return doc if doc and doc["requests"] == codes.count(200) else None
 
         doc = await eventually(recorded, timeout=10)
+        print(
+            f"BURST 12 calls, limit {limit}, reservation {reservation}: {codes.count(200)} answered, "
+            f"{codes.count(429)} refused, {doc['tokens']} tokens used"
+        )
         # Each answered call uses 8 tokens; all 12 would have been 96 against a limit of 20.
         assert doc["tokens"] <= limit + reservation, (codes, doc)
         assert codes.count(429) >= 12 - math.ceil(limit / 8), codes
