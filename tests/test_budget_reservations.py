@@ -192,3 +192,58 @@ async def test_reservations_hold_across_broker_processes(stack):
         for ledger, s in zip(ledgers, stores, strict=True):
             await ledger.stop()
             await s.close()
+
+
+async def test_a_hard_limit_fails_closed_when_the_store_is_down():
+    """The broker in this process, its store at a loopback port where nothing listens."""
+    from aiohttp.test_utils import TestServer
+    from pymongo import AsyncMongoClient
+
+    from services.llm_broker.app import LLMBroker
+    from services.llm_broker.directory import BrokerClient, Directory
+    from shared.crypto import KeyRing, new_broker_credential
+    from shared.settings import ZakiSettings
+    from zaki.stack import free_port
+
+    store = Store(f"mongodb://127.0.0.1:{free_port()}/", "zaki")
+    await store.client.close()
+    store.client = AsyncMongoClient(f"mongodb://127.0.0.1:{free_port()}/", serverSelectionTimeoutMS=300)
+    store.db = store.client["zaki"]
+    store.usage = store.db["usage"]
+
+    class OneInstance(Directory):
+        async def client(self, credential: str) -> BrokerClient | None:
+            return BrokerClient(
+                user_id=new_user("down"),
+                instance_id="i1",
+                state="running",
+                subnet=None,
+                budget={"tokens_per_day": 1000},
+                # Never called: the refusal comes first (and a public name is not resolved before).
+                own_provider={
+                    "name": "mine",
+                    "base_url": "https://api.example.com/v1",
+                    "api": "openai-completions",
+                },
+                own_key_enc=None,
+            )
+
+    async def publish(*_args) -> None:
+        return None
+
+    broker = LLMBroker(
+        ZakiSettings(broker_check_source=False),
+        OneInstance(store, KeyRing.from_spec(KeyRing.new_key_spec("t"))),
+        UsageLedger(store),
+        publish,
+    )
+    async with TestServer(broker.build(), host="127.0.0.1") as server:
+        async with httpx.AsyncClient(timeout=30) as http:
+            r = await http.post(
+                str(server.make_url("/p/mine/chat/completions")),
+                headers={"Authorization": f"Bearer {new_broker_credential()}"},
+                json=chat_body("x"),
+            )
+    assert r.status_code == 503 and r.json()["error"]["code"] == "budget_unavailable", r.text
+    assert r.headers["Retry-After"] == "2"
+    await store.close()

@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from prometheus_client import Counter, Histogram
+from pymongo.errors import PyMongoError
 
 from services.llm_broker import egress, model_path
 from services.llm_broker.budget import BudgetPolicy, UsageLedger, Verdict
@@ -199,7 +200,10 @@ class LLMBroker:
             log.warning("provider URL refused", extra={"user_id": client.user_id, "reason": e.reason.value})
             return self._refuse(api, 403, "provider_url_refused", str(e))
         policy = BudgetPolicy.effective(client.budget, self.s)
-        verdict = await self.ledger.check(client.user_id, policy)
+        try:
+            verdict = await self.ledger.check(client.user_id, policy)
+        except PyMongoError:
+            return self._budget_unavailable(api, client)
         if verdict is not None:
             return await self._over_budget(api, verdict, client, True)
         try:
@@ -213,7 +217,10 @@ class LLMBroker:
             prepared = prepare(api, rest, body, self.s.broker_reserve_tokens, ask_usage)
             body = prepared.body
             if limited:
-                held = await self.ledger.reserve(client.user_id, policy, prepared.reserve)
+                try:
+                    held = await self.ledger.reserve(client.user_id, policy, prepared.reserve)
+                except (PyMongoError, RuntimeError):
+                    return self._budget_unavailable(api, client)
                 if isinstance(held, Verdict):
                     return await self._over_budget(api, held, client, False)
                 reservation = held
@@ -223,6 +230,13 @@ class LLMBroker:
         finally:
             if reservation is not None and not reservation.done:
                 await self.ledger.release(reservation)  # refused, failed or broken before counting
+
+    def _budget_unavailable(self, api: str, client: BrokerClient) -> web.Response:
+        # A hard limit cannot be checked without the store: refuse, briefly.
+        log.warning("budget store unavailable", extra={"user_id": client.user_id})
+        return self._refuse(
+            api, 503, "budget_unavailable", "the budget cannot be checked right now", **{"Retry-After": "2"}
+        )
 
     async def _over_budget(
         self, api: str, verdict: Verdict, client: BrokerClient, used_up: bool
