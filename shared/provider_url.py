@@ -289,7 +289,9 @@ class URLPolicy:
         if u.ip is not None:
             reason = self.address_refusal(u.host, u.port, u.ip)
             if reason is not None:
-                raise ProviderURLError(reason, f"{u.host} is a {reason.value.removesuffix('_address').replace('_', ' ')} address")
+                raise ProviderURLError(
+                    reason, f"{u.host} is a {reason.value.removesuffix('_address').replace('_', ' ')} address"
+                )
         elif is_local_name(u.host) and not any(r.matches(u.host, u.port) for r in self.private):
             raise ProviderURLError(URLRefusal.LOCAL_NAME, f"{u.host} is a local name")
         return u
