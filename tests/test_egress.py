@@ -23,7 +23,9 @@ from services.provisioner.egress import (
     BLOCKED,
     Allow,
     EgressConfigError,
+    EgressError,
     EgressPolicy,
+    TenantEgress,
     build_policy,
     chains_for,
     parse_allow,
@@ -134,6 +136,18 @@ def test_the_policy_follows_the_settings():
     assert public.allow == () and public.broker_ip is None
     with pytest.raises(EgressConfigError, match="ZAKI_EGRESS_DNS"):
         build_policy(ZakiSettings(egress_dns="resolver.lan"), lambda: None, host_nets=lambda: ())
+
+
+def test_without_iptables_rights_provisioning_fails_with_a_clear_error(tmp_path):
+    # Where iptables cannot run (not root, no binary), no tenant network is left unprotected.
+    egress = TenantEgress(ZakiSettings(), iptables=str(tmp_path / "iptables"))
+    with pytest.raises(EgressError, match="needs root or CAP_NET_ADMIN"):
+        egress.apply(BRIDGE, "10.250.0.8/29", POLICY)
+    TenantEgress(ZakiSettings(egress_policy="off"), iptables=str(tmp_path / "iptables")).apply(
+        BRIDGE, "10.250.0.8/29", POLICY
+    )  # the operator turned it off: nothing runs
+    with pytest.raises(EgressConfigError):
+        TenantEgress(ZakiSettings(egress_allow="10.0.0.0/8:http"))  # a bad setting fails at start
 
 
 # --- on this machine, from inside a tenant container -------------------------------------------

@@ -294,12 +294,17 @@ class TenantEgress:
         return p.returncode == 0
 
     def _ensure_base(self) -> None:
+        try:
+            self._run("-S", DOCKER_USER)
+        except EgressError as e:
+            raise EgressError(
+                f"{e} (the egress policy needs root or CAP_NET_ADMIN, and dockerd managing iptables; "
+                "ZAKI_EGRESS_POLICY=off runs tenants without it)"
+            ) from None
         for chain, parent in ((FORWARD_CHAIN, DOCKER_USER), (INPUT_CHAIN, "INPUT")):
             if not self._run("-S", chain, check=False):
                 self._run("-N", chain, check=False)  # a racing replica may have made it
             if not self._run("-C", parent, "-j", chain, check=False):
-                if parent == DOCKER_USER and not self._run("-S", DOCKER_USER, check=False):
-                    raise EgressError("Docker's DOCKER-USER chain is missing (dockerd with iptables=false?)")
                 self._run("-I", parent, "1", "-j", chain)
 
     def apply(self, bridge: str, subnet: str, policy: EgressPolicy | None = None) -> None:
