@@ -14,6 +14,7 @@ import json
 import docker
 import pytest
 
+from services.llm_broker.model_path import MODEL_PATH_SUBJECT
 from services.provisioner.runtime import DockerRuntime, RuntimeError_
 from shared import subjects
 from shared.events import InstanceDelete, InstanceRequested
@@ -123,8 +124,9 @@ async def test_an_instance_whose_model_calls_are_refused_is_not_healthy(
         await eventually(lambda: any(h["state"] == "healthy" for h in health(platform, a)), timeout=15)
         key = credential(state_dir, a)
         # A's credential, from an address of the tenant pool outside A's network: refused.
-        res = await call_from_container(docker_client, b, model_url(service_env), key, "wrong network")
-        assert res["status"] == 403 and "wrong_network" in res["body"], res
+        for _ in range(2):
+            res = await call_from_container(docker_client, b, model_url(service_env), key, "wrong network")
+            assert res["status"] == 403 and "wrong_network" in res["body"], res
         down = await eventually(
             lambda: [h for h in health(platform, a) if h["state"] == "unhealthy"], timeout=10
         )
@@ -137,6 +139,9 @@ async def test_an_instance_whose_model_calls_are_refused_is_not_healthy(
         res = await call_from_container(docker_client, a, model_url(service_env), key, "own network")
         assert res["status"] == 200, res
         await eventually(lambda: health(platform, a)[-1]["state"] == "healthy", timeout=10)
+        # The broker published the model path's changes, once each.
+        changes = [e["state"] for _, e in platform.events(f"{MODEL_PATH_SUBJECT}.{a}")]
+        assert changes == ["refused", "ok"], changes
     finally:
         for u in (a, b):
             await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=u, purge=True), timeout=60)
