@@ -84,6 +84,7 @@ def test_prepare_asks_for_usage_on_openai_streams_only():
         assert prepare(api, rest, b, 4096, True).body == b
     assert prepare("anthropic-messages", "v1/messages", b, 4096, True).reserve == math.ceil(len(b) / 4) + 7
     assert prepare("openai-completions", "chat/completions", b"not json", 100, True).reserve == 2 + 100
+    assert prepare("openai-completions", "embeddings", b'{"input": "abcd"}', 100, True).reserve == 5
 
 
 async def test_the_provider_is_asked_for_usage_and_a_silent_stream_is_counted(

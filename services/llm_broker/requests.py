@@ -19,6 +19,7 @@ from services.llm_broker.usage import CHARS_PER_TOKEN
 MAX_PARSE = 4 << 20  # a larger body is not parsed: its size alone is a large reservation
 _MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 _USAGE_PATHS = ("chat/completions", "completions")
+_NO_ANSWER_PATHS = ("embeddings", "v1/messages/count_tokens")  # no generated tokens to hold
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ def prepare(api: str, rest: str, body: bytes, default_answer: int, ask_usage: bo
     """The body to send and the call's reservation. A body that is not a JSON object is sent
     as it came and reserved at its size plus the default answer."""
     prompt = -(-len(body) // CHARS_PER_TOKEN)
+    if rest in _NO_ANSWER_PATHS:
+        default_answer = 0
     if not body or len(body) > MAX_PARSE or body[:1] not in b"{ \t\r\n":
         return Prepared(body, prompt + default_answer, False)
     try:
