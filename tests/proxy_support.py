@@ -61,7 +61,12 @@ class Recorder:
             await self.runner.cleanup()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        seen = {"method": request.method, "target": request.raw_path, "headers": dict(request.headers)}
+        seen = {
+            "method": request.method,
+            "target": request.raw_path,
+            "headers": dict(request.headers),
+            "scopes": request.headers.getall("x-openclaw-scopes", []),
+        }
         self.requests.append(seen)
         if request.headers.get("Upgrade", "").lower() != "websocket":
             return web.json_response(seen)
@@ -146,7 +151,9 @@ def ws_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
     return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
-async def ws_open(address: str, key: str, path: bytes = b"/ws") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def ws_open(
+    address: str, key: str, path: bytes = b"/ws"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     host, port = address.split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     nonce = base64.b64encode(os.urandom(16))

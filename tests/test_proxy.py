@@ -19,6 +19,7 @@ from services.provisioner.service import _ctx
 from shared import subjects
 from shared.crypto import KeyRing
 from shared.events import InstanceCommand, InstanceDelete, InstanceRequested
+from shared.gateway import identity_headers
 from shared.state import InstanceState
 from tests.conftest import JWT_SECRET, STANDIN_IMAGE, all_log_text, eventually, new_user, operator_connect
 
@@ -236,9 +237,13 @@ async def test_stopped_and_deleted_instances_answer_503(proxy, provisioner, plat
         assert r.status_code == 503 and r.json()["state"] == "stopped"
         assert r.json()["error"]["type"] == "instance_not_running"
         await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=user, purge=True))
+        # Deleting revokes the user's keys (issue 13.8): the old key is refused at once ...
+        r = await http.get("/v1/models", headers=auth)
+        assert r.status_code == 401 and "revoked" in r.json()["error"]["message"]
+        _, fresh = await keys.create_key(store, user, {"chat"})
 
-        async def absent():  # the proxy hears instance.deleted at the same moment as this test
-            r = await http.get("/v1/models", headers=auth)
+        async def absent():  # ... and a new one hears that the instance is gone
+            r = await http.get("/v1/models", headers={"Authorization": f"Bearer {fresh}"})
             return r.status_code == 503 and r.json()["state"] == "absent"
 
         await eventually(absent, timeout=2, interval=0.05)
@@ -259,49 +264,96 @@ async def test_unreachable_gateway_is_502(proxy, provisioner, platform, fakes, s
         await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=user, purge=True))
 
 
-@pytest.mark.gateway
-async def test_real_gateway_through_the_proxy(proxy, provisioner, platform, fakes, store, keyring_spec):
+@pytest.fixture(scope="module")
+async def real_gateway(proxy, provisioner, fakes, stack, keyring_spec):
+    """One real OpenClaw gateway for every test of this module that needs one (~1 GiB, ~15 s)."""
+    from shared.client import PlatformClient
+    from shared.store import Store
     from tests.conftest import REAL_IMAGE
 
+    platform = await PlatformClient.connect(stack.nats.address)
+    store = Store(stack.mongo.address, "zaki")
     user, _ = await make_instance(platform, fakes, image=REAL_IMAGE)
     _, key = await keys.create_key(store, user, {"chat", "tools", "ws"})
     doc = await store.get_instance(user)
     password = KeyRing.from_spec(keyring_spec).decrypt(
         doc["gateway_password_enc"], _ctx(user, "gateway_password")
     )
+    yield {"user": user, "key": key, "password": password, "doc": doc}
+    await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=user, purge=True))
+    await platform.close()
+    await store.close()
+
+
+@pytest.mark.gateway
+async def test_real_gateway_through_the_proxy(proxy, real_gateway):
+    user, key, password = real_gateway["user"], real_gateway["key"], real_gateway["password"]
     received = bytearray()
     auth = {"Authorization": f"Bearer {key}"}
-    try:
-        async with httpx.AsyncClient(base_url=proxy.address, timeout=90) as http:
-            r = await http.post("/v1/chat/completions", json=chat_body("via proxy"), headers=auth)
-            assert r.status_code == 200, r.text
-            received += r.content + str(r.headers).encode()
-            assert r.json()["choices"][0]["message"]["content"] == "echo: via proxy"
-            text = ""
-            async with http.stream(
-                "POST", "/v1/chat/completions", json=chat_body("streamed", stream=True), headers=auth
-            ) as s:
-                async for chunk in s.aiter_bytes():
-                    received += chunk
-                    text += chunk.decode()
-            assert "data: [DONE]" in text and "streamed" in text
-            r = await http.post("/tools/invoke", json={"tool": "sessions_list", "args": {}}, headers=auth)
-            received += r.content
-            assert r.status_code == 200 and r.json()["ok"] is True
-        url = proxy.address.replace("http://", "ws://") + "/ws"
-        async with websockets.connect(url, additional_headers=auth, max_size=64 << 20) as ws:
-            received += (await ws.recv()).encode()
-            await ws.send(operator_connect("c1"))
-            hello = await _response(ws, "c1", received)
-            assert hello["ok"], hello
-            assert set(hello["payload"]["auth"]["scopes"]) >= {"operator.read", "operator.write"}
-            await ws.send(json.dumps({"type": "req", "id": "c2", "method": "sessions.list", "params": {}}))
-            listed = await _response(ws, "c2", received)
-            assert listed["ok"], listed
-        await _control_ui(proxy, user, key, received)
-        assert password.encode() not in received
-    finally:
-        await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=user, purge=True))
+    async with httpx.AsyncClient(base_url=proxy.address, timeout=90) as http:
+        r = await http.post("/v1/chat/completions", json=chat_body("via proxy"), headers=auth)
+        assert r.status_code == 200, r.text
+        received += r.content + str(r.headers).encode()
+        assert r.json()["choices"][0]["message"]["content"] == "echo: via proxy"
+        text = ""
+        async with http.stream(
+            "POST", "/v1/chat/completions", json=chat_body("streamed", stream=True), headers=auth
+        ) as s:
+            async for chunk in s.aiter_bytes():
+                received += chunk
+                text += chunk.decode()
+        assert "data: [DONE]" in text and "streamed" in text
+        r = await http.post("/tools/invoke", json={"tool": "sessions_list", "args": {}}, headers=auth)
+        received += r.content
+        assert r.status_code == 200 and r.json()["ok"] is True
+    url = proxy.address.replace("http://", "ws://") + "/ws"
+    async with websockets.connect(url, additional_headers=auth, max_size=64 << 20) as ws:
+        received += (await ws.recv()).encode()
+        await ws.send(operator_connect("c1"))
+        hello = await _response(ws, "c1", received)
+        assert hello["ok"], hello
+        assert set(hello["payload"]["auth"]["scopes"]) >= {"operator.read", "operator.write"}
+        assert "operator.admin" not in hello["payload"]["auth"]["scopes"]
+        await ws.send(json.dumps({"type": "req", "id": "c2", "method": "sessions.list", "params": {}}))
+        listed = await _response(ws, "c2", received)
+        assert listed["ok"], listed
+    await _control_ui(proxy, user, key, received)
+    assert password.encode() not in received
+
+
+@pytest.mark.gateway
+async def test_proxied_http_never_runs_as_operator_admin(proxy, real_gateway):
+    """Issue 13.4: without x-openclaw-scopes a trusted-proxy gateway grants an HTTP caller all
+    its default operator scopes, admin included. The admin-only model override shows which:
+    through the proxy it is refused; the same request straight to the gateway, with the
+    proxy's identity headers and no scope header, is served."""
+    chat = chat_body("override")
+    override = {"x-openclaw-model": "zaki/echo-1"}
+    async with httpx.AsyncClient(timeout=90) as http:
+        via_proxy = await http.post(
+            f"{proxy.address}/v1/chat/completions",
+            json=chat,
+            headers={
+                "Authorization": f"Bearer {real_gateway['key']}",
+                **override,
+                "x-openclaw-scopes": "operator.admin",
+            },  # a client's own claim is dropped
+        )
+        assert via_proxy.status_code == 403, via_proxy.text
+        assert "operator.admin" in via_proxy.text
+        doc = real_gateway["doc"]
+        direct = await http.post(
+            f"http://{doc.get('host', '127.0.0.1')}:{doc['port']}/v1/chat/completions",
+            json=chat,
+            headers={**identity_headers(real_gateway["user"], None, proto="http"), **override},
+        )
+        assert direct.status_code == 200, direct.text  # what every proxied request could do
+        plain = await http.post(
+            f"{proxy.address}/v1/chat/completions",
+            json=chat,
+            headers={"Authorization": f"Bearer {real_gateway['key']}"},
+        )
+        assert plain.status_code == 200, plain.text  # the route itself still works
 
 
 ORIGIN = "http://127.0.0.1:8080"  # ZAKI_PROXY_PUBLIC_ORIGIN's default: where the proxy's pages live

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.gateway_proxy.decision import Kind, PathError, decide, normalise_path
-from tests.proxy_support import Recorder, get, raw_http, start_proxy, tenant_on
+from tests.proxy_support import Recorder, get, raw_http, start_proxy, tenant_on, ws_open
 
 BYPASSES = [
     b"/v1/models/../../ui/",
@@ -76,9 +76,50 @@ async def test_the_gateway_gets_the_normalised_path_and_the_query(plane, recorde
     assert json.loads(body)["target"] == "/v1/models/openclaw?a=%2e%2e&b=1"
 
 
+async def test_the_gateway_gets_each_routes_scopes_and_never_admin(plane, recorder, service_env):
+    """Issue 13.4, what the gateway is told (the real gateway's answer is in test_proxy.py)."""
+    from shared.store import Store
+
+    store = Store(service_env["ZAKI_MONGO_URL"], service_env["ZAKI_MONGO_DB"])
+    user, key = await tenant_on(store, recorder, {"chat", "tools", "ws"})
+    claim = b"X-OpenClaw-Scopes: operator.admin\r\nx-openclaw-scopes: operator.admin,operator.write\r\n"
+    body = b'{"model": "openclaw", "messages": []}'
+    try:
+        status, answer = await raw_http(plane.address, get(b"/v1/models", key, claim))
+        assert status == 200 and json.loads(answer)["scopes"] == ["operator.read"]
+        for path in (b"/v1/chat/completions", b"/v1/responses", b"/v1/embeddings", b"/tools/invoke"):
+            request = get(path, key, claim + b"Content-Length: %d\r\n" % len(body)).replace(
+                b"GET", b"POST", 1
+            )
+            status, answer = await raw_http(plane.address, request + body)
+            assert status == 200 and json.loads(answer)["scopes"] == ["operator.read,operator.write"], path
+        _, writer = await ws_open(plane.address, key)
+        writer.close()
+        assert recorder.requests[-1]["scopes"] == ["operator.read,operator.write"]  # the upgrade
+    finally:
+        await store.instances.delete_one({"_id": user})
+        await store.close()
+
+
 # --- the normaliser itself --------------------------------------------------------------------------
 
-SEGMENTS = ["", ".", "..", "%2e", "%2E%2e", ".%2e", "%2e.", "a", "ui", "v1", "models", "%41", "~", "%7e", "%25"]
+SEGMENTS = [
+    "",
+    ".",
+    "..",
+    "%2e",
+    "%2E%2e",
+    ".%2e",
+    "%2e.",
+    "a",
+    "ui",
+    "v1",
+    "models",
+    "%41",
+    "~",
+    "%7e",
+    "%25",
+]
 REFUSED = ["%2f", "%2F", "%5c", "\\", "%zz", "#"]
 DOT_LIKE = {".", "..", "%2e", ".%2e", "%2e.", "%2e%2e"}
 

@@ -21,7 +21,14 @@ from yarl import URL
 from services.gateway_proxy import aiohttp_ws
 from services.gateway_proxy.aiohttp_ws import is_upgrade, request_tenant
 from services.gateway_proxy.auth import AuthError, Tenant
-from services.gateway_proxy.decision import STRIPPED_REQUEST, STRIPPED_RESPONSE, Decision, Kind, decide
+from services.gateway_proxy.decision import (
+    STRIPPED_REQUEST,
+    STRIPPED_RESPONSE,
+    Decision,
+    Kind,
+    decide,
+    gateway_headers,
+)
 from services.gateway_proxy.errors import error_response, not_running_response
 from services.gateway_proxy.observe import (
     BYTES_IN,
@@ -35,7 +42,6 @@ from services.gateway_proxy.observe import (
 )
 from services.gateway_proxy.routing import NoRoute, Route
 from services.gateway_proxy.state import ProxyState
-from shared.gateway import identity_headers
 
 log = logging.getLogger("zaki.proxy")
 
@@ -117,11 +123,14 @@ class AiohttpPlane:
         )
         return resp
 
-    def _upstream_headers(self, request: web.Request, tenant: Tenant) -> dict[str, str]:
+    @staticmethod
+    def _upstream_headers(request: web.Request, tenant: Tenant, d: Decision) -> dict[str, str]:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in STRIPPED_REQUEST}
-        headers.update(identity_headers(tenant.user_id, request.remote, proto=request.scheme))
-        headers["x-forwarded-host"] = request.host
-        headers["x-request-id"] = request["request_id"]
+        headers.update(
+            gateway_headers(
+                d, tenant.user_id, request.remote, request.scheme, request.host, request["request_id"]
+            )
+        )
         return headers
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
@@ -136,7 +145,7 @@ class AiohttpPlane:
             return error_response(request, 404, "not_found", f"no route {request.method} {d.path}")
         request["route"] = d.route
         if d.kind is Kind.WEBSOCKET:
-            return await aiohttp_ws.websocket(self.state, request, d.scope)
+            return await aiohttp_ws.websocket(self.state, request, d)
         try:
             tenant = await request_tenant(self.state, request, d.scope)
         except AuthError as e:
@@ -172,7 +181,7 @@ class AiohttpPlane:
             upstream = await session.request(
                 request.method,
                 url,
-                headers=self._upstream_headers(request, tenant),
+                headers=self._upstream_headers(request, tenant, d),
                 data=body,
                 allow_redirects=False,
             )

@@ -8,13 +8,13 @@ import aiohttp
 from aiohttp import WSMsgType, web
 
 from services.gateway_proxy.auth import AuthError, Tenant, credential_from
+from services.gateway_proxy.decision import Decision, gateway_ws_headers
 from services.gateway_proxy.errors import error_response, not_running_response
 from services.gateway_proxy.observe import BYTES_IN, BYTES_OUT, OPEN_WS, REJECTED
 from services.gateway_proxy.routing import NoRoute, Route
 from services.gateway_proxy.state import ProxyState
 from services.gateway_proxy.wake import ACTIVITY
 from services.gateway_proxy.ws_frames import sanitize_connect
-from shared.gateway import identity_headers
 
 
 def is_upgrade(request: web.Request) -> bool:
@@ -32,10 +32,10 @@ async def request_tenant(
     return tenant
 
 
-async def websocket(state: ProxyState, request: web.Request, scope: str) -> web.StreamResponse:
+async def websocket(state: ProxyState, request: web.Request, d: Decision) -> web.StreamResponse:
     protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
     try:
-        tenant = await request_tenant(state, request, scope, protocols)
+        tenant = await request_tenant(state, request, d.scope, protocols)
     except AuthError as e:
         REJECTED.labels(e.code).inc()
         return error_response(request, e.status, e.code, str(e))
@@ -49,16 +49,17 @@ async def websocket(state: ProxyState, request: web.Request, scope: str) -> web.
             request, 429, "too_many_websockets", "too many open WebSockets", **{"Retry-After": "10"}
         )
     try:
-        return await _relay(state, request, tenant, route)
+        return await _relay(state, request, tenant, route, d)
     finally:
         state.limits.close_websocket(tenant.user_id)
 
 
-async def _relay(state: ProxyState, request: web.Request, tenant: Tenant, route: Route) -> web.StreamResponse:
+async def _relay(
+    state: ProxyState, request: web.Request, tenant: Tenant, route: Route, d: Decision
+) -> web.StreamResponse:
     assert state.session is not None
-    headers = identity_headers(tenant.user_id, request.remote, proto="https" if request.secure else "http")
-    if state.origin:
-        headers["Origin"] = state.origin
+    proto = "https" if request.secure else "http"
+    headers = gateway_ws_headers(d, tenant.user_id, request.remote, proto, state.origin)
     try:
         upstream = await state.session.ws_connect(
             f"http://{route.host}:{route.port}/",

@@ -15,16 +15,25 @@ import functools
 import string
 from dataclasses import dataclass, replace
 
-from shared.gateway import CONTROL_UI_BASE_PATH
+from shared.gateway import CONTROL_UI_BASE_PATH, identity_headers
 from shared.http import HOP_BY_HOP
 
-# (method, path) -> (route label, scope). Anything else is a 404: the proxy is an allowlist.
-ROUTES: dict[tuple[str, str], tuple[str, str]] = {
-    ("POST", "/v1/chat/completions"): ("chat_completions", "chat"),
-    ("GET", "/v1/models"): ("models", "chat"),
-    ("POST", "/v1/responses"): ("responses", "chat"),
-    ("POST", "/v1/embeddings"): ("embeddings", "chat"),
-    ("POST", "/tools/invoke"): ("tools_invoke", "tools"),
+# The operator scopes a route needs on the gateway, sent as x-openclaw-scopes on every
+# forwarded request: in trusted-proxy mode a request without that header runs with all of
+# OpenClaw's default operator scopes, operator.admin included (dist/http-auth-utils,
+# resolveTrustedHttpOperatorScopes). chat.send and agent (tools/invoke) need write,
+# models.list and the Control UI's reads need read; nothing here needs admin.
+READ = "operator.read"
+WRITE = "operator.read,operator.write"
+
+# (method, path) -> (route label, scope, gateway scopes). Anything else is a 404: the
+# proxy is an allowlist.
+ROUTES: dict[tuple[str, str], tuple[str, str, str]] = {
+    ("POST", "/v1/chat/completions"): ("chat_completions", "chat", WRITE),
+    ("GET", "/v1/models"): ("models", "chat", READ),
+    ("POST", "/v1/responses"): ("responses", "chat", WRITE),
+    ("POST", "/v1/embeddings"): ("embeddings", "chat", WRITE),
+    ("POST", "/tools/invoke"): ("tools_invoke", "tools", WRITE),
 }
 MODEL_PREFIX = "/v1/models/"  # GET /v1/models/{id}
 WS_PATHS = ("/ws", "/v1/ws")
@@ -67,6 +76,7 @@ class Decision:
     scope: str  # the credential scope it needs ("" for none)
     path: str  # the normalised path, routed on and forwarded
     target: str  # what the gateway is sent: the normalised path and the client's query
+    gateway_scopes: str = ""  # x-openclaw-scopes: the least the route needs, never admin
     error: str = ""  # why a BAD_PATH was refused
 
 
@@ -142,20 +152,43 @@ def _decide(method: str, raw_path: str, upgrade: bool) -> Decision:
     try:
         path = normalise_path(_origin_form(raw_path))
     except PathError as e:
-        return Decision(Kind.BAD_PATH, "other", "", "/", "/", str(e))
+        return Decision(Kind.BAD_PATH, "other", "", "/", "/", error=str(e))
     ui = path == UI_PREFIX or path.startswith(UI_PREFIX + "/")
     if path in WS_PATHS or (ui and upgrade):
-        return Decision(
-            Kind.WEBSOCKET, "control_ui_ws" if ui else "websocket", "ui" if ui else "ws", path, path
-        )
+        # On a WebSocket the header caps what the gateway's identityScopes grant.
+        route, scope = ("control_ui_ws", "ui") if ui else ("websocket", "ws")
+        return Decision(Kind.WEBSOCKET, route, scope, path, path, WRITE)
     known = ROUTES.get((method, path))
     if known is None and method == "GET" and path.startswith(MODEL_PREFIX):
-        known = ("models", "chat")
+        known = ("models", "chat", READ)
     if known is not None:
-        return Decision(Kind.API, known[0], known[1], path, path)
+        return Decision(Kind.API, *known[:2], path, path, known[2])
     if ui and method in ("GET", "HEAD"):
         # The gateway's Control UI (served under gateway.controlUi.basePath = UI_PREFIX).
-        return Decision(Kind.UI, "control_ui", "ui", path, path)
+        return Decision(Kind.UI, "control_ui", "ui", path, path, READ)
     if path == "/healthz" and method in ("GET", "HEAD"):
         return Decision(Kind.HEALTH, "other", "", path, path)
     return Decision(Kind.NOT_FOUND, "other", "", path, path)
+
+
+def gateway_headers(
+    d: Decision, user_id: str, client_ip: str | None, proto: str, host: str, request_id: str
+) -> dict[str, str]:
+    """The headers the proxy sets on what it forwards (the client's copies are stripped):
+    the trusted-proxy identity, where the request came from, and the route's scopes."""
+    headers = identity_headers(user_id, client_ip, proto=proto)
+    headers["x-forwarded-host"] = host
+    headers["x-request-id"] = request_id
+    headers["x-openclaw-scopes"] = d.gateway_scopes
+    return headers
+
+
+def gateway_ws_headers(
+    d: Decision, user_id: str, client_ip: str | None, proto: str, origin: str | None
+) -> dict[str, str]:
+    """The same for a WebSocket handshake: identity, the proxy's own Origin, the scope cap."""
+    headers = identity_headers(user_id, client_ip, proto=proto)
+    if origin:
+        headers["Origin"] = origin
+    headers["x-openclaw-scopes"] = d.gateway_scopes
+    return headers

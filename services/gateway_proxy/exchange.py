@@ -9,7 +9,7 @@ import time
 from typing import Any, Protocol
 
 from services.gateway_proxy.auth import AuthError, Tenant, check_cookie_origin
-from services.gateway_proxy.decision import STRIPPED_REQUEST, STRIPPED_RESPONSE
+from services.gateway_proxy.decision import STRIPPED_REQUEST, STRIPPED_RESPONSE, gateway_headers
 from services.gateway_proxy.errors import REASONS, error_bytes, not_running
 from services.gateway_proxy.observe import (
     BYTES_IN,
@@ -24,7 +24,6 @@ from services.gateway_proxy.raw_request import RawRequest
 from services.gateway_proxy.routing import NoRoute, Route
 from services.gateway_proxy.state import ProxyState
 from services.gateway_proxy.upstream_pool import UpstreamConnection, UpstreamPool
-from shared.gateway import identity_headers
 
 log = logging.getLogger("zaki.proxy")
 
@@ -209,10 +208,8 @@ class Exchange:
         for k, lk, v in req.headers:
             if lk not in _STRIPPED_REQUEST:
                 lines.append(k + b": " + v + b"\r\n")
-        ident = identity_headers(self.tenant.user_id, self.client.remote, proto="http")
         host = req.header(b"host") or ""
-        ident["x-forwarded-host"] = host
-        ident["x-request-id"] = req.rid
+        ident = gateway_headers(req.decision, self.tenant.user_id, self.client.remote, "http", host, req.rid)
         for k, v in ident.items():
             lines.append(f"{k}: {v}\r\n".encode("latin-1"))
         lines.append(

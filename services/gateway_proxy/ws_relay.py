@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import httptools
 
 from services.gateway_proxy.auth import AuthError, Tenant
+from services.gateway_proxy.decision import gateway_ws_headers
 from services.gateway_proxy.errors import not_running
 from services.gateway_proxy.observe import OPEN_WS, REJECTED, RELAYED
 from services.gateway_proxy.raw_request import RawRequest
@@ -24,7 +25,6 @@ from services.gateway_proxy.routing import NoRoute, Route
 from services.gateway_proxy.state import ProxyState
 from services.gateway_proxy.wake import ACTIVITY
 from services.gateway_proxy.ws_frames import DONE, GOING_AWAY, MORE, FrameTracker, rewrite_first_message
-from shared.gateway import identity_headers
 
 log = logging.getLogger("zaki.proxy")
 
@@ -120,9 +120,10 @@ class WsRelay:
             loop.create_connection(lambda: WsUpstream(self), route.host, route.port), 5
         )
         self.up = up
-        headers = identity_headers(self.tenant.user_id, self.client.remote, proto="http")
-        if self.client.state.origin:
-            headers["Origin"] = self.client.state.origin
+        assert self.req.decision is not None
+        headers = gateway_ws_headers(
+            self.req.decision, self.tenant.user_id, self.client.remote, "http", self.client.state.origin
+        )
         lines = [
             "GET / HTTP/1.1",
             f"Host: {route.host}:{route.port}",
