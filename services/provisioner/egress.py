@@ -309,46 +309,84 @@ class TenantEgress:
 
     def apply(self, bridge: str, subnet: str, policy: EgressPolicy | None = None) -> None:
         """(Re)builds the tenant's chains and makes sure the jumps to them exist."""
-        if not self.enabled:
-            return
-        policy = policy or self.policy()
-        fwd, inp = chains_for(bridge)
+        if self.enabled:
+            self._apply({bridge: subnet}, policy or self.policy())
+
+    def _apply(self, networks: Mapping[str, str], policy: EgressPolicy) -> None:
+        """One ``iptables-restore`` for all of *networks*: each tenant's chains are emptied
+        and refilled in one transaction, and missing jumps are appended to the shared chains."""
         self._ensure_base()
-        text = "*filter\n" + "\n".join(tenant_rules(bridge, subnet, policy)) + "\nCOMMIT\n"
-        self._run("--noflush", stdin=text, tool="-restore")
-        for parent, chain in ((FORWARD_CHAIN, fwd), (INPUT_CHAIN, inp)):
-            if not self._run("-C", parent, "-i", bridge, "-j", chain, check=False):
-                self._run("-A", parent, "-i", bridge, "-j", chain)
+        have = self._jumps()
+        chains, rules = [], []
+        for bridge, subnet in networks.items():
+            for line in tenant_rules(bridge, subnet, policy):
+                (chains if line.startswith(":") else rules).append(line)
+            for parent, chain in zip((FORWARD_CHAIN, INPUT_CHAIN), chains_for(bridge), strict=True):
+                if (parent, bridge) not in have:
+                    rules.append(f"-A {parent} -i {bridge} -j {chain}")
+        if chains:
+            text = "\n".join(["*filter", *chains, *rules, "COMMIT", ""])
+            self._run("--noflush", stdin=text, tool="-restore")
+
+    def _jumps(self) -> set[tuple[str, str]]:
+        """(shared chain, bridge) of every jump to a tenant chain."""
+        found = set()
+        for parent in (FORWARD_CHAIN, INPUT_CHAIN):
+            p = subprocess.run(
+                [self.iptables, "-w", "-S", parent], capture_output=True, text=True, timeout=30
+            )
+            found |= {(parent, b) for b in re.findall(r"-i (br-[0-9a-f]{12}) ", p.stdout)}
+        return found
 
     def remove(self, bridge: str) -> None:
-        if not self.enabled:
+        if self.enabled:
+            self._remove([bridge])
+
+    def _remove(self, bridges: Iterable[str], retry: bool = True) -> None:
+        """Drops the jumps to the tenants' chains and the chains, in one transaction."""
+        wanted = {b: chains_for(b) for b in bridges}
+        existing = set(re.findall(r"^-N (ZK[FI]-[0-9a-f]{12})$", self._list(), re.M))
+        lines = []
+        for parent in (FORWARD_CHAIN, INPUT_CHAIN):
+            for bridge, chain in re.findall(
+                r"-i (br-[0-9a-f]{12}) -j (ZK[FI]-[0-9a-f]{12})", self._list(parent)
+            ):
+                if bridge in wanted:  # every copy: racing replicas may have added it twice
+                    lines.append(f"-D {parent} -i {bridge} -j {chain}")
+        for chain in (c for pair in wanted.values() for c in pair if c in existing):
+            lines += [f"-F {chain}", f"-X {chain}"]
+        if not lines:
             return
-        fwd, inp = chains_for(bridge)
-        for parent, chain in ((FORWARD_CHAIN, fwd), (INPUT_CHAIN, inp)):
-            while self._run("-D", parent, "-i", bridge, "-j", chain, check=False):
-                pass  # a racing replica may have added it twice
-            self._run("-F", chain, check=False)
-            self._run("-X", chain, check=False)
+        try:
+            self._run("--noflush", stdin="\n".join(["*filter", *lines, "COMMIT", ""]), tool="-restore")
+        except EgressError:
+            if not retry:
+                raise
+            self._remove(wanted, retry=False)  # another replica removed some of them meanwhile
+
+    def _list(self, chain: str = "") -> str:
+        p = subprocess.run(
+            [self.iptables, "-w", "-S", *([chain] if chain else [])],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        return p.stdout
 
     def sync(self, networks: Mapping[str, str]) -> None:
-        """Applies the policy to every bridge in *networks* (bridge -> subnet) and removes
-        the chains of bridges that no longer exist on this host (any platform's)."""
+        """Applies the policy to every bridge in *networks* (bridge -> subnet) at once and
+        removes the chains of bridges that no longer exist on this host (any platform's)."""
         if not self.enabled:
             return
-        policy = self.policy()
-        for bridge, subnet in networks.items():
-            self.apply(bridge, subnet, policy)
-        for bridge in self.tenant_bridges():
-            if bridge not in networks and not Path("/sys/class/net", bridge).exists():
-                log.info("removing the egress rules of a vanished bridge", extra={"bridge": bridge})
-                self.remove(bridge)
-
-    def tenant_bridges(self) -> list[str]:
-        """Bridges that have a jump in ZAKI-EGRESS."""
-        p = subprocess.run(
-            [self.iptables, "-w", "-S", FORWARD_CHAIN], capture_output=True, text=True, timeout=30
-        )
-        return sorted(set(re.findall(r"-i (br-[0-9a-f]{12}) ", p.stdout)))
+        self._apply(networks, self.policy())
+        gone = [
+            b
+            for b in sorted({b for _, b in self._jumps()} - set(networks))
+            if not Path("/sys/class/net", b).exists()
+        ]
+        if gone:
+            log.info("removing the egress rules of vanished bridges", extra={"bridges": len(gone)})
+            self._remove(gone)
 
     def policy(self) -> EgressPolicy:
         return build_policy(self.settings, self.host_gateway)
