@@ -73,7 +73,8 @@ class WakeGate:
         self._asked: dict[str, float] = {}
 
     def ready(self, user_id: str) -> None:
-        """The instance is routed again: every waiter goes on."""
+        """The instance is routed again: every waiter goes on (and its next sleep gets a new wake)."""
+        self._asked.pop(user_id, None)
         ev = self._events.pop(user_id, None)
         if ev is not None:
             ev.set()
