@@ -332,10 +332,7 @@ class TenantEgress:
         """(shared chain, bridge) of every jump to a tenant chain."""
         found = set()
         for parent in (FORWARD_CHAIN, INPUT_CHAIN):
-            p = subprocess.run(
-                [self.iptables, "-w", "-S", parent], capture_output=True, text=True, timeout=30
-            )
-            found |= {(parent, b) for b in re.findall(r"-i (br-[0-9a-f]{12}) ", p.stdout)}
+            found |= {(parent, b) for b in re.findall(r"-i (br-[0-9a-f]{12}) ", self._list(parent))}
         return found
 
     def remove(self, bridge: str) -> None:
