@@ -168,15 +168,20 @@ async def ws_open(
     return reader, writer
 
 
-async def ws_read_text(reader: asyncio.StreamReader) -> str:
-    """The next (unmasked, server to client) text message."""
-    while True:
-        b0, b1 = await asyncio.wait_for(reader.readexactly(2), 30)
-        n = b1 & 0x7F
-        if n == 126:
-            n = int.from_bytes(await reader.readexactly(2), "big")
-        elif n == 127:
-            n = int.from_bytes(await reader.readexactly(8), "big")
-        payload = await reader.readexactly(n)
-        if b0 & 0x0F == 1:
-            return payload.decode()
+async def ws_next_text_or_end(reader: asyncio.StreamReader) -> str | None:
+    """The next text message, or None when the proxy closes the connection (or sends a close)."""
+    try:
+        while True:
+            b0, b1 = await asyncio.wait_for(reader.readexactly(2), 30)
+            n = b1 & 0x7F
+            if n == 126:
+                n = int.from_bytes(await reader.readexactly(2), "big")
+            elif n == 127:
+                n = int.from_bytes(await reader.readexactly(8), "big")
+            payload = await reader.readexactly(n)
+            if b0 & 0x0F == 8:
+                return None
+            if b0 & 0x0F == 1:
+                return payload.decode()
+    except (asyncio.IncompleteReadError, ConnectionResetError):
+        return None

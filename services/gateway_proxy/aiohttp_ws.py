@@ -81,16 +81,24 @@ async def _relay(
     async def client_to_upstream() -> None:
         nonlocal first
         async for msg in client:
-            if msg.type == WSMsgType.TEXT:
-                data = msg.data
-                if first:
-                    data, first = sanitize_connect(data), False
-                BYTES_IN.inc(len(data))
-                await upstream.send_str(data)
-            elif msg.type == WSMsgType.BINARY:
-                await upstream.send_bytes(msg.data)
-            else:
+            if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                 break
+            data = msg.data
+            if first:
+                # OpenClaw reads a binary message as text: the first is rewritten either way.
+                first = False
+                text = data if msg.type == WSMsgType.TEXT else data.decode("utf-8", "replace")
+                rewritten = sanitize_connect(text)
+                if rewritten is None:
+                    await client.close(code=1008, message=b"unreadable first message")
+                    break
+                if rewritten is not text:
+                    data = rewritten if msg.type == WSMsgType.TEXT else rewritten.encode()
+            BYTES_IN.inc(len(data))
+            if msg.type == WSMsgType.TEXT:
+                await upstream.send_str(data)
+            else:
+                await upstream.send_bytes(data)
 
     async def upstream_to_client() -> None:
         async for msg in upstream:

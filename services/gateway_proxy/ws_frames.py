@@ -1,6 +1,7 @@
 """WebSocket frames on raw bytes: boundaries, masking, and the rewrite of the client's
 first message (OpenClaw's ``connect``), from which client-supplied ``auth`` and ``device``
-are dropped: the proxy's identity headers are the only credential a gateway should see."""
+are dropped: the proxy's identity headers are the only credential a gateway should see.
+Both planes use ``sanitize_connect``; the raw plane finds the message with ``FirstMessage``."""
 
 from __future__ import annotations
 
@@ -11,17 +12,21 @@ GOING_AWAY = b"\x88\x02\x03\xe9"  # an unmasked close frame, code 1001 (server t
 MORE, DONE, REFUSE = 0, 1, 2  # what rewrite_first_message found
 
 
-def sanitize_connect(frame: str) -> str:
-    """Drops client-supplied ``auth`` and ``device`` from the WebSocket ``connect`` frame."""
+def sanitize_connect(frame: str) -> str | None:
+    """Drops client-supplied ``auth`` and ``device`` from the WebSocket ``connect`` frame.
+
+    None when the frame cannot be read here: it is then refused, never passed on, since a
+    gateway's parser might read what this one could not (a number with more digits than
+    Python converts, nesting deeper than its recursion limit)."""
     try:
         obj = json.loads(frame)
-    except ValueError:
-        return frame
+    except (ValueError, RecursionError):
+        return None
     if isinstance(obj, dict) and obj.get("method") == "connect" and isinstance(obj.get("params"), dict):
         obj["params"].pop("auth", None)
         obj["params"].pop("device", None)
         return json.dumps(obj)
-    return frame
+    return frame  # not a connect: the gateway refuses a first message that is not one
 
 
 def _frame_header(buf: bytes | bytearray) -> tuple[int, int] | None:
@@ -60,33 +65,67 @@ def _encode_header(first_byte: int, length: int, key: bytes) -> bytes:
     return bytes((first_byte, 0x80 | 127)) + length.to_bytes(8, "big") + key
 
 
-def rewrite_first_message(buf: bytearray) -> tuple[bytes, int]:
-    """Consumes *buf* (client bytes) up to and including the first text message, which is
-    rewritten. Returns the bytes to send to the gateway and MORE (wait for more bytes),
-    DONE (all later bytes pass as they are) or REFUSE (close the connection)."""
-    out: list[bytes] = []
-    while True:
-        parsed = _frame_header(buf)
-        if parsed is None:
-            return b"".join(out), REFUSE if len(buf) > MAX_FIRST_FRAME else MORE
-        off, length = parsed
-        if len(buf) < off + length:
-            return b"".join(out), REFUSE if off + length > MAX_FIRST_FRAME else MORE
-        opcode, fin = buf[0] & 0x0F, buf[0] & 0x80
-        frame = bytes(buf[: off + length])
-        del buf[: off + length]
-        if opcode != 1:  # pings and the like pass as they are
-            out.append(frame)
-            continue
-        if not fin:
-            return b"".join(out), REFUSE  # a fragmented connect frame: not something OpenClaw clients send
-        key = frame[off - 4 : off] if frame[1] & 0x80 else b"\0\0\0\0"
-        text = _mask(frame[off:], key).decode("utf-8", "replace")
-        payload = sanitize_connect(text).encode()
-        out.append(_encode_header(frame[0], len(payload), key) + _mask(payload, key))
-        out.append(bytes(buf))
-        buf.clear()
-        return b"".join(out), DONE
+class FirstMessage:
+    """Finds the client's first message in its raw byte stream and rewrites it.
+
+    OpenClaw reads a binary message as text, so the first data message is rewritten
+    whatever its opcode, and a fragmented one is reassembled first; control frames before
+    it pass as they are. Anything a client cannot legitimately send there (a continuation
+    with nothing to continue, a reserved opcode, more than MAX_FIRST_FRAME) is refused."""
+
+    __slots__ = ("key", "opcode", "parts", "size")
+
+    def __init__(self) -> None:
+        self.opcode = 0  # of the message being reassembled (0: none started)
+        self.parts: list[bytes] = []  # its unmasked payloads so far
+        self.size = 0
+        self.key = b"\0\0\0\0"
+
+    def feed(self, buf: bytearray) -> tuple[bytes, int]:
+        """Consumes whole frames from *buf* (client bytes) up to the end of the first
+        message. Returns the bytes to send to the gateway and MORE (wait for more bytes),
+        DONE (all later bytes pass as they are) or REFUSE (close the connection)."""
+        out: list[bytes] = []
+        while True:
+            parsed = _frame_header(buf)
+            if parsed is None:
+                return b"".join(out), REFUSE if len(buf) > MAX_FIRST_FRAME else MORE
+            off, length = parsed
+            if self.size + length > MAX_FIRST_FRAME:
+                return b"".join(out), REFUSE
+            if len(buf) < off + length:
+                return b"".join(out), MORE
+            first, masked = buf[0], buf[1] & 0x80
+            opcode = first & 0x0F
+            key = bytes(buf[off - 4 : off]) if masked else b"\0\0\0\0"
+            payload = _mask(bytes(buf[off : off + length]), key)
+            frame = bytes(buf[: off + length])
+            del buf[: off + length]
+            if 8 <= opcode <= 10:  # close, ping, pong: may come before or in between
+                out.append(frame)
+                continue
+            if (opcode == 0) != bool(self.opcode) or opcode not in (0, 1, 2):
+                return b"".join(
+                    out
+                ), REFUSE  # a stray continuation, a new message mid-message, a reserved opcode
+            if opcode:
+                self.opcode, self.key = opcode, key
+            self.parts.append(payload)
+            self.size += length
+            if not first & 0x80:
+                continue  # not the last fragment
+            data = b"".join(self.parts)
+            text = data.decode("utf-8", "replace")
+            rewritten = sanitize_connect(text)
+            if rewritten is None:
+                return b"".join(out), REFUSE
+            if rewritten is not text:
+                data = rewritten.encode()
+            # Sent as one whole frame (no reserved bits) with the message's own opcode.
+            out.append(_encode_header(0x80 | self.opcode, len(data), self.key) + _mask(data, self.key))
+            out.append(bytes(buf))
+            buf.clear()
+            return b"".join(out), DONE
 
 
 class FrameTracker:

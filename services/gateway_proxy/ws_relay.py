@@ -24,7 +24,7 @@ from services.gateway_proxy.raw_request import RawRequest
 from services.gateway_proxy.routing import NoRoute, Route
 from services.gateway_proxy.state import ProxyState
 from services.gateway_proxy.wake import ACTIVITY
-from services.gateway_proxy.ws_frames import DONE, GOING_AWAY, MORE, FrameTracker, rewrite_first_message
+from services.gateway_proxy.ws_frames import DONE, GOING_AWAY, MORE, FirstMessage, FrameTracker
 
 log = logging.getLogger("zaki.proxy")
 
@@ -63,6 +63,7 @@ class WsRelay:
         self.tenant: Tenant | None = None
         self.open = False
         self.sanitized = False
+        self.first = FirstMessage()
         self.to_client = FrameTracker()
         self.going_away = False
         self.closed = False
@@ -172,7 +173,7 @@ class WsRelay:
             up.transport.write(data)
             return
         self.pending += data
-        out, found = rewrite_first_message(self.pending)
+        out, found = self.first.feed(self.pending)
         if out:
             up.transport.write(out)
         if found == DONE:
