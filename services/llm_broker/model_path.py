@@ -19,6 +19,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,6 +32,9 @@ log = logging.getLogger("zaki.broker")
 # Core NATS (not persisted: the store holds the state) + ".<user>".
 MODEL_PATH_SUBJECT = f"{subjects.PREFIX}.instance.model_path"
 REFUSED, OK = "refused", "ok"
+# A state this process recorded is written again after this long: another broker process,
+# or the monitor (which drops a mark when the container starts afresh), may have changed it.
+RECHECK_S = 30.0
 
 
 class ModelPath:
@@ -38,7 +42,7 @@ class ModelPath:
         self.store: Store | None = None  # None: not attached (notes are ignored)
         self.nc: Any = None
         self.pool: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
-        self.known: dict[str, str] = {}  # user -> the last state this process recorded
+        self.known: dict[str, tuple[str, float]] = {}  # user -> (last state recorded here, when)
         self.tasks: set[asyncio.Task] = set()
 
     def attach(self, store: Store, nc: Any, network_pool: str) -> None:
@@ -52,11 +56,13 @@ class ModelPath:
         if refused and not self._from_pool(source):
             return  # a copied credential used elsewhere says nothing about the gateway
         state = REFUSED if refused else OK
-        if self.known.get(client.user_id) == state:
+        now = time.monotonic()
+        last = self.known.get(client.user_id)
+        if last is not None and last[0] == state and now - last[1] < RECHECK_S:
             return
-        self.known[client.user_id] = state
+        self.known[client.user_id] = (state, now)
         if len(self.known) > 100_000:
-            self.known = {client.user_id: state}
+            self.known = {client.user_id: (state, now)}
         task = asyncio.get_running_loop().create_task(self._record(client, state, source))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -86,8 +92,9 @@ class ModelPath:
                             "state": REFUSED,
                             "source": source,
                             "subnet": str(client.subnet) if client.subnet else None,
-                            "since": now,
-                        }
+                            "last_at": now,
+                        },
+                        "$setOnInsert": {"since": now},
                     },
                     upsert=True,
                 )
