@@ -45,7 +45,7 @@ class Deps:
     throttle: LoginThrottle
     telegram: TelegramClient
     nc: Any = None  # nats.aio.client.Client
-    hub: Any = None  # agents.EventHub
+    hub: Any = None  # events.EventHub
     http: Any = None  # aiohttp.ClientSession for the gateways' WebSocket RPC
     tasks: list[asyncio.Task] = field(default_factory=list)
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
@@ -73,7 +73,7 @@ class Deps:
 
 
 def make_deps(s: ZakiSettings, store: Store) -> Deps:
-    from services.dashboard.agents import EventHub
+    from services.dashboard.events import EventHub
 
     return Deps(
         settings=s,
@@ -272,7 +272,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 def build_app(deps: Deps) -> web.Application:
     # Route modules register themselves on API when imported.
-    from services.dashboard import admin, agents, apikeys, chat, files, pages, pairing  # noqa: F401
+    from services.dashboard import admin, agents, apikeys, chat, events, files, pages, pairing  # noqa: F401
 
     app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware])
     app["deps"] = deps
