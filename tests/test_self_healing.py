@@ -22,7 +22,9 @@ from services.provisioner import healing
 from shared import subjects
 from shared.client import PlatformClient
 from shared.events import FailureReason, InstanceCommand, InstanceDelete, InstanceRequested, InstanceUpgrade
+from shared.gateway import container_name
 from shared.settings import ZakiSettings
+from shared.state import InstanceState
 from shared.store import Store
 from tests.conftest import SESSION, STANDIN_IMAGE, _wait_consumers, eventually, new_user
 from zaki.stack import Stack, free_port, wait_for_port
@@ -258,6 +260,23 @@ async def test_an_upgrade_that_never_gets_ready_is_rolled_back(hp, fakes, docker
     doc = await store.get_instance(user)
     assert doc["state"] == "running" and doc["image"] == doc["last_good_image"] == STANDIN_IMAGE
     assert doc["port"] == ready["port"] and doc.get("heal") is None
+    await client.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=user, purge=True))
+
+
+async def test_an_attempt_of_reconcile_abandoned_mid_way_is_failed_then_retried(hp, fakes, docker_client):
+    """What a provisioner killed in the middle of recreating a container leaves behind: a
+    record `starting` that no command will ever redeliver, and no container."""
+    _, client, store = hp
+    user = await _instance(client, fakes)
+    long_ago = datetime.now(UTC) - timedelta(hours=1)
+    await store.transition(user, InstanceState.STARTING, set_fields={"auto_attempt_at": long_ago})
+    docker_client.containers.get(container_name(user)).remove(force=True)
+
+    await eventually(lambda: _state_is(store, user, "running"), timeout=60, interval=0.2)
+    assert [f["reason"] for f in _failures(client, user)] == ["internal_error"]
+    assert _container(docker_client, user).status == "running"
+    doc = await store.get_instance(user)
+    assert doc.get("auto_attempt_at") is None and doc["heal"]["attempts"] == 1
     await client.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=user, purge=True))
 
 

@@ -204,7 +204,13 @@ class Lifecycle(ProvisionerBase):
                 doc["_id"],
                 S.RUNNING,
                 # The image that got ready is what an upgrade rolls back to.
-                {"container_id": cid, "last_error": None, "last_good_image": spec.image, "stop_reason": None},
+                {
+                    "container_id": cid,
+                    "last_error": None,
+                    "last_good_image": spec.image,
+                    "stop_reason": None,
+                    "auto_attempt_at": None,
+                },
             )
         )
 
@@ -250,7 +256,10 @@ class Lifecycle(ProvisionerBase):
         except RuntimeError_:
             log.exception("could not remove a failed container", extra={"user_id": user_id})
         await self.store.release_port(self.runtime.host_id, user_id)
-        fields: dict[str, Any] = {"last_error": f"{err.reason.value}: {redact(str(err))[:500]}"}
+        fields: dict[str, Any] = {
+            "last_error": f"{err.reason.value}: {redact(str(err))[:500]}",
+            "auto_attempt_at": None,
+        }
         if heal and err.reason in HEALABLE:
             current = await self.store.get_instance(user_id)
             fields["heal"] = next_heal((current or {}).get("heal"), err.reason, utcnow(), self.s)

@@ -31,7 +31,8 @@ DISK_SCAN_SECONDS = Gauge(
 for _phase in ("config", "create", "start", "ready"):
     PHASE_SECONDS.labels(_phase)
 REQUESTS.labels("ready", "")
-for _action in ("removed_orphan", "recreated", "healed", "crashlooping", "over_quota"):
+RECONCILE_ACTION_NAMES = ("removed_orphan", "recreated", "abandoned", "healed", "crashlooping", "over_quota")
+for _action in RECONCILE_ACTION_NAMES:
     RECONCILE_ACTIONS.labels(_action)
 CONSUMER_PENDING = Gauge("zaki_jetstream_consumer_pending", "Commands not yet delivered", ["consumer"])
 CONSUMER_REDELIVERED = Gauge(

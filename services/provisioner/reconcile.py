@@ -18,11 +18,15 @@ from shared.gateway import container_name
 from shared.state import InstanceState
 from shared.store import utcnow
 
+# Marks an attempt reconcile started itself (no command will redeliver it); cleared by its end.
+AUTO = "auto_attempt_at"
+ABANDONED_AFTER_S = 120.0  # on top of the readiness timeout
+
 
 class Reconciler(Commands):
     async def reconcile(self) -> dict[str, int]:
         """Brings Docker in line with the records of this Docker host. Safe to run concurrently."""
-        actions = {"removed_orphan": 0, "recreated": 0, "healed": 0, "crashlooping": 0, "over_quota": 0}
+        actions = dict.fromkeys(metrics.RECONCILE_ACTION_NAMES, 0)
         records = {d["_id"]: d for d in await self.store.list_instances(docker_host=self.runtime.host_id)}
         for c in await self.runtime.list_managed():
             doc = records.get(c.user_id or "")
@@ -32,20 +36,8 @@ class Reconciler(Commands):
                 log.info("removing orphan container", extra={"container": c.name})
                 await self.runtime.remove(c.name)
                 actions["removed_orphan"] += 1
-        containers = {c.name: c for c in await self.runtime.list_managed()}
-        for user_id, doc in records.items():
-            if doc["state"] == S.RUNNING and container_name(user_id) not in containers:
-                async with self._locks[user_id]:
-                    log.info("recreating a missing container", extra={"user_id": user_id})
-                    cmd = InstanceCommand(user_id=user_id, reason="reconcile: container missing")
-                    try:
-                        await self._transition(cmd.request_id, user_id, S.STARTING)
-                        fresh = await self.store.get_instance(user_id)
-                        if fresh is not None:
-                            await self._provision_and_start(fresh, cmd.request_id, heal=True)
-                            actions["recreated"] += 1
-                    except ProvisionError as e:
-                        await self.fail(cmd.request_id, user_id, e)
+        await self._recreate_missing(records, actions)
+        await self._fail_abandoned(records, actions)
         await self._heal(records, actions)
         await self._enforce_disk_limits(records, actions)
         for action, n in actions.items():
@@ -57,6 +49,46 @@ class Reconciler(Commands):
             metrics.INSTANCES.labels(state).set(n)
         await self._capacity_metrics(sum(by_state.values()) - by_state[S.DELETED.value])
         return actions
+
+    async def _recreate_missing(self, records: dict[str, dict[str, Any]], actions: dict[str, int]) -> None:
+        containers = {c.name for c in await self.runtime.list_managed()}
+        for user_id, doc in records.items():
+            if doc["state"] != S.RUNNING or container_name(user_id) in containers:
+                continue
+            async with self._locks[user_id]:
+                log.info("recreating a missing container", extra={"user_id": user_id})
+                cmd = InstanceCommand(user_id=user_id, reason="reconcile: container missing")
+                try:
+                    fresh = await self._transition(
+                        cmd.request_id, user_id, S.STARTING, {AUTO: utcnow()}, instance_id=doc["instance_id"]
+                    )
+                    await self._provision_and_start(fresh, cmd.request_id, heal=True)
+                    actions["recreated"] += 1
+                except ProvisionError as e:
+                    await self.fail(cmd.request_id, user_id, e)
+
+    async def _fail_abandoned(self, records: dict[str, dict[str, Any]], actions: dict[str, int]) -> None:
+        """An attempt of reconcile's own (a recreate, a retry) has no command to redeliver it: if
+        its provisioner died mid-way, the record would stay provisioning/starting for good. Once
+        far older than any attempt lasts, it is failed (and so retried by _heal)."""
+        deadline = self.s.readiness_timeout_s + ABANDONED_AFTER_S
+        for user_id, doc in records.items():
+            started = doc.get(AUTO)
+            if doc["state"] not in (S.PROVISIONING, S.STARTING) or started is None:
+                continue
+            if self._locks[user_id].locked() or (utcnow() - started).total_seconds() < deadline:
+                continue  # still ours and running, or young enough to be alive elsewhere
+            async with self._locks[user_id]:
+                fresh = await self.store.get_instance(user_id)
+                if fresh is None or fresh.get("version") != doc.get("version"):
+                    continue  # it moved meanwhile: alive
+                log.warning("failing an abandoned attempt", extra={"user_id": user_id, "state": doc["state"]})
+                err = ProvisionError(
+                    FailureReason.INTERNAL, "the provisioner stopped in the middle of an attempt"
+                )
+                await self._cleanup_failed(user_id, doc["instance_id"], err, heal=True)
+                await self.fail(InstanceCommand(user_id=user_id).request_id, user_id, err)
+                actions["abandoned"] += 1
 
     async def _heal(self, records: dict[str, dict[str, Any]], actions: dict[str, int]) -> None:
         """Failed instances the platform may retry (healing.py): retried when their backoff is
@@ -89,7 +121,7 @@ class Reconciler(Commands):
                 cmd.request_id,
                 user_id,
                 S.PROVISIONING,
-                {"heal": {**heal, "attempts": attempt}},
+                {"heal": {**heal, "attempts": attempt}, AUTO: utcnow()},
                 instance_id=doc["instance_id"],
             )
         except ProvisionError:
