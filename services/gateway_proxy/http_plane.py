@@ -22,7 +22,7 @@ from typing import Any
 import httptools
 
 from services.gateway_proxy.auth import Tenant
-from services.gateway_proxy.decision import Kind, decide
+from services.gateway_proxy.decision import MAX_TARGET, Kind, decide
 from services.gateway_proxy.errors import error_bytes
 from services.gateway_proxy.exchange import Exchange
 from services.gateway_proxy.observe import REJECTED, REQUESTS, child, flush_relayed, next_request_id
@@ -32,6 +32,13 @@ from services.gateway_proxy.upstream_pool import UpstreamPool
 from services.gateway_proxy.ws_relay import WsRelay
 
 MAX_HEADER_BYTES = 32 * 1024
+# Bytes a request head may take on the wire (URL and headers) before it is refused: counted
+# as they arrive, since llhttp's bindings keep a header value in memory until it ends.
+MAX_HEAD_BYTES = MAX_TARGET + MAX_HEADER_BYTES
+
+
+class _TooLarge(Exception):
+    """Raised from a parser callback: stops the parse at once."""
 
 
 class FastProxyServer:
@@ -117,6 +124,9 @@ class ClientConnection(asyncio.Protocol):
         self.rejecting = False  # answered 413: reading (and dropping) the rest of the body
         self.ws: WsRelay | None = None
         self.ws_req: RawRequest | None = None
+        self.in_head = True  # between requests or inside a request's head: bytes are counted
+        self.head_bytes = 0
+        self.too_large = 0  # 414 or 431 once a limit is passed
         self.remote = ""
         self.last_active = self.req_started = time.monotonic()
 
@@ -135,6 +145,10 @@ class ClientConnection(asyncio.Protocol):
         if self.handoff:
             return
         self.last_active = time.monotonic()
+        if self.in_head:
+            # Bytes a head has taken so far (at most one read more than its own: a read that
+            # ends one request's body and starts the next head is not counted).
+            self.head_bytes += len(data)
         if self.buffering:
             self.buf += data
         self.completed_in_chunk = False
@@ -146,11 +160,26 @@ class ClientConnection(asyncio.Protocol):
                 self._start_websocket(data[e.args[0] :])
                 return
         except httptools.HttpParserError:
+            if self.too_large:
+                self._head_too_large()
+                return
             if not self.handoff:
                 self._error_and_close(400, "bad_request", "malformed HTTP request")
                 return
+        if self.in_head and self.head_bytes > MAX_HEAD_BYTES and not self.closed:
+            self._head_too_large()
+            return
         if self.handoff:
             self._hand_over()
+
+    def _head_too_large(self) -> None:
+        req = self.req
+        if self.too_large == 414 or (req is not None and not req.headers and len(req.url) > MAX_TARGET):
+            REJECTED.labels("uri_too_long").inc()
+            self._error_and_close(414, "uri_too_long", f"request target over {MAX_TARGET} bytes")
+        else:
+            REJECTED.labels("headers_too_large").inc()
+            self._error_and_close(431, "headers_too_large", "request headers too large")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -181,13 +210,20 @@ class ClientConnection(asyncio.Protocol):
         self.req_started = time.monotonic()
 
     def on_url(self, url: bytes) -> None:
-        assert self.req is not None
-        self.req.url += url
+        req = self.req
+        assert req is not None
+        req.url += url
+        if len(req.url) > MAX_TARGET:
+            self.too_large = 414
+            raise _TooLarge
 
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.req
         assert req is not None
         req.size += len(name) + len(value) + 4
+        if req.size > MAX_HEADER_BYTES:
+            self.too_large = 431
+            raise _TooLarge
         lname = name.lower()
         req.headers.append((name, lname, value))
         req.lower[lname] = value
@@ -195,9 +231,7 @@ class ClientConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         req = self.req
         assert req is not None
-        if req.size > MAX_HEADER_BYTES:
-            self._error_and_close(431, "headers_too_large", "request headers too large")
-            return
+        self.in_head, self.head_bytes = False, 0
         req.method = self.parser.get_method().decode()
         upgrade = req.header(b"upgrade") is not None
         d = decide(req.method, req.url.decode("latin-1"), upgrade)
@@ -243,6 +277,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         req, self.req = self.req, None
+        self.in_head = True
         if self.rejecting:
             self.transport.close()
             return

@@ -10,6 +10,8 @@ import httptools
 
 from services.gateway_proxy.routing import Route
 
+MAX_RESPONSE_HEAD = 64 * 1024
+
 
 class ResponseSink(Protocol):
     """What an upstream connection reports to (the raw plane's Exchange)."""
@@ -82,12 +84,20 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False
         self.got_bytes = False
         self.out: list[bytes] = []  # what one read produced for the client, written at once
+        self.in_head = True  # between answers or inside an answer's head: bytes are counted
+        self.head_bytes = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport subclass
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
+        if self.in_head:
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_RESPONSE_HEAD:  # a gateway is a tenant's: bounded like a client
+                self.closed = True
+                self.transport.close()
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
@@ -115,6 +125,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self.in_head, self.head_bytes = False, 0
         if self.exchange is not None:
             self.exchange.response_head(self.parser.get_status_code(), self.headers, self.has_length)
 
@@ -123,5 +134,6 @@ class UpstreamConnection(asyncio.Protocol):
             self.exchange.response_body(body)
 
     def on_message_complete(self) -> None:
+        self.in_head = True
         if self.exchange is not None:
             self.exchange.response_done(self.parser.should_keep_alive())

@@ -24,7 +24,14 @@ from services.gateway_proxy.raw_request import RawRequest
 from services.gateway_proxy.routing import NoRoute, Route
 from services.gateway_proxy.state import ProxyState
 from services.gateway_proxy.wake import ACTIVITY
-from services.gateway_proxy.ws_frames import DONE, GOING_AWAY, MORE, FirstMessage, FrameTracker
+from services.gateway_proxy.ws_frames import (
+    DONE,
+    GOING_AWAY,
+    MAX_FIRST_FRAME,
+    MORE,
+    FirstMessage,
+    FrameTracker,
+)
 
 log = logging.getLogger("zaki.proxy")
 
@@ -87,12 +94,16 @@ class WsRelay:
             self.client.ws_refused(e.status, e.code, str(e), req)
             return
         self.tenant = tenant
+        if self.closed:  # the client overflowed or left while its credential was checked
+            return
         try:
             route = await state.routes.resolve(tenant.user_id)
         except NoRoute as e:
             REJECTED.labels("instance_not_running").inc()
             message, extra, headers = not_running(e.state)
             self.client.ws_refused(503, "instance_not_running", message, req, extra, headers)
+            return
+        if self.closed:
             return
         if not state.limits.open_websocket(tenant.user_id):
             REJECTED.labels("too_many_websockets").inc()
@@ -111,7 +122,8 @@ class WsRelay:
             self.client.ws_refused(503, "instance_not_running", message, req, extra, headers)
             self._release()
         except (OSError, TimeoutError, ConnectionError):
-            self.client.ws_refused(502, "gateway_unreachable", "your gateway did not answer", req)
+            if not self.closed:
+                self.client.ws_refused(502, "gateway_unreachable", "your gateway did not answer", req)
             self._release()
 
     async def _connect(self, route: Route) -> None:
@@ -121,6 +133,9 @@ class WsRelay:
             loop.create_connection(lambda: WsUpstream(self), route.host, route.port), 5
         )
         self.up = up
+        if self.closed:
+            up.transport.close()
+            raise ConnectionError("the client is gone")
         assert self.req.decision is not None
         headers = gateway_ws_headers(
             self.req.decision, self.tenant.user_id, self.client.remote, "http", self.client.state.origin
@@ -162,8 +177,16 @@ class WsRelay:
     # --- relaying ------------------------------------------------------------------------------
 
     def from_client(self, data: bytes) -> None:
+        if self.closed:
+            return
         if not self.open:
             self.pending += data
+            if len(self.pending) > MAX_FIRST_FRAME:  # bounded while the gateway's 101 is awaited
+                REJECTED.labels("early_data_too_large").inc()
+                self.client.ws_refused(
+                    400, "early_data_too_large", "too much data before the WebSocket opened", self.req
+                )
+                self.close()
             return
         up = self.up
         if up is None or self.closed:
@@ -184,8 +207,10 @@ class WsRelay:
     def from_upstream(self, data: bytes) -> None:
         if self.closed:
             return
-        if not self.open:  # frames that beat our 101 to the client wait for it
+        if not self.open:  # frames that beat our 101 to the client wait for it (bounded)
             self.early += data
+            if len(self.early) > MAX_FIRST_FRAME:
+                self.close()
             return
         RELAYED[1] += len(data)
         self.to_client.feed(data)
@@ -241,6 +266,7 @@ class WsUpstream(asyncio.Protocol):
         self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self.handshake: asyncio.Future[tuple[int, str, bytes]] = asyncio.get_running_loop().create_future()
         self.accept = ""
+        self.head_bytes = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -252,6 +278,10 @@ class WsUpstream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.parser is None:
             self.relay.from_upstream(data)
+            return
+        self.head_bytes += len(data)
+        if self.head_bytes > MAX_FIRST_FRAME:  # a gateway is a tenant's: its handshake is bounded too
+            self.transport.close()
             return
         try:
             self.parser.feed_data(data)

@@ -1,0 +1,125 @@
+"""Issue 13.7: the raw plane bounds what a client can make it hold, as the bytes arrive.
+
+Endless header lines, an endless header value and an endless URL are answered 431/414
+after a bounded number of bytes (the proxy used to buffer them until the header timeout);
+a WebSocket client cannot fill the proxy's memory while its gateway has not answered the
+handshake. Bounds are in bytes and in the proxy process's memory, never in seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import pytest
+
+from tests.proxy_support import start_proxy, tenant_on
+
+# What a client may have sent before it sees the answer: what the proxy read (its limits plus
+# one read) and what sat in the two sockets' buffers (kernel autotuning: a few MiB at most).
+SENT_BOUND = 12 << 20
+TRY_UP_TO = 96 << 20  # the old proxy read all of this without answering
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture(scope="module")
+def fast(stack, service_env):
+    p = start_proxy(stack, service_env, fastpath=True)
+    yield p
+    p.stop()
+
+
+async def flood(address: str, head: bytes, filler: bytes) -> tuple[bytes, int]:
+    """Sends *head*, then *filler* over and over until the proxy answers (or TRY_UP_TO).
+    Returns the answer and how many bytes had been sent when it came."""
+    host, port = address.split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    answer = asyncio.ensure_future(reader.read(65536))
+    sent = 0
+    try:
+        writer.write(head)
+        sent += len(head)
+        while not answer.done() and sent < TRY_UP_TO:
+            writer.write(filler)
+            sent += len(filler)
+            await writer.drain()
+    except (ConnectionResetError, BrokenPipeError):
+        pass  # the proxy answered and closed while we were still sending
+    data = await asyncio.wait_for(answer, 60)
+    writer.close()
+    return data, sent
+
+
+@pytest.mark.parametrize(
+    ("head", "filler", "status"),
+    [
+        (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n", b"X-Filler: " + b"a" * 50 + b"\r\n", 431),
+        (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Endless: ", b"b" * 4096, 431),
+        (b"GET /v1/models/", b"c" * 4096, 414),
+    ],
+    ids=["endless_header_lines", "endless_header_value", "endless_url"],
+)
+async def test_an_endless_head_is_refused_after_bounded_bytes(fast, head, filler, status):
+    before = rss(fast.proc.pid)
+    data, sent = await flood(fast.address, head, filler * 64)
+    grown = rss(fast.proc.pid) - before
+    print(f"answered after {sent} bytes sent; proxy RSS grew {grown} bytes")
+    assert data.startswith(b"HTTP/1.1 %d" % status), data[:200]
+    assert sent < SENT_BOUND
+    assert grown < 16 << 20  # the old proxy held everything it read (tens of MiB here)
+    # And the proxy still serves everyone else.
+    host, port = fast.address.split(":")
+    r, w = await asyncio.open_connection(host, int(port))
+    w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert (await asyncio.wait_for(r.read(), 30)).startswith(b"HTTP/1.1 200")
+    w.close()
+
+
+class SilentGateway:
+    """Accepts the proxy's WebSocket handshake and never answers it."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while await reader.read(65536):
+                pass
+            writer.close()
+
+        self.server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+
+async def test_websocket_bytes_before_the_gateways_101_are_bounded(fast, service_env):
+    from shared.store import Store
+
+    gateway = SilentGateway()
+    await gateway.start()
+    store = Store(service_env["ZAKI_MONGO_URL"], service_env["ZAKI_MONGO_DB"])
+    user, key = await tenant_on(store, gateway, {"ws"})  # type: ignore[arg-type]
+    try:
+        upgrade = (
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Authorization: Bearer " + key.encode() + b"\r\n\r\n"
+        )
+        before = rss(fast.proc.pid)
+        data, sent = await flood(fast.address, upgrade, b"\x82\x7e\xff\xff" + b"\0" * 4 + b"d" * 65535)
+        grown = rss(fast.proc.pid) - before
+        print(f"answered after {sent} bytes sent; proxy RSS grew {grown} bytes")
+        assert data.startswith(b"HTTP/1.1 400") and b"early_data_too_large" in data, data[:300]
+        assert sent < SENT_BOUND and grown < 16 << 20
+    finally:
+        await store.instances.delete_one({"_id": user})
+        await store.close()
+        assert gateway.server is not None
+        gateway.server.close()
