@@ -50,11 +50,21 @@ async def follow_events(nats_url: str, routes: RoutingTable, auth: Authenticator
     async def on_revoked(msg) -> None:
         auth.forget(msg.data.decode(errors="replace"))
 
+    async def disconnected() -> None:
+        # Revocation notices cannot arrive now: keys are checked in the store until we are back.
+        auth.bus_down()
+
     async def reconnected() -> None:
-        log.info("NATS reconnected: reloading routes")
+        log.info("NATS reconnected: reloading routes, dropping cached keys")
+        auth.bus_up()  # notices sent while we were away were missed
         await routes.load()
 
-    nc = await nats.connect(nats_servers(nats_url), reconnected_cb=reconnected, max_reconnect_attempts=-1)
+    nc = await nats.connect(
+        nats_servers(nats_url),
+        reconnected_cb=reconnected,
+        disconnected_cb=disconnected,
+        max_reconnect_attempts=-1,
+    )
     outcomes = (subjects.INSTANCE_READY, subjects.INSTANCE_STOPPED, subjects.INSTANCE_DELETED)
     for subject in (*outcomes, subjects.INSTANCE_SUSPENDED):
         await nc.subscribe(subject, cb=on_outcome)

@@ -49,10 +49,34 @@ class Authenticator:
         self.audience = audience
         self._cache: dict[str, tuple[float, keys.ApiKey | None, str]] = {}
         self._tenants: dict[str, Tenant] = {}
+        # Bumped by every revocation notice and bus outage: a store lookup that was in flight
+        # meanwhile may have read the key before it was revoked, so its answer is not cached.
+        self.generation = 0
+        # False while the bus is down (revocation notices would be missed): keys are then
+        # checked in the store on every use instead of from the cache.
+        self.trust_cache = True
 
     def forget(self, key_id: str) -> None:
+        """A revocation notice (``subjects.APIKEY_REVOKED``)."""
+        self.generation += 1
         self._cache.pop(key_id, None)
         self._tenants.pop(key_id, None)
+
+    def forget_all(self) -> None:
+        """Drops every cached key: the next use of each is checked in the store again."""
+        self.generation += 1
+        self._cache.clear()
+        self._tenants.clear()
+
+    def bus_down(self) -> None:
+        self.trust_cache = False
+        self.forget_all()
+
+    def bus_up(self) -> None:
+        """After a reconnect: notices sent while the bus was down were missed, so nothing
+        cached before counts (a key revoked meanwhile is refused at its next use)."""
+        self.forget_all()
+        self.trust_cache = True
 
     async def authenticate(self, credential: str | None) -> Tenant:
         if not credential:
@@ -65,17 +89,23 @@ class Authenticator:
         raise _unauthorized()
 
     async def _api_key(self, key_id: str, secret: str) -> Tenant:
-        now = time.monotonic()
         hit = self._cache.get(key_id)
-        if hit is None or hit[0] < now or hit[2] != secret:
+        if hit is not None and hit[0] >= time.monotonic() and hit[2] == secret and self.trust_cache:
+            return self._tenant_of(hit[1])
+        for _ in range(3):
+            generation = self.generation
             key = await keys.lookup(self.store, key_id, secret)
-            self._cache[key_id] = (now + KEY_CACHE_TTL_S, key, secret)
-            self._tenants.pop(key_id, None)
-            if len(self._cache) > 100_000:
-                self._cache.clear()
-                self._tenants.clear()
+            if generation == self.generation:
+                break
+            # A revocation (of any key) arrived while the store was asked: ask again, since
+            # the answer may predate it.
         else:
-            key = hit[1]
+            return self._tenant_of(key)  # revocations keep coming: answer, cache nothing
+        if self.trust_cache:
+            if len(self._cache) >= 100_000:
+                self.forget_all()
+            self._cache[key_id] = (time.monotonic() + KEY_CACHE_TTL_S, key, secret)
+            self._tenants.pop(key_id, None)
         return self._tenant_of(key)
 
     @staticmethod
@@ -96,7 +126,7 @@ class Authenticator:
         parsed = keys.parse_key(credential)
         if parsed is not None:
             hit = self._cache.get(parsed[0])
-            if hit is None or hit[0] < time.monotonic() or hit[2] != parsed[1]:
+            if hit is None or hit[0] < time.monotonic() or hit[2] != parsed[1] or not self.trust_cache:
                 return None
             key = hit[1]
             if key is not None and not key.revoked and key.usable():
