@@ -29,10 +29,26 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.zaki-installed
+# Every wheel the project needs, kept per pyproject.toml: a fresh clone installs offline in
+# seconds (pip's own HTTP cache stays empty when the index answers no-store).
+wheels="${ZAKI_CACHE:-$HOME/.cache/zaki}/wheels/$(sha256sum pyproject.toml | cut -c1-12)"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  say "installing the project and its dev tools into .venv"
-  .venv/bin/pip install -q --upgrade pip >&2
-  .venv/bin/pip install -q -e '.[dev]' >&2
+  if [ -f "$wheels/.complete" ] && .venv/bin/pip install -q --no-index --find-links "$wheels" -e '.[dev]' >&2; then
+    say "installed the project and its dev tools into .venv from $wheels"
+  else
+    say "installing the project and its dev tools into .venv"
+    .venv/bin/pip install -q --upgrade pip >&2
+    .venv/bin/pip install -q -e '.[dev]' >&2
+    tmp_wheels=$(mktemp -d "$(dirname "$wheels")/.new.XXXX" 2>/dev/null || { mkdir -p "$(dirname "$wheels")"; mktemp -d "$(dirname "$wheels")/.new.XXXX"; })
+    .venv/bin/pip freeze --exclude-editable > "$tmp_wheels/requirements.txt"
+    if .venv/bin/pip wheel -q --no-deps --wheel-dir "$tmp_wheels" -r "$tmp_wheels/requirements.txt" \
+        'setuptools>=68' wheel >&2; then
+      touch "$tmp_wheels/.complete"
+      rm -rf "$wheels" && mv "$tmp_wheels" "$wheels"
+    else
+      rm -rf "$tmp_wheels"  # next time online again; nothing is wrong with this .venv
+    fi
+  fi
   touch "$stamp"
 fi
 # The project's own tools are named by path (never found on PATH): this works from any shell.
