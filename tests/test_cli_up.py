@@ -81,14 +81,14 @@ def test_only_demo_allows_the_standin_image(monkeypatch):
 
 
 class Up:
-    """`zaki up` (no --demo) as a process, and `zaki` commands against it."""
+    """`zaki up` as a process, and `zaki` commands against it."""
 
     def __init__(self, state: Path, env: dict[str, str]) -> None:
         self.state, self.env = state, env
 
-    async def start(self, **settings: str) -> tuple[subprocess.Popen, str]:
+    async def start(self, *flags: str, **settings: str) -> tuple[subprocess.Popen, str]:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "zaki.cli", "--state-dir", str(self.state), "up", "--no-build"],
+            [sys.executable, "-m", "zaki.cli", "--state-dir", str(self.state), "up", "--no-build", *flags],
             env={**self.env, **settings},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -108,6 +108,9 @@ class Up:
         await asyncio.to_thread(proc.communicate, timeout=60)
         assert proc.returncode == 0
 
+    def settings(self) -> dict[str, str]:
+        return json.loads((self.state / "env.json").read_text())
+
     async def zaki(self, *args: str) -> subprocess.CompletedProcess:
         return await asyncio.to_thread(
             subprocess.run,
@@ -119,10 +122,13 @@ class Up:
             cwd=ROOT,
         )
 
+    async def provider_url(self) -> str | None:
+        listed = await self.zaki("providers", "list")
+        docs = [json.loads(line) for line in listed.stdout.splitlines()]
+        return next((d["base_url"] for d in docs if d["name"] == "zaki"), None)
 
-async def test_plain_up_refuses_the_standin_and_warns_when_the_provider_drifts(
-    tmp_path, fakes, docker_client
-):
+
+async def test_up_warns_of_provider_drift_and_only_demo_allows_the_standin(tmp_path, fakes, docker_client):
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZAKI_")}
     env.update(
         ZAKI_PLATFORM_ID=f"upwarn-{SESSION}",
@@ -130,41 +136,37 @@ async def test_plain_up_refuses_the_standin_and_warns_when_the_provider_drifts(
         ZAKI_PROXY_PORT=str(free_port()),
         # Never the real Telegram, even though nothing here should reach it.
         ZAKI_TELEGRAM_API_BASE=f"http://{fakes.host}:{fakes.tg_port}",
-        ZAKI_LLM_API_KEY="sk-up-test",
     )
     up = Up(tmp_path / "up", env)
-    proc, _ = await up.start(ZAKI_LLM_BASE_URL="https://llm-a.example/v1")
+    # 1. --demo: the stand-in is allowed; the broker seeds provider "zaki" with the fake's URL.
+    proc, _ = await up.start("--demo")
     try:
-        settings = json.loads((up.state / "env.json").read_text())
-        assert settings["ZAKI_ALLOWED_IMAGES"] == ""
+        assert up.settings()["ZAKI_ALLOWED_IMAGES"] == STANDIN_IMAGE
+        demo_url = await eventually(up.provider_url, timeout=30, interval=0.5)
+        assert demo_url == up.settings()["ZAKI_LLM_BASE_URL"]
+    finally:
+        await up.stop(proc)
+    # 2. --demo again: the fake comes back on the same port, so the stored provider still fits.
+    proc, text = await up.start("--demo")
+    await up.stop(proc)
+    assert up.settings()["ZAKI_LLM_BASE_URL"] == demo_url and "warning" not in text, text
+
+    # 3. Plain `zaki up` on the same state: nothing of the demo carries over, the stand-in is
+    # refused, and the changed provider settings are named in a warning (never a key).
+    proc, text = await up.start(ZAKI_LLM_BASE_URL="https://llm-b.example/v1", ZAKI_LLM_API_KEY="sk-other")
+    try:
+        settings = up.settings()
+        assert settings["ZAKI_ALLOWED_IMAGES"] == "" and "ZAKI_TELEGRAM_PRIVATE_NETWORK" not in settings
+        assert "warning: ZAKI_LLM_BASE_URL differs from provider zaki's stored base_url" in text, text
+        assert "zaki providers update zaki --base-url 'https://llm-b.example/v1'" in text, text
+        assert (
+            "warning: ZAKI_LLM_API_KEY differs" in text and "sk-other" not in text and "sk-demo" not in text
+        )
+        assert await up.provider_url() == demo_url  # the stored one is used, as the warning says
         user = new_user("plain")
         out = await up.zaki("instance", "create", user, "--image", STANDIN_IMAGE, "--bot-token", fakes.bot())
         assert out.returncode == 1, out.stdout + out.stderr
         failed = json.loads(out.stdout)
         assert failed["event"] == "zaki.instance.failed" and "not allowed" in failed["message"], failed
-
-        async def seeded():  # the broker seeds provider "zaki" from ZAKI_LLM_* on its first start
-            listed = await up.zaki("providers", "list")
-            return "https://llm-a.example/v1" in listed.stdout
-
-        await eventually(seeded, timeout=30, interval=0.5)
-    finally:
-        await up.stop(proc)
-
-    # The same settings again: no warning. A changed URL: a warning that says what to run.
-    proc, text = await up.start(ZAKI_LLM_BASE_URL="https://llm-a.example/v1")
-    await up.stop(proc)
-    assert "warning" not in text, text
-    proc, text = await up.start(ZAKI_LLM_BASE_URL="https://llm-b.example/v1", ZAKI_LLM_API_KEY="sk-other")
-    try:
-        assert "warning: ZAKI_LLM_BASE_URL differs from provider zaki's stored base_url" in text, text
-        assert "zaki providers update zaki --base-url 'https://llm-b.example/v1'" in text, text
-        assert (
-            "warning: ZAKI_LLM_API_KEY differs" in text
-            and "sk-other" not in text
-            and "sk-up-test" not in text
-        )
-        listed = await up.zaki("providers", "list")
-        assert "https://llm-a.example/v1" in listed.stdout  # the stored one is used, as the warning says
     finally:
         await up.stop(proc)

@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     needs_user = getattr(args, "needs_user", None)
     if needs_user is not None and needs_user(args) and not args.user:
         p.error("this action needs a user id")
-    load_env(Path(args.state_dir))
+    if getattr(args, "loads_env", True):
+        load_env(Path(args.state_dir))
     from pydantic import ValidationError
 
     try:

@@ -15,6 +15,7 @@ from typing import Any
 from zaki.cli.common import say, write_private
 
 STANDIN_IMAGE = "zaki/standin-gateway:latest"
+DEMO_LLM_KEY = "sk-demo-not-a-real-key"
 
 
 def register(sub: Any) -> None:
@@ -22,7 +23,9 @@ def register(sub: Any) -> None:
     up.add_argument("--demo", action="store_true", help="use local fakes of Telegram and the LLM provider")
     up.add_argument("--no-build", action="store_true", help="do not build container images")
     up.add_argument("--proxy-port", type=int, default=8080)
-    up.set_defaults(fn=run)
+    # `zaki up` starts from the operator's environment, not from what the last run wrote
+    # (a --demo run's fakes and stand-in image must not leak into a plain run).
+    up.set_defaults(fn=run, loads_env=False)
 
 
 def secret_keys(state_dir: Path) -> str:
@@ -51,17 +54,32 @@ def allowed_images(demo: bool) -> str:
     return STANDIN_IMAGE if demo else ""
 
 
-def demo_llm_port(bridge: str) -> int:
-    """The fake provider's port: the one the last --demo run used when it is free, so the
-    provider the broker stored then still points at it."""
-    from urllib.parse import urlsplit
+def previous_env(state_dir: Path) -> dict[str, str]:
+    """What the last `zaki up` on this state folder wrote."""
+    try:
+        return json.loads((state_dir / "env.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
+
+def sticky_port(host: str, previous: str | None) -> int:
+    """The port the last run used when it is still free: gateways' configs and the stored
+    provider name it. Otherwise a new one."""
     from zaki.stack import free_port, port_open
 
-    last = urlsplit(os.environ.get("ZAKI_LLM_BASE_URL", ""))
-    if last.hostname == bridge and last.port and not port_open(bridge, last.port):
-        return last.port
-    return free_port(bridge)
+    if previous and previous.isdigit() and not port_open(host, int(previous)):
+        return int(previous)
+    return free_port(host)
+
+
+def demo_llm_port(bridge: str, previous: dict[str, str]) -> int:
+    """The fake provider's port: the last --demo run's, so the provider the broker stored
+    then still points at it."""
+    from urllib.parse import urlsplit
+
+    last = urlsplit(previous.get("ZAKI_LLM_BASE_URL", ""))
+    same_fake = last.hostname == bridge and previous.get("ZAKI_LLM_API_KEY") == DEMO_LLM_KEY
+    return sticky_port(bridge, str(last.port) if same_fake and last.port else None)
 
 
 def warn_on_provider_drift(mongo_url: str, env: dict[str, str]) -> None:
@@ -95,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     state_dir = Path(args.state_dir).resolve()
+    previous = previous_env(state_dir)
     stack = Stack(state_dir)
 
     def on_term(signum, frame):
@@ -125,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         }
         if args.demo:
             bridge = docker_bridge_ip()
-            llm_port = demo_llm_port(bridge)
+            llm_port = demo_llm_port(bridge, previous)
             tg_port = free_port(bridge)
             fake = stack.spawn(
                 "fakes",
@@ -147,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
                 ZAKI_TELEGRAM_API_BASE_FOR_GATEWAYS=f"http://host.docker.internal:{tg_port}",
                 ZAKI_TELEGRAM_PRIVATE_NETWORK="true",
                 ZAKI_LLM_BASE_URL=f"http://{bridge}:{llm_port}/v1",  # as the broker reaches it
-                ZAKI_LLM_API_KEY="sk-demo-not-a-real-key",
+                ZAKI_LLM_API_KEY=DEMO_LLM_KEY,
                 ZAKI_DEFAULT_MODEL="zaki/echo-1",
                 # The fake provider is plain http on this host's bridge address: the broker
                 # calls such a host only when the operator names it.
@@ -161,7 +180,9 @@ def run(args: argparse.Namespace) -> int:
         # The LLM broker listens on the Docker bridge address: gateway containers reach it
         # (as host.docker.internal), nothing beyond this machine does.
         bridge_ip = docker_bridge_ip()
-        broker_port = int(os.environ.get("ZAKI_BROKER_PORT") or free_port(bridge_ip))
+        broker_port = int(
+            os.environ.get("ZAKI_BROKER_PORT") or sticky_port(bridge_ip, previous.get("ZAKI_BROKER_PORT"))
+        )
         env.update(
             ZAKI_BROKER_HOST=bridge_ip,
             ZAKI_BROKER_PORT=str(broker_port),
