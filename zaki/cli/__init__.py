@@ -5,7 +5,7 @@ zaki doctor                 check every dependency, say how to fix what is missi
 zaki instance create|list|show|stop|start|restart|delete|logs
 zaki keys create|list|revoke   per-user API keys for the gateway proxy
 zaki keys rotate            re-encrypt every stored secret under the newest key
-zaki providers add|rotate|revoke|list   model provider keys the LLM broker attaches
+zaki providers add|update|rotate|revoke|list   model providers the LLM broker calls
 zaki usage [--user U]       model calls and tokens per user and day
 zaki health                 every instance's health, as a table
 """

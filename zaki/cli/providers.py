@@ -108,8 +108,9 @@ async def seed_drift(store: Any, keys: Any, env: dict[str, str]) -> list[str]:
     not: the broker seeds the provider once and ignores ZAKI_LLM_* afterwards, so a changed
     variable would otherwise be silently ignored. Only variables that are set are compared."""
     from shared.crypto import provider_key_context
+    from shared.settings import ZakiSettings
 
-    name = env.get("ZAKI_LLM_PROVIDER_NAME") or "zaki"
+    name = env.get("ZAKI_LLM_PROVIDER_NAME") or ZakiSettings.model_fields["llm_provider_name"].default
     doc = await store.get_provider(name)
     if doc is None:
         return []
