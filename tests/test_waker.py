@@ -447,3 +447,27 @@ async def _until(check, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met")
         await asyncio.sleep(0.05)
+
+
+async def test_a_model_call_through_the_broker_is_activity(
+    broker, store, service_env, keyring_spec, host_net
+):
+    from tests.conftest import broker_url, eventually
+    from tests.test_broker import chat_body, fake_instance
+
+    user, cred = await fake_instance(store, keyring_spec, host_net)
+    assert await activity.last_active(store.db, [user]) == {}
+    async with httpx.AsyncClient(timeout=30) as http:
+        r = await http.post(
+            f"{broker_url(service_env)}/p/zaki/chat/completions",
+            headers={"Authorization": f"Bearer {cred}"},
+            json=chat_body("keep me awake"),
+        )
+    assert r.status_code == 200, r.text
+
+    async def recorded():
+        return await store.db[activity.COLLECTION].find_one(
+            {"_id": user, "last_broker_at": {"$exists": True}}
+        )
+
+    await eventually(recorded, timeout=15)  # flushed within ZAKI_ACTIVITY_FLUSH_S
