@@ -1,0 +1,189 @@
+"""More of the dashboard: the pages' static files and headers, the proxy cookie's renewal,
+password changes, closed sign-up and Secure cookies, a failed agent's reason, and an operator
+acting on someone else's instance (stand-in gateway)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+
+import httpx
+import jwt
+import pytest
+
+from tests.conftest import JWT_SECRET, Fakes, eventually
+from tests.test_dashboard_agent import agent, read_sse
+from tests.test_dashboard_api import (
+    PASSWORD,
+    Browser,
+    new_name,
+    set_cookie_headers,
+    shared_dashboard,
+    signed_up,
+    start_dashboard,
+    zaki_admin,
+)
+from zaki.stack import Process
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture
+def dashboard(stack, service_env) -> Process:
+    return shared_dashboard(stack, service_env)
+
+
+async def test_pages_are_served_same_origin_with_strict_headers(dashboard: Process) -> None:
+    static = Path(__file__).resolve().parent.parent / "services" / "dashboard" / "static"
+    async with httpx.AsyncClient(base_url=dashboard.address) as http:
+        r = await http.get("/")
+        assert r.status_code == 200 and r.text == (static / "index.html").read_text()
+        csp = r.headers["content-security-policy"]
+        assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
+        assert r.headers["x-content-type-options"] == "nosniff"
+        some_js = next(static.glob("js/*.js"))
+        r = await http.get(f"/assets/js/{some_js.name}")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/javascript")
+        for bad in ("/assets/../api.py", "/assets/%2e%2e/api.py", "/assets/.hidden", "/assets/nope.js"):
+            r = await http.get(bad)
+            assert r.status_code == 404 and "import" not in r.text, bad
+
+
+async def test_the_proxy_cookie_is_renewed_before_it_expires(dashboard: Process) -> None:
+    async with await signed_up(dashboard.address) as b:
+        old = jwt.encode(
+            {"sub": b.user["id"], "aud": "zaki", "exp": int(time.time()) + 60, "scopes": ["chat"]},
+            JWT_SECRET,
+            algorithm="HS256",
+        )
+        b.http.cookies.set("zaki_session", old, domain="127.0.0.1")
+        r = await b.http.get("/api/me")
+        assert r.status_code == 200 and "zaki_session" in set_cookie_headers(r)
+        fresh = jwt.decode(b.cookie("zaki_session"), JWT_SECRET, algorithms=["HS256"], audience="zaki")
+        assert fresh["exp"] - time.time() > 800 and fresh["sub"] == b.user["id"]
+        # A fresh one is left alone.
+        r = await b.http.get("/api/me")
+        assert "zaki_session" not in set_cookie_headers(r)
+
+
+async def test_a_password_change_ends_the_other_sessions(dashboard: Process) -> None:
+    name = new_name()
+    async with Browser(dashboard.address) as one, Browser(dashboard.address) as two:
+        assert (await one.signup(name)).status_code == 201
+        assert (await two.login(name)).status_code == 200
+        r = await one.http.post(
+            "/api/me/password",
+            json={"current_password": "wrong-password-1", "new_password": "new-Pass-word-9"},
+        )
+        assert r.status_code == 401 and r.json()["error"]["field"] == "current_password"
+        r = await one.http.post(
+            "/api/me/password", json={"current_password": PASSWORD, "new_password": "short"}
+        )
+        assert r.status_code == 400 and r.json()["error"]["code"] == "weak_password"
+        r = await one.http.post(
+            "/api/me/password", json={"current_password": PASSWORD, "new_password": "new-Pass-word-9"}
+        )
+        assert r.status_code == 204
+        assert (await one.http.get("/api/me")).status_code == 200
+        assert (await two.http.get("/api/me")).status_code == 401
+        assert (await two.login(name)).status_code == 401
+        assert (await two.login(name, "new-Pass-word-9")).status_code == 200
+
+
+async def test_closed_signup_and_secure_cookies_on_an_https_origin(stack, service_env) -> None:
+    origin = "https://zaki.example"
+    d = await asyncio.to_thread(
+        start_dashboard,
+        stack,
+        service_env,
+        ZAKI_PROXY_PUBLIC_ORIGIN=origin,
+        ZAKI_DASHBOARD_SIGNUP_OPEN="false",
+    )
+    try:
+        async with Browser(d.address, origin=origin) as b:
+            r = await b.signup()
+            assert r.status_code == 403 and r.json()["error"]["code"] == "signup_closed"
+            meta = (await b.http.get("/api/meta")).json()
+            assert meta["signup_open"] is False and meta["public_origins"] == [origin]
+            name = new_name("op")
+            r = await asyncio.to_thread(
+                zaki_admin, service_env, "create", name, "--password-stdin", stdin=PASSWORD
+            )
+            assert r.returncode == 0, r.stderr
+            r = await b.login(name)
+            assert r.status_code == 200
+            for cookie in set_cookie_headers(r).values():
+                assert "secure" in cookie.lower()
+            r = await b.http.post(
+                "/api/auth/login",
+                json={"login": name, "password": PASSWORD},
+                headers={"Origin": "http://127.0.0.1:8080"},
+            )
+            assert r.status_code == 403  # the http origin is not this platform's
+    finally:
+        d.stop()
+
+
+async def test_a_failed_agent_says_why_and_can_be_created_again(
+    dashboard: Process, provisioner: Process, fakes: Fakes, service_env
+) -> None:
+    async with await signed_up(dashboard.address) as b:
+        # The stand-in refuses its config (exit 78) when this file exists in its state folder.
+        state = Path(service_env["ZAKI_DATA_ROOT"]) / "users" / b.user["id"] / ".openclaw"
+        state.mkdir(parents=True)
+        faults = state / "standin-faults.json"
+        faults.write_text(json.dumps({"exit_code": 78}))
+        os.chown(faults, 1000, 1000)
+        r = await b.http.post("/api/agent", json={"bot_token": fakes.bot()})
+        assert r.status_code == 202
+        events = await read_sse(b, "failed", timeout=120)
+        failed = events[-1][1]
+        assert failed["reason"] == "gateway_not_ready" and "78" in failed["message"]
+        view = await agent(b)
+        assert view["state"] == "failed" and view["error"]["reason"] == "gateway_not_ready"
+        faults.unlink()
+        r = await b.http.post("/api/agent", json={"bot_token": fakes.bot()})
+        assert r.status_code == 202, r.text
+        await read_sse(b, "ready", timeout=120)
+        assert (await agent(b))["error"] is None
+
+
+async def test_an_operator_acts_on_any_instance_and_it_is_audited(
+    dashboard: Process, provisioner: Process, fakes: Fakes, service_env, store
+) -> None:
+    root = new_name("root")
+    r = await asyncio.to_thread(zaki_admin, service_env, "create", root, "--password-stdin", stdin=PASSWORD)
+    assert r.returncode == 0, r.stderr
+    async with await signed_up(dashboard.address) as user, Browser(dashboard.address) as op:
+        assert (await op.login(root)).status_code == 200
+        uid = user.user["id"]
+        assert (await user.http.post("/api/agent", json={"bot_token": fakes.bot()})).status_code == 202
+        await read_sse(user, "ready")
+        listed = (await op.http.get("/api/admin/instances")).json()["instances"]
+        mine = next(i for i in listed if i["user_id"] == uid)
+        assert mine["state"] == "running" and mine["account"] == user.user["username"]
+        r = await op.http.post(f"/api/admin/instances/{uid}/stop")
+        assert r.status_code == 202
+        await eventually(lambda: _state(user, "stopped"), timeout=60)
+        r = await op.http.post(f"/api/admin/instances/{uid}/stop")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "illegal_state"
+        r = await op.http.request("DELETE", f"/api/admin/instances/{uid}", params={"purge": "true"})
+        assert r.status_code == 202
+        await eventually(lambda: _no_instance(store, uid), timeout=60)
+        assert (await op.http.post("/api/admin/instances/nobody/start")).status_code == 404
+        records = (await op.http.get("/api/admin/audit", params={"limit": 50})).json()["records"]
+        mine = [(x["action"], x["detail"]) for x in records if x["target"] == uid]
+        assert ("instance.stop", {}) in mine and ("instance.delete", {"purge": True}) in mine
+        assert all(x["actor_name"] == root.lower() for x in records if x["target"] == uid)
+
+
+async def _state(b: Browser, state: str) -> bool:
+    view = await agent(b)
+    return bool(view) and view["state"] == state
+
+
+async def _no_instance(store, user_id: str) -> bool:
+    return await store.get_instance(user_id) is None
