@@ -17,6 +17,7 @@ from services.provisioner.config import (
 )
 from services.provisioner.runtime import ContainerSpec, DockerRuntime
 from shared.gateway import CONTAINER_STATE_DIR, CONTAINER_WORKSPACE, identity_headers, network_name
+from shared.settings import ZakiSettings
 from tests.conftest import REAL_IMAGE, new_user
 from zaki.stack import free_port
 
@@ -26,7 +27,9 @@ pytestmark = pytest.mark.gateway
 @pytest.fixture
 async def real_gateway(fakes, state_dir, docker_client):
     user = new_user("gw")
-    runtime = DockerRuntime()
+    # This gateway calls the fake provider directly (no broker): the egress policy must allow it.
+    allow = f"{fakes.host}/32:{fakes.llm_port},{fakes.host}/32:{fakes.tg_port}"
+    runtime = DockerRuntime(settings=ZakiSettings(egress_allow=allow))
     gw_ip = await runtime.ensure_network(user)
     dirs = user_dirs(state_dir / "direct", user)
     prepare_user_dirs(dirs)

@@ -31,7 +31,15 @@ DISK_SCAN_SECONDS = Gauge(
 for _phase in ("config", "create", "start", "ready"):
     PHASE_SECONDS.labels(_phase)
 REQUESTS.labels("ready", "")
-RECONCILE_ACTION_NAMES = ("removed_orphan", "recreated", "abandoned", "healed", "crashlooping", "over_quota")
+RECONCILE_ACTION_NAMES = (
+    "removed_orphan",
+    "recreated",
+    "abandoned",
+    "healed",
+    "crashlooping",
+    "over_quota",
+    "network_replaced",
+)
 for _action in RECONCILE_ACTION_NAMES:
     RECONCILE_ACTIONS.labels(_action)
 CONSUMER_PENDING = Gauge("zaki_jetstream_consumer_pending", "Commands not yet delivered", ["consumer"])

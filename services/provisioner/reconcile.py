@@ -13,6 +13,7 @@ from typing import Any
 from services.provisioner import healing, metrics
 from services.provisioner.base import ProvisionError, S, _bytes, log
 from services.provisioner.commands import Commands
+from services.provisioner.runtime import RuntimeError_
 from shared.events import FailureReason, InstanceCommand, StopReason
 from shared.gateway import container_name
 from shared.state import InstanceState
@@ -37,6 +38,7 @@ class Reconciler(Commands):
                 await self.runtime.remove(c.name)
                 actions["removed_orphan"] += 1
         await self._recreate_missing(records, actions)
+        await self._reconcile_networks(records, actions)
         await self._fail_abandoned(records, actions)
         await self._heal(records, actions)
         await self._enforce_disk_limits(records, actions)
@@ -66,6 +68,21 @@ class Reconciler(Commands):
                     actions["recreated"] += 1
                 except ProvisionError as e:
                     await self.fail(cmd.request_id, user_id, e)
+
+    async def _reconcile_networks(self, records: dict[str, dict[str, Any]], actions: dict[str, int]) -> None:
+        """Egress rules back after a dockerd, provisioner or host restart, and every running
+        instance's network in agreement with its record (issue 13.2, 13.9): a network with another
+        subnet is recreated by restarting the instance."""
+        expected = {u: d.get("subnet") for u, d in records.items() if d["state"] == S.RUNNING}
+        try:
+            differ = await self.runtime.reconcile_networks(expected)
+        except RuntimeError_ as e:
+            log.error("egress policy not applied", extra={"error": str(e)})
+            return
+        for user_id in differ:
+            reason = "reconcile: network subnet differs from the record"
+            await self.handle_command("restart", InstanceCommand(user_id=user_id, reason=reason))
+            actions["network_replaced"] += 1
 
     async def _fail_abandoned(self, records: dict[str, dict[str, Any]], actions: dict[str, int]) -> None:
         """An attempt of reconcile's own (a recreate, a retry) has no command to redeliver it: if
