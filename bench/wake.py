@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +27,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.provisioner import REAL, STANDIN, bare_docker_run, token
+from bench.provisioner import REAL, STANDIN, token, wait_ready
 from services.gateway_proxy import keys
 from shared import subjects
 from shared.client import PlatformClient
@@ -34,6 +36,53 @@ from shared.events import InstanceCommand, InstanceDelete, InstanceRequested, In
 from shared.store import Store
 from zaki.fakes import FakeLLM, FakeTelegram, bound_port, serve
 from zaki.stack import Stack, docker_bridge_ip, free_port, wait_for_port
+
+
+async def bare_boots(data_root: Path, user: str) -> dict[str, float]:
+    """``docker run`` of the real image with the instance's config, to /readyz: without Node's
+    compile cache, then with it on the data folder (first run fills it, second uses it)."""
+    client = docker.from_env()
+    src = data_root / "bare" / user
+    (src / ".openclaw").mkdir(parents=True)
+    (src / "workspace").mkdir()
+    shutil.copy(
+        data_root / "users" / user / ".openclaw" / "openclaw.json", src / ".openclaw" / "openclaw.json"
+    )
+    subprocess.run(["chown", "-R", "1000:1000", str(src)], check=True)
+    net = client.networks.get(f"zaki-net-{user}")
+    out = {}
+    for name, extra in (
+        ("no cache", {}),
+        ("compile cache, cold", {"NODE_COMPILE_CACHE": "/home/node/.openclaw/cache/node-compile"}),
+        ("compile cache, warm", {"NODE_COMPILE_CACHE": "/home/node/.openclaw/cache/node-compile"}),
+    ):
+        port = free_port()
+        t0 = time.perf_counter()
+        c = client.containers.run(
+            REAL,
+            detach=True,
+            name=f"bare-{user}-{len(out)}",
+            network=net.name,
+            ports={"18789/tcp": ("127.0.0.1", port)},
+            volumes={
+                str(src / ".openclaw"): {"bind": "/home/node/.openclaw"},
+                str(src / "workspace"): {"bind": "/home/node/workspace"},
+            },
+            extra_hosts={"host.docker.internal": "host-gateway"},
+            mem_limit="2g",
+            nano_cpus=2 * 10**9,
+            environment={
+                "OPENCLAW_CONFIG_PATH": "/home/node/.openclaw/openclaw.json",
+                "OPENCLAW_STATE_DIR": "/home/node/.openclaw",
+                **extra,
+            },
+        )
+        try:
+            await wait_ready(port, user)
+            out[name] = time.perf_counter() - t0
+        finally:
+            c.remove(force=True)
+    return out
 
 
 async def first_byte(http: httpx.AsyncClient, key: str) -> tuple[float, int]:
@@ -126,7 +175,7 @@ async def main() -> None:
         for _ in range(args.real):
             real = await measure(platform, store, proxy, REAL, max(1, args.rounds // 2))
             await platform.call(subjects.INSTANCE_STOP, InstanceCommand(user_id=real["user"]), timeout=120)
-            bare = await bare_docker_run(tmp / "data", real["user"])
+            bare = await bare_boots(tmp / "data", real["user"])
             rows.append(("real OpenClaw", real, bare))
         for _, r, _ in rows:
             await platform.call(
@@ -142,11 +191,17 @@ async def main() -> None:
             ws = r["wakes"]
             starts = [t.get("wake_start", 0) for t in r["timings"]]
             readies = [t.get("wake_ready", 0) for t in r["timings"]]
+            bare_s = f"{bare['no cache']:.2f}" if bare else "-"
             print(
                 f"| {name} | {r['cold']:.2f} | {statistics.median(ws):.2f}, {max(ws):.2f} | "
                 f"{statistics.median(starts) if starts else 0:.2f} / {statistics.median(readies) if readies else 0:.2f} | "
-                f"{f'{bare:.2f}' if bare is not None else '-'} |"
+                f"{bare_s} |"
             )
+        for name, r, bare in rows:
+            if bare:
+                print(
+                    f"\n{name} bare boot -> /readyz: " + ", ".join(f"{k} {v:.2f} s" for k, v in bare.items())
+                )
             assert all(s == 200 for s in r["statuses"]), r["statuses"]
         await platform.close()
         await store.close()

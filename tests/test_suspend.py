@@ -308,3 +308,28 @@ async def test_real_gateway_answers_the_message_that_woke_it_exactly_once(waker,
         )
     finally:
         await delete(platform, user)
+
+
+async def test_a_scheduled_job_wakes_it_in_time(waker, platform, fakes, settings):
+    """The gateway's next cron job (its own state database) sets when it wakes by itself."""
+    from datetime import UTC, datetime, timedelta
+
+    from tests.test_waker import make_state, ms
+
+    user, _, _ = await make(platform, fakes)
+    try:
+        job = datetime.now(UTC) + timedelta(seconds=settings.wake_lead_s + 8)
+        state_dir = settings.data_root / "users" / user / ".openclaw"
+        scratch = settings.data_root / "users" / user / "cronfixture"
+        make_state(scratch, [(1, {"schedule": {"kind": "at"}}, {"nextRunAtMs": ms(job)})], wal=False)
+        (state_dir / "state").mkdir(exist_ok=True)  # the stand-in keeps no state database of its own
+        (scratch / ".openclaw" / "state" / "openclaw.sqlite").rename(state_dir / "state" / "openclaw.sqlite")
+        ev = await suspend(platform, user)
+        expected = job - timedelta(seconds=settings.wake_lead_s)
+        assert abs((ev["next_wake_at"] - expected).total_seconds()) < 1  # said in the event
+        woken = await eventually(lambda: events_for(platform, subjects.INSTANCE_WOKEN, user), timeout=40)
+        assert [w["reason"] for w in woken] == ["schedule"]
+        woke_at = datetime.fromisoformat(woken[0]["occurred_at"])
+        assert expected <= woke_at < job  # in time for the job, not before its wake time
+    finally:
+        await delete(platform, user)
