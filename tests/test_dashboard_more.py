@@ -173,6 +173,10 @@ async def test_an_operator_acts_on_any_instance_and_it_is_audited(
         r = await op.http.request("DELETE", f"/api/admin/instances/{uid}", params={"purge": "true"})
         assert r.status_code == 202
         await eventually(lambda: _no_instance(store, uid), timeout=60)
+        # The provisioner ends the user's sessions with their instance (issue 13.8): log in again.
+        assert (await user.http.get("/api/me")).status_code == 401
+        assert (await user.login(user.user["username"])).status_code == 200
+        await eventually(lambda: _no_agent(user), timeout=10)  # the page shows "no agent", not "requested"
         assert (await op.http.post("/api/admin/instances/nobody/start")).status_code == 404
         records = (await op.http.get("/api/admin/audit", params={"limit": 50})).json()["records"]
         mine = [(x["action"], x["detail"]) for x in records if x["target"] == uid]
@@ -187,3 +191,7 @@ async def _state(b: Browser, state: str) -> bool:
 
 async def _no_instance(store, user_id: str) -> bool:
     return await store.get_instance(user_id) is None
+
+
+async def _no_agent(b: Browser) -> bool:
+    return await agent(b) is None

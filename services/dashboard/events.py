@@ -13,12 +13,13 @@ import asyncio
 import contextlib
 import json
 import time
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
 
 from services.dashboard import accounts
-from services.dashboard.agents import agent_view, fresh_account
+from services.dashboard.agents import agent_view, bot_claims, fresh_account
 from services.dashboard.errors import not_found
 from services.dashboard.web import API, Ctx, apply_cookies
 from shared import subjects
@@ -66,6 +67,18 @@ class EventHub:
             )
         elif msg.subject == subjects.INSTANCE_READY:
             await accounts.accounts(self.store).update_one({"_id": user_id}, {"$unset": {"agent.error": ""}})
+        elif msg.subject == subjects.INSTANCE_DELETED:
+            # Deleted by an operator or another system: the account has no agent any more (unless
+            # it asked for a new one after this deletion), and its bot is free for others.
+            try:
+                at = datetime.fromisoformat(str(body.get("occurred_at")))
+            except ValueError:
+                at = utcnow()
+            res = await accounts.accounts(self.store).update_one(
+                {"_id": user_id, "agent.requested_at": {"$lt": at}}, {"$unset": {"agent": ""}}
+            )
+            if res.modified_count:
+                await bot_claims(self.store).delete_many({"user_id": user_id})
         for q in self.listeners.get(user_id, ()):
             if not q.full():
                 q.put_nowait((msg.subject, body))
