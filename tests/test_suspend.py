@@ -333,3 +333,23 @@ async def test_a_scheduled_job_wakes_it_in_time(waker, platform, fakes, settings
         assert expected <= woke_at < job  # in time for the job, not before its wake time
     finally:
         await delete(platform, user)
+
+
+async def test_a_long_stream_keeps_it_awake(waker, proxy, platform, fakes, store):
+    """A request in flight (here an SSE stream longer than the idle time) is activity until it ends."""
+    user, _, _ = await make(platform, fakes, idle_s=8)
+    _, key = await keys.create_key(store, user, {"chat"})
+    body = chat("slow", stream=True, standin_chunks=24, standin_delay_ms=700)  # ~17 s
+    try:
+        async with httpx.AsyncClient(base_url=proxy.address, timeout=90) as http:
+            async with http.stream(
+                "POST", "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+            ) as r:
+                assert r.status_code == 200
+                text = "".join([c async for c in r.aiter_text()])
+        assert text.rstrip().endswith("data: [DONE]")
+        assert events_for(platform, subjects.INSTANCE_SUSPENDED, user) == []  # not during the stream
+        # Once it is over, the idle clock runs again.
+        await eventually(lambda: events_for(platform, subjects.INSTANCE_SUSPENDED, user), timeout=40)
+    finally:
+        await delete(platform, user)

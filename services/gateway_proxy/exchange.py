@@ -24,6 +24,7 @@ from services.gateway_proxy.raw_request import RawRequest
 from services.gateway_proxy.routing import NoRoute, Route
 from services.gateway_proxy.state import ProxyState
 from services.gateway_proxy.upstream_pool import UpstreamConnection, UpstreamPool
+from services.gateway_proxy.wake import ACTIVITY
 
 log = logging.getLogger("zaki.proxy")
 
@@ -174,6 +175,8 @@ class Exchange:
             except NoRoute as e:
                 self._not_running(e.state)
                 return
+        if self.route is None:  # in flight until _finish: a long stream keeps its gateway awake
+            ACTIVITY.opened(self.tenant.user_id)
         self.route = route
         try:
             up = await self.client.pool.get(route, fresh=self.retried)
@@ -326,6 +329,8 @@ class Exchange:
         child(REQUESTS, req.route, f"{status // 100}xx").inc()
         child(LATENCY, req.route).observe(elapsed)
         tenant = self.tenant
+        if self.route is not None and tenant is not None:
+            ACTIVITY.closed(tenant.user_id)
         self.client.state.access.write(
             request_id=req.rid,
             tenant=tenant.user_id if tenant else None,
