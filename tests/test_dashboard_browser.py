@@ -27,7 +27,8 @@ from tests.browser.harness import (
     require_browser,
     start_site,
 )
-from tests.conftest import eventually
+from tests.conftest import REAL_IMAGE, eventually
+from tests.test_dashboard_pairing import grant_dashboard_identity
 
 pytestmark = pytest.mark.timeout(900)
 PASSWORD = "a sturdy pass phrase 42"
@@ -126,22 +127,53 @@ def uname(prefix: str) -> str:
 
 
 @pytest.fixture(scope="module")
-async def alice(site, browser, fakes):
+async def real_site(tmp_path_factory, fakes, keyring_spec, docker_client):
+    require_browser()
+    s = await start_site(tmp_path_factory.mktemp("dashboard-real"), fakes, keyring_spec, image=REAL_IMAGE)
+    yield s
+    await s.front.close()
+    await s.plat.close(docker_client)
+
+
+async def with_agent(
+    site: Site, browser, fakes, prefix: str, ready_timeout_s: float, shoot: bool = False
+) -> Person:
     """Signs up and gets an agent through the pages; the agent is running when this returns."""
-    p = await Person.open(browser, site, uname("alice"))
+    p = await Person.open(browser, site, uname(prefix))
     await p.signup(p.name)
     await p.page.wait_for_selector("#get-agent")
-    await p.shoot("get-agent")
+    if shoot:
+        await p.shoot("get-agent")
     p.bot_username = f"{p.name}_bot"
-    token = fakes.bot(p.bot_username)
+    token = p.bot_token = fakes.bot(p.bot_username)
     await p.page.fill("#f-bot_token", token)
     t0 = time.perf_counter()
     await p.page.click("#get-agent button[type=submit]")
-    await p.page.wait_for_selector("#agent-state[data-state='running']", timeout=120_000)
-    FIGURES["submit_to_running_s"] = round(time.perf_counter() - t0, 2)
+    await p.page.wait_for_selector("#agent-state[data-state='running']", timeout=ready_timeout_s * 1000)
+    p.submit_to_running_s = round(time.perf_counter() - t0, 2)
     _, body = await p.fetch("GET", "/api/agent")
-    FIGURES["provisioner_time_to_ready_s"] = body["agent"]["history"][-1]["elapsed_s"]
+    p.time_to_ready_s = body["agent"]["history"][-1]["elapsed_s"]
     p.user_id = (await p.fetch("GET", "/api/me"))[1]["user"]["id"]
+    return p
+
+
+@pytest.fixture(scope="module")
+async def alice(site, browser, fakes):
+    """A person with an agent on the stand-in gateway."""
+    p = await with_agent(site, browser, fakes, "alice", 120, shoot=True)
+    FIGURES["standin_submit_to_running_s"] = p.submit_to_running_s
+    FIGURES["standin_provisioner_time_to_ready_s"] = p.time_to_ready_s
+    yield p
+    assert not p.errors, p.errors
+    await p.close()
+
+
+@pytest.fixture(scope="module")
+async def carol(real_site, browser, fakes):
+    """A person with an agent on the real OpenClaw gateway."""
+    p = await with_agent(real_site, browser, fakes, "carol", 300)
+    FIGURES["real_submit_to_running_s"] = p.submit_to_running_s
+    FIGURES["real_provisioner_time_to_ready_s"] = p.time_to_ready_s
     yield p
     assert not p.errors, p.errors
     await p.close()
@@ -160,7 +192,9 @@ async def test_first_page_load_is_small_and_fast(site, browser):
     urls: dict[str, str] = {}
     cdp.on("Network.responseReceived", lambda e: urls.__setitem__(e["requestId"], e["response"]["url"]))
     cdp.on("Network.loadingFinished", lambda e: sizes.__setitem__(e["requestId"], e["encodedDataLength"]))
-    await page.goto("/")
+    doc = await page.goto("/")
+    csp = (await doc.all_headers()).get("content-security-policy", "")
+    assert "default-src 'self'" in csp and "unsafe-inline" not in csp, csp
     await page.wait_for_selector("main[data-page='login'][data-ready='1'] #f-login")
     tti_ms = await page.evaluate("performance.getEntriesByName('zaki:interactive')[0].startTime")
     await page.wait_for_load_state("networkidle")
@@ -172,6 +206,70 @@ async def test_first_page_load_is_small_and_fast(site, browser):
     assert all(u.startswith(site.origin) for u in urls.values()), urls
     assert total <= 300 * 1024, (total, urls)
     assert tti_ms <= 1000, tti_ms
+    await ctx.close()
+
+
+ALLOWED_TAGS = {
+    "P",
+    "BR",
+    "H4",
+    "H5",
+    "H6",
+    "UL",
+    "OL",
+    "LI",
+    "BLOCKQUOTE",
+    "PRE",
+    "CODE",
+    "STRONG",
+    "EM",
+    "A",
+}
+HOSTILE_MARKDOWN = [
+    "<script>window.__xss=1</script>",
+    "<img src=x onerror=window.__xss=1>",
+    "[click](javascript:window.__xss=1)",
+    "[click](JaVaScRiPt:window.__xss=1)",
+    "[data](data:text/html,<script>window.__xss=1</script>)",
+    "[rel](/api/me) [proto](//evil.example/x)",
+    "**<b onmouseover=x>bold</b>** *<i>it</i>* `<code>`",
+    "```\n</code></pre><script>window.__xss=1</script>\n```",
+    "> <iframe src=javascript:window.__xss=1></iframe>",
+    "- <svg onload=window.__xss=1>\n1. <a href=javascript:x>y</a>",
+    "# <style>body{display:none}</style>",
+    "[ok](https://example.org/a?b=1&c=<x>) [mail](mailto:a@example.org)",
+]
+
+
+async def test_markdown_renderer_makes_only_safe_elements(site, browser):
+    """The chat's renderer on hostile input, in the browser: only the subset's elements, links
+    only to absolute http(s)/mailto URLs, and no script ever runs."""
+    ctx = await browser.new_context(base_url=site.origin)
+    page = await ctx.new_page()
+    await page.goto("/")
+    rendered = await page.evaluate(
+        """async (cases) => {
+            const md = await import("/assets/js/md.js");
+            return cases.map((c) => {
+                const d = document.createElement("div");
+                d.append(md.render(c));
+                document.body.append(d);
+                return {tags: [...d.querySelectorAll("*")].map((e) => e.tagName),
+                        attrs: [...d.querySelectorAll("*")].flatMap((e) => e.getAttributeNames()),
+                        hrefs: [...d.querySelectorAll("a")].map((a) => a.getAttribute("href")),
+                        text: d.textContent};
+            });
+        }""",
+        HOSTILE_MARKDOWN,
+    )
+    await page.wait_for_timeout(200)  # an injected handler would have fired by now
+    assert await page.evaluate("window.__xss === undefined")
+    for case, out in zip(HOSTILE_MARKDOWN, rendered, strict=True):
+        assert set(out["tags"]) <= ALLOWED_TAGS, (case, out)
+        assert set(out["attrs"]) <= {"href", "rel", "target"}, (case, out)
+        assert all(h.startswith(("https://", "http://", "mailto:")) for h in out["hrefs"]), (case, out)
+    assert rendered[0]["text"] == HOSTILE_MARKDOWN[0]  # shown, not run
+    assert rendered[-1]["hrefs"] == ["https://example.org/a?b=1&c=%3Cx%3E", "mailto:a@example.org"]
     await ctx.close()
 
 
@@ -194,30 +292,45 @@ async def test_sign_up_refuses_bad_input_with_a_clear_message(site, browser):
 
 async def test_sign_up_then_a_token_shows_running_in_time(alice):
     """requested → … → running on the page within the provisioner's own time-to-ready + 2 s."""
-    page_s, ready_s = FIGURES["submit_to_running_s"], FIGURES["provisioner_time_to_ready_s"]
-    assert page_s <= ready_s + 2, FIGURES
+    assert alice.submit_to_running_s <= alice.time_to_ready_s + 2, FIGURES
     link = alice.page.locator("#bot-link")
     assert await link.get_attribute("href") == f"https://t.me/{alice.bot_username}"
-    steps = alice.page.locator("#steps li.done")
-    assert await steps.count() == 4
+    assert await alice.page.locator("#steps li.done").count() == 4
+    # The monitor's first probes reach the page as health events.
+    await alice.page.wait_for_selector("#agent-health[data-health='healthy']", timeout=30_000)
     await alice.shoot("agent")
 
 
-async def test_web_chat_streams_the_agents_answer_and_renders_markdown_safely(alice, site):
+async def chat(p: Person, text: str, timeout_s: float = 60) -> str:
+    """Sends from the chat page; returns the streamed answer's text once it is complete."""
+    before = await p.page.locator(".msg.assistant[data-done='1']").count()
+    await p.page.fill("#chat-input", text)
+    await p.page.click("#chat-send")
+    answer = p.page.locator(".msg.assistant[data-done='1']").nth(before)
+    await answer.wait_for(timeout=timeout_s * 1000)
+    p.last_answer = answer
+    return await answer.text_content()
+
+
+async def test_web_chat_streams_the_agents_answer_and_renders_markdown_safely(alice, fakes):
     p = alice
     await p.goto("chat")
     hostile = "hello **world** <img src=x onerror=window.__xss=1> [x](javascript:window.__xss=2)"
-    await p.page.fill("#chat-input", hostile)
-    await p.page.click("#chat-send")
-    answer = p.page.locator(".msg.assistant[data-done='1']").last
-    await answer.wait_for(timeout=30_000)
-    text = await answer.text_content()
+    text = await chat(p, hostile)
     assert "echo: hello" in text and "<img src=x onerror" in text, text  # shown as text
-    assert await answer.locator("strong").text_content() == "world"  # markdown applied
+    assert await p.last_answer.locator("strong").text_content() == "world"  # markdown applied
     assert await p.page.locator(".msg img, .msg a[href^='javascript']").count() == 0
     assert await p.page.evaluate("window.__xss === undefined")
-    FIGURES["chat_first_token_page_ms"] = int(await answer.get_attribute("data-first-token-ms"))
+    # The agent's first answer ever includes its cold start; the next one is the steady figure.
+    FIGURES["chat_first_token_page_cold_ms"] = int(await p.last_answer.get_attribute("data-first-token-ms"))
+    text = await chat(p, "Here is a list:\n- one\n- `two`\n\n```\nprint('three')\n```")
+    FIGURES["chat_first_token_page_ms"] = int(await p.last_answer.get_attribute("data-first-token-ms"))
+    assert await p.last_answer.locator("li").count() == 2
+    assert await p.last_answer.locator("pre code").text_content() == "print('three')"
     await p.shoot("chat")
+    # The conversation is listed (this browser remembers it even where the gateway keeps no list).
+    await p.goto("chat")
+    assert await p.page.locator("#conversations a[aria-current='true']").count() == 1
 
 
 async def test_api_key_create_shown_once_then_revoked_gets_401(alice, site):
@@ -228,9 +341,10 @@ async def test_api_key_create_shown_once_then_revoked_gets_401(alice, site):
     assert key.startswith("zk_")
     await p.shoot("keys")
     # The key works on the proxy, as curl would use it; and gives the curl side of the chat figure.
-    first_s, out = await curl_first_token(site.origin, key, "hi from curl")
+    first_s, starttransfer_s, out = await curl_first_token(site.origin, key, "hi from curl")
     assert "echo: hi from curl" in out
     FIGURES["chat_first_token_curl_ms"] = round(first_s * 1000)
+    FIGURES["chat_first_byte_curl_ms"] = round(starttransfer_s * 1000)
     _, listed = await p.fetch("GET", "/api/keys")
     assert all("key" not in k for k in listed["keys"])  # never shown again
     key_id = next(k["id"] for k in listed["keys"] if k["state"] == "active")
@@ -243,8 +357,9 @@ async def test_api_key_create_shown_once_then_revoked_gets_401(alice, site):
 
 async def test_soul_md_edit_is_saved_escaped_and_limited(alice, site):
     p = alice
+    marker = f"pirate-{uuid.uuid4().hex[:8]}"
     await p.goto("files?f=SOUL.md")
-    soul = "# Soul\nYou answer like a pirate. <script>window.__xss=3</script>\n"
+    soul = f"# Soul\nYou answer like a pirate ({marker}). <script>window.__xss=3</script>\n"
     await p.page.fill("#file-content", soul)
     await p.page.click("#file-save")
     await p.page.wait_for_selector("#file-form p.notice.info")
@@ -270,13 +385,6 @@ async def test_stop_then_start_from_the_page(alice):
     await p.shoot("agent-stopped")
     await p.page.click("#agent-start")
     await p.page.wait_for_selector("#agent-state[data-state='running']", timeout=60_000)
-
-
-async def test_pairing_page(alice):
-    p = alice
-    await p.goto("pairing")
-    await p.page.wait_for_selector("#pairing-empty:not([hidden]), #pairing-list li, p.notice")
-    await p.shoot("pairing")
 
 
 async def test_an_expired_session_goes_to_log_in_and_keeps_the_draft(alice):
@@ -332,6 +440,61 @@ async def test_operator_pages(alice, site, browser):
     assert await alice.page.locator("a[data-nav='admin']").count() == 0
     assert not op.errors, op.errors
     await op.close()
+
+
+@pytest.mark.gateway
+async def test_real_gateway_a_stranger_asks_the_owner_approves_the_agent_answers(carol, real_site, fakes):
+    """Telegram pairing end to end: the stranger's request shows on the page, is approved there,
+    and the stranger's next message gets the agent's answer through Telegram."""
+    p, tg = carol, fakes.telegram
+    stranger = 700_000 + uuid.uuid4().int % 100_000
+    config = real_site.data_root / "users" / p.user_id / ".openclaw" / "openclaw.json"
+    grant_dashboard_identity(config, p.user_id)  # a no-op once the provisioner writes it
+    await p.goto("pairing")
+    await p.page.wait_for_selector("#pairing-empty:not([hidden])", timeout=60_000)
+    tg.inject_message(p.bot_token, "hello bot", chat_id=stranger)
+    item = p.page.locator("li.pairing")
+    await item.wait_for(timeout=30_000)  # the page polls every 5 s
+    assert str(stranger) in await item.text_content()
+    await p.shoot("pairing")
+    await item.locator("button[data-action='approve']").click()
+    await p.page.wait_for_selector("#pairing-empty:not([hidden])")
+    tg.inject_message(p.bot_token, "may I talk now?", chat_id=stranger)
+
+    def answered() -> bool:
+        return any(
+            str(m["chat_id"]) == str(stranger) and "echo: may I talk now?" in m["text"]
+            for m in tg.answers(p.bot_token)
+        )
+
+    await eventually(answered, timeout=60)
+
+
+@pytest.mark.gateway
+async def test_real_gateway_uses_soul_md_and_keeps_the_chat_history(carol, fakes):
+    """SOUL.md saved on the page is in the agent's very next model call; the web conversation's
+    history comes back from the gateway on a new visit; the first answer's time is recorded."""
+    p = carol
+    marker = f"pirate-{uuid.uuid4().hex[:8]}"
+    await p.goto("files?f=SOUL.md")
+    await p.page.fill("#file-content", f"# Soul\nYou answer like a pirate ({marker}).\n")
+    await p.page.click("#file-save")
+    await p.page.wait_for_selector("#file-form p.notice.info")
+    await p.goto("chat")
+    t0 = time.perf_counter()
+    text = await chat(p, "who are you?", timeout_s=180)
+    FIGURES["real_first_answer_page_s"] = round(time.perf_counter() - t0, 2)
+    FIGURES["real_chat_first_token_page_cold_ms"] = int(
+        await p.last_answer.get_attribute("data-first-token-ms")
+    )
+    assert "echo: who are you?" in text
+    assert any(marker in json.dumps(c) for c in fakes.llm.calls)
+    await chat(p, "and now?", timeout_s=120)
+    FIGURES["real_chat_first_token_page_ms"] = int(await p.last_answer.get_attribute("data-first-token-ms"))
+    await p.goto("agent")
+    await p.goto("chat")
+    await p.page.wait_for_selector(".msg.user >> text=and now?", timeout=30_000)
+    await p.page.wait_for_selector(".msg.assistant >> text=echo: and now?")
 
 
 async def test_delete_account_removes_the_agent(alice, site, docker_client):

@@ -56,9 +56,15 @@ async function logout() {
     await post("/api/auth/logout");
   } finally {
     setSession(null);
-    sessionStorage.removeItem(NEXT_KEY);
+    forget();
     go("login");
   }
+}
+
+/** What this browser kept for the person (drafts, conversation titles): gone at log-out. */
+export function forget() {
+  sessionStorage.clear();
+  for (const k of Object.keys(localStorage)) if (k.startsWith("zaki.")) localStorage.removeItem(k);
 }
 
 export function setSession(me) {

@@ -1,7 +1,7 @@
 // The account: change password, and delete everything (typed confirmation, keep or erase memory).
 import { del, post } from "../api.js";
 import { field, h, notice } from "../dom.js";
-import { setSession } from "../main.js";
+import { forget, setSession } from "../main.js";
 
 export function render(view, { app, go }) {
   const me = app.me.user;
@@ -53,7 +53,7 @@ function deleteCard(me, go) {
     try {
       await del("/api/me", { password: pw.input.value, confirm: confirmName.input.value.trim(), purge: erase.checked });
       setSession(null);
-      sessionStorage.clear();
+      forget();
       go("login?deleted=1");
     } catch (err) {
       msg.show(err.message);

@@ -91,6 +91,7 @@ function status(view, app, agent) {
     badge.dataset.state = cur.state;
     health.textContent = cur.health || "unknown";
     health.dataset.health = cur.health || "unknown";
+    health.hidden = cur.state !== "running"; // a stopped agent has no health to speak of
     const idx = STEPS.indexOf(cur.state);
     steps.querySelectorAll("li").forEach((li, i) => {
       const last = idx === STEPS.length - 1; // running: every step is done
@@ -118,13 +119,22 @@ function status(view, app, agent) {
     else elapsed.textContent = seconds(base[0]);
   }
 
+  const seen = new Set();
   function addStep(ev) {
-    timeline.append(h("li", { dataset: { state: ev.state } }, h("b", {}, ev.state), " ", h("span.muted", {}, ev.elapsed_s !== undefined ? `+${seconds(ev.elapsed_s)}` : when(ev.at))));
+    // The stream replays the history and may repeat a step live ("ready" after "running"): one row each.
+    const key = `${ev.state}|${Number(ev.elapsed_s ?? -1).toFixed(1)}`;
+    if (seen.has(key)) return;
+    seen.add(key);
+    const at = ev.at ? new Date(ev.at).toLocaleTimeString() : new Date().toLocaleTimeString();
+    timeline.append(h("li", { dataset: { state: ev.state } }, h("span.muted", {}, at), " ", h("b", {}, ev.state), ev.elapsed_s ? h("span.muted", {}, ` +${seconds(ev.elapsed_s)}`) : null));
     while (timeline.children.length > 8) timeline.firstChild.remove();
   }
 
   const events = new EventSource("/api/agent/events");
-  events.addEventListener("open", () => clear(timeline));
+  events.addEventListener("open", () => {
+    seen.clear();
+    clear(timeline);
+  });
   const onState = (e) => {
     const ev = JSON.parse(e.data);
     cur = { ...cur, state: ev.state, error: ev.reason ? { reason: ev.reason, message: ev.message } : cur.state === ev.state ? cur.error : null };
@@ -213,6 +223,7 @@ function status(view, app, agent) {
 }
 
 function meterRow(label, value, limit, id) {
-  const bar = limit ? h("meter", { id, min: 0, max: limit, value, low: limit * 0.8, high: limit * 0.95 }) : h("span.muted", { id }, "no limit");
+  if (!limit) return h("div.meter", {}, h("span", {}, label), h("span", { id }, number(value)), h("span.muted", {}, "no limit"));
+  const bar = h("meter", { id, min: 0, max: limit, value, low: limit * 0.8, high: limit * 0.95 });
   return h("div.meter", {}, h("span", {}, label), bar, h("span.muted", {}, `${number(value)} / ${number(limit)}`));
 }

@@ -63,24 +63,35 @@ export async function render(view, { app }) {
     if (!log.children.length) log.append(h("p.empty.muted", {}, "Say hello — answers stream in as the agent writes them."));
   }
 
+  // Conversations started in this browser (titles = first words), merged with the gateway's list.
+  const localKey = `zaki.convs.${app.me.user.id}`;
+  const local = () => JSON.parse(localStorage.getItem(localKey) || "[]");
+  function remember(id, text) {
+    const all = local();
+    const title = all.find((c) => c.id === id)?.title || text.replace(/\s+/g, " ").slice(0, 60);
+    const rest = all.filter((c) => c.id !== id);
+    localStorage.setItem(localKey, JSON.stringify([{ id, title, at: new Date().toISOString() }, ...rest].slice(0, 50)));
+  }
+
   async function loadSessions() {
-    clear(list);
+    const convs = new Map(local().map((c) => [c.id, c]));
     try {
       const { sessions } = await get("/api/agent/chat/sessions");
-      const seen = new Set();
       for (const s of sessions) {
         const id = convOf(s.key);
-        if (!id || seen.has(id)) continue;
-        seen.add(id);
-        const a = h("a", { href: "#/chat", dataset: { conv: id }, "aria-current": id === conv ? "true" : null }, s.title || `Conversation ${s.updated_at ? when(s.updated_at) : id.slice(0, 6)}`);
-        a.addEventListener("click", (ev) => {
-          ev.preventDefault();
-          switchTo(id);
-        });
-        list.append(h("li", {}, a));
+        if (id) convs.set(id, { id, title: s.title || convs.get(id)?.title, at: s.updated_at || convs.get(id)?.at });
       }
     } catch {
-      /* the list is a convenience: chatting works without it */
+      /* the gateway's list is a convenience: this browser's own list still shows */
+    }
+    clear(list);
+    for (const c of [...convs.values()].sort((a, b) => String(b.at).localeCompare(String(a.at)))) {
+      const a = h("a", { href: "#/chat", dataset: { conv: c.id }, "aria-current": c.id === conv ? "true" : "false" }, c.title || `Conversation ${when(c.at)}`);
+      a.addEventListener("click", (ev) => {
+        ev.preventDefault();
+        switchTo(c.id);
+      });
+      list.append(h("li", {}, a));
     }
   }
 
@@ -116,6 +127,7 @@ export async function render(view, { app }) {
     msg.hide();
     log.querySelector(".empty")?.remove();
     sessionStorage.setItem(CURRENT, conv);
+    remember(conv, text);
     bubble("user", text);
     const answer = bubble("assistant", "");
     answer.classList.add("streaming");
@@ -169,7 +181,7 @@ export async function render(view, { app }) {
       send.hidden = false;
       stop.hidden = true;
       input.focus();
-      if (!list.querySelector(`[data-conv="${conv}"]`)) loadSessions();
+      loadSessions();
     }
   });
   stop.addEventListener("click", () => controller?.abort());

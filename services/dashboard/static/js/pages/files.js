@@ -33,7 +33,7 @@ export async function render(view, { params }) {
   };
   area.addEventListener("input", count);
 
-  const form = h("form.card", { id: "file-form" }, h("h1", {}, name), h("p.muted", {}, FILES[name]), msg, area, h("div.row.spread", {}, h("div", {}, size, " ", updated), save));
+  const form = h("form.card", { id: "file-form" }, h("h1", {}, name), h("p.muted", {}, FILES[name]), msg, area, h("div.row.spread", {}, h("div", {}, size, " · ", updated), save));
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     if (count() > LIMIT) return msg.show(`${name} is over the ${LIMIT / 1024} KiB limit.`);

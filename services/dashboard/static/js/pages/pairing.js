@@ -10,34 +10,41 @@ export async function render(view) {
   const list = h("ul.cards", { id: "pairing-list" });
   const empty = h("p.muted", { id: "pairing-empty" }, "Nobody is waiting. When someone writes to your bot, their request shows up here.");
 
+  let listFailed = false; // a failed listing clears itself on the next good one; an action's message stays
   async function load() {
     try {
       const { requests } = await get("/api/agent/pairing");
       clear(list);
       empty.hidden = requests.length > 0;
       for (const r of requests) list.append(item(r));
-      if (!msg.classList.contains("error")) msg.hide();
+      if (listFailed) msg.hide();
+      listFailed = false;
     } catch (err) {
       clear(list);
       empty.hidden = true;
+      listFailed = true;
       msg.show(err.code === "agent_not_running" ? "Your agent is not running: start it to see who is asking." : err.message);
     }
   }
 
   function item(r) {
-    const who = [r.name, r.username ? `@${r.username}` : null].filter(Boolean).join(" ") || "Someone";
+    const m = r.metadata || {};
+    const id = r.request_id || r.code;
+    const name = m.name || [m.firstName || m.first_name, m.lastName || m.last_name].filter(Boolean).join(" ");
+    const handle = m.username || r.username;
+    const who = [name || r.name, handle ? `@${handle}` : null].filter(Boolean).join(" ") || "Someone";
     const approve = h("button.primary", { type: "button", dataset: { action: "approve" } }, "Approve");
     const dismiss = h("button", { type: "button", dataset: { action: "dismiss" } }, "Dismiss");
     const li = h(
       "li.card.pairing",
-      { dataset: { code: r.code } },
-      h("div", {}, h("b.who", {}, who), h("div.muted", {}, `Telegram id ${r.sender_id || "?"} · code `, h("code", {}, r.code), ` · ${when(r.created_at)}`)),
+      { dataset: { request: id } },
+      h("div", {}, h("b.who", {}, who), h("div.muted", {}, `${r.channel || "telegram"} id ${r.sender_id || "?"} · `, h("code", {}, m.code || r.code || id), ` · ${when(r.created_at)}`)),
       h("div.row", {}, approve, dismiss),
     );
     const act = async (action) => {
       approve.disabled = dismiss.disabled = true;
       try {
-        await post(`/api/agent/pairing/${action}`, { code: r.code });
+        await post(`/api/agent/pairing/${action}`, r.request_id ? { request_id: r.request_id } : { code: r.code });
         msg.show(action === "approve" ? `${who} can now talk to your agent.` : `Request from ${who} dismissed.`, "info");
         li.remove();
         empty.hidden = list.children.length > 0;
