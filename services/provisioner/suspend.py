@@ -44,7 +44,7 @@ from shared.events import (
     WakeReason,
 )
 from shared.gateway import container_name
-from shared.state import InstanceState
+from shared.state import IllegalTransition, InstanceState
 
 log = logging.getLogger("zaki.provisioner")
 S = InstanceState
@@ -130,7 +130,10 @@ class Suspension(Lifecycle):
             next_job = None
         idle_after = effective_idle_s(doc.get("idle_suspend_s"), self.s.idle_suspend_s)
         if cmd.cause == SuspendReason.IDLE:
-            # The waker decided from a view a few seconds old: look again.
+            # The waker decided from a view a few seconds old, and a request that began since
+            # reaches the store at the proxy's next flush: wait for that flush, then look again.
+            await asyncio.sleep(self.s.activity_flush_s + 0.5)
+            now = datetime.now(UTC)
             seen = (await activity.last_active(self.store.db, [cmd.user_id])).get(cmd.user_id)
             floor = doc.get("updated_at")
             d = decide(now, idle_after, seen, floor, next_job, self.s.wake_lead_s)
@@ -189,12 +192,24 @@ class Suspension(Lifecycle):
         slept = (
             (datetime.now(UTC) - suspended_at).total_seconds() if isinstance(suspended_at, datetime) else None
         )
-        doc = await self._transition(
-            cmd.request_id,
-            cmd.user_id,
-            S.STARTING,
-            {"woken_at": datetime.now(UTC), "wake_reason": cmd.cause.value, "asleep": False, "wake_at": None},
-        )
+        try:
+            doc = await self.store.transition(
+                cmd.user_id,
+                S.STARTING,
+                instance_id=doc["instance_id"],
+                set_fields={
+                    "woken_at": datetime.now(UTC),
+                    "wake_reason": cmd.cause.value,
+                    "asleep": False,
+                    "wake_at": None,
+                },
+            )
+        except IllegalTransition:
+            # Another provisioner replica is waking it (or it was stopped meanwhile): say what is.
+            current = await self.store.get_instance(cmd.user_id)
+            if current is not None:
+                await self._answer_current(cmd.request_id, current)
+            return
         with Phase(timings, "wake_release"):
             await self.release_bot(cmd.user_id)
         name = container_name(cmd.user_id)
