@@ -353,3 +353,34 @@ async def test_a_long_stream_keeps_it_awake(waker, proxy, platform, fakes, store
         await eventually(lambda: events_for(platform, subjects.INSTANCE_SUSPENDED, user), timeout=40)
     finally:
         await delete(platform, user)
+
+
+async def test_ten_sleepers_woken_together_boot_once_each(waker, proxy, platform, fakes, store):
+    made = await asyncio.gather(*(make(platform, fakes) for _ in range(10)))
+    users = [u for u, _, _ in made]
+    try:
+        creds = {u: (await keys.create_key(store, u, {"chat"}))[1] for u in users}
+        await asyncio.gather(*(suspend(platform, u) for u in users))
+        async with httpx.AsyncClient(base_url=proxy.address, timeout=120) as http:
+            answers = await asyncio.gather(
+                *(
+                    http.post(
+                        "/v1/chat/completions",
+                        json=chat(f"{u}:{i}"),
+                        headers={"Authorization": f"Bearer {creds[u]}"},
+                    )
+                    for u in users
+                    for i in range(3)
+                )
+            )
+        assert [r.status_code for r in answers] == [200] * 30, [
+            r.text for r in answers if r.status_code != 200
+        ]
+        for u in users:
+            await eventually(lambda u=u: events_for(platform, subjects.INSTANCE_WOKEN, u), timeout=20)
+        await asyncio.sleep(1)
+        assert {u: len(events_for(platform, subjects.INSTANCE_WOKEN, u)) for u in users} == {
+            u: 1 for u in users
+        }
+    finally:
+        await asyncio.gather(*(delete(platform, u) for u in users))
