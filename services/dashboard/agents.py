@@ -32,7 +32,6 @@ from services.dashboard.models import (
     UsageOut,
 )
 from services.dashboard.web import API, Ctx
-from services.gateway_proxy import keys as api_keys
 from services.llm_broker.budget import BudgetPolicy, today
 from services.provisioner.telegram import InvalidBotToken, TelegramUnavailable
 from shared import subjects
@@ -321,13 +320,13 @@ async def get_usage(ctx: Ctx) -> UsageOut:
 
 
 async def revoke_keys(deps: Any, user_id: str) -> int:
-    n = 0
-    for k in await api_keys.list_keys(deps.store, user_id):
-        if not k.revoked and await api_keys.revoke(deps.store, k.key_id):
-            n += 1
-            if deps.nc is not None and deps.nc.is_connected:
-                await deps.nc.publish(subjects.APIKEY_REVOKED, k.key_id.encode())
-    return n
+    """Every key of the user, and every proxy told at once."""
+    ids = await deps.store.revoke_user_keys(user_id)
+    if deps.nc is not None and deps.nc.is_connected:
+        for key_id in ids:
+            await deps.nc.publish(subjects.APIKEY_REVOKED, key_id.encode())
+        await deps.nc.flush()
+    return len(ids)
 
 
 async def delete_everything(deps: Any, user_id: str, purge: bool) -> str | None:

@@ -79,10 +79,9 @@ async def revoke(store: Store, token: str) -> None:
 
 
 async def revoke_all(store: Store, user_id: str, keep_token: str | None = None) -> int:
-    query: dict[str, Any] = {"user_id": user_id}
-    if keep_token:
-        query["_id"] = {"$ne": _digest(keep_token)}
-    res = await sessions(store).delete_many(query)
+    if not keep_token:
+        return await store.revoke_user_sessions(user_id)  # the provisioner's rule on delete, too
+    res = await sessions(store).delete_many({"user_id": user_id, "_id": {"$ne": _digest(keep_token)}})
     return res.deleted_count
 
 
