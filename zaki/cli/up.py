@@ -40,6 +40,18 @@ def secret_keys(state_dir: Path) -> str:
     return path.read_text().strip()
 
 
+def jwt_secret(state_dir: Path) -> str:
+    """The secret the dashboard signs the proxy's session cookie with: generated once, owner-only."""
+    import secrets
+
+    if os.environ.get("ZAKI_JWT_SECRET"):
+        return os.environ["ZAKI_JWT_SECRET"]
+    path = state_dir / "jwt_secret"
+    if not path.exists():
+        write_private(path, secrets.token_urlsafe(48), replace=False)
+    return path.read_text().strip()
+
+
 def write_env(state_dir: Path, env: dict[str, str]) -> None:
     """env.json holds the key ring and every setting: owner-only, like the key ring."""
     write_private(state_dir / "env.json", json.dumps(env, indent=1))
@@ -141,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
             "ZAKI_DATA_ROOT": os.environ.get("ZAKI_DATA_ROOT", str(state_dir / "data")),
             "ZAKI_PROXY_PORT": os.environ.get("ZAKI_PROXY_PORT", str(args.proxy_port)),
             "ZAKI_ALLOWED_IMAGES": allowed_images(args.demo),
+            "ZAKI_JWT_SECRET": jwt_secret(state_dir),
+            "ZAKI_DASHBOARD_PORT": os.environ.get("ZAKI_DASHBOARD_PORT", "8095"),
         }
         if args.demo:
             bridge = docker_bridge_ip()
@@ -197,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
             "services.monitor",
             "services.gateway_proxy",
             "services.llm_broker",
+            "services.dashboard",
         ):
             port = free_port()
             metrics[module] = port
@@ -211,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
             ("Docker engine", "local socket"),
             ("gateway proxy", f"http://127.0.0.1:{proxy_port}"),
             ("LLM broker (gateways only)", f"http://{bridge_ip}:{broker_port}"),
+            ("dashboard (pages and API)", f"http://127.0.0.1:{env['ZAKI_DASHBOARD_PORT']}"),
             *(
                 (f"{m.rsplit('.', 1)[-1]} metrics", f"http://127.0.0.1:{p}/metrics")
                 for m, p in metrics.items()
