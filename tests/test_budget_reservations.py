@@ -182,7 +182,7 @@ async def test_reservations_hold_across_broker_processes(stack):
         coll = stores[0].db["budget_reservations"]
 
         async def all_settled() -> bool:
-            return await coll.count_documents({"user_id": user, "open": True}) == 0
+            return await coll.count_documents({"user_id": user}) == 0
 
         await eventually(all_settled, timeout=5)
         ledgers[0].totals.clear()
@@ -248,3 +248,21 @@ async def test_a_hard_limit_fails_closed_when_the_store_is_down():
     assert r.status_code == 503 and r.json()["error"]["code"] == "budget_unavailable", r.text
     assert r.headers["Retry-After"] == "2"
     await store.close()
+
+
+async def test_in_process_reservations_hold_a_burst_too(store):
+    ledger = UsageLedger(store, shared_reservations=False)
+    ledger.start()
+    try:
+        user, limit, size = new_user("m"), 95, 10
+        results = await asyncio.gather(
+            *(ledger.reserve(user, BudgetPolicy(tokens_per_day=limit), size) for _ in range(30))
+        )
+        held = [r for r in results if isinstance(r, Reservation)]
+        assert len(held) == math.ceil(limit / size)  # exactly: one process sees all of them
+        for r in held:
+            await ledger.record_durably(user, 1, 2, reservation=r)
+        await eventually(lambda: not ledger.reservations._open, timeout=5)
+        assert isinstance(await ledger.reserve(user, BudgetPolicy(tokens_per_day=limit), size), Reservation)
+    finally:
+        await ledger.stop()

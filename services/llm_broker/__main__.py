@@ -57,7 +57,11 @@ async def main(settings: ZakiSettings, stop: asyncio.Event) -> None:
     directory = Directory(store, keys)
     nc = await follow_events(settings.nats_url, directory)
     model_path.TRACKER.attach(store, nc, settings.network_pool)  # wrong_network refusals -> health
-    ledger = UsageLedger(store, reservation_ttl_s=settings.broker_timeout_s + 60)
+    ledger = UsageLedger(
+        store,
+        reservation_ttl_s=settings.broker_timeout_s + 60,
+        shared_reservations=settings.broker_reservations == "store",
+    )
     await ledger.reservations.ensure_indexes()
     broker = LLMBroker(settings, directory, ledger, BudgetEvents(store, nc.jetstream()))
     runner = web.AppRunner(broker.build(), access_log=None, shutdown_timeout=30)

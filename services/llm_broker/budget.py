@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from services.llm_broker.reservations import Reservation, ReservationBook
+from services.llm_broker.reservations import LocalReservationBook, Reservation, ReservationBook
 from shared.events import BudgetLimit
 from shared.ratelimit import TokenBucket
 from shared.settings import ZakiSettings
@@ -32,7 +32,7 @@ log = logging.getLogger("zaki.broker.budget")
 
 REFRESH_S = 2.0  # how stale another process's usage may be in this one's view
 RESERVED_RETRY_S = 2  # Retry-After when only the calls in flight fill a limit
-SWEEP_S = 60.0  # how often settled reservations are cleaned up
+SWEEP_S = 60.0  # how often the reservations of dead processes are deleted
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,6 @@ class _Totals:
     day_tokens: int = 0  # from the database at the last refresh
     month_tokens: int = 0
     fetched: float = 0.0
-    fetched_wall: float = 0.0  # wall time before that read (compared with settlement times)
 
 
 @dataclass
@@ -97,9 +96,18 @@ class _Pending:
 
 
 class UsageLedger:
-    def __init__(self, store: Store, flush_interval_s: float = 1.0, reservation_ttl_s: float = 660.0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        flush_interval_s: float = 1.0,
+        reservation_ttl_s: float = 660.0,
+        shared_reservations: bool = True,
+    ) -> None:
         self.store = store
-        self.reservations = ReservationBook(store, reservation_ttl_s)
+        self.shared = shared_reservations
+        self.reservations: ReservationBook | LocalReservationBook = (
+            ReservationBook(store, reservation_ttl_s) if shared_reservations else LocalReservationBook()
+        )
         # Reservations whose usage this process has counted but not yet settled in the store.
         self.counted: set[str] = set()
         self.flush_interval_s = flush_interval_s
@@ -111,33 +119,37 @@ class UsageLedger:
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
         self._unsettled: list[str] = []
+        self._writing: dict[tuple[str, str], _Pending] = {}
         self._swept = time.monotonic()
         self._batch: asyncio.Future[None]
         self._wake: asyncio.Event
 
     # --- reading ----------------------------------------------------------------------------
 
-    async def used(self, user_id: str, day: str) -> tuple[int, int]:
-        """Tokens used today and this month, as this process best knows them."""
+    async def used(self, user_id: str, day: str, fresh: bool = False) -> tuple[int, int]:
+        """Tokens used today and this month, as this process best knows them (*fresh*: the
+        database's totals read now, not up to REFRESH_S ago)."""
         t = self.totals.get(user_id)
-        if t is None or t.day != day or time.monotonic() - t.fetched > REFRESH_S:
-            wall = time.time()
+        if fresh or t is None or t.day != day or time.monotonic() - t.fetched > REFRESH_S:
             day_tokens, month_tokens = await self.store.usage_totals(user_id, day)
-            t = self.totals[user_id] = _Totals(day, day_tokens, month_tokens, time.monotonic(), wall)
+            t = self.totals[user_id] = _Totals(day, day_tokens, month_tokens, time.monotonic())
             # What this process wrote since is now part of the database's numbers.
             for key in [k for k in self.unflushed if k[0] == user_id]:
                 del self.unflushed[key]
         local_day = self._local(user_id, day)
         local_month = sum(
             self._local(user_id, d)
-            for (u, d) in {*self.pending, *self.unflushed}
+            for (u, d) in {*self.pending, *self._writing, *self.unflushed}
             if u == user_id and d[:7] == day[:7]
         )
         return t.day_tokens + local_day, t.month_tokens + local_month
 
     def _local(self, user_id: str, day: str) -> int:
-        p = self.pending.get((user_id, day))
-        return (p.prompt + p.completion if p else 0) + self.unflushed.get((user_id, day), 0)
+        n = self.unflushed.get((user_id, day), 0)
+        for batch in (self.pending, self._writing):
+            p = batch.get((user_id, day))
+            n += p.prompt + p.completion if p else 0
+        return n
 
     async def check(self, user_id: str, policy: BudgetPolicy, now: datetime | None = None) -> Verdict | None:
         """The first hard limit this call would break, or None."""
@@ -183,9 +195,10 @@ class UsageLedger:
         the calls ahead of it (in any process) already fill."""
         now = now or datetime.now(UTC)
         day = today(now)
-        day_used, month_used = await self.used(user_id, day)
-        seen_at = self.totals[user_id].fetched_wall
-        r, ahead = await self.reservations.open(user_id, day, tokens, seen_at, self.counted)
+        r, ahead = await self.reservations.open(user_id, day, tokens, self.counted)
+        # After the reservations: a call that ended meanwhile (in any process) wrote its usage
+        # before giving its reservation back, so it is counted one way or the other.
+        day_used, month_used = await self.used(user_id, day, fresh=self.shared)
         for limit, used, allowed, period in (
             (BudgetLimit.TOKENS_PER_DAY, day_used + ahead.day, policy.tokens_per_day, day),
             (BudgetLimit.TOKENS_PER_MONTH, month_used + ahead.month, policy.tokens_per_month, day[:7]),
@@ -245,6 +258,7 @@ class UsageLedger:
     async def write_usage(self) -> None:
         async with self._lock:  # one writer per process: increments never race each other here
             batch, self.pending = self.pending, defaultdict(_Pending)
+            self._writing = dict(batch)  # still counted while the write is on its way
             for (user_id, day), p in batch.items():
                 try:
                     await self.store.add_usage(user_id, day, p.requests, p.prompt, p.completion)
@@ -256,8 +270,10 @@ class UsageLedger:
                     q.prompt += p.prompt
                     q.completion += p.completion
                     q.reservations += p.reservations
+                    del self._writing[(user_id, day)]
                     continue
                 self.unflushed[(user_id, day)] += p.prompt + p.completion
+                del self._writing[(user_id, day)]
                 self._unsettled += p.reservations
 
     async def settle(self) -> None:
