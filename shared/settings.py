@@ -97,6 +97,9 @@ class ZakiSettings(BaseSettings):
     broker_reserve_tokens: int = Field(default=4096, ge=0)
     # Ask OpenAI-style providers for usage on streams (stream_options.include_usage).
     broker_request_stream_usage: bool = True
+    # Where budget reservations live: "store" (shared by every broker process; a few store
+    # round trips per call with a token limit) or "process" (memory: exactly one broker process).
+    broker_reservations: str = Field(default="store", pattern=r"^(store|process)$")
     # Platform default budgets per user (0: unlimited); an instance's own budget overrides them.
     budget_requests_per_minute: int = 60
     budget_tokens_per_day: int = 0
