@@ -7,27 +7,15 @@ A miss is looked up once and cached briefly (to say *why* there is no route)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
+from services.gateway_proxy.route import NoRoute, Route
 from services.gateway_proxy.wake import ACTIVITY, HOLDS, Gone, WakeGate
 from shared.state import InstanceState
 from shared.store import Store
 
+__all__ = ["NoRoute", "Route", "RoutingTable"]
+
 MISS_TTL_S = 2.0
-
-
-@dataclass(frozen=True)
-class Route:
-    user_id: str
-    host: str
-    port: int
-    instance_id: str
-
-
-class NoRoute(Exception):
-    def __init__(self, state: str | None) -> None:
-        super().__init__(state or "absent")
-        self.state = state
 
 
 class RoutingTable:

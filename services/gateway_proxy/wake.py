@@ -20,18 +20,29 @@ import logging
 import time
 from collections import Counter as Tally
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from prometheus_client import Counter, Gauge
 
+from services.gateway_proxy.route import Route
 from shared import subjects
 from shared.activity import ActivityRecorder
 from shared.bus import to_json
 from shared.events import InstanceWake, WakeReason
 from shared.settings import ZakiSettings
+from shared.store import Store
 
-if TYPE_CHECKING:
-    from services.gateway_proxy.routing import Route, RoutingTable
+
+class RoutingTable(Protocol):
+    """What a waiter uses of the routing table (routing.RoutingTable, which imports this
+    module: a protocol here keeps the two out of an import cycle)."""
+
+    routes: dict[str, Route]
+    store: Store
+    gate: WakeGate | None
+
+    def adopt(self, doc: dict) -> Route: ...
+
 
 log = logging.getLogger("zaki.proxy.wake")
 
