@@ -2,7 +2,7 @@
 OpenAI-compatible provider, next to the same call through the broker (credential check,
 budget check, key swap, usage counting on the stream).
 
-    python bench/broker.py [--n 400] [--concurrency 16]
+    python bench/broker.py [--n 400] [--concurrency 16] [--reservations store|process]
 
 Reports, for a non-streamed and a streamed chat completion: sequential latency p50/p99
 (one call at a time: the broker's added latency), streamed time to first byte, and
@@ -79,6 +79,7 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=400)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--reservations", choices=("store", "process"), default="store")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="zaki-bench-broker-"))
     stack = Stack(tmp / "stack")
@@ -105,6 +106,7 @@ async def main() -> None:
             "ZAKI_BROKER_PORT": str(broker_port),
             "ZAKI_BUDGET_REQUESTS_PER_MINUTE": "10000000",
             "ZAKI_BUDGET_TOKENS_PER_DAY": "1000000000",  # budgets on: the check is part of the cost
+            "ZAKI_BROKER_RESERVATIONS": args.reservations,
             "ZAKI_METRICS_PORT": "0",
         }
         broker = stack.start_service("services.llm_broker", env)
