@@ -151,7 +151,9 @@ class ZakiSettings(BaseSettings):
     dashboard_jwt_private_key: SecretStr = SecretStr("")
     dashboard_models: str = ""  # models a user may pick (comma-separated); empty: the default + llm_models
     dashboard_file_max_bytes: int = Field(default=64 * 1024, ge=1024)  # SOUL.md / MEMORY.md
-    dashboard_user_prefix: str = Field(default="u", pattern=r"^[a-z][a-z0-9]{0,20}$")  # new accounts' user ids
+    dashboard_user_prefix: str = Field(
+        default="u", pattern=r"^[a-z][a-z0-9]{0,20}$"
+    )  # new accounts' user ids
     # Failed log-ins: a burst, then one more per interval; per account and per client address.
     dashboard_login_account_burst: int = Field(default=5, ge=1)
     dashboard_login_account_interval_s: float = Field(default=30.0, gt=0)
@@ -179,7 +181,9 @@ class ZakiSettings(BaseSettings):
     health_write_interval_s: float = 30.0  # how often a healthy instance's last probe is persisted
 
     # Idle suspend and wake (issue 16; services/waker, shared/activity.py).
-    idle_suspend_s: float = Field(default=1800.0, ge=0)  # 0: never; per instance: idle_suspend_s
+    # 0: never; per instance: idle_suspend_s. Below OpenClaw's 30-min heartbeat (a model call when
+    # the owner has a route), or a gateway with one never reaches its idle time.
+    idle_suspend_s: float = Field(default=900.0, ge=0)
     wake_timeout_s: float = 60.0  # a request held for a waking gateway gets 503 + Retry-After after this
     wake_queue_per_tenant: int = 64  # requests held per waking tenant; more get 503 at once
     activity_flush_s: float = 5.0  # how often proxies and brokers write last-seen activity
@@ -187,6 +191,7 @@ class ZakiSettings(BaseSettings):
     waker_concurrency: int = 500  # long polls in flight at once
     waker_sweep_s: float = 10.0  # idle sweep and resync with the store
     wake_lead_s: float = 60.0  # wake this long before a gateway's next scheduled job
+    wake_for_heartbeat: bool = False  # also wake a sleeper for OpenClaw's recurring heartbeat job
     waker_release_timeout_s: float = 3.0  # the provisioner waits this long for the waker to stop polling
 
     replica_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])

@@ -87,8 +87,8 @@ def make_state(tmp_path: Path, jobs: list[tuple[int, dict, dict]], wal: bool = T
     conn.execute(SCHEMA)
     for i, (enabled, job, st) in enumerate(jobs):
         conn.execute(
-            "INSERT INTO cron_jobs VALUES ('primary', ?, 'j', ?, 'agentTurn', ?, ?, 0)",
-            (f"job{i}", enabled, json.dumps(job), json.dumps(st)),
+            "INSERT INTO cron_jobs VALUES ('primary', ?, 'j', ?, ?, ?, ?, 0)",
+            (f"job{i}", enabled, job.get("payload_kind", "agentTurn"), json.dumps(job), json.dumps(st)),
         )
     conn.commit()
     for f in scratch.iterdir():
@@ -118,6 +118,19 @@ def test_next_job_from_the_state_database(tmp_path: Path):
     # The main file alone has no rows yet: they were read from the write-ahead log.
     (state / "state" / "openclaw.sqlite-wal").unlink()
     assert cron.next_job_at(state, NOW) is None
+
+
+def test_heartbeats_do_not_wake_a_sleeper_unless_asked(tmp_path: Path):
+    beat, daily = NOW + timedelta(minutes=30), NOW + timedelta(hours=15)
+    state = make_state(
+        tmp_path,
+        [
+            (1, {"payload_kind": "heartbeat", "schedule": {"kind": "every"}}, {"nextRunAtMs": ms(beat)}),
+            (1, {"schedule": {"kind": "cron", "expr": "0 3 * * *"}}, {"nextRunAtMs": ms(daily)}),
+        ],
+    )
+    assert cron.next_job_at(state, NOW) == daily  # OpenClaw's 30-min heartbeat would keep it up
+    assert cron.next_job_at(state, NOW, heartbeat=True) == beat
 
 
 def test_next_job_none_and_always_on(tmp_path: Path):

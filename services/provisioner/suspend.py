@@ -105,7 +105,9 @@ class Suspension(Lifecycle):
     # --- suspend --------------------------------------------------------------------------------
 
     async def _next_job(self, user_id: str) -> datetime | None:
-        return await asyncio.to_thread(cron.next_job_at, self._dirs(user_id).state)
+        return await asyncio.to_thread(
+            cron.next_job_at, self._dirs(user_id).state, None, self.s.wake_for_heartbeat
+        )
 
     async def _suspend(self, cmd: InstanceSuspend) -> None:
         doc = await self._existing(cmd)

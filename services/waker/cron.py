@@ -28,6 +28,9 @@ MAX_ROWS = 10_000
 MAX_VM_STEPS = 50_000_000
 # Kinds of schedule that need the gateway up all the time (they watch a running command).
 ALWAYS_ON_KINDS = frozenset({"stream"})
+# OpenClaw's own recurring heartbeat (every 30 min by default, an agent turn when the owner has a
+# route): waking a sleeper for it would keep every gateway up. Left to sleep unless asked.
+HEARTBEAT_PAYLOAD = "heartbeat"
 
 
 class CronUnreadable(Exception):
@@ -86,8 +89,10 @@ def _copy_db(state_dir: Path, tmp: Path) -> Path | None:
         os.close(root)
 
 
-def _next_of(enabled: object, job_json: object, state_json: object, now: datetime) -> datetime | None:
-    if not enabled:
+def _next_of(
+    enabled: object, payload: object, job_json: object, state_json: object, now: datetime, heartbeat: bool
+) -> datetime | None:
+    if not enabled or (payload == HEARTBEAT_PAYLOAD and not heartbeat):
         return None
     try:
         job = json.loads(job_json) if isinstance(job_json, str) else {}
@@ -104,8 +109,9 @@ def _next_of(enabled: object, job_json: object, state_json: object, now: datetim
     return datetime.fromtimestamp(ms / 1000, UTC)
 
 
-def next_job_at(state_dir: Path, now: datetime | None = None) -> datetime | None:
-    """The earliest next run of an enabled job, None when there is none; raises CronUnreadable."""
+def next_job_at(state_dir: Path, now: datetime | None = None, heartbeat: bool = False) -> datetime | None:
+    """The earliest next run of an enabled job (heartbeats only with *heartbeat*), None when
+    there is none; raises CronUnreadable."""
     now = now or datetime.now(UTC)
     with tempfile.TemporaryDirectory(prefix="zaki-cron-") as tmp:
         copy = _copy_db(state_dir, Path(tmp))
@@ -133,11 +139,11 @@ def next_job_at(state_dir: Path, now: datetime | None = None) -> datetime | None
                 if not has:
                     return None
                 rows = conn.execute(
-                    "SELECT enabled, job_json, state_json FROM cron_jobs LIMIT ?", (MAX_ROWS,)
+                    "SELECT enabled, payload_kind, job_json, state_json FROM cron_jobs LIMIT ?", (MAX_ROWS,)
                 ).fetchall()
             except sqlite3.Error as e:
                 raise CronUnreadable(f"cannot read: {e}") from None
         finally:
             conn.close()
-    times = [t for row in rows if (t := _next_of(*row, now)) is not None]
+    times = [t for row in rows if (t := _next_of(*row, now, heartbeat)) is not None]
     return min(times) if times else None

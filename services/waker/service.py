@@ -170,7 +170,10 @@ class Waker:
                 continue  # (the cron file is read only for gateways that are idle already)
             try:
                 next_job = await asyncio.to_thread(
-                    cron.next_job_at, user_dirs(self.s.data_root, user_id).state, now
+                    cron.next_job_at,
+                    user_dirs(self.s.data_root, user_id).state,
+                    now,
+                    self.s.wake_for_heartbeat,
                 )
             except (cron.CronUnreadable, ValueError) as e:
                 log.warning(
