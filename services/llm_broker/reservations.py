@@ -9,7 +9,9 @@ update or ``$inc`` is not: see the README's "Store"). A number read as "highest 
 after every reservation numbered below it, so a call that then reads the user's reservations
 sees all those ahead of it, and is admitted when the user's usage plus those stays under the
 limit: N calls in flight together pass a limit by at most one call's reservation, whichever
-processes serve them. (A process remembers its last number instead of reading the highest
+processes serve them. (Unless a whole reservation's life, taken and given back, fits between
+one process's read of the highest number and its insert of the next, i.e. that process stalls:
+then one more reservation may pass.) (A process remembers its last number instead of reading the highest
 each time; since others may have taken and given back numbers above it meanwhile, it then
 also counts other processes' open reservations numbered above its own: never less safe,
 only more cautious.)
