@@ -239,7 +239,8 @@ class ChatHistoryOut(Out):
     messages: list[ChatMessage]
 
 
-SessionKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,199}$")]
+# The gateway's session key (printable ASCII): passed on as a JSON string, never into a path.
+SessionKey = Annotated[str, StringConstraints(pattern=r"^[!-~]{1,256}$")]
 
 
 class ChatHistoryQuery(In):
