@@ -134,6 +134,7 @@ async def test_up_warns_of_provider_drift_and_only_demo_allows_the_standin(tmp_p
         ZAKI_PLATFORM_ID=f"upwarn-{SESSION}",
         ZAKI_NETWORK_POOL=f"10.{130 + int(SESSION, 16) % 30}.0.0/16",
         ZAKI_PROXY_PORT=str(free_port()),
+        ZAKI_DASHBOARD_PORT=str(free_port()),
         # Never the real Telegram, even though nothing here should reach it.
         ZAKI_TELEGRAM_API_BASE=f"http://{fakes.host}:{fakes.tg_port}",
     )

@@ -24,6 +24,7 @@ import pytest
 import websockets
 
 from tests.conftest import SESSION, eventually, new_bot_token, operator_connect
+from zaki.cli.up import SERVICES
 from zaki.stack import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +48,12 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def _print_logs(logs: Path, lines: int = 40) -> None:
+    """The services' last lines, for a failure on a machine that is gone afterwards (CI)."""
+    for log in sorted(logs.glob("*.log")):
+        print(f"--- {log.name}", *log.read_text(errors="replace").splitlines()[-lines:], sep="\n")
 
 
 def _alive(pids: list[int]) -> list[int]:
@@ -130,6 +137,7 @@ async def test_a_new_operators_first_hour(tmp_path, docker_client):
         ZAKI_PLATFORM_ID=platform_id,
         ZAKI_NETWORK_POOL=f"10.{160 + int(SESSION, 16) % 30}.0.0/16",
         ZAKI_PROXY_PORT=str(proxy_port),
+        ZAKI_DASHBOARD_PORT=str(free_port()),
     )
     t0 = time.monotonic()
     proc = subprocess.Popen(
@@ -168,7 +176,7 @@ async def test_a_new_operators_first_hour(tmp_path, docker_client):
         # bash may exec the last command of the line itself or run it as its child.
         zaki_up = next(p for p in (proc.pid, *_children(proc.pid)) if ".venv/bin/zaki up" in _cmdline(p))
         children = _children(zaki_up)
-        assert len(children) == 7  # nats, ferretdb, the fakes, four services
+        assert len(children) == 3 + len(SERVICES)  # nats, ferretdb, the fakes, the services
         doctor = await asyncio.to_thread(
             subprocess.run, [".venv/bin/zaki", "doctor"], cwd=clone, env=env, capture_output=True, text=True
         )
@@ -237,6 +245,9 @@ async def test_a_new_operators_first_hour(tmp_path, docker_client):
             assert r.status_code == 401
             assert await streamed_chat(http, keys[alice], "unaffected") == "echo: unaffected"
         await op.zaki("instance", "delete", alice, "--purge")
+    except BaseException:
+        _print_logs(clone / ".zaki" / "state" / "logs")
+        raise
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
         out, _ = await asyncio.to_thread(proc.communicate, timeout=60)

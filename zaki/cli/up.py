@@ -16,6 +16,14 @@ from zaki.cli.common import say, write_private
 
 STANDIN_IMAGE = "zaki/standin-gateway:latest"
 DEMO_LLM_KEY = "sk-demo-not-a-real-key"
+# The platform's own processes, besides NATS, FerretDB and (with --demo) the fakes.
+SERVICES = (
+    "services.provisioner",
+    "services.monitor",
+    "services.gateway_proxy",
+    "services.llm_broker",
+    "services.dashboard",
+)
 
 
 def register(sub: Any) -> None:
@@ -206,13 +214,7 @@ def run(args: argparse.Namespace) -> int:
         write_env(state_dir, env)
         warn_on_provider_drift(mongo.address, env)
         metrics = {}
-        for module in (
-            "services.provisioner",
-            "services.monitor",
-            "services.gateway_proxy",
-            "services.llm_broker",
-            "services.dashboard",
-        ):
+        for module in SERVICES:
             port = free_port()
             metrics[module] = port
             stack.start_service(module, {**env, "ZAKI_METRICS_PORT": str(port)})
