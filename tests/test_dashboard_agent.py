@@ -121,6 +121,20 @@ async def test_agent_from_token_to_running_then_run_shape_and_delete_it(
         await _files(a, b, Path(service_env["ZAKI_DATA_ROOT"]) / "users" / a.user["id"] / "workspace")
         await _stop_and_start(a)
 
+        # A model change is an instance.update for the provisioner (only allowed models pass).
+        r = await a.http.patch("/api/agent", json={"model": "zaki/echo-1"})
+        assert r.status_code == 202, r.text
+        update = await eventually(
+            lambda: [
+                b
+                for s, b in platform.events("zaki.instance.update")
+                if b["request_id"] == r.json()["request_id"]
+            ]
+        )
+        assert update[0]["user_id"] == a.user["id"] and update[0]["model"] == "zaki/echo-1"
+        assert (await a.http.patch("/api/agent", json={"model": "other/x"})).status_code == 400
+        assert (await b.http.patch("/api/agent", json={"model": "zaki/echo-1"})).status_code == 404
+
         # Delete the account (keep memory): keys and sessions revoked, the instance removed.
         key = (await a.http.post("/api/keys", json={"scopes": ["chat"]})).json()["key"]
         r = await a.http.request("DELETE", "/api/me", json={"password": PASSWORD, "confirm": "someone-else"})

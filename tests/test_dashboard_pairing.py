@@ -182,3 +182,5 @@ async def _chat_history(a: Browser, proxy: Process) -> None:
         if any("remember tea" in t for t in texts):
             found = True
     assert found, sessions
+    r = await a.http.post("/api/agent/chat/abort", json={"session": sessions[0]["key"]})
+    assert r.status_code == 200 and r.json() == {"ok": True}, r.text
