@@ -105,7 +105,10 @@ setup_standin() {
   mkdir -p "$r/app" && cp "$HERE/standin/server.js" "$r/app/server.js"
 }
 
-HEALTH='HEALTHCHECK --interval=10s --timeout=3s --start-period=60s CMD ["node","-e","fetch(\"http://127.0.0.1:18789/healthz\").then(r=>process.exit(r.ok?0:1)).catch(()=>process.exit(1))"]'
+# Docker's own check must not call a gateway unhealthy while the platform still waits for it
+# (ZAKI_READINESS_TIMEOUT_S, 120 s) nor for one slow answer on a busy host: the monitor restarts
+# a gateway Docker calls unhealthy.
+HEALTH='HEALTHCHECK --interval=10s --timeout=10s --start-period=120s CMD ["node","-e","fetch(\"http://127.0.0.1:18789/healthz\").then(r=>process.exit(r.ok?0:1)).catch(()=>process.exit(1))"]'
 COMMON=(--change 'USER node' --change 'ENV HOME=/home/node NODE_ENV=production PATH=/usr/local/bin:/usr/bin:/bin'
         --change 'EXPOSE 18789' --change "$HEALTH" --change 'ENTRYPOINT ["/usr/bin/tini","--"]')
 
