@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-from datetime import datetime
 from typing import Any
 
 from argon2 import PasswordHasher
@@ -223,7 +222,3 @@ async def list_accounts(store: Store) -> list[dict[str, Any]]:
 async def resolve(store: Store, who: str) -> dict[str, Any] | None:
     """An account by user id, username or e-mail (the CLI's and the operator pages' argument)."""
     return await get(store, who) or await find_by_login(store, who)
-
-
-def created(doc: dict[str, Any]) -> datetime:
-    return doc["created_at"]
