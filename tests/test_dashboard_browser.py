@@ -385,6 +385,10 @@ async def test_stop_then_start_from_the_page(alice):
     await p.shoot("agent-stopped")
     await p.page.click("#agent-start")
     await p.page.wait_for_selector("#agent-state[data-state='running']", timeout=60_000)
+    await p.page.wait_for_selector("#agent-restart:not([disabled])")
+    await p.page.click("#agent-restart")
+    await p.page.wait_for_selector("#steps li.current", timeout=30_000)  # back through starting
+    await p.page.wait_for_selector("#agent-state[data-state='running']", timeout=60_000)
 
 
 async def test_an_expired_session_goes_to_log_in_and_keeps_the_draft(alice):
@@ -405,6 +409,16 @@ async def test_another_account_sees_none_of_it(alice, site, browser):
     bob = await Person.open(browser, site, uname("bob"))
     await bob.signup(bob.name)
     await bob.page.wait_for_selector("#get-agent")  # no agent of his own; none of alice's
+    # A token Telegram does not know, then alice's: clear messages that name no other account.
+    for token, words in (("123456789:" + "A" * 35, "telegram"), (alice.bot_token, "another")):
+        await bob.page.fill("#f-bot_token", token)
+        await bob.page.click("#get-agent button[type=submit]")
+        err = bob.page.locator("#get-agent p.notice.error:not([hidden])")
+        await err.wait_for()
+        message = (await err.text_content()).lower()
+        assert words in message and alice.name not in message, message
+        await bob.page.fill("#f-bot_token", "")
+    assert (await bob.fetch("GET", "/api/agent"))[1]["agent"] is None
     _, keys = await alice.fetch("GET", "/api/keys")
     for k in keys["keys"]:
         assert (await bob.fetch("DELETE", f"/api/keys/{k['id']}"))[0] == 404
@@ -507,6 +521,27 @@ async def test_real_gateway_uses_soul_md_and_keeps_the_chat_history(carol, fakes
     await p.goto("chat")
     await p.page.wait_for_selector(".msg.user >> text=and now?", timeout=30_000)
     await p.page.wait_for_selector(".msg.assistant >> text=echo: and now?")
+
+
+@pytest.mark.gateway
+async def test_control_ui_link_opens_the_gateways_ui_with_the_session_cookie(carol):
+    p = carol
+    await p.goto("agent")
+    async with p.ctx.expect_page() as opened:
+        await p.page.click("#control-ui")
+    ui = await opened.value
+    await ui.wait_for_load_state()
+    assert ui.url.endswith("/ui/")
+    # The gateway's own page through the proxy: the session cookie is what lets the browser in.
+    assert await ui.evaluate("fetch(location.href).then((r) => r.status)") == 200
+    await p.ctx.clear_cookies()
+    assert await ui.evaluate("fetch(location.href).then((r) => r.status)") == 401
+    await ui.close()
+    await p.page.goto("/#/login")
+    await p.page.reload()  # a fresh start of the app: nobody logged in
+    await p.ready("login")
+    await p.login(p.name)
+    await p.ready("agent")
 
 
 async def test_delete_account_removes_the_agent(alice, site, docker_client):

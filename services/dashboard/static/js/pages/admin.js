@@ -87,6 +87,6 @@ const LOADERS = {
   },
   async audit() {
     const { records } = await get("/api/admin/audit?limit=100");
-    return table(["When", "Who", "Action", "Target", "Detail"], records.map((r) => h("tr", {}, h("td.muted", {}, when(r.at)), h("td", {}, r.actor_name || r.actor), h("td", {}, h("code", {}, r.action)), h("td", {}, r.target || "—"), h("td.muted", {}, r.detail ? JSON.stringify(r.detail) : ""))));
+    return table(["When", "Who", "Action", "Target", "Detail"], records.map((r) => h("tr", {}, h("td.muted", {}, when(r.at)), h("td", {}, r.actor_name || r.actor), h("td", {}, h("code", {}, r.action)), h("td", {}, r.target || "—"), h("td.muted", {}, r.detail && Object.keys(r.detail).length ? JSON.stringify(r.detail) : ""))));
   },
 };

@@ -30,6 +30,7 @@ export async function render(view) {
   function item(r) {
     const m = r.metadata || {};
     const id = r.request_id || r.code;
+    const code = r.code || m.code; // the code the stranger was sent, when the gateway gives it
     const name = m.name || [m.firstName || m.first_name, m.lastName || m.last_name].filter(Boolean).join(" ");
     const handle = m.username || r.username;
     const who = [name || r.name, handle ? `@${handle}` : null].filter(Boolean).join(" ") || "Someone";
@@ -38,7 +39,7 @@ export async function render(view) {
     const li = h(
       "li.card.pairing",
       { dataset: { request: id } },
-      h("div", {}, h("b.who", {}, who), h("div.muted", {}, `${r.channel || "telegram"} id ${r.sender_id || "?"} · `, h("code", {}, m.code || r.code || id), ` · ${when(r.created_at)}`)),
+      h("div", {}, h("b.who", {}, who), h("div.muted", {}, `${r.channel || "telegram"} id ${r.sender_id || "?"}`, code ? [" · code ", h("code", {}, code)] : null, ` · ${when(r.created_at)}`)),
       h("div.row", {}, approve, dismiss),
     );
     const act = async (action) => {
