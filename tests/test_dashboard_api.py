@@ -341,6 +341,10 @@ async def test_operator_cli_and_admin_actions_are_audited(dashboard: Process, se
         temp = r.stdout.strip().splitlines()[-1].split()[-1]
         assert (await user.login(user.user["username"])).status_code == 401  # the old password is gone
         assert (await user.login(user.user["username"], temp)).status_code == 200
+        r = await asyncio.to_thread(zaki_admin, service_env, "list")
+        assert r.returncode == 0 and root.lower() in r.stdout and "operator" in r.stdout
+        r = await asyncio.to_thread(zaki_admin, service_env, "disable", "nobody-at-all")
+        assert r.returncode == 1 and "not_found" in r.stderr
         actions = {
             (x["action"], x["actor"]) async for x in store.db["audit"].find({"target": user.user["id"]})
         }
