@@ -195,3 +195,27 @@ async def _no_instance(store, user_id: str) -> bool:
 
 async def _no_agent(b: Browser) -> bool:
     return await agent(b) is None
+
+
+async def test_usage_is_the_brokers_count_for_today_and_this_month(dashboard: Process, store) -> None:
+    from services.llm_broker.budget import today
+
+    async with await signed_up(dashboard.address) as b, await signed_up(dashboard.address) as other:
+        day = today()
+        earlier = f"{day[:7]}-01" if day[8:] != "01" else None
+        await store.add_usage(b.user["id"], day, 3, 100, 20)
+        if earlier:
+            await store.add_usage(b.user["id"], earlier, 2, 50, 10)
+        await store.add_usage(other.user["id"], day, 9, 999, 999)  # someone else's
+        usage = (await b.http.get("/api/agent/usage")).json()
+        assert usage["today"] == {
+            "day": day, "tokens": 120, "prompt_tokens": 100, "completion_tokens": 20, "requests": 3
+        }  # fmt: skip
+        assert usage["month"] == {
+            "month": day[:7],
+            "tokens": 180 if earlier else 120,
+            "requests": 5 if earlier else 3,
+        }
+        assert usage["budget"] == {
+            "requests_per_minute": 60, "tokens_per_day": None, "tokens_per_month": None, "soft_ratio": 0.8
+        }  # fmt: skip
