@@ -54,9 +54,10 @@ class ZakiSettings(BaseSettings):
     # V8's heap cap as a share of the gateway's memory limit (the seed: 1024 MiB of 2 GiB); 0: none.
     gateway_heap_ratio: float = Field(default=0.5, ge=0, lt=1)
     # Per-tenant data folder limits (0: none), measured by every reconcile; over them the
-    # instance is stopped (reason disk_quota_exceeded) and a start is refused.
-    tenant_disk_bytes: int = Field(default=0, ge=0)
-    tenant_max_files: int = Field(default=0, ge=0)
+    # instance is stopped (reason disk_quota_exceeded) and a start is refused. The walk stops
+    # at the limit, so max_files also bounds its cost (~2.3 us an entry).
+    tenant_disk_bytes: int = Field(default=10 << 30, ge=0)
+    tenant_max_files: int = Field(default=1_000_000, ge=0)
 
     # Telegram Bot API root (no /bot<token> suffix); tests point it at a local fake.
     telegram_api_base: str = "https://api.telegram.org"
