@@ -164,6 +164,9 @@ class ZakiSettings(BaseSettings):
     dashboard_trusted_proxies: str = "127.0.0.1,::1"
     # The gateway image agents created from the dashboard ask for (one of images()); empty: the default.
     dashboard_gateway_image: str = ""
+    # Origins besides the proxy's where the pages are served (comma-separated), e.g. the dashboard's own
+    # port before the proxy routes / and /api/ to it. Its cross-site rule accepts these too.
+    dashboard_public_origin: str = ""
 
     # Monitor
     probe_interval_s: float = 4.0

@@ -101,13 +101,17 @@ async def test_closed_signup_and_secure_cookies_on_an_https_origin(stack, servic
         service_env,
         ZAKI_PROXY_PUBLIC_ORIGIN=origin,
         ZAKI_DASHBOARD_SIGNUP_OPEN="false",
+        ZAKI_DASHBOARD_PUBLIC_ORIGIN="http://dash.example:8095",
     )
     try:
         async with Browser(d.address, origin=origin) as b:
             r = await b.signup()
             assert r.status_code == 403 and r.json()["error"]["code"] == "signup_closed"
             meta = (await b.http.get("/api/meta")).json()
-            assert meta["signup_open"] is False and meta["public_origins"] == [origin]
+            assert meta["signup_open"] is False and meta["public_origins"] == [
+                origin,
+                "http://dash.example:8095",
+            ]
             name = new_name("op")
             r = await asyncio.to_thread(
                 zaki_admin, service_env, "create", name, "--password-stdin", stdin=PASSWORD
@@ -123,6 +127,13 @@ async def test_closed_signup_and_secure_cookies_on_an_https_origin(stack, servic
                 headers={"Origin": "http://127.0.0.1:8080"},
             )
             assert r.status_code == 403  # the http origin is not this platform's
+            # The dashboard's own extra origin (pages on its own port) is accepted too.
+            r = await b.http.post(
+                "/api/auth/login",
+                json={"login": name, "password": PASSWORD},
+                headers={"Origin": "http://dash.example:8095"},
+            )
+            assert r.status_code == 200
     finally:
         d.stop()
 

@@ -58,7 +58,8 @@ class Deps:
 
     @property
     def origins(self) -> list[str]:
-        return self.settings.proxy_public_origins()
+        extra = [o.strip() for o in self.settings.dashboard_public_origin.split(",") if o.strip()]
+        return [*self.settings.proxy_public_origins(), *extra]
 
     def models(self) -> list[str]:
         s = self.settings

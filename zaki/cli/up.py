@@ -163,6 +163,11 @@ def run(args: argparse.Namespace) -> int:
             "ZAKI_ALLOWED_IMAGES": allowed_images(args.demo),
             "ZAKI_JWT_SECRET": jwt_secret(state_dir),
             "ZAKI_DASHBOARD_PORT": os.environ.get("ZAKI_DASHBOARD_PORT", "8095"),
+            # Until the proxy serves the pages, they are used on the dashboard's own port.
+            "ZAKI_DASHBOARD_PUBLIC_ORIGIN": os.environ.get(
+                "ZAKI_DASHBOARD_PUBLIC_ORIGIN",
+                f"http://127.0.0.1:{os.environ.get('ZAKI_DASHBOARD_PORT', '8095')}",
+            ),
         }
         if args.demo:
             bridge = docker_bridge_ip()
