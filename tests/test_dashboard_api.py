@@ -301,7 +301,7 @@ async def test_another_account_cannot_see_or_revoke_my_keys(dashboard: Process) 
 def zaki_admin(service_env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess:
     env = {**os.environ, **service_env, "ZAKI_DASHBOARD_USER_PREFIX": PREFIX}
     return subprocess.run(
-        [sys.executable, "-m", "zaki.cli.admin", "--state-dir", "/nonexistent", *args],
+        [sys.executable, "-m", "zaki.cli", "--state-dir", "/nonexistent", "admin", *args],
         input=stdin, capture_output=True, text=True, env=env, timeout=60,
     )  # fmt: skip
 

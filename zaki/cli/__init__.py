@@ -8,6 +8,7 @@ zaki keys rotate            re-encrypt every stored secret under the newest key
 zaki providers add|update|rotate|revoke|list   model providers the LLM broker calls
 zaki usage [--user U]       model calls and tokens per user and day
 zaki health                 every instance's health, as a table
+zaki admin create|disable|enable|reset|list   dashboard accounts (operators)
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import argparse
 import os
 from pathlib import Path
 
-from zaki.cli import doctor, health, instance, keys, providers, up, usage
+from zaki.cli import admin, doctor, health, instance, keys, providers, up, usage
 from zaki.cli.common import DEFAULT_STATE, load_env, say
 
 # One module per command group, in the order `zaki --help` lists them.
-GROUPS = (up, doctor, instance, keys, health, providers, usage)
+GROUPS = (up, doctor, instance, keys, health, providers, usage, admin)
 
 
 def parser() -> argparse.ArgumentParser:
