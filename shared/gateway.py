@@ -19,9 +19,20 @@ GATEWAY_SCOPES = ("operator.read", "operator.write")
 CONTROL_UI_BASE_PATH = "/ui"  # gateway.controlUi.basePath; the proxy serves the Control UI at the same path
 
 
+# The dashboard's own RPC line asserts a second identity, granted operator.pairing as well;
+# the proxy never asserts it, so a user's API keys and Control UI sessions never get pairing.
+DASHBOARD_SCOPES = (*GATEWAY_SCOPES, "operator.pairing")
+
+
 def gateway_identity(user_id: str) -> str:
-    """The identity the proxy asserts to a user's gateway (its only allowed user)."""
+    """The identity the proxy asserts to a user's gateway."""
     return f"{user_id}@zaki.local"
+
+
+def dashboard_identity(user_id: str) -> str:
+    """The identity the dashboard asserts (a user id never contains '.', so this can never
+    equal another user's proxy identity)."""
+    return f"dashboard.{user_id}@zaki.local"
 
 
 # The gateway refuses client attribution that resolves to loopback (or to a trusted

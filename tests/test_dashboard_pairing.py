@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import httpx
 import pytest
 import websockets
 
-from services.dashboard.gateway_rpc import dashboard_identity_config
+from shared.gateway import DASHBOARD_SCOPES, dashboard_identity, gateway_identity
 from tests.conftest import Fakes, eventually, operator_connect
 from tests.test_dashboard_agent import read_sse
 from tests.test_dashboard_api import ORIGIN, Browser, signed_up, start_dashboard
@@ -30,26 +29,16 @@ def real_dashboard(stack, service_env) -> Process:
     return start_dashboard(stack, service_env, ZAKI_DASHBOARD_GATEWAY_IMAGE="")
 
 
-def grant_dashboard_identity(config_path: Path, user_id: str) -> bool:
-    """Until the provisioner's config writer lists the dashboard's identity (see the report),
-    add it the way it will: one more allowed user with its scopes. The gateway hot-applies
-    gateway.auth.trustedProxy and identityScopes. Returns whether a change was needed."""
-    cfg = json.loads(config_path.read_text())
-    auth = cfg["gateway"]["auth"]
-    identity, scopes = dashboard_identity_config(user_id)
-    if (
+def dashboard_identity_granted(config_path: Path, user_id: str) -> bool:
+    """The provisioner's config lists the dashboard's identity with operator.pairing, and
+    the proxy's identity without it."""
+    auth = json.loads(config_path.read_text())["gateway"]["auth"]
+    identity = dashboard_identity(user_id)
+    return (
         identity in auth["trustedProxy"]["allowUsers"]
-        and auth.get("identityScopes", {}).get(identity) == scopes
-    ):
-        return False
-    auth["trustedProxy"]["allowUsers"].append(identity)
-    auth.setdefault("identityScopes", {})[identity] = scopes
-    tmp = config_path.with_name(".openclaw.json.test")
-    tmp.write_text(json.dumps(cfg, indent=2))
-    os.chown(tmp, 1000, 1000)
-    os.chmod(tmp, 0o600)
-    tmp.replace(config_path)
-    return True
+        and auth["identityScopes"][identity] == list(DASHBOARD_SCOPES)
+        and "operator.pairing" not in auth["identityScopes"][gateway_identity(user_id)]
+    )
 
 
 async def pending(b: Browser) -> list[dict] | None:
@@ -80,8 +69,7 @@ async def test_pairing_approve_and_dismiss_on_a_real_gateway(
             f"(store: {events[-1][1]['elapsed_s']:.1f} s); provisioner time-to-ready {ready['timings']['total']:.1f} s"
         )
         config = Path(service_env["ZAKI_DATA_ROOT"]) / "users" / a.user["id"] / ".openclaw" / "openclaw.json"
-        patched = grant_dashboard_identity(config, a.user["id"])
-        print(f"dashboard identity added by the test: {patched}")
+        assert dashboard_identity_granted(config, a.user["id"])
         assert await eventually(lambda: _listable(a), timeout=120)
 
         # A stranger writes; the gateway answers with a pairing code and the request shows up.

@@ -63,7 +63,12 @@ def test_rendered_config_keeps_its_invariants(spec):
     gw = cfg["gateway"]
     assert gw["bind"] == "lan" and gw["port"] == 18789 and gw["mode"] == "local"
     assert gw["auth"]["mode"] == "trusted-proxy" and gw["trustedProxies"] == [spec.trusted_proxy_ip]
-    assert gw["auth"]["trustedProxy"]["allowUsers"] == [f"{spec.user_id}@zaki.local"]
+    # The proxy's identity and the dashboard's; only the dashboard's may approve pairing.
+    proxy_id, dashboard_id = f"{spec.user_id}@zaki.local", f"dashboard.{spec.user_id}@zaki.local"
+    assert gw["auth"]["trustedProxy"]["allowUsers"] == [proxy_id, dashboard_id]
+    scopes = gw["auth"]["identityScopes"]
+    assert "operator.pairing" in scopes[dashboard_id] and "operator.pairing" not in scopes[proxy_id]
+    assert not any("admin" in s for s in scopes[proxy_id] + scopes[dashboard_id])
     assert gw["http"]["endpoints"]["chatCompletions"]["enabled"] is True
     assert cfg["channels"]["telegram"]["botToken"] == spec.bot_token
     provider = cfg["models"]["providers"][spec.provider.name]

@@ -5,7 +5,7 @@ gateway proxy asserts for the user's own clients (``<user id>@zaki.local``). The
 scopes per identity (``gateway.auth.identityScopes``), so ``operator.pairing`` can be granted to
 this path only: a user's API key or Control UI session through the proxy never gets it. The
 gateway's config must list this identity in ``trustedProxy.allowUsers`` and
-``identityScopes`` (``dashboard_identity_config`` gives the entries).
+``identityScopes``: services/provisioner/config.py writes both (shared/gateway.py names them).
 """
 
 from __future__ import annotations
@@ -18,22 +18,19 @@ from typing import Any
 import aiohttp
 
 from services.dashboard.errors import ApiError
-from shared.gateway import GATEWAY_SCOPES, REQUIRED_HEADERS, USER_HEADER, attributable_ip, gateway_identity
+from shared.gateway import (
+    DASHBOARD_SCOPES,
+    GATEWAY_SCOPES,
+    REQUIRED_HEADERS,
+    USER_HEADER,
+    attributable_ip,
+    dashboard_identity,
+    gateway_identity,
+)
 
-DASHBOARD_SCOPES = ("operator.read", "operator.write", "operator.pairing")
 CLIENT = {"id": "gateway-client", "version": "0.1.0", "platform": "linux", "mode": "backend"}
 CONNECT_TIMEOUT_S = 5.0
 CALL_TIMEOUT_S = 15.0
-
-
-def dashboard_identity(user_id: str) -> str:
-    # A user id never contains '.', so this can never equal another user's proxy identity.
-    return f"dashboard.{user_id}@zaki.local"
-
-
-def dashboard_identity_config(user_id: str) -> tuple[str, list[str]]:
-    """(the allowUsers entry, its identityScopes) for the provisioner's config writer."""
-    return dashboard_identity(user_id), list(DASHBOARD_SCOPES)
 
 
 class GatewayError(Exception):

@@ -12,11 +12,13 @@ from typing import Any
 from shared.gateway import (
     CONTAINER_WORKSPACE,
     CONTROL_UI_BASE_PATH,
+    DASHBOARD_SCOPES,
     GATEWAY_PORT,
     GATEWAY_SCOPES,
     GATEWAY_UID,
     REQUIRED_HEADERS,
     USER_HEADER,
+    dashboard_identity,
     gateway_identity,
 )
 
@@ -47,7 +49,7 @@ class GatewaySpec:
 
 def render_openclaw_config(spec: GatewaySpec) -> dict[str, Any]:
     """The gateway's native config: trusted-proxy auth, HTTP endpoints on, Telegram, one provider."""
-    identity = gateway_identity(spec.user_id)
+    identity, dashboard = gateway_identity(spec.user_id), dashboard_identity(spec.user_id)
     model_ids = list(dict.fromkeys([*spec.provider.models, spec.model.split("/", 1)[-1]]))
     telegram: dict[str, Any] = {"enabled": True, "botToken": spec.bot_token}
     if spec.telegram_allow_from:
@@ -70,9 +72,9 @@ def render_openclaw_config(spec: GatewaySpec) -> dict[str, Any]:
                 "trustedProxy": {
                     "userHeader": USER_HEADER,
                     "requiredHeaders": list(REQUIRED_HEADERS),
-                    "allowUsers": [identity],
+                    "allowUsers": [identity, dashboard],
                 },
-                "identityScopes": {identity: list(GATEWAY_SCOPES)},
+                "identityScopes": {identity: list(GATEWAY_SCOPES), dashboard: list(DASHBOARD_SCOPES)},
             },
             # Served through the proxy under /ui (its UI_PREFIX); the proxy sets the Origin.
             "controlUi": {"allowedOrigins": list(spec.allowed_origins), "basePath": CONTROL_UI_BASE_PATH},
