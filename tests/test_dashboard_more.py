@@ -230,3 +230,14 @@ async def test_usage_is_the_brokers_count_for_today_and_this_month(dashboard: Pr
         assert usage["budget"] == {
             "requests_per_minute": 60, "tokens_per_day": None, "tokens_per_month": None, "soft_ratio": 0.8
         }  # fmt: skip
+
+
+def test_commands_are_offered_from_every_state_a_user_can_recover() -> None:
+    from services.dashboard.agents import COMMAND_FROM
+    from shared.state import InstanceState
+
+    states = {s.value for s in InstanceState}
+    assert all(allowed <= states for allowed in COMMAND_FROM.values())
+    # Retries used up (issue 14.3): only the user's start or restart brings it back.
+    assert "crashlooping" in COMMAND_FROM["start"] and "crashlooping" in COMMAND_FROM["restart"]
+    assert "suspended" in COMMAND_FROM["start"] and "suspended" in COMMAND_FROM["stop"]

@@ -44,10 +44,12 @@ log = logging.getLogger("zaki.dashboard.agents")
 
 HISTORY_MAX = 50
 # Which states each command may start from (the provisioner refuses the others anyway).
+# A crash-looping instance is left alone by the platform until its user acts (issue 14.3); a
+# suspended one is woken by a start (issue 16).
 COMMAND_FROM = {
-    "start": {"stopped", "failed"},
-    "stop": {"starting", "running", "failed"},
-    "restart": {"starting", "running", "failed"},
+    "start": {"stopped", "failed", "crashlooping", "suspended"},
+    "stop": {"starting", "running", "failed", "crashlooping", "suspended"},
+    "restart": {"starting", "running", "failed", "crashlooping"},
 }
 COMMAND_SUBJECT = {
     "start": subjects.INSTANCE_START,
