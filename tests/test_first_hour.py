@@ -3,8 +3,9 @@ from a clean clone of the committed tree, in a shell whose PATH lacks .venv/bin:
 
 `bash scripts/setup.sh && .venv/bin/zaki up --demo` -> two users created with the CLI -> API keys ->
 a streamed chat and a WebSocket RPC call for each through the proxy -> `zaki health` shows both
-healthy -> one gateway killed comes back by itself -> the other user deleted: its routes answer 503,
-its container, port and secrets are gone, and the first user never noticed -> Ctrl-C stops all.
+healthy -> one gateway killed comes back by itself -> the other user deleted: its keys are revoked,
+its container, port and secrets are gone, its routes answer 503, and the first user never noticed ->
+Ctrl-C stops all.
 """
 
 from __future__ import annotations
@@ -224,24 +225,28 @@ async def test_a_new_operators_first_hour(tmp_path, docker_client):
             assert await streamed_chat(http, keys[alice], "back again") == "echo: back again"
             assert await streamed_chat(http, keys[bob], "still here") == "echo: still here"
 
-            # Delete bob: 503 on his routes, container, port and secrets gone; alice unaffected.
+            # Delete bob: his keys are revoked with it (401 at once), container, port, config and
+            # secrets gone; a key made afterwards meets 503 "absent"; alice unaffected.
             bob_config = clone / ".zaki" / "state" / "data" / "users" / bob / ".openclaw" / "openclaw.json"
             assert bob_config.exists()
             deleted = json.loads(await op.zaki("instance", "delete", bob))
             assert deleted["event"] == "zaki.instance.deleted", deleted
+            chat = {"model": "openclaw", "messages": [{"role": "user", "content": "x"}]}
             r = await http.post(
-                "/v1/chat/completions",
-                json={"model": "openclaw", "messages": [{"role": "user", "content": "x"}]},
-                headers={"Authorization": f"Bearer {keys[bob]}"},
+                "/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {keys[bob]}"}
             )
-            assert r.status_code == 503 and r.json()["state"] == "absent", r.text
+            assert r.status_code == 401, r.text
             assert docker_client.containers.list(all=True, filters={"name": f"zaki-user-{bob}"}) == []
             assert not bob_config.exists()
             assert f"{bob} " not in await op.zaki("instance", "list")
-            # The key is then revoked: 401 at once.
-            key_id = keys[bob].split("_")[1]
-            await op.zaki("keys", "revoke", "--key-id", key_id)
-            r = await http.get("/v1/models", headers={"Authorization": f"Bearer {keys[bob]}"})
+            late_key = re.search(r"(zk_\S+)", await op.zaki("keys", "create", "--user", bob)).group(1)
+            r = await http.post(
+                "/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {late_key}"}
+            )
+            assert r.status_code == 503 and r.json()["state"] == "absent", r.text
+            # The README's revoke step: 401 at once.
+            await op.zaki("keys", "revoke", "--key-id", late_key.split("_")[1])
+            r = await http.get("/v1/models", headers={"Authorization": f"Bearer {late_key}"})
             assert r.status_code == 401
             assert await streamed_chat(http, keys[alice], "unaffected") == "echo: unaffected"
         await op.zaki("instance", "delete", alice, "--purge")
