@@ -4,9 +4,10 @@ for the stand-in gateway and (``--real 1``) the real OpenClaw gateway,
 1. cold: ``instance.requested`` -> ``instance.ready``;
 2. wake: a request through the proxy for a suspended instance -> its first byte
    (``GET /v1/models``; the proxy asks for the wake and holds the request), several rounds;
-3. real only: the gateway's bare boot (``docker run`` of the same image and config -> /readyz).
+3. real only, with ``--bare``: the gateway's bare boot (``docker run`` of the same image and
+   config -> /readyz), without and with Node's compile cache.
 
-    python bench/wake.py [--rounds 5] [--real 1]
+    python bench/wake.py [--rounds 5] [--real 1] [--bare]
 """
 
 from __future__ import annotations
@@ -129,6 +130,9 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--real", type=int, default=1)
+    ap.add_argument(
+        "--bare", action="store_true", help="also time bare docker runs (with and without compile cache)"
+    )
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="zaki-bench-wake-"))
     stack = Stack(tmp / "stack")
@@ -175,7 +179,7 @@ async def main() -> None:
         for _ in range(args.real):
             real = await measure(platform, store, proxy, REAL, max(1, args.rounds // 2))
             await platform.call(subjects.INSTANCE_STOP, InstanceCommand(user_id=real["user"]), timeout=120)
-            bare = await bare_boots(tmp / "data", real["user"])
+            bare = await bare_boots(tmp / "data", real["user"]) if args.bare else None
             rows.append(("real OpenClaw", real, bare))
         for _, r, _ in rows:
             await platform.call(
