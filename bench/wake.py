@@ -188,18 +188,20 @@ async def main() -> None:
 
         print("\nWake latency, one run (request through the proxy -> first byte, instance suspended before)")
         print(
-            "| gateway | cold requested -> ready s | wake -> first byte s (median, max) | of which docker start / ready s | bare boot s |"
+            "| gateway | cold requested -> ready s | wake -> first byte s (median, max) | of which docker start / ready s | first byte after ready s | bare boot s |"
         )
-        print("|---|---:|---:|---:|---:|")
+        print("|---|---:|---:|---:|---:|---:|")
         for name, r, bare in rows:
             ws = r["wakes"]
             starts = [t.get("wake_start", 0) for t in r["timings"]]
             readies = [t.get("wake_ready", 0) for t in r["timings"]]
             bare_s = f"{bare['no cache']:.2f}" if bare else "-"
+            totals = [t.get("total", 0) for t in r["timings"]]
+            after = [w - t for w, t in zip(ws, totals, strict=False)] or [0.0]
             print(
                 f"| {name} | {r['cold']:.2f} | {statistics.median(ws):.2f}, {max(ws):.2f} | "
                 f"{statistics.median(starts) if starts else 0:.2f} / {statistics.median(readies) if readies else 0:.2f} | "
-                f"{bare_s} |"
+                f"{statistics.median(after):.2f} (max {max(after):.2f}) | {bare_s} |"
             )
         for name, r, bare in rows:
             if bare:
