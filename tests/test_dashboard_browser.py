@@ -21,14 +21,13 @@ from tests.browser.harness import (
     CHROMIUM_FLAGS,
     DESKTOP,
     PHONE,
-    SHOTS,
     Site,
     curl_first_token,
     require_browser,
+    shots_dir,
     start_site,
 )
 from tests.conftest import REAL_IMAGE, eventually
-from tests.test_dashboard_pairing import grant_dashboard_identity
 
 pytestmark = pytest.mark.timeout(900)
 PASSWORD = "a sturdy pass phrase 42"
@@ -66,11 +65,12 @@ class Person:
 
     async def shoot(self, name: str) -> None:
         """The current page at desktop and phone width."""
-        SHOTS.mkdir(parents=True, exist_ok=True)
+        folder = shots_dir()
+        folder.mkdir(parents=True, exist_ok=True)
         for size, tag in ((DESKTOP, "desktop"), (PHONE, "phone")):
             await self.page.set_viewport_size(size)
             await self.page.wait_for_timeout(150)
-            await self.page.screenshot(path=str(SHOTS / f"{name}-{tag}.png"))
+            await self.page.screenshot(path=str(folder / f"{name}-{tag}.png"))
         await self.page.set_viewport_size(DESKTOP)
 
     async def fetch(self, method: str, path: str, body: object = None) -> tuple[int, object]:
@@ -467,13 +467,11 @@ async def test_operator_pages(alice, site, browser):
 
 
 @pytest.mark.gateway
-async def test_real_gateway_a_stranger_asks_the_owner_approves_the_agent_answers(carol, real_site, fakes):
+async def test_real_gateway_a_stranger_asks_the_owner_approves_the_agent_answers(carol, fakes):
     """Telegram pairing end to end: the stranger's request shows on the page, is approved there,
     and the stranger's next message gets the agent's answer through Telegram."""
     p, tg = carol, fakes.telegram
     stranger = 700_000 + uuid.uuid4().int % 100_000
-    config = real_site.data_root / "users" / p.user_id / ".openclaw" / "openclaw.json"
-    grant_dashboard_identity(config, p.user_id)  # a no-op once the provisioner writes it
     await p.goto("pairing")
     await p.page.wait_for_selector("#pairing-empty:not([hidden])", timeout=60_000)
     tg.inject_message(p.bot_token, "hello bot", chat_id=stranger)
@@ -482,6 +480,9 @@ async def test_real_gateway_a_stranger_asks_the_owner_approves_the_agent_answers
     assert str(stranger) in await item.text_content()
     await p.shoot("pairing")
     await item.locator("button[data-action='approve']").click()
+    notice = p.page.locator("main p.notice:not([hidden])").first
+    await notice.wait_for(timeout=60_000)  # the gateway's answer, whichever it is
+    assert "can now talk" in await notice.text_content(), await notice.text_content()
     await p.page.wait_for_selector("#pairing-empty:not([hidden])")
     t0 = time.perf_counter()
     tg.inject_message(p.bot_token, "may I talk now?", chat_id=stranger)

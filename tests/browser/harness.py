@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +35,16 @@ CHROMIUM_FLAGS = [
     "--metrics-recording-only",
 ]
 SHOTS = REPO / "docs" / "screenshots"
+
+
+def shots_dir() -> Path:
+    """Where screenshots go: docs/screenshots/ (committed, shown by the README) when
+    ZAKI_UPDATE_SCREENSHOTS=1, else a scratch folder, so a plain test run leaves the tree clean."""
+    if os.environ.get("ZAKI_UPDATE_SCREENSHOTS") == "1":
+        return SHOTS
+    return Path(tempfile.gettempdir()) / "zaki-screenshots"
+
+
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 JWT_SECRET = "browser-jwt-secret-" + SESSION * 4

@@ -5,6 +5,13 @@ import { clear, field, h, notice, number, seconds, when } from "../dom.js";
 
 const BUSY = new Set(["requested", "provisioning", "starting", "stopping", "deleting"]);
 const STEPS = ["requested", "provisioning", "starting", "running"];
+// Which command the API accepts from which state (services/dashboard/agents.py COMMAND_FROM);
+// the API refuses the rest with 409 illegal_state, this only greys the buttons out.
+const COMMAND_FROM = {
+  start: ["stopped", "failed", "crashlooping", "suspended"],
+  stop: ["starting", "running", "failed", "crashlooping", "suspended"],
+  restart: ["starting", "running", "failed", "crashlooping"],
+};
 
 export async function render(view, { app }) {
   const { agent } = await get("/api/agent");
@@ -98,9 +105,7 @@ function status(view, app, agent) {
       li.classList.toggle("done", idx >= 0 && (i < idx || last));
       li.classList.toggle("current", i === idx && !last);
     });
-    buttons.start.disabled = !["stopped", "failed", "suspended"].includes(cur.state);
-    buttons.stop.disabled = cur.state !== "running";
-    buttons.restart.disabled = cur.state !== "running";
+    for (const [name, b] of Object.entries(buttons)) b.disabled = !COMMAND_FROM[name].includes(cur.state);
     if (cur.state === "running" && cur.bot_username) {
       const link = h("a", { id: "bot-link", href: cur.bot_link || `https://t.me/${cur.bot_username}`, target: "_blank", rel: "noopener noreferrer" }, `t.me/${cur.bot_username}`);
       clear(botLink).append("Your bot is live: ", link, " — open it in Telegram and say hello.");

@@ -11,16 +11,25 @@ export async function render(view) {
   const empty = h("p.muted", { id: "pairing-empty" }, "Nobody is waiting. When someone writes to your bot, their request shows up here.");
 
   let listFailed = false; // a failed listing clears itself on the next good one; an action's message stays
+  let shown = null; // the ids on screen: an unchanged list is not rebuilt under the person's pointer
+  let busy = 0; // approvals or dismissals in flight: polling waits for them
   async function load() {
+    if (busy) return;
     try {
       const { requests } = await get("/api/agent/pairing");
-      clear(list);
+      if (busy) return;
+      const ids = requests.map((r) => r.request_id || r.code).join(",");
+      if (ids !== shown) {
+        shown = ids;
+        clear(list);
+        for (const r of requests) list.append(item(r));
+      }
       empty.hidden = requests.length > 0;
-      for (const r of requests) list.append(item(r));
       if (listFailed) msg.hide();
       listFailed = false;
     } catch (err) {
       clear(list);
+      shown = null;
       empty.hidden = true;
       listFailed = true;
       msg.show(err.code === "agent_not_running" ? "Your agent is not running: start it to see who is asking." : err.message);
@@ -44,14 +53,18 @@ export async function render(view) {
     );
     const act = async (action) => {
       approve.disabled = dismiss.disabled = true;
+      busy++;
       try {
         await post(`/api/agent/pairing/${action}`, r.request_id ? { request_id: r.request_id } : { code: r.code });
         msg.show(action === "approve" ? `${who} can now talk to your agent.` : `Request from ${who} dismissed.`, "info");
         li.remove();
+        shown = [...list.children].map((c) => c.dataset.request).join(",");
         empty.hidden = list.children.length > 0;
       } catch (err) {
         msg.show(err.message);
         approve.disabled = dismiss.disabled = false;
+      } finally {
+        busy--;
       }
     };
     approve.addEventListener("click", () => act("approve"));
