@@ -23,7 +23,14 @@ from services.llm_broker.providers import seed_default_provider
 from shared import subjects
 from shared.bus import MalformedEvent, decode_event
 from shared.crypto import KeyRing, provider_key_context
-from shared.events import FailureReason, InstanceRequested, InstanceUpdate, ProviderSettings
+from shared.events import (
+    FailureReason,
+    InstanceCommand,
+    InstanceDelete,
+    InstanceRequested,
+    InstanceUpdate,
+    ProviderSettings,
+)
 from shared.provider_url import (
     HostRule,
     ProviderURLError,
@@ -32,7 +39,7 @@ from shared.provider_url import (
     address_class,
 )
 from shared.settings import ZakiSettings
-from tests.conftest import broker_url, new_user
+from tests.conftest import STANDIN_IMAGE, broker_url, new_user
 from tests.test_broker import chat_body, fake_instance
 
 STRICT = URLPolicy.from_settings(ZakiSettings())  # a plain platform's defaults
@@ -192,6 +199,31 @@ async def test_the_provisioner_answers_the_attack_with_invalid_provider_url(prov
     assert subject == subjects.INSTANCE_FAILED
     assert failed.reason == FailureReason.INVALID_PROVIDER_URL
     assert "provider URL refused (fragment)" in failed.message
+
+
+async def test_a_stored_provider_url_refused_today_does_not_keep_the_gateway_down(
+    provisioner, platform, fakes, store
+):
+    """A record from an older database (or before tighter settings) holds a URL that today's
+    rules refuse: the gateway still starts (Telegram works); only its model calls are refused."""
+    user = new_user()
+    ev = InstanceRequested(
+        request_id=new_user("req"),
+        user_id=user,
+        bot_token=fakes.bot(),
+        image=STANDIN_IMAGE,
+        provider=ProviderSettings(
+            name="mine", base_url="https://api.example.com/v1", api="openai-completions", api_key="sk-x"
+        ),
+    )
+    subject, _ = await platform.call(subjects.INSTANCE_REQUESTED, ev, timeout=120)
+    assert subject == subjects.INSTANCE_READY
+    await store.instances.update_one({"_id": user}, {"$set": {"provider.base_url": "http://127.0.0.1:9/#"}})
+    subject, ready = await platform.call(
+        subjects.INSTANCE_RESTART, InstanceCommand(user_id=user, reason="test"), timeout=120
+    )
+    assert subject == subjects.INSTANCE_READY, ready
+    await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=user, purge=True))
 
 
 # --- call time: records that bypassed validation (an older database) --------------------------------

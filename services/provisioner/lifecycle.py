@@ -42,7 +42,10 @@ class Lifecycle(ProvisionerBase):
         with the broker."""
         p = doc.get("provider")
         if p:
-            own = ProviderSettings.model_validate(p)
+            # Not re-validated: the gateway needs only name, api and models. A stored base_url
+            # that today's rules refuse (an older record, tighter settings) must not keep the
+            # gateway (and its Telegram channel) down; the broker refuses its calls with a reason.
+            own = ProviderSettings.model_construct(**p)
             name, api, models = own.name, own.api, tuple(own.models)
         else:
             name = self.s.llm_provider_name
