@@ -139,6 +139,9 @@ async def test_a_new_operators_first_hour(tmp_path, docker_client):
         ZAKI_NETWORK_POOL=f"10.{160 + int(SESSION, 16) % 30}.0.0/16",
         ZAKI_PROXY_PORT=str(proxy_port),
         ZAKI_DASHBOARD_PORT=str(free_port()),
+        # Two real gateways boot at once here; on a busy 2-core CI machine that took up to ~120 s
+        # each, the default readiness timeout.
+        ZAKI_READINESS_TIMEOUT_S="300",
     )
     t0 = time.monotonic()
     proc = subprocess.Popen(
