@@ -81,6 +81,23 @@ class Budget(BaseModel):
 IdleSeconds = Annotated[int, Field(ge=0, le=30 * 24 * 3600)]
 
 
+class ActorKind(StrEnum):
+    CLI = "cli"  # an operator at the zaki CLI (id: their login name on the host)
+    DASHBOARD = "dashboard"  # a dashboard account (id: the account id)
+    API_KEY = "api_key"  # an API key (id: the key id, never the key)
+    PLATFORM = "platform"  # the platform itself (id: monitor, reconcile, fleet, ...)
+
+
+class Actor(BaseModel):
+    """Who asked for a command (issue 17.4): recorded in the audit trail with every outcome."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: ActorKind
+    id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@:-]{0,63}$")]
+    reason: Annotated[str, Field(max_length=200)] | None = None
+
+
 def _check_token(v: SecretStr) -> SecretStr:
     check_bot_token(v.get_secret_value())
     return v
@@ -101,6 +118,7 @@ class InstanceRequested(Event):
     budget: Budget | None = None
     # Seconds without traffic before the platform suspends the gateway; 0 = never; None = ZAKI_IDLE_SUSPEND_S.
     idle_suspend_s: IdleSeconds | None = None
+    actor: Actor | None = None  # who asked (audit trail)
 
     _token = field_validator("bot_token")(_check_token)
 
@@ -111,6 +129,7 @@ class InstanceCommand(Event):
     request_id: RequestId = Field(default_factory=_new_id)
     user_id: UserId
     reason: Annotated[str, Field(max_length=200)] | None = None
+    actor: Actor | None = None  # who asked (audit trail)
 
 
 class InstanceUpdate(InstanceCommand):

@@ -183,6 +183,22 @@ class ZakiSettings(BaseSettings):
     slow_probe_s: float = 1.0  # a readiness answer slower than this counts as degraded
     die_grace_s: float = 3.0  # after a container dies, how long Docker's own restart policy gets
     health_write_interval_s: float = 30.0  # how often a healthy instance's last probe is persisted
+    # Restart before memory runs out (issue 17.3; services/monitor/memory.py). An instance above
+    # memory_high_ratio of its limit for memory_high_for_s, or projected (least-squares slope over
+    # memory_window_s) to reach its limit within memory_horizon_s, is restarted (memory_growth) once
+    # quiet: no proxy or broker activity for memory_quiet_s (an open WebSocket, stream or request in
+    # flight counts as activity at every flush). Within memory_force_s of the limit it is restarted
+    # even if busy: the kernel would kill it mid-answer anyway. 0 ratio: off.
+    memory_high_ratio: float = Field(default=0.9, ge=0, le=1)
+    memory_high_for_s: float = Field(default=300.0, ge=0)
+    memory_horizon_s: float = Field(default=1800.0, ge=0)
+    memory_window_s: float = Field(default=600.0, gt=0)
+    memory_quiet_s: float = Field(default=15.0, ge=0)
+    memory_force_s: float = Field(default=60.0, ge=0)
+    memory_sample_s: float = Field(default=10.0, gt=0)  # how often each gateway's memory is read
+    memory_cgroup_root: str = "/sys/fs/cgroup/memory/docker"  # cgroup v1; v2 and Docker stats as fallback
+    # Audit trail (issue 17.4): the ZAKI_AUDIT stream keeps records this long.
+    audit_retention_days: float = Field(default=400.0, gt=0)
 
     # Idle suspend and wake (issue 16; services/waker, shared/activity.py).
     # 0: never; per instance: idle_suspend_s. Below OpenClaw's 30-min heartbeat (a model call when
@@ -197,6 +213,25 @@ class ZakiSettings(BaseSettings):
     wake_lead_s: float = 60.0  # wake this long before a gateway's next scheduled job
     wake_for_heartbeat: bool = False  # also wake a sleeper for OpenClaw's recurring heartbeat job
     waker_release_timeout_s: float = 3.0  # the provisioner waits this long for the waker to stop polling
+
+    # Backups (issue 17; services/backup). Target "local": backup_dir (default <data_root>/backups);
+    # "s3": any S3-compatible store. Interval 0: no scheduled backups (per instance: backup_interval_s).
+    backup_target: str = Field(default="local", pattern=r"^(local|s3)$")
+    backup_dir: Path | None = None
+    backup_s3_endpoint: str = ""  # empty: AWS
+    backup_s3_bucket: str = ""
+    backup_s3_prefix: str = "zaki-backups"
+    backup_s3_region: str = "us-east-1"
+    backup_s3_access_key: SecretStr = SecretStr("")
+    backup_s3_secret_key: SecretStr = SecretStr("")
+    backup_interval_s: float = Field(default=86400.0, ge=0)
+    backup_keep_count: int = Field(default=7, ge=1)  # newest good backups kept per user
+    backup_keep_days: float = Field(default=30.0, gt=0)  # older ones go (the newest one always stays)
+    backup_timeout_s: float = Field(default=1800.0, gt=0)
+    backup_sweep_s: float = Field(default=60.0, gt=0)  # the backup service's scheduling sweep
+    # Before an upgrade or a delete: "required" (the command fails when the backup does), "best_effort", "off".
+    backup_before_change: str = Field(default="required", pattern=r"^(required|best_effort|off)$")
+    delete_grace_days: float = Field(default=30.0, ge=0)  # a deleted user's backups are kept this long
 
     replica_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
 

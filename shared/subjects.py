@@ -76,3 +76,11 @@ APIKEY_REVOKED = f"{PREFIX}.apikey.revoked"
 WAKER_RELEASE = f"{PREFIX}.waker.release"
 # Core NATS: a provider key was added, rotated or revoked; every broker drops its cached copy.
 PROVIDER_CHANGED = f"{PREFIX}.provider.changed"
+
+# Audit trail (issue 17.4): its own stream and subjects (ZAKI_COMMANDS and ZAKI_EVENTS own
+# zaki.instance.*, and NATS refuses two streams over one subject). One record per command
+# handled, outcome published and operator action: zaki.audit.<command|outcome|action>.
+AUDIT = f"{PREFIX}.audit"
+AUDIT_STREAM = "ZAKI_AUDIT"
+# Fleet rollouts (issue 17.2): one event per step, kept in the audit stream.
+FLEET = f"{PREFIX}.fleet"  # + ".<step>"

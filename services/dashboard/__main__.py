@@ -9,6 +9,7 @@ import nats
 from aiohttp import web
 
 from services.dashboard.api import build_app, make_deps
+from shared import audit as shared_audit
 from shared.bus import ensure_streams, nats_servers
 from shared.runner import run_service
 from shared.settings import ZakiSettings
@@ -27,6 +28,7 @@ async def main(s: ZakiSettings, stop: asyncio.Event) -> None:
     await ensure_streams(s.nats_url, s.stream_replicas)
     deps.nc = await nats.connect(nats_servers(s.nats_url), max_reconnect_attempts=-1)
     await deps.hub.start(deps.nc)
+    shared_audit.install(deps.nc, s.audit_retention_days, s.stream_replicas)  # issue 17.4
     app = build_app(deps)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

@@ -29,6 +29,7 @@ from services.dashboard.models import (
 )
 from services.dashboard.web import API, Ctx
 from services.llm_broker.budget import today
+from shared import audit as trail
 from shared import subjects
 from shared.events import InstanceDelete
 from shared.store import Store
@@ -209,7 +210,8 @@ def _instance_action(kind: str):
         if await ctx.deps.store.get_instance(target) is None:
             raise not_found("no such instance")
         await audit.record(ctx.deps.store, actor, f"instance.{kind}", target, actor_name=name)
-        return RequestOut(request_id=await command(ctx.deps, target, kind))
+        who = audit.dashboard_actor(actor, name)
+        return RequestOut(request_id=await command(ctx.deps, target, kind, who))
 
     handler.__name__ = f"admin_{kind}_instance"
     API.route(
@@ -240,7 +242,9 @@ async def admin_delete_instance(ctx: Ctx) -> RequestOut:
         raise not_found("no such instance")
     purge = ctx.query.purge
     await audit.record(ctx.deps.store, actor, "instance.delete", target, {"purge": purge}, name)
-    cmd = InstanceDelete(user_id=target, purge=purge, reason=f"operator {name}")
+    cmd = InstanceDelete(
+        user_id=target, purge=purge, reason=f"operator {name}", actor=audit.dashboard_actor(actor, name)
+    )
     await publish(ctx.deps, subjects.INSTANCE_DELETE, cmd)
     return RequestOut(request_id=cmd.request_id)
 
@@ -297,5 +301,23 @@ async def admin_providers(ctx: Ctx) -> ProvidersOut:
     out=AuditOut,
 )
 async def admin_audit(ctx: Ctx) -> AuditOut:
+    """The platform's audit trail (ZAKI_AUDIT: commands with their actor, outcomes, operator
+    actions), newest first; the dashboard's own collection when NATS is unreachable."""
+    nc = ctx.deps.nc
+    if nc is not None and nc.is_connected:
+        rows = await trail.read(nc.jetstream(), limit=ctx.query.limit)
+        return AuditOut(records=[_trail_row(r) for r in reversed(rows)])
     rows = await audit.recent(ctx.deps.store, ctx.query.limit)
     return AuditOut(records=[AuditRecord(**r) for r in rows])
+
+
+def _trail_row(r: dict[str, Any]) -> AuditRecord:
+    a = r.get("actor") or {}
+    return AuditRecord(
+        at=r["at"],
+        actor=f"{a.get('kind')}:{a.get('id')}" if a else "",
+        actor_name=a.get("reason"),
+        action=f"{r['kind']}:{r['subject']}",
+        target=r.get("user_id") or "",
+        detail={**(r.get("detail") or {}), "request_id": r.get("request_id")},
+    )

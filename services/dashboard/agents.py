@@ -36,7 +36,15 @@ from services.llm_broker.budget import BudgetPolicy, today
 from services.provisioner.telegram import InvalidBotToken, TelegramUnavailable
 from shared import subjects
 from shared.client import PlatformClient
-from shared.events import Event, InstanceCommand, InstanceDelete, InstanceRequested, InstanceUpdate
+from shared.events import (
+    Actor,
+    ActorKind,
+    Event,
+    InstanceCommand,
+    InstanceDelete,
+    InstanceRequested,
+    InstanceUpdate,
+)
 from shared.store import Store, utcnow
 from shared.validation import BOT_TOKEN_RE
 
@@ -56,6 +64,11 @@ COMMAND_SUBJECT = {
     "stop": subjects.INSTANCE_STOP,
     "restart": subjects.INSTANCE_RESTART,
 }
+
+
+def _me(account_id: str) -> Actor:
+    """The account acting on its own agent (the audit trail's actor)."""
+    return Actor(kind=ActorKind.DASHBOARD, id=account_id)
 
 
 def bot_claims(store: Store):
@@ -213,6 +226,7 @@ async def create_agent(ctx: Ctx) -> CreatedAgentOut:
         model=model,
         telegram_allow_from=b.telegram_allow_from,
         image=d.settings.dashboard_gateway_image or None,
+        actor=_me(ctx.user_id),
     )
     marker = {"request_id": request_id, "requested_at": utcnow(), "bot_username": username, "model": model}
     await accounts.accounts(d.store).update_one({"_id": ctx.user_id}, {"$set": {"agent": marker}})
@@ -224,8 +238,9 @@ async def create_agent(ctx: Ctx) -> CreatedAgentOut:
 # --- running it ---------------------------------------------------------------------------------
 
 
-async def command(deps: Any, user_id: str, kind: str) -> str:
-    """Publishes start / stop / restart for *user_id* after checking its state."""
+async def command(deps: Any, user_id: str, kind: str, actor: Actor | None = None) -> str:
+    """Publishes start / stop / restart for *user_id* after checking its state; *actor*: who
+    asked (default: the account itself)."""
     doc = await deps.store.get_instance(user_id)
     if doc is None:
         raise not_found("there is no agent")
@@ -236,7 +251,7 @@ async def command(deps: Any, user_id: str, kind: str) -> str:
             f"cannot {kind} an agent that is {doc['state']}",
             extra={"state": doc["state"]},
         )
-    cmd = InstanceCommand(user_id=user_id, reason=f"dashboard: {kind}")
+    cmd = InstanceCommand(user_id=user_id, reason=f"dashboard: {kind}", actor=actor or _me(user_id))
     await accounts.accounts(deps.store).update_one({"_id": user_id}, {"$set": {"agent.command_at": utcnow()}})
     await publish(deps, COMMAND_SUBJECT[kind], cmd)
     return cmd.request_id
@@ -276,7 +291,9 @@ async def update_agent(ctx: Ctx) -> RequestOut:
         raise ApiError(400, "model_not_allowed", f"pick one of {', '.join(d.models())}", "model")
     if await d.store.get_instance(ctx.user_id) is None:
         raise not_found("there is no agent")
-    cmd = InstanceUpdate(user_id=ctx.user_id, model=b.model, reason="dashboard: model")
+    cmd = InstanceUpdate(
+        user_id=ctx.user_id, model=b.model, reason="dashboard: model", actor=_me(ctx.user_id)
+    )
     await publish(d, subjects.INSTANCE_UPDATE, cmd)
     return RequestOut(request_id=cmd.request_id)
 
@@ -336,7 +353,9 @@ async def delete_everything(deps: Any, user_id: str, purge: bool) -> str | None:
     await revoke_keys(deps, user_id)
     request_id = None
     if await deps.store.get_instance(user_id) is not None:
-        cmd = InstanceDelete(user_id=user_id, purge=purge, reason="dashboard: account deleted")
+        cmd = InstanceDelete(
+            user_id=user_id, purge=purge, reason="dashboard: account deleted", actor=_me(user_id)
+        )
         await publish(deps, subjects.INSTANCE_DELETE, cmd)
         request_id = cmd.request_id
     await sessions.revoke_all(deps.store, user_id)

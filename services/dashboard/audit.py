@@ -1,4 +1,6 @@
-"""Every operator action, recorded with actor, time and target (store collection ``audit``)."""
+"""Every operator action, recorded with actor, time and target: in the store collection ``audit``
+and in the platform's audit trail (the ZAKI_AUDIT stream, shared/audit.py), which the admin
+audit route reads (the collection only when NATS is unreachable)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,8 @@ from typing import Any
 
 from pymongo import DESCENDING
 
+from shared import audit as trail
+from shared.events import Actor, ActorKind
 from shared.store import Store, utcnow
 
 
@@ -36,6 +40,14 @@ async def record(
             "detail": detail or {},
         }
     )
+    await trail.action(dashboard_actor(actor, actor_name), action, target, detail)
+
+
+def dashboard_actor(account_id: str, name: str | None = None) -> Actor:
+    """A dashboard account as an audit actor (``cli`` when the zaki admin command acted)."""
+    if account_id == "cli":
+        return Actor(kind=ActorKind.CLI, id="zaki-admin")
+    return Actor(kind=ActorKind.DASHBOARD, id=account_id, reason=f"operator {name}" if name else None)
 
 
 async def recent(store: Store, limit: int = 100) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ from services.provisioner import metrics
 from services.provisioner.runtime import DockerRuntime
 from services.provisioner.service import Provisioner, ProvisionError, Retry
 from services.provisioner.telegram import TelegramClient
-from shared import subjects
+from shared import audit, subjects
 from shared.bus import MalformedEvent, dead_letter_for, decode_event, ensure_streams, nats_servers, to_json
 from shared.crypto import KeyRing
 from shared.events import COMMAND_MODELS, Event, FailureReason, InstanceFailed, InstanceRequested
@@ -55,6 +55,7 @@ class ProvisionerApp:
 
     async def publish(self, subject: str, event: Event) -> None:
         await self.broker.publish(to_json(event), subject, stream=subjects.EVENT_STREAM)
+        await audit.outcome(subject, event)  # every outcome in the audit trail (issue 17.4)
 
     async def notify(self, subject: str, data: bytes) -> None:
         await self.broker.publish(data, subject)  # core NATS: heard by every live subscriber
@@ -105,6 +106,8 @@ class ProvisionerApp:
             await msg.ack()
             return
         assert self.service is not None
+        if (msg.raw_message.metadata.num_delivered or 1) == 1:
+            await audit.command(subject, event)  # who asked, once per command (issue 17.4)
         beat = asyncio.create_task(self._heartbeat(msg))
         attempt = msg.raw_message.metadata.num_delivered or 1
         try:
@@ -146,6 +149,8 @@ class ProvisionerApp:
     async def start(self) -> None:
         s = self.settings
         await ensure_streams(s.nats_url, s.stream_replicas)
+        self.audit_nc = await nats.connect(nats_servers(s.nats_url), max_reconnect_attempts=-1)
+        audit.install(self.audit_nc, s.audit_retention_days, s.stream_replicas)
         self.store = Store(s.mongo_url, s.mongo_db)
         await self.store.ensure_indexes()
         self.service = Provisioner(
@@ -198,6 +203,8 @@ class ProvisionerApp:
             await self.service.telegram.close()
         if self.store is not None:
             await self.store.close()
+        if getattr(self, "audit_nc", None) is not None:
+            await self.audit_nc.close()
 
 
 def build_app(settings: ZakiSettings) -> ProvisionerApp:

@@ -14,6 +14,7 @@ from services.provisioner import healing, metrics
 from services.provisioner.base import ProvisionError, S, _bytes, log
 from services.provisioner.commands import Commands
 from services.provisioner.runtime import RuntimeError_
+from shared import audit, subjects
 from shared.events import FailureReason, InstanceCommand, StopReason
 from shared.gateway import container_name
 from shared.state import InstanceState
@@ -59,7 +60,9 @@ class Reconciler(Commands):
                 continue
             async with self._locks[user_id]:
                 log.info("recreating a missing container", extra={"user_id": user_id})
-                cmd = InstanceCommand(user_id=user_id, reason="reconcile: container missing")
+                why = "reconcile: container missing"
+                cmd = InstanceCommand(user_id=user_id, reason=why, actor=audit.platform("reconcile", why))
+                await audit.command(subjects.INSTANCE_START, cmd)
                 try:
                     fresh = await self._transition(
                         cmd.request_id, user_id, S.STARTING, {AUTO: utcnow()}, instance_id=doc["instance_id"]
@@ -81,7 +84,9 @@ class Reconciler(Commands):
             return
         for user_id in differ:
             reason = "reconcile: network subnet differs from the record"
-            await self.handle_command("restart", InstanceCommand(user_id=user_id, reason=reason))
+            cmd = InstanceCommand(user_id=user_id, reason=reason, actor=audit.platform("reconcile", reason))
+            await audit.command(subjects.INSTANCE_RESTART, cmd)
+            await self.handle_command("restart", cmd)
             actions["network_replaced"] += 1
 
     async def _fail_abandoned(self, records: dict[str, dict[str, Any]], actions: dict[str, int]) -> None:
@@ -128,9 +133,9 @@ class Reconciler(Commands):
     async def _retry(self, doc: dict[str, Any]) -> None:
         user_id, heal = doc["_id"], doc["heal"]
         attempt = int(heal.get("attempts", 0)) + 1
-        cmd = InstanceCommand(
-            user_id=user_id, reason=f"reconcile: retry {attempt} after {heal.get('reason')}"
-        )
+        why = f"reconcile: retry {attempt} after {heal.get('reason')}"
+        cmd = InstanceCommand(user_id=user_id, reason=why, actor=audit.platform("reconcile", why))
+        await audit.command(subjects.INSTANCE_START, cmd)
         log.info("retrying a failed instance", extra={"user_id": user_id, "attempt": attempt})
         try:
             # Counted before the attempt: a crash mid-way does not make retries free.
@@ -183,7 +188,12 @@ class Reconciler(Commands):
             if usage is None or not usage.over:
                 continue
             async with self._locks[user_id]:
-                cmd = InstanceCommand(user_id=user_id, reason=StopReason.DISK_QUOTA.value)
+                cmd = InstanceCommand(
+                    user_id=user_id,
+                    reason=StopReason.DISK_QUOTA.value,
+                    actor=audit.platform("reconcile", StopReason.DISK_QUOTA.value),
+                )
+                await audit.command(subjects.INSTANCE_STOP, cmd)
                 log.warning("stopping an instance over its disk limits", extra={"user_id": user_id})
                 message = f"{usage.over}: stopped; free space in the workspace or ask the operator"
                 try:

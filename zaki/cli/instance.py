@@ -9,6 +9,7 @@ import os
 import uuid
 from typing import Any
 
+from zaki.cli.audit import cli_actor
 from zaki.cli.common import print_outcome, progress, with_platform, with_store
 
 ACTIONS = ["create", "list", "show", "stop", "start", "restart", "delete", "update", "upgrade", "logs"]
@@ -44,27 +45,35 @@ def run(args: argparse.Namespace) -> int:
     if action == "logs":
         return _logs(args.user, args.tail)
     rid = uuid.uuid4().hex
+    actor = cli_actor()  # who asked, for the audit trail
     if action == "create":
         token = args.bot_token or os.environ.get("ZAKI_BOT_TOKEN", "")
         event: Any = InstanceRequested(
-            request_id=rid, user_id=args.user, bot_token=token, model=args.model, image=args.image
+            request_id=rid,
+            user_id=args.user,
+            bot_token=token,
+            model=args.model,
+            image=args.image,
+            actor=actor,
         )
         subject = subjects.INSTANCE_REQUESTED
     elif action == "delete":
         event, subject = (
-            InstanceDelete(request_id=rid, user_id=args.user, purge=args.purge),
+            InstanceDelete(request_id=rid, user_id=args.user, purge=args.purge, actor=actor),
             subjects.INSTANCE_DELETE,
         )
     elif action == "update":
-        event = InstanceUpdate(request_id=rid, user_id=args.user, model=args.model, bot_token=args.bot_token)
+        event = InstanceUpdate(
+            request_id=rid, user_id=args.user, model=args.model, bot_token=args.bot_token, actor=actor
+        )
         subject = subjects.INSTANCE_UPDATE
     elif action == "upgrade":
         event, subject = (
-            InstanceUpgrade(request_id=rid, user_id=args.user, image=args.image),
+            InstanceUpgrade(request_id=rid, user_id=args.user, image=args.image, actor=actor),
             subjects.INSTANCE_UPGRADE,
         )
     else:
-        event = InstanceCommand(request_id=rid, user_id=args.user, reason="zaki cli")
+        event = InstanceCommand(request_id=rid, user_id=args.user, reason="zaki cli", actor=actor)
         subject = f"{subjects.PREFIX}.instance.{action}"
 
     async def call(client, settings):
