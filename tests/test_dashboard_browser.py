@@ -437,6 +437,30 @@ async def test_another_account_sees_none_of_it(alice, site, browser):
     assert (await alice.fetch("GET", "/api/agent"))[1]["agent"]["state"] == "running"
 
 
+async def test_password_change_then_log_out_and_in_again(site, browser):
+    p = await Person.open(browser, site, uname("erin"))
+    await p.signup(p.name)
+    await p.goto("account")
+    new = PASSWORD + " renewed"
+    await p.page.fill("#f-current_password", "not my password at all")
+    await p.page.fill("#f-new_password", new)
+    await p.page.click("#password-form button[type=submit]")
+    err = p.page.locator("#password-form p.notice.error:not([hidden])")
+    await err.wait_for()  # a wrong current password changes nothing
+    await p.page.fill("#f-current_password", PASSWORD)
+    await p.page.click("#password-form button[type=submit]")
+    await p.page.wait_for_selector("#password-form p.notice.info:not([hidden])")
+    await p.page.click("#logout")
+    await p.ready("login")
+    assert (await p.fetch("GET", "/api/me"))[0] == 401
+    await p.login(p.name, PASSWORD)
+    await p.page.wait_for_selector("main[data-page='login'] p.notice.error:not([hidden])")
+    await p.login(p.name, new)
+    await p.ready("agent")
+    assert not p.errors, p.errors
+    await p.close()
+
+
 async def test_operator_pages(alice, site, browser):
     name = uname("root")
     await accounts.create_account(site.plat.store, name, None, PASSWORD, role="operator")
@@ -522,6 +546,23 @@ async def test_real_gateway_uses_soul_md_and_keeps_the_chat_history(carol, fakes
     await p.goto("chat")
     await p.page.wait_for_selector(".msg.user >> text=and now?", timeout=30_000)
     await p.page.wait_for_selector(".msg.assistant >> text=echo: and now?")
+
+
+@pytest.mark.gateway
+async def test_real_gateway_answer_can_be_stopped(carol):
+    """Stop while the agent is still writing: the page keeps what came and says it stopped."""
+    p = carol
+    await p.goto("chat")
+    before = await p.page.locator(".msg.assistant").count()
+    # The fake model streams a "slow …" answer one word every 0.2 s.
+    await p.page.fill("#chat-input", "slow " + " ".join(f"w{i}" for i in range(40)))
+    await p.page.click("#chat-send")
+    answer = p.page.locator(".msg.assistant").nth(before)
+    await answer.locator(".body >> text=w1").wait_for(timeout=120_000)
+    await p.page.click("#chat-stop")
+    await answer.locator(".stopped").wait_for()
+    assert "w39" not in await answer.text_content()
+    assert await p.page.locator("#chat-send").is_visible()  # ready for the next message
 
 
 @pytest.mark.gateway
