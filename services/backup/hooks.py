@@ -1,0 +1,38 @@
+"""The provisioner's hook: a backup before every upgrade and every delete.
+
+ZAKI_BACKUP_BEFORE_CHANGE: "required" (default; the command fails with reason backup_failed
+when the backup does, and nothing is changed), "best_effort" (logged, the command goes on), "off".
+A user without a data folder has nothing to lose: no backup, no failure.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from services.backup.core import make_target, user_folder
+from services.backup.errors import BackupError
+from services.backup.ops import Backups
+
+log = logging.getLogger("zaki.backup")
+
+
+async def before_change(prov: Any, doc: dict[str, Any], reason: str) -> None:
+    """*prov*: the provisioner (settings ``s``, key ring ``keys``, ``publish``)."""
+    from services.provisioner.base import ProvisionError
+    from shared.events import FailureReason
+
+    s = prov.s
+    if s.backup_before_change == "off" or not user_folder(s, doc["_id"]).is_dir():
+        return
+    try:
+        await Backups(s, prov.keys, make_target(s), prov.publish).create(
+            doc["_id"], doc.get("instance_id"), reason
+        )
+    except BackupError as e:
+        if s.backup_before_change == "required":
+            what = reason.removeprefix("pre_")
+            raise ProvisionError(
+                FailureReason.BACKUP_FAILED, f"the backup before the {what} failed ({e.code}): {e}"
+            ) from None
+        log.warning("backup before change failed; going on", extra={"user_id": doc["_id"], "error": e.code})

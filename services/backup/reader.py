@@ -1,0 +1,194 @@
+"""The snapshot reader: ``python -m services.backup.reader FOLDER`` writes FOLDER as an
+uncompressed tar stream on stdout and a one-line JSON summary on stderr.
+
+A tenant writes its folder and may plant symlinks, FIFOs or swap files while we read. So this
+process chroots into the folder and drops to the gateway's uid before reading anything: every
+path, even a symlink that SQLite follows by itself, resolves inside the tenant's own folder, and
+nothing it creates (a SQLite -shm) is root-owned. Symlinks, FIFOs, sockets and devices are
+skipped (never opened); SQLite databases are copied with SQLite's online backup API (one read
+transaction: a consistent snapshot while the gateway writes, never a torn copy), their -wal,
+-shm and -journal files left out (the copy already holds every committed page).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sqlite3
+import stat
+import sys
+import tarfile
+import time
+from typing import BinaryIO
+from urllib.parse import quote
+
+from shared.gateway import GATEWAY_UID
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+SIDECARS = ("-wal", "-shm", "-journal")
+# Secrets bound to the instance (re-rendered by the provisioner for whoever is restored) and caches.
+EXCLUDED = (".openclaw/openclaw.json", ".openclaw/openclaw.json.last-good", ".openclaw/cache")
+EXCLUDED_PREFIXES = (".openclaw/.openclaw.json.",)
+MAX_DEPTH = 64
+READ = 1 << 20
+
+
+class _Exact:
+    """Reads exactly *size* bytes from *fd*: a file that shrinks while read is padded with zeros
+    (and reported), one that grows is cut at the size the tar header already announced."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd, self.left, self.short = fd, size, False
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        if n <= 0:
+            return b""
+        data = os.read(self.fd, n)
+        if not data:
+            self.short = True
+            data = b"\0" * n
+        self.left -= len(data)
+        return data
+
+
+def _excluded(rel: str) -> bool:
+    return rel in EXCLUDED or rel.startswith(EXCLUDED_PREFIXES)
+
+
+def _sqlite_image(path: str) -> bytes:
+    src = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True, timeout=30, isolation_level=None)
+    dst = sqlite3.connect(":memory:")
+    try:
+        src.execute("PRAGMA temp_store=MEMORY")
+        src.backup(dst)  # every page in one read transaction
+        return dst.serialize()
+    finally:
+        src.close()
+        dst.close()
+
+
+class Walker:
+    def __init__(self, tar: tarfile.TarFile) -> None:
+        self.tar = tar
+        self.summary: dict[str, object] = {"files": 0, "dirs": 0, "sqlite": [], "bytes": 0}
+        self.skipped: dict[str, list[str]] = {"symlink": [], "special": [], "unreadable": [], "changed": []}
+
+    def skip(self, kind: str, rel: str) -> None:
+        self.skipped[kind].append(rel[:300])
+
+    def walk(self, rel: str, depth: int) -> None:
+        path = "/" + rel
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError:
+            self.skip("unreadable", rel)
+            return
+        names = {e.name for e in entries}
+        for e in entries:
+            child = f"{rel}/{e.name}" if rel else e.name
+            if _excluded(child):
+                continue
+            try:
+                st = os.lstat("/" + child)
+            except OSError:
+                self.skip("unreadable", child)
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                self.skip("symlink", child)
+            elif stat.S_ISDIR(st.st_mode):
+                if depth >= MAX_DEPTH:
+                    self.skip("unreadable", child)
+                    continue
+                info = tarfile.TarInfo(child)
+                info.type, info.mode, info.mtime = tarfile.DIRTYPE, st.st_mode & 0o777, int(st.st_mtime)
+                self.tar.addfile(info)
+                self.summary["dirs"] = int(self.summary["dirs"]) + 1  # type: ignore[call-overload]
+                self.walk(child, depth + 1)
+            elif stat.S_ISREG(st.st_mode):
+                if e.name.endswith(SIDECARS) and e.name.rsplit("-", 1)[0] in names:
+                    base = e.name.rsplit("-", 1)[0]
+                    if self._is_sqlite(f"{rel}/{base}" if rel else base):
+                        continue
+                self.add_file(child)
+            else:
+                self.skip("special", child)
+
+    def _is_sqlite(self, rel: str) -> bool:
+        try:
+            fd = os.open("/" + rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            return stat.S_ISREG(os.fstat(fd).st_mode) and os.pread(fd, 16, 0) == SQLITE_MAGIC
+        finally:
+            os.close(fd)
+
+    def add_file(self, rel: str) -> None:
+        # O_NOFOLLOW | O_NONBLOCK, then fstat: a file swapped for a symlink or FIFO since lstat is skipped.
+        try:
+            fd = os.open("/" + rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            self.skip("unreadable", rel)
+            return
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                self.skip("special", rel)
+                return
+            info = tarfile.TarInfo(rel)
+            info.mode, info.mtime = st.st_mode & 0o777, int(st.st_mtime)
+            if os.pread(fd, 16, 0) == SQLITE_MAGIC:
+                try:
+                    data = _sqlite_image("/" + rel)
+                except sqlite3.Error as e:
+                    raise SystemExit(f"cannot snapshot the SQLite database {rel}: {e}") from None
+                info.size = len(data)
+                self.tar.addfile(info, io.BytesIO(data))
+                self.summary["sqlite"].append(rel)  # type: ignore[attr-defined]
+            else:
+                info.size = st.st_size
+                src = _Exact(fd, st.st_size)
+                self.tar.addfile(info, src)  # type: ignore[arg-type]
+                if src.short:
+                    self.skip("changed", rel)
+            self.summary["files"] = int(self.summary["files"]) + 1  # type: ignore[call-overload]
+            self.summary["bytes"] = int(self.summary["bytes"]) + info.size  # type: ignore[call-overload]
+        finally:
+            os.close(fd)
+
+
+def confine(folder: str) -> None:
+    """chroot into *folder* and become the gateway's uid: from here on nothing outside it exists."""
+    # SQLite seeds its PRNG from /dev/urandom once per process: do it now, before a tenant's
+    # "/dev/urandom" (a FIFO, say) is the only one there is.
+    sqlite3.connect(":memory:").execute("SELECT randomblob(16)").fetchone()
+    os.chroot(folder)
+    os.chdir("/")
+    os.setgroups([])
+    os.setgid(GATEWAY_UID)
+    os.setuid(GATEWAY_UID)
+
+
+def run(folder: str, out: BinaryIO) -> dict[str, object]:
+    t0 = time.monotonic()
+    confine(folder)
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=READ) as tar:
+        w = Walker(tar)
+        w.walk("", 0)
+    return {**w.summary, "skipped": w.skipped, "seconds": round(time.monotonic() - t0, 3)}
+
+
+def main() -> int:
+    if len(sys.argv) != 2 or os.geteuid() != 0:
+        print("usage (as root): python -m services.backup.reader FOLDER", file=sys.stderr)
+        return 2
+    summary = run(sys.argv[1], sys.stdout.buffer)
+    sys.stdout.buffer.flush()
+    print(json.dumps(summary), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
