@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -56,21 +57,31 @@ async def ensure_stream(js: Any, retention_days: float, replicas: int = 1) -> No
         await js.add_stream(cfg)
 
 
+_SECRET_KEY = re.compile(r"(?i)(token|password|api_?key|secret|authorization)$")
+
+
 def _clean(value: Any) -> Any:
-    """A JSON-able copy with every secret replaced."""
+    """A JSON-able copy with every secret replaced: secret values and fields named like one
+    (sealed ``*_enc`` ones dropped), and every string through the log redactor."""
     if isinstance(value, SecretStr):
         return REDACTED
     if isinstance(value, BaseModel):
         value = dict(value)
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items() if not str(k).endswith("_enc")}
+        return {
+            str(k): REDACTED if _SECRET_KEY.search(str(k)) and v is not None else _clean(v)
+            for k, v in value.items()
+            if not str(k).endswith("_enc")
+        }
     if isinstance(value, list | tuple):
         return [_clean(v) for v in value[-5:]]  # a bounded tail (event logs)
     if isinstance(value, datetime):
         return value.isoformat()
     if hasattr(value, "value") and isinstance(value.value, str):  # enums
         return value.value
-    return value if isinstance(value, str | int | float | bool) or value is None else str(value)
+    if isinstance(value, str):
+        return redact(value)
+    return value if isinstance(value, int | float | bool) or value is None else redact(str(value))
 
 
 def record(
@@ -83,12 +94,12 @@ def record(
     detail: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One audit record, redacted and bounded."""
-    text = redact(json.dumps(_clean(detail or {}), default=str))
+    text = json.dumps(_clean(detail or {}), default=str)
     if len(text) > MAX_DETAIL:
         text = json.dumps({"truncated": text[:MAX_DETAIL]})
     act = actor.model_dump(mode="json") if isinstance(actor, Actor) else actor
     if act is not None:
-        act = json.loads(redact(json.dumps(act)))
+        act = _clean(act)
     return {
         "id": uuid.uuid4().hex,
         "at": datetime.now(UTC).isoformat(),
@@ -205,16 +216,24 @@ async def read(
     actor: str | None = None,
     limit: int = 1000,
     timeout: float = 5.0,
+    tail: bool = False,
 ) -> list[dict[str, Any]]:
     """Records from *since* (default: the start of the stream), oldest first, filtered; outcomes
-    are joined to their command's actor by request id so ``--actor`` shows both."""
+    are joined to their command's actor by request id so ``--actor`` shows both. *tail*: without
+    *since*, only the last ~2 x *limit* messages are read (the admin page's recent records)."""
     try:
-        await js.stream_info(subjects.AUDIT_STREAM)
+        info = await js.stream_info(subjects.AUDIT_STREAM)
     except NotFoundError:
         return []
+    policy, start_seq = DeliverPolicy.ALL, None
+    if since:
+        policy = DeliverPolicy.BY_START_TIME
+    elif tail and info.state.last_seq > 2 * limit:
+        policy, start_seq = DeliverPolicy.BY_START_SEQUENCE, info.state.last_seq - 2 * limit
     cfg = ConsumerConfig(
-        deliver_policy=DeliverPolicy.BY_START_TIME if since else DeliverPolicy.ALL,
+        deliver_policy=policy,
         opt_start_time=since.astimezone(UTC).isoformat().replace("+00:00", "Z") if since else None,
+        opt_start_seq=start_seq,
         ack_policy=AckPolicy.NONE,
         inactive_threshold=30.0,
     )

@@ -305,19 +305,24 @@ async def admin_audit(ctx: Ctx) -> AuditOut:
     actions), newest first; the dashboard's own collection when NATS is unreachable."""
     nc = ctx.deps.nc
     if nc is not None and nc.is_connected:
-        rows = await trail.read(nc.jetstream(), limit=ctx.query.limit)
+        rows = await trail.read(nc.jetstream(), limit=ctx.query.limit, tail=True)
         return AuditOut(records=[_trail_row(r) for r in reversed(rows)])
     rows = await audit.recent(ctx.deps.store, ctx.query.limit)
     return AuditOut(records=[AuditRecord(**r) for r in rows])
 
 
 def _trail_row(r: dict[str, Any]) -> AuditRecord:
+    """A trail record as the page shows it: an operator action as before (account id as actor);
+    commands and outcomes as ``command:<subject>`` with ``kind:id`` actors."""
     a = r.get("actor") or {}
+    detail = dict(r.get("detail") or {})
+    name = detail.pop("actor_name", None)
+    actor = a["id"] if a.get("kind") == "dashboard" else f"{a.get('kind')}:{a.get('id')}" if a else ""
     return AuditRecord(
         at=r["at"],
-        actor=f"{a.get('kind')}:{a.get('id')}" if a else "",
-        actor_name=a.get("reason"),
-        action=f"{r['kind']}:{r['subject']}",
+        actor=actor,
+        actor_name=name,
+        action=r["subject"] if r["kind"] == "action" else f"{r['kind']}:{r['subject']}",
         target=r.get("user_id") or "",
-        detail={**(r.get("detail") or {}), "request_id": r.get("request_id")},
+        detail={**detail, "request_id": r.get("request_id")} if r.get("request_id") else detail,
     )

@@ -40,7 +40,9 @@ async def record(
             "detail": detail or {},
         }
     )
-    await trail.action(dashboard_actor(actor, actor_name), action, target, detail)
+    await trail.action(
+        dashboard_actor(actor, actor_name), action, target, {**(detail or {}), "actor_name": actor_name}
+    )
 
 
 def dashboard_actor(account_id: str, name: str | None = None) -> Actor:
