@@ -6,7 +6,8 @@
 // exercise the real contract at a fraction of the memory (~40 MB vs ~1 GB).
 //
 // Fault knobs (env): STANDIN_EXIT_CODE (exit at once), STANDIN_ALLOC_MB
-// (allocate then idle: OOM tests), STANDIN_START_DELAY_MS, STANDIN_READYZ_DELAY_MS,
+// (allocate then idle: OOM tests), STANDIN_LEAK_MB_PER_S (grow steadily from start: memory
+// trend tests), STANDIN_START_DELAY_MS, STANDIN_READYZ_DELAY_MS,
 // STANDIN_HANG_AFTER_MS (stop answering), STANDIN_PORTS=a-b (serve many ports).
 "use strict";
 const http = require("node:http");
@@ -17,6 +18,7 @@ const os = require("node:os");
 const env = process.env;
 // Faults can also come from <state dir>/standin-faults.json, which tests write on the host
 // (it survives restarts): {"exit_code":3} {"alloc_mb":3000} {"readyz_delay_ms":1500} {"hang":true}
+// {"leak_mb_per_s":2} (off-heap buffers, touched, never freed: the cgroup sees them, V8's heap cap does not)
 const FAULTS_PATH = (env.OPENCLAW_STATE_DIR || "/home/node/.openclaw") + "/standin-faults.json";
 function readFaults() {
   try {
@@ -27,11 +29,14 @@ function readFaults() {
 }
 let faults = {};
 const hog = [];
+const bootedAt = Date.now();
 function applyFaults() {
   faults = readFaults();
   const exitCode = env.STANDIN_EXIT_CODE ?? faults.exit_code;
   if (exitCode !== undefined) process.exit(Number(exitCode));
-  const mb = Number(env.STANDIN_ALLOC_MB || faults.alloc_mb || 0);
+  let mb = Number(env.STANDIN_ALLOC_MB || faults.alloc_mb || 0);
+  const leak = Number(env.STANDIN_LEAK_MB_PER_S || faults.leak_mb_per_s || 0);
+  if (leak > 0) mb += Math.floor((leak * (Date.now() - bootedAt)) / 1000);
   while (hog.length < mb) hog.push(Buffer.alloc(1 << 20, 1));
 }
 applyFaults();
