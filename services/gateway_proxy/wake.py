@@ -145,7 +145,8 @@ class WakeGate:
                 await asyncio.wait_for(ev.wait(), min(left, RECHECK_S if stale is None else 0.25))
                 continue
             except TimeoutError:
-                pass
+                if time.monotonic() >= deadline:
+                    continue  # out of time: answered at the top, no last look or ask
             # No event (another replica's, a NATS blip, or a crash-restart): ask the record.
             doc = await routes.store.get_instance(user_id)
             now_state = doc["state"] if doc else None
