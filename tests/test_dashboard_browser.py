@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 
@@ -16,6 +17,7 @@ import httpx
 import pytest
 
 from services.dashboard import accounts
+from services.dashboard.pages import STATIC
 from tests.browser.harness import (
     CHROMIUM,
     CHROMIUM_FLAGS,
@@ -180,6 +182,27 @@ async def carol(real_site, browser, fakes):
 
 
 # --- the tests, in the order a person meets the pages ---------------------------------------
+
+
+HTML_SINKS = re.compile(
+    r"\.innerHTML|\.outerHTML|insertAdjacentHTML|document\.write|\beval\(|new Function|setAttribute\(\s*[\"']on|\.style\.cssText"
+)
+
+
+def test_pages_never_turn_strings_into_markup():
+    """The pages' one rule for user text: DOM nodes and textContent only, never an HTML parser
+    (the CSP forbids inline code too; this keeps the source honest)."""
+    sources = sorted(STATIC.rglob("*.js"))
+    assert len(sources) >= 10
+    found = [
+        f"{path.relative_to(STATIC)}:{n}: {line.strip()}"
+        for path in sources
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if HTML_SINKS.search(line.split("//", 1)[0])
+    ]
+    assert not found, found
+    index = (STATIC / "index.html").read_text()
+    assert "<script>" not in index and " style=" not in index and " on" not in index.split("<body>")[1]
 
 
 async def test_first_page_load_is_small_and_fast(site, browser):
