@@ -8,6 +8,7 @@ import logging
 
 import nats
 
+from services.monitor.memory import MemoryGuard
 from services.monitor.monitor import Monitor
 from shared.bus import ensure_streams, nats_servers, to_json
 from shared.runner import run_service
@@ -28,6 +29,7 @@ async def main(settings: ZakiSettings, stop: asyncio.Event) -> None:
     store = Store(settings.mongo_url, settings.mongo_db)
     monitor = Monitor(settings, store, publish)
     monitor.start_docker_events(asyncio.get_running_loop())
+    memory = MemoryGuard(monitor)  # restarts before memory runs out (issue 17.3)
 
     async def every(interval: float, fn) -> None:
         while True:
@@ -42,6 +44,7 @@ async def main(settings: ZakiSettings, stop: asyncio.Event) -> None:
         asyncio.create_task(every(settings.probe_interval_s / 3, monitor.heartbeat)),
         asyncio.create_task(every(settings.probe_interval_s, monitor.sweep)),
         asyncio.create_task(every(settings.summary_interval_s, monitor.summary)),
+        asyncio.create_task(every(settings.memory_sample_s, memory.sweep)),
     ]
     try:
         await stop.wait()

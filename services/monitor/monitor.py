@@ -18,7 +18,7 @@ from pymongo.errors import DuplicateKeyError
 
 from services.monitor import model_path
 from services.monitor.health import HealthTracker, RestartPolicy, jitter_offset, owner
-from shared import subjects
+from shared import audit, subjects
 from shared.events import HealthState, HealthSummary, InstanceCommand, InstanceHealthChanged
 from shared.gateway import container_name
 from shared.probe import AioProber, ProbeResult
@@ -49,7 +49,7 @@ DIE_LAG = Histogram(
 EVENTS = Counter("zaki_monitor_health_events_total", "Health state changes published", ["state"])
 
 # Known label values exist from the start (at zero), so dashboards and alerts see them.
-for _reason in ("timeout", "refused", "exited", "oom", "removed", "http_503"):
+for _reason in ("timeout", "refused", "exited", "oom", "removed", "http_503", "memory_growth"):
     PROBE_FAILURES.labels(_reason)
     RESTARTS.labels(_reason)
 for _state in HealthState:
@@ -289,7 +289,10 @@ class Monitor:
         RESTARTS.labels(reason).inc()
         log.warning("requesting a restart", extra={"user_id": w.user_id, "reason": reason})
         await self.publish(
-            subjects.INSTANCE_RESTART, InstanceCommand(user_id=w.user_id, reason=f"monitor: {reason}")
+            subjects.INSTANCE_RESTART,
+            InstanceCommand(
+                user_id=w.user_id, reason=f"monitor: {reason}", actor=audit.platform("monitor", reason)
+            ),
         )
 
     async def _crashloop(self, w: Watch) -> None:
