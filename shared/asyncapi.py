@@ -24,6 +24,7 @@ from pydantic import BaseModel
 
 from shared import subjects
 from shared.events import (
+    BACKUP_EVENT_MODELS,
     BROKER_EVENT_MODELS,
     COMMAND_MODELS,
     OUTCOME_MODELS,
@@ -62,6 +63,9 @@ DESCRIPTIONS = {
     subjects.INSTANCE_BUDGET_EXCEEDED: "The LLM broker refuses a user's model calls (provider-style 429) "
     "until the period ends: a hard budget limit was reached. Once per user, limit and period.",
     subjects.INSTANCE_BUDGET_WARNING: "A user crossed the soft share of a token budget; calls still pass.",
+    subjects.BACKUP_COMPLETED: "A backup of a user's data folder is good: complete on its target, read back "
+    "and its manifest written (scheduled, manual, or before an upgrade or a delete).",
+    subjects.BACKUP_FAILED: "A backup did not complete (error: a stable code); nothing of it is listed as good.",
 }
 
 
@@ -81,6 +85,7 @@ def build_spec_broker() -> NatsBroker:
     published = {
         **OUTCOME_MODELS,
         **BROKER_EVENT_MODELS,
+        **BACKUP_EVENT_MODELS,
         f"{subjects.INSTANCE_HEALTH}.{{user_id}}": InstanceHealthChanged,
         subjects.HEALTH_SUMMARY: HealthSummary,
         f"{subjects.DEAD_LETTER}.{{subject}}": DeadLetter,
@@ -108,6 +113,7 @@ def render() -> dict[str, str]:
         **{s.rsplit(".", 1)[-1]: m for s, m in COMMAND_MODELS.items()},
         **{s.rsplit(".", 1)[-1]: m for s, m in OUTCOME_MODELS.items()},
         **{"budget-" + s.rsplit(".", 1)[-1]: m for s, m in BROKER_EVENT_MODELS.items()},
+        **{"backup-" + s.rsplit(".", 1)[-1]: m for s, m in BACKUP_EVENT_MODELS.items()},
         "health": InstanceHealthChanged,
         "health-summary": HealthSummary,
         "deadletter": DeadLetter,

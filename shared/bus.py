@@ -39,6 +39,7 @@ STREAMS = [
             subjects.HEALTH_SUMMARY,
             subjects.INSTANCE_BUDGET_EXCEEDED,
             subjects.INSTANCE_BUDGET_WARNING,
+            *subjects.BACKUP_EVENTS,
         ],
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,

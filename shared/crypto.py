@@ -76,6 +76,12 @@ class KeyRing:
         except InvalidTag as e:
             raise DecryptionError("ciphertext does not authenticate") from e
 
+    def cipher(self, kid: str | None = None) -> tuple[str, AESGCM]:
+        """The AEAD of key *kid* (default: the primary) for streaming use (services/backup);
+        KeyError for an unknown id."""
+        kid = kid or self.primary_kid
+        return kid, self._keys[kid]
+
     def key_id(self, sealed: str) -> str:
         return sealed.split(".", 2)[1]
 

@@ -196,6 +196,8 @@ class FailureReason(StrEnum):
     CRASHLOOPING = "crashlooping"
     # The tenant's data folder is over ZAKI_TENANT_DISK_BYTES / ZAKI_TENANT_MAX_FILES.
     DISK_QUOTA = "disk_quota_exceeded"
+    # The backup taken before an upgrade or a delete failed (ZAKI_BACKUP_BEFORE_CHANGE=required).
+    BACKUP_FAILED = "backup_failed"
 
 
 class InstanceReady(Event):
@@ -270,6 +272,30 @@ class InstanceWoken(Event):
     timings: dict[str, float] = Field(default_factory=dict)
 
 
+class BackupCompleted(Event):
+    """A good backup: complete on its target, read back, its manifest written (services/backup)."""
+
+    user_id: str
+    instance_id: str | None = None
+    backup_id: str
+    reason: str  # scheduled, manual, pre_upgrade, pre_delete
+    target: str  # local or s3
+    stored_bytes: int
+    seconds: float
+    key_id: str
+
+
+class BackupFailed(Event):
+    """A backup that did not complete: nothing of it is listed as good. *error* is a stable code
+    (disk_full, target_error, read_error, timeout, not_found, ...)."""
+
+    user_id: str
+    instance_id: str | None = None
+    reason: str
+    error: str
+    message: str
+
+
 class BudgetLimit(StrEnum):
     REQUESTS_PER_MINUTE = "requests_per_minute"
     TOKENS_PER_DAY = "tokens_per_day"
@@ -341,6 +367,11 @@ OUTCOME_MODELS: dict[str, type[Event]] = {
     subjects.INSTANCE_UPGRADE_ROLLED_BACK: InstanceUpgradeRolledBack,
     subjects.INSTANCE_SUSPENDED: InstanceSuspended,
     subjects.INSTANCE_WOKEN: InstanceWoken,
+}
+
+BACKUP_EVENT_MODELS: dict[str, type[Event]] = {
+    subjects.BACKUP_COMPLETED: BackupCompleted,
+    subjects.BACKUP_FAILED: BackupFailed,
 }
 
 BROKER_EVENT_MODELS: dict[str, type[Event]] = {

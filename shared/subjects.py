@@ -47,6 +47,10 @@ OUTCOMES = (
     INSTANCE_WOKEN,
     INSTANCE_UPGRADE_ROLLED_BACK,
 )
+# Published by the backup service and the provisioner (before an upgrade or a delete).
+BACKUP_COMPLETED = f"{PREFIX}.backup.completed"
+BACKUP_FAILED = f"{PREFIX}.backup.failed"
+BACKUP_EVENTS = (BACKUP_COMPLETED, BACKUP_FAILED)
 # Published by the LLM broker: a user went over a hard budget (calls refused) or a soft one.
 INSTANCE_BUDGET_EXCEEDED = f"{PREFIX}.instance.budget.exceeded"
 INSTANCE_BUDGET_WARNING = f"{PREFIX}.instance.budget.warning"

@@ -81,20 +81,20 @@ class _Reader:
         return out
 
 
-def key_id_of(head: bytes) -> str:
-    if head[:4] != MAGIC or len(head) < 5:
+def _check_magic(head: bytes) -> None:
+    if head[:4] != MAGIC or len(head) < 5 or head[4] == 0:
         raise BackupCorrupt(CorruptReason.BAD_FORMAT, "not a Zaki backup (bad magic)")
-    return head[5 : 5 + head[4]].decode("ascii", "replace")
 
 
 def decrypt_stream(ring: KeyRing, context: str, chunks: Iterable[bytes]) -> Iterator[bytes]:
     """Yields the plaintext; raises BackupCorrupt (typed reason) at the first bad chunk."""
     r = _Reader(chunks)
     head = r.read(5)
-    kid = key_id_of(head)
+    _check_magic(head)
     rest = r.read(head[4] + 7)
     if len(rest) != head[4] + 7:
         raise BackupCorrupt(CorruptReason.TRUNCATED, "the header is cut short")
+    kid = rest[: head[4]].decode("ascii", "replace")
     prefix = rest[-7:]
     try:
         aead = ring.cipher(kid)[1]

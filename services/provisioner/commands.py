@@ -8,6 +8,7 @@ import shutil
 import uuid
 from typing import Any
 
+from services.backup.hooks import before_change
 from services.provisioner import metrics
 from services.provisioner.base import ProvisionError, Retry, S, log
 from services.provisioner.healing import HEALABLE
@@ -240,6 +241,7 @@ class Commands(Lifecycle):
                 FailureReason.INVALID_REQUEST, f"image {cmd.image} is not allowed on this platform"
             )
         doc = await self._existing(cmd)
+        await before_change(self, doc, "pre_upgrade")  # services/backup: nothing changes if it fails
         good = doc.get("last_good_image") or doc.get("image") or self.s.gateway_image
         await self.store.update_instance(cmd.user_id, {"image": cmd.image}, doc["instance_id"])
         if doc["state"] not in (S.RUNNING, S.STARTING, *GIVEN_UP):
@@ -289,6 +291,7 @@ class Commands(Lifecycle):
         purge = isinstance(cmd, InstanceDelete) and cmd.purge
         doc = await self._existing(cmd)
         if doc["state"] != S.DELETING:
+            await before_change(self, doc, "pre_delete")  # restorable for ZAKI_DELETE_GRACE_DAYS
             doc = await self._transition(cmd.request_id, cmd.user_id, S.DELETING)
         await self._revoke_credentials(cmd.user_id)
         try:

@@ -9,6 +9,7 @@ zaki providers add|update|rotate|revoke|list   model providers the LLM broker ca
 zaki usage [--user U]       model calls and tokens per user and day
 zaki health                 every instance's health, as a table
 zaki admin create|disable|enable|reset|list   dashboard accounts (operators)
+zaki backup create|list|restore|verify USER [ID]   backups of users' data folders
 zaki audit [--user U] [--since 2h] [--actor cli]   who asked for what, and what came of it
 zaki fleet upgrade|status|resume|abort   fleet upgrades in canary waves
 """
@@ -19,11 +20,11 @@ import argparse
 import os
 from pathlib import Path
 
-from zaki.cli import admin, audit, doctor, fleet, health, instance, keys, providers, up, usage
+from zaki.cli import admin, audit, backup, doctor, fleet, health, instance, keys, providers, up, usage
 from zaki.cli.common import DEFAULT_STATE, load_env, say
 
 # One module per command group, in the order `zaki --help` lists them.
-GROUPS = (up, doctor, instance, keys, health, providers, usage, admin, audit, fleet)
+GROUPS = (up, doctor, instance, keys, health, providers, usage, admin, backup, audit, fleet)
 
 
 def parser() -> argparse.ArgumentParser:

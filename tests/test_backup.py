@@ -1,0 +1,372 @@
+"""Backups of a data folder, on real files, real SQLite, a real tmpfs and a real S3-compatible
+server (moto, started here on loopback): what a hostile tenant plants is never followed, a
+database written during the backup is never torn, tampering is caught with a typed reason, a
+killed or starved writer leaves nothing called good."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from services.backup import core
+from services.backup.errors import BackupCorrupt, BackupError, CorruptReason
+from services.backup.ops import Backups
+from services.backup.targets import LocalTarget, S3Target
+from shared.crypto import KeyRing
+from shared.settings import ZakiSettings
+from tests.conftest import missing_tool, new_user
+
+REPO = Path(__file__).resolve().parent.parent
+SECRET = "host-secret-" + os.urandom(8).hex()
+
+
+def make_folder(root: Path, user: str, messages: int = 200) -> Path:
+    """A gateway-like data folder: SQLite state in WAL mode, workspace files, owned by uid 1000."""
+    folder = root / "users" / user
+    (folder / ".openclaw" / "state").mkdir(parents=True)
+    (folder / ".openclaw" / "agents" / "main" / "agent").mkdir(parents=True)
+    (folder / "workspace").mkdir()
+    (folder / "workspace" / "SOUL.md").write_text("I am a careful agent.\n")
+    (folder / "workspace" / "MEMORY.md").write_text("The user likes tea.\n")
+    (folder / ".openclaw" / "openclaw.json").write_text('{"secret": "gateway password"}')
+    db = sqlite3.connect(folder / ".openclaw" / "state" / "openclaw.sqlite")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE messages (id INTEGER PRIMARY KEY, session TEXT, body TEXT)")
+    db.executemany(
+        "INSERT INTO messages (session, body) VALUES (?, ?)",
+        [("main", f"message {i} " + "lorem ipsum " * 20) for i in range(messages)],
+    )
+    db.commit()
+    db.close()
+    sqlite3.connect(folder / ".openclaw" / "agents" / "main" / "agent" / "openclaw-agent.sqlite").execute(
+        "CREATE TABLE t (x)"
+    ).connection.close()
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for n in (*dirnames, *filenames):
+            os.lchown(os.path.join(dirpath, n), 1000, 1000)
+    os.chown(folder, 1000, 1000)
+    return folder
+
+
+@pytest.fixture
+def env(tmp_path: Path, keyring_spec: str) -> tuple[ZakiSettings, KeyRing, LocalTarget]:
+    s = ZakiSettings(data_root=tmp_path / "data", backup_dir=tmp_path / "backups", secret_keys=keyring_spec)
+    return s, KeyRing.from_spec(keyring_spec), LocalTarget(s.backup_dir)
+
+
+def count(db: Path) -> int:
+    con = sqlite3.connect(db)
+    try:
+        return con.execute("SELECT count(*) FROM messages").fetchone()[0]
+    finally:
+        con.close()
+
+
+def test_backup_verify_and_unpack_round_trip(env, tmp_path):
+    s, ring, target = env
+    user = new_user()
+    make_folder(s.data_root, user)
+    m = core.create(s, ring, target, user, "i1", "manual")
+    assert [x.backup_id for x in core.list_backups(target, user)] == [m.backup_id]
+    assert m.key_id == ring.primary_kid and m.sqlite == [
+        ".openclaw/agents/main/agent/openclaw-agent.sqlite",
+        ".openclaw/state/openclaw.sqlite",
+    ]
+    # Stored encrypted, owner-only; the gateway config (its secrets) is never in a backup.
+    stored = (s.backup_dir / user / f"{m.backup_id}.zbk").read_bytes()
+    assert b"lorem ipsum" not in stored and b"tea" not in stored
+    for p in (s.backup_dir / user).iterdir():
+        assert p.stat().st_mode & 0o777 == 0o600
+    out = tmp_path / "out"
+    stats = core.unpack_backup(ring, target, m, out)
+    assert stats["sqlite_checked"] == m.sqlite
+    assert (out / "workspace" / "MEMORY.md").read_text() == "The user likes tea.\n"
+    assert count(out / ".openclaw" / "state" / "openclaw.sqlite") == 200
+    assert not (out / ".openclaw" / "openclaw.json").exists()
+
+
+def test_a_tenants_symlinks_fifos_and_swapped_databases_are_never_followed(env, tmp_path):
+    s, ring, target = env
+    user, other = new_user(), new_user()
+    folder = make_folder(s.data_root, user)
+    make_folder(s.data_root, other)
+    host_file = tmp_path / "shadow"
+    host_file.write_text(SECRET)
+    host_file.chmod(0o600)
+    ws = folder / "workspace"
+    os.symlink(host_file, ws / "notes.md")  # a host file
+    os.symlink("/", ws / "rootfs")  # the host's root
+    os.symlink("../../../../..", ws / "up")
+    # Another tenant's database, where the gateway's own would be: SQLite would follow it.
+    agent_db = folder / ".openclaw" / "agents" / "main" / "agent" / "openclaw-agent.sqlite"
+    agent_db.unlink()
+    os.symlink(s.data_root / "users" / other / ".openclaw" / "state" / "openclaw.sqlite", agent_db)
+    os.mkfifo(ws / "pipe")  # opening it would block the backup forever
+    t0 = time.monotonic()
+    m = core.create(s, ring, target, user, None, "manual")
+    assert time.monotonic() - t0 < 20
+    assert set(m.skipped["symlink"]) == {
+        "workspace/notes.md",
+        "workspace/rootfs",
+        "workspace/up",
+        ".openclaw/agents/main/agent/openclaw-agent.sqlite",
+    }
+    assert m.skipped["special"] == ["workspace/pipe"]
+    out = tmp_path / "out"
+    core.unpack_backup(ring, target, m, out)
+    seen = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
+    assert SECRET.encode() not in seen
+    assert m.sqlite == [".openclaw/state/openclaw.sqlite"]
+    assert not any(p.is_symlink() for p in out.rglob("*"))
+
+
+def test_backup_while_the_database_is_written_is_never_torn(env, tmp_path):
+    s, ring, target = env
+    user = new_user()
+    folder = make_folder(s.data_root, user, messages=2000)
+    db_path = folder / ".openclaw" / "state" / "openclaw.sqlite"
+    stop = threading.Event()
+    written = [0]
+
+    def writer() -> None:
+        con = sqlite3.connect(db_path, timeout=30)
+        while not stop.is_set():
+            # Each transaction adds 50 rows and deletes 10: a torn copy breaks the count rule.
+            with con:
+                con.executemany("INSERT INTO messages (session, body) VALUES ('w', ?)", [("x" * 500,)] * 50)
+                con.execute("DELETE FROM messages WHERE id IN (SELECT id FROM messages LIMIT 10)")
+            written[0] += 1
+        con.close()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        time.sleep(0.3)
+        ms = [core.create(s, ring, target, user, None, "manual") for _ in range(3)]
+    finally:
+        stop.set()
+        t.join()
+    assert written[0] > 5  # the writer really ran during the backups
+    for i, m in enumerate(ms):
+        out = tmp_path / f"out{i}"
+        stats = core.unpack_backup(ring, target, m, out)  # integrity_check ok on each
+        assert ".openclaw/state/openclaw.sqlite" in stats["sqlite_checked"]
+        n = count(out / ".openclaw" / "state" / "openclaw.sqlite")
+        assert (n - 2000) % 40 == 0, n  # whole transactions only
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ("flip", CorruptReason.AUTH_FAILED),
+        ("truncate", CorruptReason.TRUNCATED),
+        ("other_user", CorruptReason.AUTH_FAILED),
+        ("manifest_sha", CorruptReason.CHECKSUM_MISMATCH),
+        ("unknown_key", CorruptReason.UNKNOWN_KEY),
+    ],
+)
+async def test_verify_detects_a_tampered_backup_with_a_typed_reason(env, damage, reason):
+    s, ring, target = env
+    user = new_user()
+    make_folder(s.data_root, user)
+    backups = Backups(s, ring, target)
+    m = await backups.create(user, None, "manual")
+    assert (await backups.verify(user, m.backup_id))["sqlite_checked"]
+    data = s.backup_dir / user / f"{m.backup_id}.zbk"
+    raw = bytearray(data.read_bytes())
+    if damage == "flip":
+        raw[len(raw) // 2] ^= 0x01
+        data.write_bytes(raw)
+    elif damage == "truncate":
+        data.write_bytes(raw[: len(raw) - 1000])
+    elif damage == "other_user":  # a backup copied under another user's name
+        victim = new_user()
+        make_folder(s.data_root, victim)
+        mv = core.create(s, ring, target, victim, None, "manual")
+        (s.backup_dir / victim / f"{mv.backup_id}.zbk").write_bytes(raw)
+        user, m = victim, mv
+    elif damage == "manifest_sha":
+        m.plaintext_sha256 = "0" * 64
+        target.put(core.manifest_key(user, m.backup_id), m.to_json())
+    elif damage == "unknown_key":
+        other = Backups(s, KeyRing.from_spec(KeyRing.new_key_spec("k9")), target)
+        with pytest.raises(BackupCorrupt) as e:
+            await other.verify(user, m.backup_id)
+        assert e.value.reason == reason
+        return
+    with pytest.raises(BackupCorrupt) as e:
+        await backups.verify(user, m.backup_id)
+    assert e.value.reason == reason and e.value.code == reason.value
+
+
+def test_kill_9_mid_backup_leaves_no_good_backup(env, keyring_spec):
+    s, _, target = env
+    user = new_user()
+    folder = make_folder(s.data_root, user)
+    with open(folder / "workspace" / "big.bin", "wb") as f:  # incompressible: slow enough to catch
+        for _ in range(160):
+            f.write(os.urandom(1 << 20))
+    envs = {
+        **os.environ,
+        "ZAKI_DATA_ROOT": str(s.data_root),
+        "ZAKI_BACKUP_DIR": str(s.backup_dir),
+        "ZAKI_SECRET_KEYS": keyring_spec,
+        "ZAKI_NATS_URL": "nats://127.0.0.1:1",
+    }
+    p = subprocess.Popen(
+        [sys.executable, "-m", "zaki.cli", "backup", "create", user],
+        cwd=REPO,
+        env=envs,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    partial: list[Path] = []
+    while time.monotonic() < deadline and not partial:
+        partial = [x for x in (s.backup_dir / user).glob(".tmp-*") if x.stat().st_size > 1 << 20]
+        time.sleep(0.05)
+    assert partial, "the backup never started writing"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert core.list_backups(target, user) == []  # nothing called good
+    # The next sweep removes what the dead writer left (its reader child is gone too).
+    time.sleep(0.5)
+    assert core.sweep_orphans(target, older_than_s=0) >= 1
+    assert list((s.backup_dir / user).iterdir()) == []
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        missing_tool(f"mount tmpfs: {r.stderr.decode()[:200]}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+async def test_disk_full_on_the_target_fails_and_leaves_nothing(env, small_tmpfs, stack):
+    import json
+
+    import nats
+
+    s, ring, _ = env
+    user = new_user()
+    folder = make_folder(s.data_root, user)
+    (folder / "workspace" / "big.bin").write_bytes(os.urandom(4 << 20))
+    target = LocalTarget(small_tmpfs)
+    nc = await nats.connect(stack.nats.address)
+    seen: list[dict] = []
+
+    async def on(msg):
+        seen.append(json.loads(msg.data))
+
+    await nc.subscribe("zaki.backup.>", cb=on)
+
+    async def publish(subject, ev):
+        await nc.publish(subject, ev.model_dump_json().encode())
+
+    try:
+        with pytest.raises(BackupError) as e:
+            await Backups(s, ring, target, publish).create(user, "i1", "scheduled")
+        assert e.value.code == "disk_full"
+        await nc.flush()
+        for _ in range(50):
+            if seen:
+                break
+            await __import__("asyncio").sleep(0.05)
+    finally:
+        await nc.close()
+    assert seen and seen[0]["error"] == "disk_full" and seen[0]["user_id"] == user
+    assert not any(p.is_file() for p in small_tmpfs.rglob("*"))  # no partial file left
+    assert core.list_backups(target, user) == []
+
+
+def test_retention_by_count_and_age_and_delete_grace(env):
+    s, _, _ = env
+    s = s.model_copy(update={"backup_keep_count": 3, "backup_keep_days": 10, "delete_grace_days": 30})
+    now = datetime(2026, 11, 27, tzinfo=UTC)
+
+    def m(days_ago: float, reason: str = "scheduled", expires: datetime | None = None) -> core.Manifest:
+        t = now - timedelta(days=days_ago)
+        return core.Manifest(
+            backup_id=core.new_backup_id(t), user_id="u", instance_id=None, created_at=t.isoformat(),
+            reason=reason, key_id="k1", target="local", expires_at=expires.isoformat() if expires else None,
+        )  # fmt: skip
+
+    ms = [m(20), m(5), m(4), m(3), m(2), m(1)]
+    gone = core.expired(ms, s, True, now)
+    assert [x.created_at for x in gone] == [x.created_at for x in ms[:3]]  # beyond the newest 3
+    old = [m(40), m(30), m(20)]
+    assert core.expired(old, s, True, now) == old[:2]  # the newest always stays, even if old
+    kept = [m(40, "pre_delete", now + timedelta(days=1)), m(35)]
+    assert core.expired(kept, s, True, now) == []  # a pre-delete backup lives until it expires
+    deleted_user = [m(31), m(29)]
+    assert core.expired(deleted_user, s, False, now) == []  # within the grace
+    assert len(core.expired([m(32), m(31)], s, False, now)) == 2  # grace over: all go
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        missing_tool("moto[server] (pip install -e '.[dev]')")
+    from zaki.stack import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def test_s3_target_against_a_local_s3_server(env, s3_server, tmp_path):
+    s, ring, _ = env
+    import boto3
+
+    boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+    ).create_bucket(Bucket="zaki-test")
+    s3s = s.model_copy(
+        update={
+            "backup_target": "s3",
+            "backup_s3_endpoint": s3_server,
+            "backup_s3_bucket": "zaki-test",
+            "backup_s3_access_key": __import__("pydantic").SecretStr("test"),
+            "backup_s3_secret_key": __import__("pydantic").SecretStr("test"),
+        }
+    )
+    target = core.make_target(s3s)
+    assert isinstance(target, S3Target)
+    user = new_user()
+    folder = make_folder(s.data_root, user, messages=500)
+    (folder / "workspace" / "big.bin").write_bytes(os.urandom(20 << 20))  # a multipart upload
+    m = core.create(s3s, ring, target, user, None, "manual")
+    assert m.target == "s3" and m.stored_bytes > 20 << 20
+    keys = {e.key for e in target.list()}
+    assert keys == {core.data_key(user, m.backup_id), core.manifest_key(user, m.backup_id)}
+    stats = core.unpack_backup(ring, target, m, tmp_path / "out")
+    assert (tmp_path / "out" / "workspace" / "big.bin").read_bytes() == (
+        folder / "workspace" / "big.bin"
+    ).read_bytes()
+    assert stats["sqlite_checked"]
+    core.remove(target, m)
+    assert target.list() == [] and core.list_backups(target, user) == []
+    with contextlib.suppress(Exception):
+        target.client.close()
