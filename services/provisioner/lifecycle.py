@@ -120,6 +120,9 @@ class Lifecycle(ProvisionerBase):
                 "OPENCLAW_CONFIG_PATH": f"{CONTAINER_STATE_DIR}/openclaw.json",
                 "OPENCLAW_WORKSPACE_DIR": CONTAINER_WORKSPACE,
                 "XDG_CACHE_HOME": f"{CONTAINER_STATE_DIR}/cache",
+                # Node's on-disk compile cache in the persistent state folder: every boot after the
+                # first (a wake, a restart) skips recompiling OpenClaw's module graph (issue 16.5).
+                "NODE_COMPILE_CACHE": f"{CONTAINER_STATE_DIR}/cache/node-compile",
                 **self._heap_cap(),
             },
             memory=self.s.gateway_memory,
