@@ -36,3 +36,7 @@ async def before_change(prov: Any, doc: dict[str, Any], reason: str) -> None:
                 FailureReason.BACKUP_FAILED, f"the backup before the {what} failed ({e.code}): {e}"
             ) from None
         log.warning("backup before change failed; going on", extra={"user_id": doc["_id"], "error": e.code})
+    except Exception:  # a bug must not leave the command undelivered forever: fail it like any backup
+        log.exception("backup before change crashed", extra={"user_id": doc["_id"]})
+        if s.backup_before_change == "required":
+            raise ProvisionError(FailureReason.BACKUP_FAILED, "the backup before the change failed") from None

@@ -74,9 +74,15 @@ class Backups:
 
     async def create(self, user_id: str, instance_id: str | None, reason: str) -> core.Manifest:
         try:
-            m = await asyncio.to_thread(
-                core.create, self.settings, self.ring, self.target, user_id, instance_id, reason
-            )
+            try:
+                m = await asyncio.to_thread(
+                    core.create, self.settings, self.ring, self.target, user_id, instance_id, reason
+                )
+            except (BackupError, asyncio.CancelledError):
+                raise
+            except Exception as e:  # an unforeseen failure is still a failed backup, published
+                log.exception("backup crashed", extra={"user_id": user_id})
+                raise BackupError(f"internal error: {type(e).__name__}", "internal") from None
         except BackupError as e:
             RUNS.labels("failed", reason).inc()
             log.warning("backup failed", extra={"user_id": user_id, "error": e.code, "reason": reason})
