@@ -39,7 +39,8 @@ class Snapshot:
 
     def __iter__(self) -> Iterator[bytes]:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "services.backup.reader", str(self.folder)],
+            # -S: the reader needs only the standard library (and shared.gateway): no site start-up.
+            [sys.executable, "-S", "-m", "services.backup.reader", str(self.folder)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=str(Path(__file__).resolve().parents[2]),
