@@ -164,6 +164,7 @@ async def main() -> None:
             "ZAKI_RECONCILE_INTERVAL_S": "3600",
             "ZAKI_IDLE_SUSPEND_S": "0",  # suspended by command here, never by the clock
             "ZAKI_WAKE_TIMEOUT_S": "300",  # measure a slow boot on a loaded machine, not the 503
+            "ZAKI_READINESS_TIMEOUT_S": "300",
         }
         mport = free_port()
         p = stack.start_service("services.provisioner", {**env, "ZAKI_METRICS_PORT": str(mport)})
