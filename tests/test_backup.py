@@ -130,6 +130,45 @@ def test_a_tenants_symlinks_fifos_and_swapped_databases_are_never_followed(env, 
     assert not any(p.is_symlink() for p in out.rglob("*"))
 
 
+def test_the_reader_is_confined_even_for_a_path_swapped_after_its_checks(env):
+    """The race lstat cannot close: a tenant swaps a database for a symlink between the walk's
+    check and SQLite's open (SQLite follows links itself). Inside the reader's chroot, as the
+    gateway's uid, the link's target is looked up in the tenant's own folder: another tenant's
+    database, or a root-only host file, cannot be read."""
+    s, _, _ = env
+    user, other = new_user(), new_user()
+    folder = make_folder(s.data_root, user)
+    make_folder(s.data_root, other)
+    victim = s.data_root / "users" / other / ".openclaw" / "state" / "openclaw.sqlite"
+    os.symlink(victim, folder / "workspace" / "swapped.sqlite")
+    probe = (
+        "import sys; from services.backup.reader import confine, _sqlite_image\n"
+        "if sys.argv[2] == 'confined': confine(sys.argv[1])\n"
+        "else: import os; os.chdir(sys.argv[1])\n"
+        "path = '/workspace/swapped.sqlite' if sys.argv[2] == 'confined' else 'workspace/swapped.sqlite'\n"
+        "print(len(_sqlite_image(path)))"
+    )
+
+    def read_as(mode: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-S", "-c", probe, str(folder), mode], cwd=REPO, capture_output=True, text=True
+        )
+
+    unconfined = read_as("plain")
+    assert unconfined.returncode == 0 and int(unconfined.stdout) > 10_000  # SQLite follows the link
+    confined = read_as("confined")
+    assert confined.returncode != 0 and "unable to open database" in confined.stderr
+    # And as uid 1000 in the chroot, a planted copy of a root-only file is all it could reach.
+    host = Path("/etc/shadow")
+    if host.exists():
+        r = subprocess.run(
+            [sys.executable, "-S", "-c", "import sys; from services.backup.reader import confine; "
+             "confine(sys.argv[1]); open('/etc/shadow')", str(folder)],
+            cwd=REPO, capture_output=True, text=True,
+        )  # fmt: skip
+        assert r.returncode != 0 and "FileNotFoundError" in r.stderr
+
+
 def test_backup_while_the_database_is_written_is_never_torn(env, tmp_path):
     s, ring, target = env
     user = new_user()

@@ -282,3 +282,54 @@ def test_cli_create_list_verify(provisioner, service_env, settings, tmp_path):
     assert bad.returncode == 1 and "auth_failed" in bad.stderr
     assert zaki("verify", "../etc", bid).returncode == 2  # a typed refusal, not a path
     assert zaki("restore", user, "not-an-id").returncode == 2
+
+
+async def sessions_of(port: int, user: str) -> list[str]:
+    async with httpx.AsyncClient(timeout=60) as http:
+        r = await http.post(
+            f"http://127.0.0.1:{port}/tools/invoke",
+            headers=identity_headers(user),
+            json={"tool": "sessions_list", "args": {}},
+        )
+    assert r.status_code == 200, r.text
+    return [x["key"] for x in r.json()["result"]["details"]["sessions"]]
+
+
+@pytest.mark.gateway
+async def test_a_real_gateways_sessions_survive_a_restore_into_a_new_user(
+    provisioner, platform, fakes, settings, backups
+):
+    """One real gateway at a time: a chat, a backup, the user deleted; the backup restored into a
+    new user whose gateway then starts on it and still has the session."""
+    source = new_user("g")
+    ev = InstanceRequested(request_id=new_user("req"), user_id=source, bot_token=fakes.bot())
+    subject, ready_ev = await platform.call(subjects.INSTANCE_REQUESTED, ev, timeout=240)
+    assert subject == subjects.INSTANCE_READY, ready_ev
+    async with httpx.AsyncClient(timeout=120) as http:
+        r = await http.post(
+            f"http://127.0.0.1:{ready_ev.port}/v1/chat/completions",
+            headers=identity_headers(source),
+            json={
+                "model": "openclaw",
+                "user": "alice",
+                "messages": [{"role": "user", "content": "marker 4711"}],
+            },
+        )
+    assert r.status_code == 200 and "marker 4711" in r.text, r.text
+    assert "agent:main:openai-user:alice" in await sessions_of(ready_ev.port, source)
+    m = await backups.create(
+        source, ready_ev.instance_id if hasattr(ready_ev, "instance_id") else None, "manual"
+    )
+    assert any(p.endswith("openclaw-agent.sqlite") for p in m.sqlite), m.sqlite
+    subject, _ = await platform.call(
+        subjects.INSTANCE_DELETE, InstanceDelete(user_id=source, purge=True), timeout=60
+    )
+    assert subject == subjects.INSTANCE_DELETED
+
+    target = new_user("g")
+    await backups.restore(source, m.backup_id, into=target)
+    ev = InstanceRequested(request_id=new_user("req"), user_id=target, bot_token=fakes.bot())
+    subject, ready_ev = await platform.call(subjects.INSTANCE_REQUESTED, ev, timeout=240)
+    assert subject == subjects.INSTANCE_READY, ready_ev
+    assert "agent:main:openai-user:alice" in await sessions_of(ready_ev.port, target)
+    await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=target, purge=True), timeout=60)

@@ -197,7 +197,7 @@ class Backups:
 def _swap_in(staging: Path, folder: Path) -> None:
     """The unpacked backup becomes *folder* in one rename; the target's own config (rendered for
     it, never taken from the backup) is carried over until the next start re-renders it."""
-    for name in ("openclaw.json",):
+    for name in ("openclaw.json", "config-journal-fingerprint.key"):
         old = folder / ".openclaw" / name
         if old.is_file() and not old.is_symlink():
             (staging / ".openclaw").mkdir(mode=0o700, exist_ok=True)

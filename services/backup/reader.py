@@ -27,8 +27,16 @@ from shared.gateway import GATEWAY_UID
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 SIDECARS = ("-wal", "-shm", "-journal")
-# Secrets bound to the instance (re-rendered by the provisioner for whoever is restored) and caches.
-EXCLUDED = (".openclaw/openclaw.json", ".openclaw/openclaw.json.last-good", ".openclaw/cache")
+# Bound to the instance, not to the agent: its config with secrets (re-rendered by the provisioner
+# for whoever is restored) and the config journal's key (the target keeps its own), caches, and
+# lock files (a stale lock restored would block the gateway).
+EXCLUDED = (
+    ".openclaw/openclaw.json",
+    ".openclaw/openclaw.json.last-good",
+    ".openclaw/config-journal-fingerprint.key",
+    ".openclaw/cache",
+    ".openclaw/tmp",
+)
 EXCLUDED_PREFIXES = (".openclaw/.openclaw.json.",)
 MAX_DEPTH = 64
 READ = 1 << 20
