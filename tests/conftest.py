@@ -4,6 +4,7 @@ the platform's own processes, and local fakes of Telegram and an LLM provider.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -87,12 +88,15 @@ def docker_client() -> Iterator[docker.DockerClient]:
     ensure_docker()
     client = docker.from_env()
     yield client
-    for c in client.containers.list(all=True, filters={"label": "zaki.managed"}):
-        if SESSION in (c.labels.get("zaki.user") or ""):
-            c.remove(force=True)
+    # sparse=True: no inspect per container, which races with containers going away meanwhile.
+    for c in client.containers.list(all=True, sparse=True, filters={"label": "zaki.managed"}):
+        if SESSION in ((c.attrs.get("Labels") or {}).get("zaki.user") or ""):
+            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                c.remove(force=True)
     for n in client.networks.list(filters={"label": "zaki.managed"}):
         if SESSION in (n.attrs.get("Labels") or {}).get("zaki.user", ""):
-            n.remove()
+            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                n.remove()
 
 
 @pytest.fixture(scope="session")
