@@ -197,6 +197,8 @@ class ZakiSettings(BaseSettings):
     memory_force_s: float = Field(default=60.0, ge=0)
     memory_sample_s: float = Field(default=10.0, gt=0)  # how often each gateway's memory is read
     memory_cgroup_root: str = "/sys/fs/cgroup/memory/docker"  # cgroup v1; v2 and Docker stats as fallback
+    # Fleet rollouts (issue 17.2): a runner whose heartbeat is older than this is gone; resume takes over.
+    fleet_lease_s: float = Field(default=30.0, gt=0)
     # Audit trail (issue 17.4): the ZAKI_AUDIT stream keeps records this long.
     audit_retention_days: float = Field(default=400.0, gt=0)
 

@@ -1,7 +1,9 @@
 """Runs a rollout (plan.py) through the provisioner's ``instance.upgrade`` command.
 
-The rollout's whole state is the ``rollouts`` document in the store, written before each
-step: per-instance status, the wave reached, the overall state. A runner that dies (a
+The rollout's whole state is in the store, written before each step: the ``rollouts``
+document (the wave reached, the overall state, the lease) and one ``rollout_instances``
+document per instance (its status), so parallel upgrades never write the same document
+(FerretDB rewrites whole documents: two concurrent updates of one would lose one). A runner that dies (a
 control-plane restart, kill -9) is resumed by ``zaki fleet resume`` (or the admin API): an
 instance left ``upgrading`` is asked again with the same request id (upgrading twice to one
 image only restarts it) unless its record already shows it ready on the new image. A lease
@@ -41,7 +43,6 @@ from shared.store import Store
 log = logging.getLogger("zaki.fleet")
 
 COLLECTION = "rollouts"
-LEASE_S = 30.0  # a runner that has not written its heartbeat for this long is gone
 HEARTBEAT_S = 5.0
 GATE_POLL_S = 1.0
 
@@ -54,6 +55,18 @@ class RolloutBusy(Exception):
 
 def rollouts(store: Store):
     return store.db[COLLECTION]
+
+
+def members(store: Store):
+    return store.db["rollout_instances"]
+
+
+async def get(store: Store, rid: str) -> dict[str, Any] | None:
+    """The rollout with ``instances``: {user: its entry}."""
+    doc = await rollouts(store).find_one({"_id": rid})
+    if doc is not None:
+        doc["instances"] = {m["user_id"]: m async for m in members(store).find({"rollout": rid})}
+    return doc
 
 
 def _now() -> datetime:
@@ -94,19 +107,22 @@ async def create(
         "parallel": parallel,
         "state": RolloutState.RUNNING.value,
         "wave": 0,
-        "groups": groups,
-        "instances": {
-            u: {"status": Status.PENDING.value, "from_image": images[u], "wave": i}
-            for i, g in enumerate(groups)
-            for u in g
-        },
+        "groups": [{"users": g} for g in groups],  # FerretDB stores no nested arrays
         "actor": actor.model_dump(mode="json"),
         "reasons": [],
         "created_at": _now(),
         "updated_at": _now(),
     }
     await rollouts(store).insert_one(doc)
-    return doc
+    await members(store).insert_many(
+        [
+            {"_id": f"{rid}:{u}", "rollout": rid, "user_id": u, "status": Status.PENDING.value,
+             "from_image": images[u], "wave": i}
+            for i, g in enumerate(groups)
+            for u in g
+        ]
+    )  # fmt: skip
+    return await get(store, rid) or doc
 
 
 class Runner:
@@ -118,28 +134,31 @@ class Runner:
         on_progress: Progress | None = None,
         outcome_timeout: float = 300.0,
         runner_id: str | None = None,
+        lease_s: float = 30.0,
     ) -> None:
         self.store = store
         self.client = client
         self.on_progress = on_progress or (lambda doc, line: None)
         self.outcome_timeout = outcome_timeout
         self.runner_id = runner_id or uuid.uuid4().hex[:12]
+        self.lease_s = lease_s  # ZAKI_FLEET_LEASE_S: a runner silent this long is gone
+        self._lock = asyncio.Lock()
 
     # --- the document -------------------------------------------------------------------------
 
     async def load(self, rid: str) -> dict[str, Any]:
-        doc = await rollouts(self.store).find_one({"_id": rid})
+        doc = await get(self.store, rid)
         if doc is None:
             raise PlanError(f"no rollout {rid}")
         return doc
 
     async def _set(self, rid: str, fields: dict[str, Any]) -> None:
-        await rollouts(self.store).update_one({"_id": rid}, {"$set": {**fields, "updated_at": _now()}})
+        async with self._lock:  # the heartbeat writes the same document
+            await rollouts(self.store).update_one({"_id": rid}, {"$set": {**fields, "updated_at": _now()}})
 
     async def _status(self, rid: str, user: str, status: Status, **extra: Any) -> None:
-        fields = {f"instances.{user}.status": status.value, f"instances.{user}.at": _now()}
-        fields.update({f"instances.{user}.{k}": v for k, v in extra.items()})
-        await self._set(rid, fields)
+        fields = {"status": status.value, "at": _now(), **extra}
+        await members(self.store).update_one({"_id": f"{rid}:{user}"}, {"$set": fields})
 
     async def _event(self, doc: dict[str, Any], step: str, **detail: Any) -> None:
         body = {
@@ -157,6 +176,16 @@ class Runner:
         self.on_progress(await self.load(doc["_id"]), step)
 
     async def _claim(self, rid: str) -> None:
+        """Takes the rollout's lease; waits out the lease of a runner that just went silent
+        (killed, its host restarted) before giving up."""
+        for attempt in range(2):
+            if await self._try_claim(rid):
+                return
+            if attempt == 0:
+                await asyncio.sleep(self.lease_s + 0.5)
+        raise RolloutBusy(f"rollout {rid} is being run by another runner")
+
+    async def _try_claim(self, rid: str) -> bool:
         now = _now()
         res = await rollouts(self.store).update_one(
             {
@@ -164,21 +193,21 @@ class Runner:
                 "$or": [
                     {"runner": {"$exists": False}},
                     {"runner": self.runner_id},
-                    {"heartbeat_at": {"$lt": now - timedelta(seconds=LEASE_S)}},
+                    {"heartbeat_at": {"$lt": now - timedelta(seconds=self.lease_s)}},
                 ],
             },
             {"$set": {"runner": self.runner_id, "heartbeat_at": now}},
         )
-        if res.matched_count != 1:
-            raise RolloutBusy(f"rollout {rid} is being run by another runner")
+        return res.matched_count == 1
 
     async def _heartbeat(self, rid: str) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             while True:
-                await asyncio.sleep(HEARTBEAT_S)
-                await rollouts(self.store).update_one(
-                    {"_id": rid, "runner": self.runner_id}, {"$set": {"heartbeat_at": _now()}}
-                )
+                await asyncio.sleep(max(0.5, min(HEARTBEAT_S, self.lease_s / 3)))
+                async with self._lock:
+                    await rollouts(self.store).update_one(
+                        {"_id": rid, "runner": self.runner_id}, {"$set": {"heartbeat_at": _now()}}
+                    )
 
     # --- running ------------------------------------------------------------------------------
 
@@ -194,11 +223,12 @@ class Runner:
                 return doc
             await self._event(doc, "started" if doc["wave"] == 0 else "resumed", wave=doc["wave"])
             for i in range(doc["wave"], len(doc["groups"])):
+                users = doc["groups"][i]["users"]
                 doc = await self.load(rid)
                 if doc["state"] != RolloutState.RUNNING:  # aborted meanwhile
                     return await self._revert(doc, RolloutState.ABORTED)
-                await self._event(doc, "wave_started", wave=i, size=len(doc["groups"][i]))
-                await self._upgrade_wave(doc, doc["groups"][i])
+                await self._event(doc, "wave_started", wave=i, size=len(users))
+                await self._upgrade_wave(doc, users)
                 verdict = await self._soak(await self.load(rid))
                 doc = await self.load(rid)
                 if not verdict.ok:
@@ -341,12 +371,16 @@ async def abort(store: Store, rid: str) -> dict[str, Any]:
         {"_id": rid, "state": RolloutState.RUNNING.value},
         {"$set": {"state": RolloutState.ROLLING_BACK.value, "end_state": RolloutState.ABORTED.value}},
     )
-    doc = await rollouts(store).find_one({"_id": rid})
+    doc = await get(store, rid)
     if doc is None:
         raise PlanError(f"no rollout {rid}")
     if res.matched_count != 1 and doc["state"] != RolloutState.ROLLING_BACK:
         raise PlanError(f"rollout {rid} is {doc['state']}: nothing to abort")
     return doc
+
+
+def group(doc: dict[str, Any], i: int) -> list[str]:
+    return list(doc["groups"][i]["users"])
 
 
 def counts(doc: dict[str, Any]) -> dict[str, int]:

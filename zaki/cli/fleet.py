@@ -111,7 +111,7 @@ async def _run(args: argparse.Namespace) -> int:
                 detail = {
                     "rollout": doc["_id"],
                     "image": args.image,
-                    "groups": [len(g) for g in doc["groups"]],
+                    "groups": [len(g["users"]) for g in doc["groups"]],
                 }
                 await audit.action(cli_actor(), "fleet.upgrade", None, detail)
                 print(
@@ -121,7 +121,9 @@ async def _run(args: argparse.Namespace) -> int:
             else:
                 rid = args.rollout
                 await audit.action(cli_actor(), "fleet.resume", None, {"rollout": rid})
-            runner = fr.Runner(store, client, on_progress=Printer(), outcome_timeout=args.timeout)
+            runner = fr.Runner(
+                store, client, on_progress=Printer(), outcome_timeout=args.timeout, lease_s=s.fleet_lease_s
+            )
             final = await runner.run(rid)
         finally:
             await client.close()
@@ -137,12 +139,15 @@ async def _status(store: Any, rid: str | None) -> int:
     from services.fleet import runner as fr
 
     if rid:
-        docs = [await fr.rollouts(store).find_one({"_id": rid})]
+        docs = [await fr.get(store, rid)]
         if docs[0] is None:
             print(f"no rollout {rid}", file=sys.stderr)
             return 1
     else:
-        docs = [d async for d in fr.rollouts(store).find({}).sort("created_at", -1).limit(10)]
+        ids = [
+            d["_id"] async for d in fr.rollouts(store).find({}, {"_id": 1}).sort("created_at", -1).limit(10)
+        ]
+        docs = [await fr.get(store, i) for i in ids]
     for d in docs:
         print(
             f"{d['_id']}  {d['state']:<12} image={d['image']} wave={d['wave']}/{len(d['groups'])} {fr.counts(d)}"

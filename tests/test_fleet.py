@@ -1,0 +1,307 @@
+"""Fleet upgrades in canary waves (issue 17.2): the planner and the gate without I/O; on a
+private platform (provisioner and monitor of its own, stand-in instances) a rollout to a good
+image goes through every wave, one to an image that never gets ready halts after the canary
+with nobody left on it, one to an image that gets ready and then stops answering is rolled
+back by the runner, and a runner killed with SIGKILL mid-wave is resumed by ``zaki fleet resume``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import docker
+import pytest
+
+from services.fleet import plan as fp
+from services.fleet import runner as fr
+from services.fleet.plan import Observation, PlanError, Status
+from shared import audit, subjects
+from shared.client import PlatformClient
+from shared.events import ActorKind, InstanceDelete, InstanceRequested
+from shared.store import Store
+from tests.conftest import MONITOR_ENV, STANDIN_IMAGE, eventually, new_user
+from tests.test_self_healing import start_private_platform
+from zaki.cli.audit import cli_actor
+from zaki.stack import free_port, wait_for_port
+
+pytestmark = pytest.mark.timeout(900)
+
+GOOD = "zaki/standin-gateway:fleet-next"
+HANGS = "zaki/standin-gateway:fleet-hangs"
+NEVER = "zaki/standin-gateway:never-ready"
+
+# --- the planner and the gate -------------------------------------------------------------------
+
+
+def test_shares_and_waves_are_parsed_or_refused():
+    assert fp.parse_share("5%") == 0.05 and fp.parse_share("0.5") == 0.5 and fp.parse_share("100%") == 1
+    assert fp.parse_waves("25%,50%,100%") == [0.25, 0.5, 1.0]
+    assert fp.parse_waves("50%") == [0.5, 1.0]  # the last wave is always everyone
+    for bad in ("0%", "150%", "abc", "-5%", ""):
+        with pytest.raises(PlanError):
+            fp.parse_share(bad)
+    with pytest.raises(PlanError):
+        fp.parse_waves("50%,25%")
+
+
+def test_plan_cuts_the_fleet_into_a_canary_and_cumulative_waves():
+    users = [f"u{i:02d}" for i in range(20)]
+    groups = fp.plan(users, 0.05, [0.25, 0.5, 1.0], seed="r1")
+    assert [len(g) for g in groups] == [1, 4, 5, 10]
+    assert sorted(u for g in groups for u in g) == users  # each exactly once
+    assert groups == fp.plan(list(reversed(users)), 0.05, [0.25, 0.5, 1.0], seed="r1")  # stable
+    canaries = {tuple(fp.plan(users, 0.05, [1.0], seed=f"r{i}")[0]) for i in range(10)}
+    assert len(canaries) > 1  # a sample that changes with the rollout, not always the same user
+    assert [len(g) for g in fp.plan(["a"], 0.05, [0.25, 1.0])] == [1]
+    assert [len(g) for g in fp.plan(["a", "b", "c"], 0.05, [0.25, 0.5, 1.0])] == [1, 1, 1]
+    assert [len(g) for g in fp.plan(users, 1.0, [1.0])] == [20]
+    with pytest.raises(PlanError):
+        fp.plan([], 0.05, [1.0])
+
+
+def test_the_gate_reads_outcomes_records_and_health():
+    up = Observation(Status.UPGRADED, "running", "img:2", "healthy")
+    assert fp.gate({"a": up, "b": up}, "img:2").ok
+    cases = {
+        "failed": Observation(Status.FAILED, "running", "img:1"),
+        "crashlooping": Observation(Status.UPGRADED, "crashlooping", "img:2"),
+        "failed state": Observation(Status.UPGRADED, "failed", "img:2"),
+        "wrong image": Observation(Status.UPGRADED, "running", "img:1"),
+        "unhealthy": Observation(Status.UPGRADED, "running", "img:2", "unhealthy"),
+        "unreachable": Observation(Status.UPGRADED, "running", "img:2", "unreachable"),
+        "unfinished": Observation(Status.UPGRADING, "starting", "img:2"),
+    }
+    for name, bad in cases.items():
+        verdict = fp.gate({"a": up, "b": bad}, "img:2")
+        assert not verdict.ok and len(verdict.reasons) == 1 and verdict.reasons[0].startswith("b:"), name
+    assert fp.gate({"a": up, "b": cases["failed"]}, "img:2", max_failures=1).ok
+    deleted = Observation(Status.UPGRADED, None, None)
+    skipped = Observation(Status.SKIPPED, "stopped", "img:1")
+    assert fp.gate({"a": up, "d": deleted, "s": skipped}, "img:2").ok
+    statuses = {"a": Status.UPGRADED, "b": Status.FAILED, "c": Status.UPGRADING, "d": Status.PENDING}
+    assert fp.to_revert(statuses) == ["a", "c"]
+    assert fp.progress_line(5, 20, 20) == "[#####...............] 5/20"
+
+
+# --- on a private platform ----------------------------------------------------------------------
+
+
+def _commit(client: docker.DockerClient, tag: str, *changes: str) -> None:
+    repo, _, name = tag.partition(":")
+    c = client.containers.create(STANDIN_IMAGE)
+    try:
+        c.commit(repo, name, changes=list(changes))
+    finally:
+        c.remove(force=True)
+
+
+@pytest.fixture(scope="module")
+def fleet_platform(tmp_path_factory, service_env, docker_client):
+    _commit(docker_client, GOOD, "ENV STANDIN_FLEET=next")
+    _commit(docker_client, HANGS, "ENV STANDIN_HANG_AFTER_MS=6000")
+    _commit(docker_client, NEVER, "ENV STANDIN_EXIT_CODE=3")
+    port0 = 36000 + (free_port() % 45) * 40
+    p = start_private_platform(
+        tmp_path_factory.mktemp("fleet"),
+        service_env,
+        "fleet",
+        "10.246.0.0/20",
+        ZAKI_ALLOWED_IMAGES=f"{STANDIN_IMAGE},{GOOD},{HANGS},{NEVER}",
+        ZAKI_READINESS_TIMEOUT_S="30",
+        ZAKI_PORT_RANGE_START=str(port0),
+        ZAKI_PORT_RANGE_END=str(port0 + 39),
+        ZAKI_FLEET_LEASE_S="3",
+    )
+    mport = free_port()
+    mon = p.stack.start_service(
+        "services.monitor",
+        {**p.env, **MONITOR_ENV, "ZAKI_REPLICA_ID": "fleet-mon", "ZAKI_METRICS_PORT": str(mport)},
+    )
+    wait_for_port("127.0.0.1", mport, mon.proc, "monitor")
+    yield p
+    p.stack.stop()
+
+
+@pytest.fixture
+async def fleet(fleet_platform):
+    client = await PlatformClient.connect(fleet_platform.env["ZAKI_NATS_URL"])
+    store = Store(fleet_platform.env["ZAKI_MONGO_URL"], "zaki")
+    yield fleet_platform, client, store
+    users = [d["_id"] for d in await store.list_instances()]
+    await asyncio.gather(
+        *(client.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=u, purge=True), 120) for u in users),
+        return_exceptions=True,
+    )
+    await fr.rollouts(store).delete_many({})
+    await fr.members(store).delete_many({})
+    await client.close()
+    await store.close()
+
+
+async def _instances(client: PlatformClient, fakes, n: int) -> list[str]:
+    async def one() -> str:
+        ev = InstanceRequested(
+            request_id=new_user("req"), user_id=new_user("f"), bot_token=fakes.bot(), image=STANDIN_IMAGE
+        )
+        subject, _ = await client.call(subjects.INSTANCE_REQUESTED, ev, timeout=180)
+        assert subject == subjects.INSTANCE_READY
+        return ev.user_id
+
+    return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
+async def _fleet_events(client: PlatformClient) -> list[tuple[str, dict]]:
+    """The zaki.fleet.* events kept in the audit stream."""
+    info = await client.js.stream_info(subjects.AUDIT_STREAM)
+    out = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        msg = await client.js.get_msg(subjects.AUDIT_STREAM, seq)
+        if msg.subject.startswith(f"{subjects.FLEET}."):
+            out.append((msg.subject, json.loads(msg.data)))
+    return out
+
+
+async def _images(store: Store, users: list[str]) -> dict[str, str]:
+    return {u: (await store.get_instance(u))["image"] for u in users}
+
+
+async def _create(store: Store, p, image: str, canary: str, waves: str, soak_s: float, parallel: int = 4):
+    return await fr.create(
+        store,
+        image,
+        fp.parse_share(canary),
+        fp.parse_waves(waves),
+        soak_s=soak_s,
+        actor=cli_actor("test"),
+        allowed=[STANDIN_IMAGE, GOOD, HANGS, NEVER],
+        parallel=parallel,
+    )
+
+
+async def test_a_good_image_goes_through_every_wave(fleet, fakes, docker_client):
+    p, client, store = fleet
+    users = await _instances(client, fakes, 20)
+    doc = await _create(store, p, GOOD, "5%", "25%,50%,100%", soak_s=3)
+    assert [len(fr.group(doc, i)) for i in range(4)] == [1, 4, 5, 10]
+    steps: list[str] = []
+    t0 = time.monotonic()
+    final = await fr.Runner(store, client, on_progress=lambda d, s: steps.append(s), lease_s=3).run(
+        doc["_id"]
+    )
+    elapsed = time.monotonic() - t0
+    print(f"\n20 stand-in instances upgraded in 4 groups (soak 3 s each, 4 at once): {elapsed:.1f} s")
+    assert final["state"] == "completed" and fr.counts(final) == {"upgraded": 20}
+    assert (
+        steps.count("gate_passed") == 4
+        and steps.count("instance_upgraded") == 20
+        and steps[-1] == "completed"
+    )
+    assert set((await _images(store, users)).values()) == {GOOD}
+    for u in users:
+        assert docker_client.containers.get(f"zaki-user-{u}").attrs["Config"]["Image"] == GOOD
+    # Each step is an event on zaki.fleet.*, and each upgrade says who asked.
+    seen = {s for s, b in await _fleet_events(client) if b.get("rollout_id") == doc["_id"]}
+    assert {f"{subjects.FLEET}.{s}" for s in ("started", "wave_started", "gate_passed", "completed")} <= seen
+    rows = await audit.read(client.js, actor="platform:fleet")
+    upgrades = {
+        r["user_id"] for r in rows if r["kind"] == "command" and r["subject"] == subjects.INSTANCE_UPGRADE
+    }
+    assert upgrades == set(users)
+
+
+async def test_an_image_that_never_gets_ready_halts_after_the_canary_and_nobody_stays_on_it(fleet, fakes):
+    p, client, store = fleet
+    users = await _instances(client, fakes, 6)
+    doc = await _create(store, p, NEVER, "34%", "100%", soak_s=2)
+    canary = fr.group(doc, 0)
+    assert len(canary) == 3
+    final = await fr.Runner(store, client, lease_s=3).run(doc["_id"])
+    assert final["state"] == "halted" and final["wave"] == 0
+    assert all(final["instances"][u]["status"] == "failed" for u in canary)
+    assert all(final["instances"][u]["status"] == "pending" for u in fr.group(doc, 1))  # never touched
+    assert any("did not get ready" in r for r in final["reasons"])
+
+    async def all_back() -> bool:
+        docs = [await store.get_instance(u) for u in users]
+        return all(d["image"] == STANDIN_IMAGE and d["state"] == "running" for d in docs)
+
+    await eventually(all_back, timeout=120, interval=1)
+
+
+async def test_an_image_that_breaks_after_getting_ready_is_rolled_back_by_the_runner(fleet, fakes):
+    """Ready on /readyz, then it stops answering: the monitor's health fails the gate during the
+    soak, and the runner itself puts every upgraded instance back on its previous image."""
+    p, client, store = fleet
+    users = await _instances(client, fakes, 4)
+    doc = await _create(store, p, HANGS, "50%", "100%", soak_s=40)
+    canary = fr.group(doc, 0)
+    t0 = time.monotonic()
+    final = await fr.Runner(store, client, lease_s=3).run(doc["_id"])
+    assert final["state"] == "halted" and time.monotonic() - t0 < 60  # halted during the soak
+    assert any("health" in r for r in final["reasons"]), final["reasons"]
+    assert {final["instances"][u]["status"] for u in canary} == {"reverted"}
+    assert all(final["instances"][u]["status"] == "pending" for u in fr.group(doc, 1))
+
+    async def all_back() -> bool:
+        docs = [await store.get_instance(u) for u in users]
+        return all(d["image"] == STANDIN_IMAGE and d["state"] == "running" for d in docs)
+
+    await eventually(all_back, timeout=120, interval=1)
+    # The rollback went through the provisioner as commands of the platform (audit actor).
+    assert doc["actor"]["kind"] == ActorKind.CLI
+
+
+def _zaki(env: dict[str, str], *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "zaki.cli", "--state-dir", "/nonexistent", "fleet", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env},
+    )  # fmt: skip
+
+
+async def test_a_runner_killed_mid_wave_is_resumed(fleet, fakes):
+    p, client, store = fleet
+    users = await _instances(client, fakes, 6)
+    proc = _zaki(
+        p.env,
+        "upgrade",
+        "--image",
+        GOOD,
+        "--canary",
+        "17%",
+        "--waves",
+        "100%",
+        "--soak-s",
+        "1",
+        "--parallel",
+        "1",
+    )
+
+    async def mid_wave():
+        doc = await fr.rollouts(store).find_one({"state": "running"})
+        doc = doc and await fr.get(store, doc["_id"])
+        if doc is None or doc["wave"] < 1:
+            return None
+        done = fr.counts(doc).get("upgraded", 0)
+        return doc if 2 <= done < 6 else None
+
+    doc = await eventually(mid_wave, timeout=180, interval=0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    left = await fr.get(store, doc["_id"])
+    assert left["state"] == "running" and fr.counts(left).get("upgraded", 0) < 6
+
+    resumed = _zaki(p.env, "resume", doc["_id"])
+    out, err = await asyncio.to_thread(resumed.communicate, timeout=300)
+    assert resumed.returncode == 0, err[-2000:]
+    assert "completed" in out and "resumed" in err  # plain progress lines: stderr is not a terminal
+    final = await fr.get(store, doc["_id"])
+    assert final["state"] == "completed" and fr.counts(final) == {"upgraded": 6}
+    assert set((await _images(store, users)).values()) == {GOOD}
+    status = _zaki(p.env, "status", doc["_id"])
+    out, _ = status.communicate(timeout=60)
+    assert doc["_id"] in out and "completed" in out
