@@ -305,3 +305,67 @@ async def test_a_runner_killed_mid_wave_is_resumed(fleet, fakes):
     status = _zaki(p.env, "status", doc["_id"])
     out, _ = status.communicate(timeout=60)
     assert doc["_id"] in out and "completed" in out
+
+
+async def test_an_abort_mid_soak_rolls_the_upgraded_back(fleet, fakes):
+    p, client, store = fleet
+    users = await _instances(client, fakes, 3)
+    doc = await _create(store, p, GOOD, "34%", "100%", soak_s=60)
+    task = asyncio.create_task(fr.Runner(store, client, lease_s=3).run(doc["_id"]))
+
+    async def canary_up():
+        d = await fr.get(store, doc["_id"])
+        return all(d["instances"][u]["status"] == "upgraded" for u in fr.group(d, 0))
+
+    await eventually(canary_up, timeout=120)
+    aborted = await asyncio.to_thread(lambda: _zaki(p.env, "abort", doc["_id"]).communicate(timeout=60))
+    assert "abort asked" in aborted[0], aborted
+    t0 = time.monotonic()
+    final = await asyncio.wait_for(task, 120)
+    assert final["state"] == "aborted" and time.monotonic() - t0 < 30  # not after the 60 s soak
+    assert {final["instances"][u]["status"] for u in fr.group(doc, 0)} == {"reverted"}
+    assert set((await _images(store, users)).values()) == {STANDIN_IMAGE}
+
+
+async def test_the_admin_api_runs_and_shows_a_rollout(fleet, fakes):
+    from tests.test_dashboard_api import PASSWORD, PREFIX, Browser, start_dashboard
+
+    p, client, store = fleet
+    users = await _instances(client, fakes, 2)
+    dash = start_dashboard(p.stack, p.env, ZAKI_METRICS_PORT=str(free_port()))
+    root = new_user("op")
+    made = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "zaki.cli", "--state-dir", "/nonexistent", "admin", "create", root, "--password-stdin"],
+        input=PASSWORD + "\n", capture_output=True, text=True, timeout=60,
+        env={**os.environ, **p.env, "ZAKI_DASHBOARD_USER_PREFIX": PREFIX},
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    async with Browser(dash.address) as op, Browser(dash.address) as anon:
+        assert (await op.login(root)).status_code == 200
+        assert (await anon.http.get("/api/admin/fleet")).status_code == 401
+        bad = await op.http.post("/api/admin/fleet", json={"image": GOOD, "canary": "0%"})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_rollout"
+        r = await op.http.post(
+            "/api/admin/fleet", json={"image": GOOD, "canary": "50%", "waves": "100%", "soak_s": 1}
+        )
+        assert r.status_code == 202, r.text
+        rid = r.json()["rollout_id"]
+        busy = await op.http.post("/api/admin/fleet", json={"image": GOOD})
+        assert busy.status_code == 409
+
+        async def done():
+            out = (await op.http.get(f"/api/admin/fleet/{rid}")).json()
+            return out if out["state"] == "completed" else None
+
+        out = await eventually(done, timeout=180, interval=1)
+        assert out["counts"] == {"upgraded": 2} and {m["user_id"] for m in out["instances"]} == set(users)
+        listed = (await op.http.get("/api/admin/fleet")).json()["rollouts"]
+        assert listed[0]["id"] == rid and listed[0]["groups"] == [1, 1]
+        records = (await op.http.get("/api/admin/audit?limit=200")).json()["records"]
+        assert any(x["action"] == "fleet.upgrade" and x["detail"].get("rollout") == rid for x in records)
+        upgrades = [x for x in records if x["action"] == f"command:{subjects.INSTANCE_UPGRADE}"]
+        assert {x["target"] for x in upgrades} >= set(users) and {x["actor"] for x in upgrades} == {
+            "platform:fleet"
+        }
+    assert set((await _images(store, users)).values()) == {GOOD}

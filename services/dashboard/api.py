@@ -273,7 +273,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 def build_app(deps: Deps) -> web.Application:
     # Route modules register themselves on API when imported.
-    from services.dashboard import admin, agents, apikeys, backups, chat, events, files, pages, pairing  # noqa: F401
+    from services.dashboard import admin, agents, apikeys, backups, chat, events, files, fleet, pages, pairing  # noqa: F401
 
     app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware])
     app["deps"] = deps

@@ -27,6 +27,7 @@ from typing import Any
 
 from services.fleet.plan import (
     DONE,
+    Gate,
     Observation,
     PlanError,
     RolloutState,
@@ -231,6 +232,8 @@ class Runner:
                 await self._upgrade_wave(doc, users)
                 verdict = await self._soak(await self.load(rid))
                 doc = await self.load(rid)
+                if doc["state"] != RolloutState.RUNNING:  # aborted during the wave
+                    return await self._revert(doc, RolloutState.ABORTED)
                 if not verdict.ok:
                     await self._set(rid, {"reasons": verdict.reasons[:50]})
                     await self._event(doc, "gate_failed", wave=i, reasons=verdict.reasons[:20])
@@ -316,11 +319,13 @@ class Runner:
             )
         return out
 
-    async def _soak(self, doc: dict[str, Any]):
+    async def _soak(self, doc: dict[str, Any]) -> Gate:
         """Watches the gate for the soak period; stops early when it fails."""
         deadline = time.monotonic() + float(doc["soak_s"])
         while True:
             doc = await self.load(doc["_id"])
+            if doc["state"] != RolloutState.RUNNING:
+                return Gate(ok=False, reasons=["aborted"])
             verdict = gate(await self.observe(doc), doc["image"], int(doc.get("max_failures", 0)))
             if not verdict.ok or time.monotonic() >= deadline:
                 return verdict
