@@ -48,16 +48,18 @@ async def test_operator_backup_routes_and_a_users_own_export(stack, service_env,
         bid = r.json()["backup_id"]
         listed = (await op.http.get("/api/admin/backups", params={"user": uid})).json()["backups"]
         assert [b["backup_id"] for b in listed] == [bid]
-        r = await op.http.post(f"/api/admin/backups/{uid}/{bid}/verify")
+        r = await op.http.post(f"/api/admin/backups/{uid}/verify", json={"backup_id": bid})
         assert r.status_code == 200 and r.json()["ok"] is True
         (folder / "workspace" / "MEMORY.md").write_text("lost")
-        r = await op.http.post(f"/api/admin/backups/{uid}/{bid}/restore", json={})
+        r = await op.http.post(f"/api/admin/backups/{uid}/restore", json={"backup_id": bid})
         assert r.status_code == 200 and r.json()["restarted"] is False, r.text
         assert (folder / "workspace" / "MEMORY.md").read_text() == "tea, not coffee"
         records = (await op.http.get("/api/admin/audit")).json()["records"]
         assert {"backup.create", "backup.restore"} <= {x["action"] for x in records if x["target"] == uid}
         # Typed refusals.
-        r = await op.http.post(f"/api/admin/backups/{uid}/not-an-id/verify")
+        r = await op.http.post(f"/api/admin/backups/{uid}/verify", json={"backup_id": "not-an-id"})
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_input"
-        r = await op.http.post(f"/api/admin/backups/{uid}/20260101T000000Z-abcdef/verify")
+        r = await op.http.post(
+            f"/api/admin/backups/{uid}/verify", json={"backup_id": "20260101T000000Z-abcdef"}
+        )
         assert r.status_code == 404

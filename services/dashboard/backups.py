@@ -57,8 +57,15 @@ class VerifyOut(BaseModel):
     sqlite_checked: list[str]
 
 
-class RestoreIn(BaseModel):
+BackupIdStr = Annotated[str, Field(pattern=r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{6}$")]
+
+
+class VerifyIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    backup_id: BackupIdStr | None = None  # default: the newest good backup
+
+
+class RestoreIn(VerifyIn):
     into: UserIdStr | None = None  # default: the same user
 
 
@@ -151,15 +158,16 @@ async def admin_create_backup(ctx: Ctx) -> BackupOut:
 
 @API.route(
     "POST",
-    "/api/admin/backups/{user_id}/{backup_id}/verify",
+    "/api/admin/backups/{user_id}/verify",
     summary="Prove a backup decrypts, matches its checksum and unpacks (SQLite integrity_check)",
     tag="backups",
     auth="operator",
+    body=VerifyIn,
     out=VerifyOut,
     errors=(404, 422, 502),
 )
 async def admin_verify_backup(ctx: Ctx) -> VerifyOut:
-    user, bid = ctx.request.match_info["user_id"], ctx.request.match_info["backup_id"]
+    user, bid = ctx.request.match_info["user_id"], ctx.body.backup_id
     try:
         r = await _backups(ctx).verify(user, bid)
     except BackupError as e:
@@ -171,7 +179,7 @@ async def admin_verify_backup(ctx: Ctx) -> VerifyOut:
 
 @API.route(
     "POST",
-    "/api/admin/backups/{user_id}/{backup_id}/restore",
+    "/api/admin/backups/{user_id}/restore",
     summary="Restore a backup into its user or another (a running agent is stopped and started)",
     tag="backups",
     auth="operator",
@@ -181,13 +189,17 @@ async def admin_verify_backup(ctx: Ctx) -> VerifyOut:
 )
 async def admin_restore_backup(ctx: Ctx) -> RestoreOut:
     actor, name = _operator(ctx)
-    user, bid = ctx.request.match_info["user_id"], ctx.request.match_info["backup_id"]
+    user, bid = ctx.request.match_info["user_id"], ctx.body.backup_id
     into = ctx.body.into or user
     try:
         core.check_user(user)
-        core.check_backup_id(bid)
         await audit.record(
-            ctx.deps.store, actor, "backup.restore", into, {"backup_id": bid, "source": user}, name
+            ctx.deps.store,
+            actor,
+            "backup.restore",
+            into,
+            {"backup_id": bid or "newest", "source": user},
+            name,
         )
         commander = platform_commander(ctx.deps.settings.nats_url)
         r = await _backups(ctx).restore(user, bid, into, commander)
