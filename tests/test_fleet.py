@@ -369,3 +369,29 @@ async def test_the_admin_api_runs_and_shows_a_rollout(fleet, fakes):
             "platform:fleet"
         }
     assert set((await _images(store, users)).values()) == {GOOD}
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise():
+    import io
+
+    from zaki.cli.fleet import Printer
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    doc = {
+        "_id": "r1",
+        "wave": 1,
+        "state": "running",
+        "groups": [{"users": ["a"]}, {"users": ["b", "c", "d"]}],
+        "instances": {"a": {"status": "upgraded"}, "b": {"status": "upgrading"}, "c": {"status": "pending"},
+                      "d": {"status": "pending"}},
+    }  # fmt: skip
+    tty, plain = Tty(), io.StringIO()
+    Printer(tty)(doc, "wave_started")
+    Printer(plain)(doc, "wave_started")
+    assert tty.getvalue().startswith("\r[#######") and "1/4" in tty.getvalue() and "\n" not in tty.getvalue()
+    assert plain.getvalue().startswith("r1 wave 2/2 running wave_started 1/4") and plain.getvalue().endswith(
+        "\n"
+    )
