@@ -62,6 +62,10 @@ for _o in ("served", "timeout", "queue_full", "gone"):
 WAKES = "suspended"
 HOLDS = frozenset({"suspended", "starting", "restarting"})
 RECHECK_S = 1.0  # how often a waiter looks at the record itself (a missed event, a crash-restart)
+# A gateway that refuses connections while its record says running comes back only if Docker or
+# the monitor restarts it (``docker kill`` is a manual stop to Docker): wait this long at most,
+# then 503 "restarting" with Retry-After rather than what looks like a hang to a client.
+RESTART_HOLD_S = 10.0
 
 AskWake = Callable[[str], Awaitable[None]]
 
@@ -125,7 +129,9 @@ class WakeGate:
     async def _wait(
         self, routes: RoutingTable, user_id: str, state: str | None, stale: Route | None
     ) -> Route:
-        deadline = time.monotonic() + self.timeout_s
+        deadline = time.monotonic() + (
+            self.timeout_s if stale is None else min(self.timeout_s, RESTART_HOLD_S)
+        )
         if state == WAKES:
             await self._ask(user_id)
         while True:
@@ -165,13 +171,20 @@ class WakeGate:
 
 
 async def _listening(route: Route) -> bool:
-    """Whether the gateway accepts connections again (a crash-restart is over)."""
+    """Whether the gateway answers again (a crash-restart is over). An HTTP /healthz, not a bare
+    connect: Docker's port proxy accepts connections before the gateway inside listens."""
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(route.host, route.port), 0.5)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(route.host, route.port), 0.5)
     except (OSError, TimeoutError):
         return False
-    writer.close()
-    return True
+    try:
+        writer.write(b"GET /healthz HTTP/1.0\r\nHost: gateway\r\n\r\n")
+        line = await asyncio.wait_for(reader.readline(), 1.0)
+        return line.startswith(b"HTTP/1.") and line[9:12] == b"200"
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
 
 
 def install(routes: RoutingTable, nc: Any, settings: ZakiSettings) -> asyncio.Task[None]:
