@@ -93,7 +93,10 @@ def test_every_protected_operation_refuses_a_caller_without_a_session(stack, ser
                 if "security" not in op:
                     continue
                 concrete = (
-                    path.replace("{name}", "SOUL.md").replace("{key_id}", "k1").replace("{user_id}", "u1")
+                    path.replace("{name}", "SOUL.md")
+                    .replace("{key_id}", "k1")
+                    .replace("{user_id}", "u1")
+                    .replace("{rollout_id}", "r1")
                 )
                 body = {} if "requestBody" in op else None
                 r = anon.request(method.upper(), concrete, json=body)
