@@ -152,8 +152,16 @@ async def test_cli_and_dashboard_commands_appear_with_actor_and_outcome(
     assert await asyncio.to_thread(replay, service_env, "--user", user, "--since", future) == []
     assert zaki(service_env, "audit", "--actor", "root").returncode == 2
 
-    # No bot token, in any form, anywhere in the stream.
+    # The CLI's other actions too: an API key made for the user (the key itself never recorded).
+    made = await asyncio.to_thread(zaki, service_env, "keys", "create", "--user", user, "--scopes", "chat")
+    assert made.returncode == 0, made.stderr
+    api_key = made.stdout.split("store it now): ")[1].split()[0]
+    rows = await asyncio.to_thread(replay, service_env, "--user", user, "--actor", "cli")
+    assert any(x["kind"] == "action" and x["subject"] == "keys.create" for x in rows)
+
+    # No bot token or API key, in any form, anywhere in the stream.
     raw = await raw_stream(service_env["ZAKI_NATS_URL"])
+    assert api_key.encode() not in raw
     assert cli_token.encode() not in raw and dash_token.encode() not in raw
     assert cli_token.split(":")[1].encode() not in raw and dash_token.split(":")[1].encode() not in raw
     zaki(service_env, "instance", "delete", user, "--purge")

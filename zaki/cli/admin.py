@@ -13,6 +13,7 @@ import getpass
 import sys
 from typing import Any
 
+from zaki.cli.audit import record_action
 from zaki.cli.common import say, with_store
 
 
@@ -72,7 +73,10 @@ def run(args: argparse.Namespace) -> int:
     if args.action != "list" and not args.who:
         say("this action needs a username")
         return 2
-    return asyncio.run(with_store(lambda store, s: _run(store, s, args)))
+    rc = asyncio.run(with_store(lambda store, s: _run(store, s, args)))
+    if rc == 0 and args.action != "list":
+        record_action(f"admin.{args.action}", None, {"account": args.who})
+    return rc
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ import getpass
 import json
 import re
 import socket
+import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -49,6 +50,34 @@ def cli_actor(reason: str | None = None):
         who = "unknown"
     ident = re.sub(r"[^A-Za-z0-9_.@:-]", "_", f"{who}@{socket.gethostname()}")[:64].lstrip("_.@:-")
     return Actor(kind=ActorKind.CLI, id=ident or "operator", reason=reason)
+
+
+def record_action(name: str, target: str | None = None, detail: dict[str, Any] | None = None) -> None:
+    """Puts a CLI operator's action (keys, providers, accounts) in the audit trail; a trail that
+    cannot be reached is said, not fatal (the action is done)."""
+    asyncio.run(_record_action(name, target, detail))
+
+
+async def _record_action(name: str, target: str | None, detail: dict[str, Any] | None) -> None:
+    import nats
+
+    from shared import audit
+    from shared.bus import nats_servers
+    from shared.settings import ZakiSettings
+
+    s = ZakiSettings()
+    try:
+        nc = await nats.connect(nats_servers(s.nats_url), connect_timeout=3, max_reconnect_attempts=0)
+    except Exception as e:
+        print(
+            f"[zaki] audit trail unreachable ({type(e).__name__}): {name} not recorded there", file=sys.stderr
+        )
+        return
+    try:
+        audit.install(nc, s.audit_retention_days, s.stream_replicas)
+        await audit.action(cli_actor(), name, target, detail)
+    finally:
+        await nc.close()
 
 
 def format_record(r: dict[str, Any]) -> str:

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 from typing import Any
 
+from zaki.cli.audit import record_action
 from zaki.cli.common import say, with_store
 
 
@@ -22,10 +23,15 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.action == "rotate":
-        return asyncio.run(_rotate())
+        rc = asyncio.run(_rotate())
+        record_action("keys.rotate")
+        return rc
     from services.gateway_proxy import keys as api_keys
 
-    return asyncio.run(with_store(lambda store, s: api_keys.cli(store, args)))
+    rc = asyncio.run(with_store(lambda store, s: api_keys.cli(store, args)))
+    if rc == 0 and args.action != "list":  # never the key itself: its id and scopes
+        record_action(f"keys.{args.action}", args.user, {"key_id": args.key_id, "scopes": args.scopes})
+    return rc
 
 
 async def _rotate() -> int:

@@ -14,6 +14,7 @@ import os
 import sys
 from typing import Any
 
+from zaki.cli.audit import record_action
 from zaki.cli.common import say, with_store
 
 APIS = ["openai-completions", "openai-responses", "anthropic-messages"]
@@ -96,7 +97,10 @@ def run(args: argparse.Namespace) -> int:
         say(f"provider {args.name}: {done} done; brokers use it from the next call")
         return 0
 
-    return asyncio.run(with_store(act))
+    rc = asyncio.run(with_store(act))
+    if rc == 0 and args.action != "list":  # the name and URL, never the key
+        record_action(f"providers.{args.action}", None, {"provider": args.name, "base_url": args.base_url})
+    return rc
 
 
 # The ZAKI_* variables that seed the platform's provider, and the stored field each one sets.
