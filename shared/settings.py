@@ -193,7 +193,8 @@ class ZakiSettings(BaseSettings):
     memory_high_for_s: float = Field(default=300.0, ge=0)
     memory_horizon_s: float = Field(default=1800.0, ge=0)
     memory_window_s: float = Field(default=600.0, gt=0)
-    memory_quiet_s: float = Field(default=15.0, ge=0)
+    # Above the longest single model call usually seen: the broker marks a call's start only.
+    memory_quiet_s: float = Field(default=60.0, ge=0)
     memory_force_s: float = Field(default=60.0, ge=0)
     memory_sample_s: float = Field(default=10.0, gt=0)  # how often each gateway's memory is read
     memory_cgroup_root: str = "/sys/fs/cgroup/memory/docker"  # cgroup v1; v2 and Docker stats as fallback

@@ -85,6 +85,9 @@ async def raw_stream(url: str) -> bytes:
     try:
         js = nc.jetstream()
         info = await js.stream_info(subjects.AUDIT_STREAM)
+        # Its own stream, its own subjects, its own retention (ZAKI_AUDIT_RETENTION_DAYS, 400).
+        assert info.config.max_age == 400 * 86400
+        assert set(info.config.subjects) == {f"{subjects.AUDIT}.>", f"{subjects.FLEET}.>"}
         out = []
         for seq in range(info.state.first_seq, info.state.last_seq + 1):
             try:
