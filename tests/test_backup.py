@@ -48,6 +48,13 @@ def make_folder(root: Path, user: str, messages: int = 200) -> Path:
     )
     db.commit()
     db.close()
+    db = sqlite3.connect(folder / ".openclaw" / "state" / "openclaw.sqlite")
+    db.execute("CREATE TABLE state_leases (scope TEXT, owner TEXT, payload_json TEXT, expires_at INTEGER)")
+    db.execute(
+        "INSERT INTO state_leases VALUES ('gateway', 'pid 7 on a container gone', '{}', 9999999999999)"
+    )
+    db.commit()
+    db.close()
     sqlite3.connect(folder / ".openclaw" / "agents" / "main" / "agent" / "openclaw-agent.sqlite").execute(
         "CREATE TABLE t (x)"
     ).connection.close()
@@ -92,6 +99,11 @@ def test_backup_verify_and_unpack_round_trip(env, tmp_path):
     assert stats["sqlite_checked"] == m.sqlite
     assert (out / "workspace" / "MEMORY.md").read_text() == "The user likes tea.\n"
     assert count(out / ".openclaw" / "state" / "openclaw.sqlite") == 200
+    # A lease held by the process that was running is not the agent's data (a restored gateway
+    # would wait for it to expire): the copy leaves it out.
+    con = sqlite3.connect(out / ".openclaw" / "state" / "openclaw.sqlite")
+    assert con.execute("SELECT count(*) FROM state_leases").fetchone()[0] == 0
+    con.close()
     assert not (out / ".openclaw" / "openclaw.json").exists()
 
 

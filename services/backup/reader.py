@@ -71,10 +71,21 @@ def _sqlite_image(path: str) -> bytes:
     try:
         src.execute("PRAGMA temp_store=MEMORY")
         src.backup(dst)  # every page in one read transaction
+        _drop_leases(dst)
         return dst.serialize()
     finally:
         src.close()
         dst.close()
+
+
+def _drop_leases(db: sqlite3.Connection) -> None:
+    """OpenClaw's ``state_leases`` rows belong to the process that held them (pid, host, expiry):
+    a restored copy would carry a live-looking lease of a container that no longer exists, and the
+    restored gateway refuses to start ("Another Gateway owner lease is still active") until it
+    expires. They are runtime locks, not the agent's data: the copy leaves them out."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'state_leases'").fetchone():
+        with db:
+            db.execute("DELETE FROM state_leases")
 
 
 class Walker:
