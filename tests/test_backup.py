@@ -6,11 +6,16 @@ killed or starved writer leaves nothing called good."""
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tarfile
+import tempfile
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -179,6 +184,32 @@ def test_the_reader_is_confined_even_for_a_path_swapped_after_its_checks(env):
             cwd=REPO, capture_output=True, text=True,
         )  # fmt: skip
         assert r.returncode != 0 and "FileNotFoundError" in r.stderr
+
+
+def test_without_root_the_reader_still_skips_links_and_says_it_was_not_confined(env):
+    s, _, _ = env
+    user = new_user()
+    reachable = Path(tempfile.mkdtemp(prefix="zaki-bk-"))  # pytest's tmp_path is root-only
+    reachable.chmod(0o755)
+    s = s.model_copy(update={"data_root": reachable})
+    folder = make_folder(s.data_root, user)
+    (s.data_root / "users").chmod(0o755)
+    os.symlink("/etc/hostname", folder / "workspace" / "host.md")
+    python = "/usr/bin/python3"  # the venv's interpreter lives under root's home: not for uid 1000
+    if not os.path.exists(python):
+        missing_tool("a system python3 for uid 1000")
+    r = subprocess.run(
+        [python, "-S", "-m", "services.backup.reader", str(folder)],
+        cwd=REPO, capture_output=True, user=1000, group=1000, extra_groups=[],
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-500:]
+    summary = json.loads(r.stderr.decode().splitlines()[-1])
+    assert summary["confined"] is False and summary["skipped"]["symlink"] == ["workspace/host.md"]
+    with tarfile.open(fileobj=io.BytesIO(r.stdout), mode="r|") as tar:
+        names = {m.name: (tar.extractfile(m).read() if m.isfile() else None) for m in tar}
+    assert names["workspace/MEMORY.md"] == b"The user likes tea.\n" and "workspace/host.md" not in names
+    assert core.create(s, *env[1:], user, None, "manual").confined is True  # as root: confined
+    shutil.rmtree(reachable)
 
 
 def test_backup_while_the_database_is_written_is_never_torn(env, tmp_path):
