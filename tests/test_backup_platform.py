@@ -89,6 +89,7 @@ async def test_restore_onto_a_running_instance_stops_swaps_and_starts_it(
 
     result = await backups.restore(user, m.backup_id, command=platform_commander(settings.nats_url))
     assert result["restarted"] is True and result["user_id"] == user
+    print(f"\nrestore onto a running stand-in (stop, swap, start, ready): {result['seconds']:.2f} s")
     root = folder(settings, user)
     assert (root / "workspace" / "MEMORY.md").read_text() == "remember: the user likes tea"
     assert rows(settings, user) == 1000
@@ -326,6 +327,7 @@ async def test_a_real_gateways_sessions_survive_a_restore_into_a_new_user(
     )
     assert subject == subjects.INSTANCE_DELETED
 
+    print(f"\nreal gateway backup after a chat: {m.seconds:.2f} s, {m.stored_bytes} bytes stored")
     target = new_user("g")
     await backups.restore(source, m.backup_id, into=target)
     ev = InstanceRequested(request_id=new_user("req"), user_id=target, bot_token=fakes.bot())
