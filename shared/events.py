@@ -98,6 +98,10 @@ class Actor(BaseModel):
     reason: Annotated[str, Field(max_length=200)] | None = None
 
 
+# Between scheduled backups (issue 17.1): 0 means none; at most 30 days.
+BackupSeconds = Annotated[int, Field(ge=0, le=30 * 24 * 3600)]
+
+
 def _check_token(v: SecretStr) -> SecretStr:
     check_bot_token(v.get_secret_value())
     return v
@@ -118,6 +122,8 @@ class InstanceRequested(Event):
     budget: Budget | None = None
     # Seconds without traffic before the platform suspends the gateway; 0 = never; None = ZAKI_IDLE_SUSPEND_S.
     idle_suspend_s: IdleSeconds | None = None
+    # Seconds between scheduled backups; 0 = none; None = ZAKI_BACKUP_INTERVAL_S (services/backup).
+    backup_interval_s: BackupSeconds | None = None
     actor: Actor | None = None  # who asked (audit trail)
 
     _token = field_validator("bot_token")(_check_token)
@@ -138,6 +144,7 @@ class InstanceUpdate(InstanceCommand):
     provider: ProviderSettings | None = None
     budget: Budget | None = None
     idle_suspend_s: IdleSeconds | None = None  # see InstanceRequested; no gateway restart
+    backup_interval_s: BackupSeconds | None = None  # see InstanceRequested; no gateway restart
 
     @field_validator("bot_token")
     @classmethod

@@ -18,7 +18,13 @@ import pytest
 from services.backup import core
 from services.backup.ops import Backups, platform_commander
 from shared import subjects
-from shared.events import InstanceCommand, InstanceDelete, InstanceRequested, InstanceUpgrade
+from shared.events import (
+    InstanceCommand,
+    InstanceDelete,
+    InstanceRequested,
+    InstanceUpdate,
+    InstanceUpgrade,
+)
 from shared.gateway import container_name, identity_headers
 from tests.conftest import STANDIN_IMAGE, eventually, new_user
 from zaki.stack import free_port, wait_for_port
@@ -206,7 +212,11 @@ async def test_the_backup_service_schedules_publishes_and_exports_aggregates(
 
     user, _ = await make(platform, fakes)
     quiet, _ = await make(platform, fakes)
-    await store.update_instance(quiet, {"backup_interval_s": 0})  # its own interval: never
+    # Its own interval (0: never), set by the instance.update command.
+    subject, _ = await platform.call(
+        subjects.INSTANCE_UPDATE, InstanceUpdate(user_id=quiet, backup_interval_s=0), timeout=60
+    )
+    assert subject == subjects.INSTANCE_READY and (await store.get_instance(quiet))["backup_interval_s"] == 0
     seen: list[dict] = []
     nc = await nats.connect(stack.nats.address)
 

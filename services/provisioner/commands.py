@@ -98,6 +98,7 @@ class Commands(Lifecycle):
             "telegram_allow_from": list(ev.telegram_allow_from),
             "budget": ev.budget.model_dump(exclude_none=True) if ev.budget else None,
             "idle_suspend_s": ev.idle_suspend_s,  # None: ZAKI_IDLE_SUSPEND_S (services/waker)
+            "backup_interval_s": ev.backup_interval_s,  # None: ZAKI_BACKUP_INTERVAL_S (services/backup)
             "request_id": ev.request_id,
         }
         if ev.provider and ev.provider.api_key:
@@ -217,6 +218,8 @@ class Commands(Lifecycle):
             fields["budget"] = cmd.budget.model_dump(exclude_none=True)
         if cmd.idle_suspend_s is not None:  # the waker reads it: no restart either
             fields["idle_suspend_s"] = cmd.idle_suspend_s
+        if cmd.backup_interval_s is not None:  # the backup service reads it
+            fields["backup_interval_s"] = cmd.backup_interval_s
         await self.store.update_instance(cmd.user_id, fields, doc["instance_id"])
         if not gateway_changed:
             if doc["state"] == S.STOPPED:
