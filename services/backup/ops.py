@@ -172,7 +172,15 @@ class Backups:
                     raise InvalidInput("the instance runs: a restore needs the platform to stop it")
                 await command("stop", target_user)
             folder = core.user_folder(s, target_user)
-            await asyncio.to_thread(_swap_in, staging, folder)
+            try:
+                await asyncio.to_thread(_swap_in, staging, folder)
+            except OSError as e:
+                if live:  # the old folder is still in place: the agent runs on as it was
+                    assert command is not None
+                    await command("start", target_user)
+                raise BackupError(
+                    f"cannot put the restored folder in place: {e.strerror}", "disk_error"
+                ) from None
             if live:
                 assert command is not None
                 await command("start", target_user)
