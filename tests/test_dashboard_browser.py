@@ -545,7 +545,7 @@ async def test_real_gateway_a_stranger_asks_the_owner_approves_the_agent_answers
 
 
 @pytest.mark.gateway
-async def test_real_gateway_uses_soul_md_and_keeps_the_chat_history(carol, fakes):
+async def test_real_gateway_uses_soul_md_and_keeps_the_chat_history(carol, real_site, fakes):
     """SOUL.md saved on the page is in the agent's very next model call; the web conversation's
     history comes back from the gateway on a new visit; the first answer's time is recorded."""
     p = carol
@@ -565,6 +565,13 @@ async def test_real_gateway_uses_soul_md_and_keeps_the_chat_history(carol, fakes
     assert any(marker in json.dumps(c) for c in fakes.llm.calls)
     await chat(p, "and now?", timeout_s=120)
     FIGURES["real_chat_first_token_page_ms"] = int(await p.last_answer.get_attribute("data-first-token-ms"))
+    # The same call with curl and an API key, through the same origin and proxy.
+    status, created = await p.fetch("POST", "/api/keys", {"scopes": ["chat"]})
+    assert status == 201, created
+    first_s, starttransfer_s, out = await curl_first_token(real_site.origin, created["key"], "and curl?")
+    assert "echo: and curl?" in out
+    FIGURES["real_chat_first_token_curl_ms"] = round(first_s * 1000)
+    FIGURES["real_chat_first_byte_curl_ms"] = round(starttransfer_s * 1000)
     await p.goto("agent")
     await p.goto("chat")
     await p.page.wait_for_selector(".msg.user >> text=and now?", timeout=30_000)

@@ -84,7 +84,15 @@ class Site:
 
 
 # A real gateway on a loaded 2-core machine can answer a probe slowly: no restarts for that.
-LENIENT_MONITOR = {"ZAKI_PROBE_INTERVAL_S": "3", "ZAKI_PROBE_TIMEOUT_S": "10", "ZAKI_UNHEALTHY_AFTER": "5"}
+# The memory guard is off here: it read a real gateway's start-up (0 -> ~1 GiB in a minute) as
+# growth toward its 2 GiB limit and restarted it every minute (seen 6 times in 7 min); not the
+# dashboard's business, reported.
+LENIENT_MONITOR = {
+    "ZAKI_PROBE_INTERVAL_S": "3",
+    "ZAKI_PROBE_TIMEOUT_S": "10",
+    "ZAKI_UNHEALTHY_AFTER": "5",
+    "ZAKI_MEMORY_HIGH_RATIO": "0",
+}
 
 
 async def start_site(root: Path, fakes, keyring_spec: str, image: str = STANDIN_IMAGE) -> Site:
