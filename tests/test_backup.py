@@ -158,11 +158,13 @@ def test_the_reader_is_confined_even_for_a_path_swapped_after_its_checks(env):
     victim = s.data_root / "users" / other / ".openclaw" / "state" / "openclaw.sqlite"
     os.symlink(victim, folder / "workspace" / "swapped.sqlite")
     probe = (
-        "import sys; from services.backup.reader import confine, _sqlite_image\n"
-        "if sys.argv[2] == 'confined': confine(sys.argv[1])\n"
-        "else: import os; os.chdir(sys.argv[1])\n"
-        "path = '/workspace/swapped.sqlite' if sys.argv[2] == 'confined' else 'workspace/swapped.sqlite'\n"
-        "print(len(_sqlite_image(path)))"
+        "import os, sys; from services.backup.reader import confine, _sqlite_image, _only_inside\n"
+        "folder, mode = sys.argv[1], sys.argv[2]\n"
+        "checked = os.stat(folder + '/.openclaw/state/openclaw.sqlite')  # what the walk checked\n"
+        "guard = (lambda: _only_inside(checked, folder + '/', set())) if mode == 'guarded' else None\n"
+        "if mode == 'confined': confine(folder)\n"
+        "path = '/workspace/swapped.sqlite' if mode == 'confined' else folder + '/workspace/swapped.sqlite'\n"
+        "print(len(_sqlite_image(path, guard)))"
     )
 
     def read_as(mode: str) -> subprocess.CompletedProcess[str]:
@@ -174,6 +176,9 @@ def test_the_reader_is_confined_even_for_a_path_swapped_after_its_checks(env):
     assert unconfined.returncode == 0 and int(unconfined.stdout) > 10_000  # SQLite follows the link
     confined = read_as("confined")
     assert confined.returncode != 0 and "unable to open database" in confined.stderr
+    # Without root (no chroot), the open files are checked while SQLite holds them: the copy is refused.
+    guarded = read_as("guarded")
+    assert guarded.returncode != 0 and "Swapped: SQLite opened a file outside the folder" in guarded.stderr
     # And as uid 1000 in the chroot, a planted copy of a root-only file is all it could reach.
     host = Path("/etc/shadow")
     if host.exists():

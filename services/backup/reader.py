@@ -20,6 +20,7 @@ import stat
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from typing import BinaryIO
 from urllib.parse import quote
 
@@ -65,12 +66,44 @@ def _excluded(rel: str) -> bool:
     return rel in EXCLUDED or rel.startswith(EXCLUDED_PREFIXES)
 
 
-def _sqlite_image(path: str) -> bytes:
+O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class Swapped(Exception):
+    """SQLite opened something other than the file the walk checked (a link swapped in)."""
+
+
+def _only_inside(expected: os.stat_result, prefix: str, own: set[int]) -> None:
+    """Unconfined only: every file this process holds open besides its own must be the checked
+    database (or its -wal/-shm) inside the folder. SQLite follows links by itself; this catches a
+    swap after the fact, and the copy is then thrown away, never written."""
+    seen = False
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd <= 2 or fd in own:
+            continue
+        try:
+            target, st = os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd)
+        except OSError:
+            continue
+        if not target.startswith("/") or target.startswith("/proc/"):
+            continue  # pipes, sockets, the listing itself
+        if not target.startswith(prefix) or st.st_dev != expected.st_dev:
+            raise Swapped(f"SQLite opened a file outside the folder ({target[:200]})")
+        seen = seen or (st.st_ino == expected.st_ino)
+    if not seen:
+        raise Swapped("SQLite did not open the file that was checked")
+
+
+def _sqlite_image(path: str, guard: Callable[[], None] | None = None) -> bytes:
     src = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True, timeout=30, isolation_level=None)
     dst = sqlite3.connect(":memory:")
     try:
         src.execute("PRAGMA temp_store=MEMORY")
         src.backup(dst)  # every page in one read transaction
+        if guard is not None:
+            guard()  # while SQLite still holds what it read
         _drop_leases(dst)
         return dst.serialize()
     finally:
@@ -89,18 +122,29 @@ def _drop_leases(db: sqlite3.Connection) -> None:
 
 
 class Walker:
-    def __init__(self, tar: tarfile.TarFile, base: str = "/") -> None:
-        self.tar, self.base = tar, base
+    """Walks with directory file descriptors (openat, O_NOFOLLOW at every level): a directory or
+    file swapped for a link mid-walk is refused, never followed."""
+
+    def __init__(self, tar: tarfile.TarFile, base: str = "/", confined: bool = True) -> None:
+        self.tar, self.base, self.confined = tar, base, confined
+        self.open_dirs: set[int] = set()
         self.summary: dict[str, object] = {"files": 0, "dirs": 0, "sqlite": [], "bytes": 0}
         self.skipped: dict[str, list[str]] = {"symlink": [], "special": [], "unreadable": [], "changed": []}
 
     def skip(self, kind: str, rel: str) -> None:
         self.skipped[kind].append(rel[:300])
 
-    def walk(self, rel: str, depth: int) -> None:
-        path = self.base + rel
+    def walk_root(self) -> None:
+        dfd = os.open(self.base, O_DIR)
         try:
-            entries = sorted(os.scandir(path), key=lambda e: e.name)
+            self.walk("", dfd, 0)
+        finally:
+            os.close(dfd)
+
+    def walk(self, rel: str, dfd: int, depth: int) -> None:
+        self.open_dirs.add(dfd)
+        try:
+            entries = sorted(os.scandir(dfd), key=lambda e: e.name)
         except OSError:
             self.skip("unreadable", rel)
             return
@@ -110,33 +154,45 @@ class Walker:
             if _excluded(child):
                 continue
             try:
-                st = os.lstat(self.base + child)
+                st = os.stat(e.name, dir_fd=dfd, follow_symlinks=False)
             except OSError:
                 self.skip("unreadable", child)
                 continue
             if stat.S_ISLNK(st.st_mode):
                 self.skip("symlink", child)
             elif stat.S_ISDIR(st.st_mode):
-                if depth >= MAX_DEPTH:
-                    self.skip("unreadable", child)
-                    continue
-                info = tarfile.TarInfo(child)
-                info.type, info.mode, info.mtime = tarfile.DIRTYPE, st.st_mode & 0o777, int(st.st_mtime)
-                self.tar.addfile(info)
-                self.summary["dirs"] = int(self.summary["dirs"]) + 1  # type: ignore[call-overload]
-                self.walk(child, depth + 1)
+                self._dir(child, e.name, dfd, depth)
             elif stat.S_ISREG(st.st_mode):
-                if e.name.endswith(SIDECARS) and e.name.rsplit("-", 1)[0] in names:
-                    base = e.name.rsplit("-", 1)[0]
-                    if self._is_sqlite(f"{rel}/{base}" if rel else base):
-                        continue
-                self.add_file(child)
+                base = e.name.rsplit("-", 1)[0]
+                if e.name.endswith(SIDECARS) and base in names and self._is_sqlite(base, dfd):
+                    continue
+                self.add_file(child, e.name, dfd)
             else:
                 self.skip("special", child)
+        self.open_dirs.discard(dfd)
 
-    def _is_sqlite(self, rel: str) -> bool:
+    def _dir(self, child: str, name: str, dfd: int, depth: int) -> None:
         try:
-            fd = os.open(self.base + rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            cfd = os.open(name, O_DIR, dir_fd=dfd)
+        except OSError:  # swapped for a link (ELOOP / ENOTDIR) or unreadable
+            self.skip("unreadable", child)
+            return
+        try:
+            if depth >= MAX_DEPTH:
+                self.skip("unreadable", child)
+                return
+            st = os.fstat(cfd)
+            info = tarfile.TarInfo(child)
+            info.type, info.mode, info.mtime = tarfile.DIRTYPE, st.st_mode & 0o777, int(st.st_mtime)
+            self.tar.addfile(info)
+            self.summary["dirs"] = int(self.summary["dirs"]) + 1  # type: ignore[call-overload]
+            self.walk(child, cfd, depth + 1)
+        finally:
+            os.close(cfd)
+
+    def _is_sqlite(self, name: str, dfd: int) -> bool:
+        try:
+            fd = os.open(name, O_FILE, dir_fd=dfd)
         except OSError:
             return False
         try:
@@ -144,10 +200,10 @@ class Walker:
         finally:
             os.close(fd)
 
-    def add_file(self, rel: str) -> None:
+    def add_file(self, rel: str, name: str, dfd: int) -> None:
         # O_NOFOLLOW | O_NONBLOCK, then fstat: a file swapped for a symlink or FIFO since lstat is skipped.
         try:
-            fd = os.open(self.base + rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(name, O_FILE, dir_fd=dfd)
         except OSError:
             self.skip("unreadable", rel)
             return
@@ -159,9 +215,13 @@ class Walker:
             info = tarfile.TarInfo(rel)
             info.mode, info.mtime = st.st_mode & 0o777, int(st.st_mtime)
             if os.pread(fd, 16, 0) == SQLITE_MAGIC:
+                guard = None
+                if not self.confined:
+                    own = {*self.open_dirs, fd}
+                    guard = lambda: _only_inside(st, self.base, own)  # noqa: E731
                 try:
-                    data = _sqlite_image(self.base + rel)
-                except sqlite3.Error as e:
+                    data = _sqlite_image(self.base + rel, guard)
+                except (sqlite3.Error, Swapped) as e:
                     raise SystemExit(f"cannot snapshot the SQLite database {rel}: {e}") from None
                 info.size = len(data)
                 self.tar.addfile(info, io.BytesIO(data))
@@ -199,8 +259,8 @@ def run(folder: str, out: BinaryIO) -> dict[str, object]:
     if confined:
         confine(folder)
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=READ) as tar:
-        w = Walker(tar, "/" if confined else folder.rstrip("/") + "/")
-        w.walk("", 0)
+        w = Walker(tar, "/" if confined else os.path.realpath(folder).rstrip("/") + "/", confined)
+        w.walk_root()
     return {
         **w.summary,
         "skipped": w.skipped,
