@@ -216,6 +216,21 @@ def test_without_root_the_reader_still_skips_links_and_says_it_was_not_confined(
     shutil.rmtree(reachable)
 
 
+def test_a_tenants_broken_database_never_blocks_a_backup(env, tmp_path):
+    """A tenant could plant a file SQLite cannot read; failing the backup would let it block its
+    own upgrade and delete (both need a backup first). It is kept as bytes and reported."""
+    s, ring, target = env
+    user = new_user()
+    folder = make_folder(s.data_root, user)
+    junk = b"SQLite format 3\x00" + os.urandom(5000)
+    (folder / "workspace" / "broken.sqlite").write_bytes(junk)
+    m = core.create(s, ring, target, user, None, "manual")
+    assert m.skipped["sqlite_raw"] == ["workspace/broken.sqlite"]
+    stats = core.unpack_backup(ring, target, m, tmp_path / "out")  # verify passes the others
+    assert "workspace/broken.sqlite" not in stats["sqlite_checked"] and stats["sqlite_checked"]
+    assert (tmp_path / "out" / "workspace" / "broken.sqlite").read_bytes() == junk
+
+
 def test_backup_while_the_database_is_written_is_never_torn(env, tmp_path):
     s, ring, target = env
     user = new_user()

@@ -173,10 +173,13 @@ def sqlite_files(root: Path) -> list[Path]:
     return out
 
 
-def check_sqlite(root: Path) -> list[str]:
-    """PRAGMA integrity_check of every SQLite file under *root* (an unpacked backup)."""
+def check_sqlite(root: Path, raw: frozenset[str] = frozenset()) -> list[str]:
+    """PRAGMA integrity_check of every SQLite file under *root* (an unpacked backup), but those
+    the backup already found unreadable and kept as bytes (*raw*, relative paths)."""
     checked = []
     for p in sqlite_files(root):
+        if str(p.relative_to(root)) in raw:
+            continue
         con = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
         try:
             rows = [r[0] for r in con.execute("PRAGMA integrity_check")]

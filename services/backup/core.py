@@ -233,7 +233,8 @@ def unpack_backup(
 ) -> dict[str, Any]:
     """Decrypts, checks and unpacks into the new folder *dest*; SQLite files pass integrity_check."""
     stats = unpack(_plaintext(ring, target, m), dest, max_bytes)
-    stats["sqlite_checked"] = check_sqlite(dest)  # type: ignore[assignment]
+    raw = frozenset(m.skipped.get("sqlite_raw", []))
+    stats["sqlite_checked"] = check_sqlite(dest, raw)  # type: ignore[assignment]
     return stats
 
 

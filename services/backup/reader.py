@@ -129,7 +129,13 @@ class Walker:
         self.tar, self.base, self.confined = tar, base, confined
         self.open_dirs: set[int] = set()
         self.summary: dict[str, object] = {"files": 0, "dirs": 0, "sqlite": [], "bytes": 0}
-        self.skipped: dict[str, list[str]] = {"symlink": [], "special": [], "unreadable": [], "changed": []}
+        self.skipped: dict[str, list[str]] = {
+            "symlink": [],
+            "special": [],
+            "unreadable": [],
+            "changed": [],
+            "sqlite_raw": [],
+        }
 
     def skip(self, kind: str, rel: str) -> None:
         self.skipped[kind].append(rel[:300])
@@ -220,9 +226,19 @@ class Walker:
                     own = {*self.open_dirs, fd}
                     guard = lambda: _only_inside(st, self.base, own)  # noqa: E731
                 try:
-                    data = _sqlite_image(self.base + rel, guard)
-                except (sqlite3.Error, Swapped) as e:
-                    raise SystemExit(f"cannot snapshot the SQLite database {rel}: {e}") from None
+                    data: bytes | None = _sqlite_image(self.base + rel, guard)
+                except Swapped:
+                    self.skip("symlink", rel)  # a link swapped in: left out, the rest goes on
+                    return
+                except sqlite3.Error:
+                    # SQLite cannot read it (corrupt, or a hot journal it may not roll back read-only):
+                    # copied as bytes and reported, so a tenant's broken file never blocks a backup
+                    # (and with it an upgrade or a delete).
+                    data = None
+                    self.skip("sqlite_raw", rel)
+            else:
+                data = None
+            if data is not None:
                 info.size = len(data)
                 self.tar.addfile(info, io.BytesIO(data))
                 self.summary["sqlite"].append(rel)  # type: ignore[attr-defined]
