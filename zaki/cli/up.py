@@ -23,6 +23,7 @@ SERVICES = (
     "services.gateway_proxy",
     "services.llm_broker",
     "services.dashboard",
+    "services.backup",  # scheduled backups of the data folders (ZAKI_BACKUP_*)
 )
 
 
