@@ -193,6 +193,7 @@ class ZakiSettings(BaseSettings):
     memory_high_for_s: float = Field(default=300.0, ge=0)
     memory_horizon_s: float = Field(default=1800.0, ge=0)
     memory_window_s: float = Field(default=600.0, gt=0)
+    memory_warmup_s: float = Field(default=300.0, ge=0)  # an incarnation's boot is not sampled
     # Above the longest single model call usually seen: the broker marks a call's start only.
     memory_quiet_s: float = Field(default=60.0, ge=0)
     memory_force_s: float = Field(default=60.0, ge=0)

@@ -71,6 +71,23 @@ def test_decisions_high_for_a_while_projected_and_forced():
     assert decide(_trend([(0, 999 * MiB)], limit, off), 0, off).action == "ok"
 
 
+def test_a_booting_gateway_is_not_a_leak():
+    """Found by the first-hour test: a real gateway's boot (0 to ~1 GiB in 20 s) was projected to
+    hit its 2 GiB limit in 101 s and restarted mid-chat. Its first minutes are not sampled."""
+    s = ZakiSettings(memory_warmup_s=300)
+    limit = 2048 * MiB
+    boot = [(float(t), min(1090, 55 * t) * MiB) for t in range(0, 30, 10)]
+    idle = [(float(t), 1090 * MiB) for t in range(30, 900, 10)]
+    t = MemoryTrend(s.memory_window_s, s.memory_warmup_s)
+    for at, used in boot + idle:
+        t.add(at, used, limit, s.memory_high_ratio)
+        assert decide(t, at, s).action == "ok", at
+    # A leak after the warm-up is still seen.
+    for at in range(900, 1200, 10):
+        t.add(float(at), (1090 + (at - 900)) * MiB, limit, s.memory_high_ratio)
+    assert decide(t, 1190.0, s).action in ("restart", "force")
+
+
 def test_the_window_forgets_old_samples():
     s = ZakiSettings(memory_window_s=30)
     t = _trend([(float(x), 100.0) for x in range(100)], 1000.0, s)
@@ -123,6 +140,7 @@ def memory_platform(tmp_path_factory, service_env, docker_client):
             "ZAKI_MEMORY_HIGH_RATIO": "0.9",
             "ZAKI_MEMORY_SAMPLE_S": "1",
             "ZAKI_MEMORY_WINDOW_S": "20",
+            "ZAKI_MEMORY_WARMUP_S": "0",  # the stand-in leaks from its first second
             "ZAKI_MEMORY_QUIET_S": "3",
             "ZAKI_MEMORY_FORCE_S": "12",
         },

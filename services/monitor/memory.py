@@ -77,12 +77,19 @@ class MemoryTrend:
     """One incarnation's samples within the window, and since when it is above the high mark."""
 
     window_s: float
+    warmup_s: float = 0.0
     min_samples: int = 3
     samples: deque[tuple[float, float]] = field(default_factory=deque)
     limit: float = 0.0
     high_since: float | None = None
+    first_seen: float | None = None
 
     def add(self, t: float, used: float, limit: float, high_ratio: float) -> None:
+        # A gateway allocates most of its memory while it boots (0 to ~1 GiB in seconds): that is
+        # not a leak, so an incarnation's first warmup_s are not sampled at all.
+        self.first_seen = t if self.first_seen is None else self.first_seen
+        if t - self.first_seen < self.warmup_s:
+            return
         self.samples.append((t, used))
         self.limit = limit
         while self.samples and self.samples[0][0] < t - self.window_s:
@@ -219,7 +226,9 @@ class MemoryGuard:
             if w.instance_id not in readings:
                 continue
             used, limit = readings[w.instance_id]
-            trend = self.trends.setdefault(w.instance_id, MemoryTrend(self.s.memory_window_s))
+            trend = self.trends.setdefault(
+                w.instance_id, MemoryTrend(self.s.memory_window_s, self.s.memory_warmup_s)
+            )
             trend.add(now, used, limit, self.s.memory_high_ratio)
             verdict = decide(trend, now, self.s)
             if verdict.action != "ok" and not w.pending_restart:
