@@ -138,12 +138,27 @@ def test_a_tenants_symlinks_fifos_and_swapped_databases_are_never_followed(env, 
         ".openclaw/agents/main/agent/openclaw-agent.sqlite",
     }
     assert m.skipped["special"] == ["workspace/pipe"]
+    assert m.skipped_counts["symlink"] == 4
+
     out = tmp_path / "out"
     core.unpack_backup(ring, target, m, out)
     seen = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
     assert SECRET.encode() not in seen
     assert m.sqlite == [".openclaw/state/openclaw.sqlite"]
     assert not any(p.is_symlink() for p in out.rglob("*"))
+
+
+def test_thousands_of_planted_links_do_not_swell_the_manifest_or_stall_the_reader(env):
+    s, ring, target = env
+    user = new_user()
+    folder = make_folder(s.data_root, user)
+    many = folder / "workspace" / "links"
+    many.mkdir()
+    for i in range(3000):  # enough to overflow a pipe if every name went to the summary
+        os.symlink("/etc/passwd", many / f"l{i:05d}-{'x' * 150}")
+    m = core.create(s, ring, target, user, None, "manual")
+    assert m.skipped_counts["symlink"] == 3000 and len(m.skipped["symlink"]) == 50
+    assert len(m.to_json()) < 64 * 1024
 
 
 def test_the_reader_is_confined_even_for_a_path_swapped_after_its_checks(env):

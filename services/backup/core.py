@@ -50,7 +50,8 @@ class Manifest:
     stored_sha256: str = ""
     files: int = 0
     sqlite: list[str] = field(default_factory=list)
-    skipped: dict[str, list[str]] = field(default_factory=dict)
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # the first 50 paths of each kind
+    skipped_counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     confined: bool = True  # read inside a chroot as the gateway's uid (false: the reader was not root)
     expires_at: str | None = None  # set on pre-delete backups: kept until then (ZAKI_DELETE_GRACE_DAYS)
@@ -172,6 +173,7 @@ def create(
         files=int(summary.get("files", 0)),  # type: ignore[call-overload]
         sqlite=list(summary.get("sqlite", [])),  # type: ignore[call-overload]
         skipped={k: v for k, v in dict(summary.get("skipped", {})).items() if v},  # type: ignore[call-overload]
+        skipped_counts=dict(summary.get("skipped_counts", {})),  # type: ignore[call-overload]
         seconds=round(time.monotonic() - t0, 3),
         confined=bool(summary.get("confined", True)),
         expires_at=(now + timedelta(days=s.delete_grace_days)).isoformat()

@@ -41,6 +41,7 @@ EXCLUDED = (
 EXCLUDED_PREFIXES = (".openclaw/.openclaw.json.",)
 MAX_DEPTH = 64
 READ = 1 << 20
+MAX_NAMED = 50
 
 
 class _Exact:
@@ -128,6 +129,7 @@ class Walker:
     def __init__(self, tar: tarfile.TarFile, base: str = "/", confined: bool = True) -> None:
         self.tar, self.base, self.confined = tar, base, confined
         self.open_dirs: set[int] = set()
+        self.counts: dict[str, int] = {}
         self.summary: dict[str, object] = {"files": 0, "dirs": 0, "sqlite": [], "bytes": 0}
         self.skipped: dict[str, list[str]] = {
             "symlink": [],
@@ -138,7 +140,10 @@ class Walker:
         }
 
     def skip(self, kind: str, rel: str) -> None:
-        self.skipped[kind].append(rel[:300])
+        """Named in the manifest up to MAX_NAMED a kind (a tenant may plant millions), all counted."""
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if len(self.skipped[kind]) < MAX_NAMED:
+            self.skipped[kind].append(rel[:200])
 
     def walk_root(self) -> None:
         dfd = os.open(self.base, O_DIR)
@@ -280,6 +285,7 @@ def run(folder: str, out: BinaryIO) -> dict[str, object]:
     return {
         **w.summary,
         "skipped": w.skipped,
+        "skipped_counts": w.counts,
         "confined": confined,
         "seconds": round(time.monotonic() - t0, 3),
     }
@@ -291,6 +297,7 @@ def main() -> int:
         return 2
     summary = run(sys.argv[1], sys.stdout.buffer)
     sys.stdout.buffer.flush()
+    os.close(1)  # EOF for the reader of the tar stream before the summary goes to stderr
     print(json.dumps(summary), file=sys.stderr)
     return 0
 
