@@ -380,3 +380,45 @@ async def test_delete_revokes_the_users_api_keys(proxy, provisioner, platform, f
     assert (await store.api_keys.find_one({"_id": key_id}))["revoked"] is True
     assert await store.db["dashboard_sessions"].count_documents({"user_id": user}) == 0
     await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=user, purge=True))
+
+
+async def test_a_provider_update_reaches_gateway_configs_without_a_restart(
+    provisioner, platform, fakes, store, keyring_spec, service_env, docker_client
+):
+    """Issue 14.2: `zaki providers update --models` is announced like a rotation; gateways
+    using the platform's provider get a rewritten config (hot-reloaded), and no restart."""
+    from services.llm_broker.providers import add_provider, announce_change, update_provider
+    from shared.gateway import container_name
+    from shared.provider_url import URLPolicy
+    from shared.settings import ZakiSettings
+
+    user = new_user()
+    ev = InstanceRequested(
+        request_id=new_user("req"), user_id=user, bot_token=fakes.bot(), image=STANDIN_IMAGE
+    )
+    subject, _ = await platform.call(subjects.INSTANCE_REQUESTED, ev, timeout=120)
+    assert subject == subjects.INSTANCE_READY
+    name = "zaki"  # ZAKI_LLM_PROVIDER_NAME's default, the provider gateways are configured with
+    if await store.get_provider(name) is None:
+        await add_provider(
+            store, KeyRing.from_spec(keyring_spec), name, service_env["ZAKI_LLM_BASE_URL"],
+            "openai-completions", "sk-test", ["echo-1"],
+            URLPolicy.from_settings(ZakiSettings(**{k[5:].lower(): v for k, v in service_env.items()})),
+        )  # fmt: skip
+    config = Path(service_env["ZAKI_DATA_ROOT"]) / "users" / user / ".openclaw" / "openclaw.json"
+    container = docker_client.containers.get(container_name(user))
+    started = container.attrs["State"]["StartedAt"]
+    new_model = f"echo-{new_user('m')}"
+
+    def models() -> list[str]:
+        cfg = json.loads(config.read_text())
+        return [m["id"] for m in cfg["models"]["providers"][name]["models"]]
+
+    assert new_model not in models()
+    stored = (await store.get_provider(name))["models"]
+    await update_provider(store, name, models=[*stored, new_model])
+    await announce_change(service_env["ZAKI_NATS_URL"], name)
+    await eventually(lambda: new_model in models(), timeout=30)
+    container.reload()
+    assert container.attrs["State"]["StartedAt"] == started and container.status == "running"
+    await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=user, purge=True))

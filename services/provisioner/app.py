@@ -17,6 +17,7 @@ from faststream import FastStream
 from faststream.middlewares import AckPolicy
 from faststream.nats import ConsumerConfig, JStream, NatsBroker, NatsMessage
 from faststream.nats.prometheus import NatsPrometheusMiddleware
+from nats.aio.msg import Msg
 from prometheus_client import REGISTRY
 
 from services.provisioner import metrics
@@ -164,8 +165,20 @@ class ProvisionerApp:
         )
 
     async def after_start(self) -> None:
+        assert self.audit_nc is not None
+        await self.audit_nc.subscribe(subjects.PROVIDER_CHANGED, cb=self._provider_changed)
         self.tasks.append(asyncio.create_task(self._reconcile_loop()))
         self.tasks.append(asyncio.create_task(self._consumer_stats_loop()))
+
+    async def _provider_changed(self, msg: Msg) -> None:
+        """``zaki providers update`` announces a change like a rotation: gateways using that
+        provider get a hot-reloaded config (core NATS: a missed notice is caught up by the next
+        start, restart or update, which write the config anyway)."""
+        assert self.service is not None
+        try:
+            await self.service.provider_changed(msg.data.decode()[:64])
+        except Exception:
+            log.exception("rewriting configs after a provider change failed")
 
     async def _consumer_stats_loop(self, interval: float = 15.0) -> None:
         """Exports the command consumers' backlog and redeliveries for alerting."""

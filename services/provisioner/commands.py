@@ -330,3 +330,28 @@ class Commands(Lifecycle):
                 "credentials revoked with the instance",
                 extra={"user_id": user_id, "api_keys": len(key_ids), "sessions": sessions},
             )
+
+    async def provider_changed(self, name: str) -> int:
+        """The platform's provider changed (``zaki providers update``: API kind, model list).
+        Every gateway of this Docker host that uses it gets its config rewritten, which OpenClaw
+        hot-reloads (``models.*``): no restart. Users with their own provider are not touched.
+        Returns how many configs were rewritten."""
+        if name != self.s.llm_provider_name:
+            return 0  # gateways are configured with the platform's default provider only
+        live = (S.RUNNING, S.STARTING, S.STOPPED, S.SUSPENDED)
+        rewritten = 0
+        for doc in await self.store.list_instances(states=list(live), docker_host=self.runtime.host_id):
+            if doc.get("provider"):
+                continue
+            async with self._locks[doc["_id"]]:
+                fresh = await self.store.get_instance(doc["_id"])
+                if fresh is None or fresh["state"] not in live or fresh.get("provider"):
+                    continue
+                try:
+                    await self._write_config(fresh, fresh.get("gateway_ip") or "")
+                except ProvisionError as e:
+                    log.error("config not rewritten", extra={"user_id": fresh["_id"], "error": str(e)})
+                    continue
+                rewritten += 1
+        log.info("provider changed: configs rewritten", extra={"provider": name, "instances": rewritten})
+        return rewritten
