@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,40 @@ def test_s3_target_against_a_local_s3_server(env, s3_server, tmp_path):
     assert target.list() == [] and core.list_backups(target, user) == []
     with contextlib.suppress(Exception):
         target.client.close()
+
+
+def test_s3_an_interrupted_upload_leaves_no_object_and_a_dead_writers_parts_are_swept(env, s3_server):
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+    )
+    client.create_bucket(Bucket="zaki-sweep")
+    target = S3Target("zaki-sweep", "zb", s3_server, "us-east-1", "test", "test")
+
+    def dying():
+        for _ in range(3):
+            yield os.urandom(8 << 20)
+        raise BackupError("the reader died", "read_error")
+
+    with pytest.raises(BackupError):
+        target.upload("u1/20260101T000000Z-aaaaaa.zbk", dying())
+    assert target.list() == []
+    assert client.list_multipart_uploads(Bucket="zaki-sweep").get("Uploads", []) == []  # aborted
+    # A writer killed with -9 leaves its multipart upload open: the sweep aborts it.
+    up = client.create_multipart_upload(Bucket="zaki-sweep", Key="zb/u1/20260101T000000Z-bbbbbb.zbk")
+    client.upload_part(
+        Bucket="zaki-sweep",
+        Key="zb/u1/20260101T000000Z-bbbbbb.zbk",
+        UploadId=up["UploadId"],
+        PartNumber=1,
+        Body=b"x",
+    )
+    time.sleep(1.1)  # the store records the start to the second
+    assert target.sweep_partial(older_than_s=1) == 1
+    assert client.list_multipart_uploads(Bucket="zaki-sweep").get("Uploads", []) == []
+    assert target.list() == []
