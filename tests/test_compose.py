@@ -50,6 +50,9 @@ def compose_stack(docker_client, fakes):
             "PROXY1_METRICS_PORT",
             "PROXY2_METRICS_PORT",
             "BROKER_METRICS_PORT",
+            "DASHBOARD_METRICS_PORT",
+            "WAKER_METRICS_PORT",
+            "ZAKI_DASHBOARD_PORT",
         )
     }
     ports["ZAKI_BROKER_PORT"] = str(free_port(fakes.host))
@@ -67,6 +70,8 @@ def compose_stack(docker_client, fakes):
                 ("zaki-gateway-proxy", "PROXY1_METRICS_PORT"),
                 ("zaki-gateway-proxy-2", "PROXY2_METRICS_PORT"),
                 ("zaki-llm-broker", "BROKER_METRICS_PORT"),
+                ("zaki-dashboard", "DASHBOARD_METRICS_PORT"),
+                ("zaki-waker", "WAKER_METRICS_PORT"),
             )
         )
     )
@@ -161,10 +166,10 @@ async def test_compose_stack_runs_an_instance_end_to_end(compose_stack, fakes, d
         ) as http:
             for _ in range(30):
                 targets = (await http.get("/api/v1/targets")).json()["data"]["activeTargets"]
-                if len(targets) == 5 and all(t["health"] == "up" for t in targets):
+                if len(targets) == 7 and all(t["health"] == "up" for t in targets):
                     break
                 await asyncio.sleep(1)
-            assert [t["health"] for t in targets] == ["up"] * 5, targets
+            assert [t["health"] for t in targets] == ["up"] * 7, targets
     finally:
         await platform.close()
         await store.close()

@@ -24,6 +24,7 @@ SERVICES = (
     "services.llm_broker",
     "services.dashboard",
     "services.backup",  # scheduled backups of the data folders (ZAKI_BACKUP_*)
+    "services.waker",  # idle suspend, and wake on a Telegram message or a scheduled job
 )
 
 
@@ -164,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
             "ZAKI_ALLOWED_IMAGES": allowed_images(args.demo),
             "ZAKI_JWT_SECRET": jwt_secret(state_dir),
             "ZAKI_DASHBOARD_PORT": os.environ.get("ZAKI_DASHBOARD_PORT", "8095"),
+            # zaki up runs exactly one broker: budget reservations can stay in its memory.
+            "ZAKI_BROKER_RESERVATIONS": os.environ.get("ZAKI_BROKER_RESERVATIONS", "process"),
             # Until the proxy serves the pages, they are used on the dashboard's own port.
             "ZAKI_DASHBOARD_PUBLIC_ORIGIN": os.environ.get(
                 "ZAKI_DASHBOARD_PUBLIC_ORIGIN",
