@@ -152,6 +152,11 @@ class ZakiSettings(BaseSettings):
     dashboard_jwt_private_key: SecretStr = SecretStr("")
     dashboard_models: str = ""  # models a user may pick (comma-separated); empty: the default + llm_models
     dashboard_file_max_bytes: int = Field(default=64 * 1024, ge=1024)  # SOUL.md / MEMORY.md
+    # A user's import (POST /api/agent/import): the uploaded tar.gz, what it may unpack to (also never
+    # over tenant_disk_bytes) and how many entries it may hold (a decompression bomb stops there).
+    dashboard_import_max_bytes: int = Field(default=64 << 20, ge=1024)
+    dashboard_import_max_unpacked_bytes: int = Field(default=1 << 30, ge=1024)
+    dashboard_import_max_entries: int = Field(default=100_000, ge=1)
     dashboard_user_prefix: str = Field(
         default="u", pattern=r"^[a-z][a-z0-9]{0,20}$"
     )  # new accounts' user ids

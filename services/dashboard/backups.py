@@ -240,3 +240,7 @@ async def export_my_data(ctx: Ctx) -> web.StreamResponse:
         first = await asyncio.to_thread(next, chunks, None)
     await resp.write_eof()
     return resp
+
+
+# The user's import registers its route with the others (kept apart: it takes a hostile upload).
+from services.dashboard import agent_import  # noqa: E402, F401

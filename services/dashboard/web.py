@@ -68,6 +68,7 @@ class Route:
     out: type[BaseModel] | None
     errors: tuple[int, ...]
     sse: bool
+    raw_body: str | None = None  # a media type: the handler reads (and limits) the body itself
 
 
 class Api:
@@ -88,10 +89,11 @@ class Api:
         out: type[BaseModel] | None = None,
         errors: tuple[int, ...] = (),
         sse: bool = False,
+        raw_body: str | None = None,
     ) -> Callable[[Handler], Handler]:
         def deco(fn: Handler) -> Handler:
             self.routes.append(
-                Route(method, path, fn, summary, tag, auth, body, query, status, out, errors, sse)
+                Route(method, path, fn, summary, tag, auth, body, query, status, out, errors, sse, raw_body)
             )
             return fn
 
@@ -146,6 +148,11 @@ class Api:
                 op["requestBody"] = {
                     "required": True,
                     "content": {"application/json": {"schema": refs[(r.body, "validation")]}},
+                }
+            elif r.raw_body is not None:
+                op["requestBody"] = {
+                    "required": True,
+                    "content": {r.raw_body: {"schema": {"type": "string", "contentMediaType": r.raw_body}}},
                 }
             if r.sse:
                 ok: dict[str, Any] = {
@@ -233,7 +240,8 @@ def _wrap(
             await authenticate(ctx, r.auth)
             if request.method in UNSAFE:
                 check_origin(ctx)
-            raw = await _read_body(request) if request.method in UNSAFE else None
+            # Session and Origin checked above, before any byte of a raw body is read.
+            raw = await _read_body(request) if request.method in UNSAFE and not r.raw_body else None
             if r.body is not None:
                 ctx.body = _parse(r.body, {} if raw is None else raw)
             elif raw not in (None, {}):

@@ -1,0 +1,202 @@
+"""A user's import (POST /api/agent/import): their export comes back into their own agent; a
+hostile archive is refused with a typed code and changes nothing; only the session's own account,
+only from our own origin. One dashboard with small import limits for this module."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.test_backup_dashboard import seed
+from tests.test_dashboard_api import ORIGIN, Browser, signed_up, start_dashboard
+from zaki.stack import Process
+
+MAX_BYTES = 1 << 20
+MAX_UNPACKED = 4 << 20
+MAX_ENTRIES = 200
+_DASH: dict[str, Process] = {}
+
+
+@pytest.fixture
+def dashboard(stack, service_env) -> Process:
+    p = _DASH.get("d")
+    if p is None or p.proc.poll() is not None:
+        p = _DASH["d"] = start_dashboard(
+            stack,
+            service_env,
+            ZAKI_DASHBOARD_IMPORT_MAX_BYTES=str(MAX_BYTES),
+            ZAKI_DASHBOARD_IMPORT_MAX_UNPACKED_BYTES=str(MAX_UNPACKED),
+            ZAKI_DASHBOARD_IMPORT_MAX_ENTRIES=str(MAX_ENTRIES),
+        )
+    return p
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under *root* with its content (None: a directory), links not followed."""
+    out: dict[str, bytes | None] = {}
+    for p in sorted(root.rglob("*")):
+        out[str(p.relative_to(root))] = None if p.is_dir() else p.read_bytes()
+    return out
+
+
+def targz(*members: tuple[tarfile.TarInfo, bytes | None], fmt: int = tarfile.GNU_FORMAT) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", format=fmt) as tar:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "", **pax: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode = kind, linkname, 0o644
+    if pax:
+        info.pax_headers = pax
+    return info
+
+
+def memory(text: bytes = b"imported") -> tuple[tarfile.TarInfo, bytes]:
+    return member("workspace/MEMORY.md"), text
+
+
+async def send(b: Browser, body: bytes, ctype: str = "application/gzip", **headers: str) -> httpx.Response:
+    return await b.http.post("/api/agent/import", content=body, headers={"Content-Type": ctype, **headers})
+
+
+async def test_export_then_import_brings_the_agent_back(dashboard, settings, store) -> None:
+    async with await signed_up(dashboard.address) as user:
+        uid = user.user["id"]
+        folder = seed(settings, uid, "tea, not coffee")
+        config = (folder / ".openclaw" / "openclaw.json").read_bytes()
+        r = await user.http.get("/api/agent/export")
+        assert r.status_code == 200
+        exported = r.content
+        # Unchanged folder: the import puts back exactly what the export held.
+        r = await send(user, exported)
+        assert r.status_code == 200, r.text
+        assert r.json()["user_id"] == uid and r.json()["restarted"] is False
+        assert (folder / "workspace" / "MEMORY.md").read_text() == "tea, not coffee"
+        # A changed folder comes back to the export; the instance's own config stays.
+        (folder / "workspace" / "MEMORY.md").write_text("lost")
+        (folder / "workspace" / "new.md").write_text("after the export")
+        r = await send(user, exported, "application/x-tar+gzip")
+        assert r.status_code == 200, r.text
+        assert (folder / "workspace" / "MEMORY.md").read_text() == "tea, not coffee"
+        assert not (folder / "workspace" / "new.md").exists()
+        assert (folder / ".openclaw" / "openclaw.json").read_bytes() == config
+        st = os.stat(folder / "workspace" / "MEMORY.md")
+        assert (st.st_uid, st.st_gid) == (1000, 1000)
+        assert not list((Path(settings.data_root) / "users" / ".backup-work").glob(f"import-{uid}-*"))
+        # Audited as the account's own action.
+        rec = await store.db["audit"].find_one({"action": "backup.import", "target": uid})
+        assert rec is not None and rec["actor"] == uid and rec["detail"]["files"] >= 1
+        # The OpenAPI document says the body is a gzip file.
+        doc = (await user.http.get("/api/openapi.json")).json()
+        assert "application/gzip" in doc["paths"]["/api/agent/import"]["post"]["requestBody"]["content"]
+
+
+def _hostile() -> list[tuple[str, bytes, str]]:
+    dev = member("workspace/null", tarfile.CHRTYPE)
+    dev.devmajor, dev.devminor = 1, 3
+    many = [(member(f"workspace/f{i}"), b"") for i in range(MAX_ENTRIES + 1)]
+    plain = io.BytesIO()
+    with tarfile.open(fileobj=plain, mode="w") as tar:
+        info, data = memory()
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return [
+        ("absolute path", targz(memory(), (member("/tmp/zaki-import-abs"), b"x")), "unsafe_path"),
+        ("dot-dot", targz(memory(), (member("workspace/../../escaped"), b"x")), "unsafe_path"),
+        (
+            "symlink out",
+            targz(memory(), (member("workspace/l", tarfile.SYMTYPE, "/etc/passwd"), None)),
+            "link",
+        ),
+        (
+            "hard link out",
+            targz((member("workspace/h", tarfile.LNKTYPE, "../../../etc/passwd"), None)),
+            "link",
+        ),
+        ("device", targz(memory(), (dev, None)), "special_file"),
+        ("fifo", targz(memory(), (member("workspace/p", tarfile.FIFOTYPE), None)), "special_file"),
+        ("config", targz(memory(), (member(".openclaw/openclaw.json"), b"{}")), "forbidden_file"),
+        ("key", targz(memory(), (member(".openclaw/identity/device.key"), b"k")), "forbidden_file"),
+        ("twice", targz(memory(), memory(b"again")), "path_conflict"),
+        ("bomb", targz((member("workspace/zeros"), bytes(MAX_UNPACKED + 1))), "too_large"),
+        (
+            "header bomb",
+            targz(
+                (member("workspace/a", comment="A" * (MAX_UNPACKED + 1 << 1)), b"x"), fmt=tarfile.PAX_FORMAT
+            ),
+            "too_large",
+        ),
+        ("entries", targz(*many), "too_many_entries"),
+        ("not gzip", b"PK\x03\x04 not a gzip file", "not_gzip"),
+        ("plain tar", plain.getvalue(), "not_gzip"),
+        ("broken gzip", gzip.compress(os.urandom(8192))[:-100], "bad_archive"),
+        ("gzip, not tar", gzip.compress(b"hello " * 1000), "bad_archive"),
+    ]
+
+
+async def test_hostile_archives_are_refused_with_a_code_and_change_nothing(dashboard, settings) -> None:
+    async with await signed_up(dashboard.address) as user:
+        folder = seed(settings, user.user["id"], "mine")
+        before = tree(folder)
+        for what, body, code in _hostile():
+            assert len(body) <= MAX_BYTES, what
+            r = await send(user, body)
+            assert r.status_code == 400 and r.json()["error"]["code"] == code, (what, r.text)
+            assert tree(folder) == before, what
+        assert not Path("/tmp/zaki-import-abs").exists()
+        assert not (Path(settings.data_root) / "users" / "escaped").exists()
+        # Over the upload limit: 413 before the archive is looked at.
+        r = await send(user, os.urandom(MAX_BYTES + 1))
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large", r.text
+        # Not a gzip media type (e.g. a form post): 415.
+        r = await send(user, targz(memory()), "multipart/form-data; boundary=x")
+        assert r.status_code == 415
+        assert tree(folder) == before
+
+
+async def test_only_the_sessions_own_account_and_only_from_our_origin(dashboard, settings) -> None:
+    async with await signed_up(dashboard.address) as a, await signed_up(dashboard.address) as b:
+        folder_a = seed(settings, a.user["id"], "a's memory")
+        folder_b = seed(settings, b.user["id"], "b's memory")
+        before_a = tree(folder_a)
+        # B's import goes into B's agent: the route names no user, the session does.
+        r = await send(b, targz(memory(b"written by b")))
+        assert r.status_code == 200, r.text
+        assert r.json()["user_id"] == b.user["id"]
+        assert (folder_b / "workspace" / "MEMORY.md").read_bytes() == b"written by b"
+        assert tree(folder_a) == before_a
+        # No session: 401.
+        async with httpx.AsyncClient(base_url=dashboard.address, headers={"Origin": ORIGIN}) as anon:
+            r = await anon.post(
+                "/api/agent/import", content=targz(memory()), headers={"Content-Type": "application/gzip"}
+            )
+            assert r.status_code == 401
+        # A's cookie on a cross-site POST, or with no Origin at all: refused before the body is read.
+        for headers in ({"Origin": "https://evil.example"}, {"Origin": "null"}):
+            r = await send(a, targz(memory(b"csrf")), **headers)
+            assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed", r.text
+        bare = httpx.AsyncClient(base_url=dashboard.address, cookies=a.http.cookies)
+        try:
+            r = await bare.post(
+                "/api/agent/import",
+                content=targz(memory(b"csrf")),
+                headers={"Content-Type": "application/gzip"},
+            )
+            assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
+        finally:
+            await bare.aclose()
+        assert tree(folder_a) == before_a
+        await asyncio.sleep(0)
