@@ -14,7 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from shared import subjects
+from shared.events import InstanceDelete, InstanceRequested
+from shared.gateway import container_name
+from tests.conftest import STANDIN_IMAGE, new_user
 from tests.test_backup_dashboard import seed
+from tests.test_backup_platform import ready, rows
+from tests.test_backup_platform import seed as seed_state
 from tests.test_dashboard_api import ORIGIN, Browser, signed_up, start_dashboard
 from zaki.stack import Process
 
@@ -140,6 +146,11 @@ def _hostile() -> list[tuple[str, bytes, str]]:
             "too_large",
         ),
         ("entries", targz(*many), "too_many_entries"),
+        (
+            "torn sqlite",
+            targz((member("state.sqlite"), b"SQLite format 3\x00" + bytes(4080))),
+            "sqlite_integrity",
+        ),
         ("not gzip", b"PK\x03\x04 not a gzip file", "not_gzip"),
         ("plain tar", plain.getvalue(), "not_gzip"),
         ("broken gzip", gzip.compress(os.urandom(8192))[:-100], "bad_archive"),
@@ -200,3 +211,35 @@ async def test_only_the_sessions_own_account_and_only_from_our_origin(dashboard,
             await bare.aclose()
         assert tree(folder_a) == before_a
         await asyncio.sleep(0)
+
+
+async def test_import_onto_a_running_agent_stops_swaps_and_starts_it(
+    dashboard, provisioner, platform, fakes, settings, store, docker_client
+) -> None:
+    async with await signed_up(dashboard.address) as user:
+        uid = user.user["id"]
+        ev = InstanceRequested(
+            request_id=new_user("req"), user_id=uid, bot_token=fakes.bot(), image=STANDIN_IMAGE
+        )
+        subject, _ = await platform.call(subjects.INSTANCE_REQUESTED, ev, timeout=120)
+        assert subject == subjects.INSTANCE_READY
+        try:
+            seed_state(settings, uid, "remember: tea", 1000)
+            config = (Path(settings.data_root) / "users" / uid / ".openclaw" / "openclaw.json").read_bytes()
+            exported = (await user.http.get("/api/agent/export")).content
+            seed_state(settings, uid, "overwritten", 3)
+            started = docker_client.containers.get(container_name(uid)).attrs["State"]["StartedAt"]
+            r = await send(user, exported)
+            assert r.status_code == 200 and r.json()["restarted"] is True, r.text
+            print(
+                f"\nimport onto a running stand-in (1,000 rows; stop, swap, start): {r.json()['seconds']:.2f} s"
+            )
+            root = Path(settings.data_root) / "users" / uid
+            assert (root / "workspace" / "MEMORY.md").read_text() == "remember: tea"
+            assert rows(settings, uid) == 1000
+            assert (root / ".openclaw" / "openclaw.json").read_bytes() == config
+            doc = await store.get_instance(uid)
+            assert doc["state"] == "running" and await ready(doc["port"], uid)
+            assert docker_client.containers.get(container_name(uid)).attrs["State"]["StartedAt"] != started
+        finally:
+            await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=uid, purge=True), timeout=60)

@@ -52,6 +52,7 @@ def compose_stack(docker_client, fakes):
             "BROKER_METRICS_PORT",
             "DASHBOARD_METRICS_PORT",
             "WAKER_METRICS_PORT",
+            "BACKUP_METRICS_PORT",
             "ZAKI_DASHBOARD_PORT",
         )
     }
@@ -72,6 +73,7 @@ def compose_stack(docker_client, fakes):
                 ("zaki-llm-broker", "BROKER_METRICS_PORT"),
                 ("zaki-dashboard", "DASHBOARD_METRICS_PORT"),
                 ("zaki-waker", "WAKER_METRICS_PORT"),
+                ("zaki-backup", "BACKUP_METRICS_PORT"),
             )
         )
     )
@@ -166,10 +168,10 @@ async def test_compose_stack_runs_an_instance_end_to_end(compose_stack, fakes, d
         ) as http:
             for _ in range(30):
                 targets = (await http.get("/api/v1/targets")).json()["data"]["activeTargets"]
-                if len(targets) == 7 and all(t["health"] == "up" for t in targets):
+                if len(targets) == 8 and all(t["health"] == "up" for t in targets):
                     break
                 await asyncio.sleep(1)
-            assert [t["health"] for t in targets] == ["up"] * 7, targets
+            assert [t["health"] for t in targets] == ["up"] * 8, targets
     finally:
         await platform.close()
         await store.close()
