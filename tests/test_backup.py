@@ -383,3 +383,23 @@ def test_retention_by_count_and_age_and_delete_grace(env):
     deleted_user = [m(31), m(29)]
     assert core.expired(deleted_user, s, False, now) == []  # within the grace
     assert len(core.expired([m(32), m(31)], s, False, now)) == 2  # grace over: all go
+
+
+def test_a_tenants_file_name_cannot_rewrite_the_integrity_checks_uri(tmp_path):
+    """Security review H1: a database named 'a%2F..%2F..%2Fx?mode=rwc#' made SQLite open (and
+    create) a file outside the folder being checked."""
+    import sqlite3 as _sqlite3
+
+    from services.backup.archive import check_sqlite
+
+    root = tmp_path / "unpacked"
+    (root / "a").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    hostile = root / "a" / "a%2F..%2F..%2F..%2Foutside%2Fcreated.db?mode=rwc#"
+    con = _sqlite3.connect(hostile)
+    con.execute("create table t(x)")
+    con.commit()
+    con.close()
+    assert check_sqlite(root) == [str(hostile.relative_to(root))]
+    assert list(outside.iterdir()) == []  # nothing opened or created outside

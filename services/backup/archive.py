@@ -22,10 +22,14 @@ import tarfile
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
+from urllib.parse import quote
 
 from services.backup.errors import BackupCorrupt, BackupError, CorruptReason
 from services.backup.reader import SQLITE_MAGIC
 from shared.gateway import GATEWAY_UID
+
+# Progress-handler calls (each every 1,000 SQLite VM steps) an integrity check may take: ~10^9 steps.
+INTEGRITY_STEP_BUDGET = 1_000_000
 
 READ = 1 << 20
 
@@ -173,6 +177,18 @@ def sqlite_files(root: Path) -> list[Path]:
     return out
 
 
+def _limit_steps(con: sqlite3.Connection, budget: int) -> None:
+    """Interrupts the connection's statements after *budget* progress calls (1,000 steps each)."""
+    steps = 0
+
+    def tick() -> int:
+        nonlocal steps
+        steps += 1
+        return 1 if steps > budget else 0
+
+    con.set_progress_handler(tick, 1000)
+
+
 def check_sqlite(root: Path, raw: frozenset[str] = frozenset()) -> list[str]:
     """PRAGMA integrity_check of every SQLite file under *root* (an unpacked backup), but those
     the backup already found unreadable and kept as bytes (*raw*, relative paths)."""
@@ -180,8 +196,13 @@ def check_sqlite(root: Path, raw: frozenset[str] = frozenset()) -> list[str]:
     for p in sqlite_files(root):
         if str(p.relative_to(root)) in raw:
             continue
-        con = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
+        # The name is the tenant's: escaped, or '%2F..', '?' and '#' in it would rewrite the URI
+        # (another path, mode=rwc). The schema is the tenant's too: no trusted functions, and a
+        # step budget so a crafted index expression cannot spin forever.
+        con = sqlite3.connect(f"file:{quote(str(p))}?mode=ro", uri=True)
+        _limit_steps(con, INTEGRITY_STEP_BUDGET)
         try:
+            con.execute("PRAGMA trusted_schema=OFF")
             rows = [r[0] for r in con.execute("PRAGMA integrity_check")]
         except sqlite3.DatabaseError as e:
             rows = [str(e)]
