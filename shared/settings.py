@@ -169,9 +169,16 @@ class ZakiSettings(BaseSettings):
     dashboard_trusted_proxies: str = "127.0.0.1,::1"
     # The gateway image agents created from the dashboard ask for (one of images()); empty: the default.
     dashboard_gateway_image: str = ""
-    # Origins besides the proxy's where the pages are served (comma-separated), e.g. the dashboard's own
-    # port before the proxy routes / and /api/ to it. Its cross-site rule accepts these too.
+    # The dashboard's own public origin(s), comma-separated: where its pages and API are served. Never
+    # the proxy's (tenants control content there: security review H4). Its cross-site rule accepts only
+    # these. Empty: http://127.0.0.1:<dashboard_port>.
     dashboard_public_origin: str = ""
+    # Where the dashboard reaches the gateway proxy for the pages' chat (server to server); empty:
+    # http://127.0.0.1:<proxy_port>.
+    dashboard_proxy_url: str = ""
+    # Domain attribute of the proxy's cookie (zaki_session) when the dashboard and the proxy have
+    # different host names (e.g. ".zaki.example"); empty: host-only (same host name, any port).
+    dashboard_cookie_domain: str = ""
 
     # Monitor
     probe_interval_s: float = 4.0
@@ -249,6 +256,13 @@ class ZakiSettings(BaseSettings):
 
     def proxy_public_origins(self) -> list[str]:
         return [o.strip() for o in self.proxy_public_origin.split(",") if o.strip()]
+
+    def dashboard_public_origins(self) -> list[str]:
+        listed = [o.strip() for o in self.dashboard_public_origin.split(",") if o.strip()]
+        return listed or [f"http://127.0.0.1:{self.dashboard_port}"]
+
+    def dashboard_proxy_base(self) -> str:
+        return (self.dashboard_proxy_url or f"http://127.0.0.1:{self.proxy_port}").rstrip("/")
 
 
 @lru_cache

@@ -58,8 +58,13 @@ class Deps:
 
     @property
     def origins(self) -> list[str]:
-        extra = [o.strip() for o in self.settings.dashboard_public_origin.split(",") if o.strip()]
-        return [*self.settings.proxy_public_origins(), *extra]
+        """Where the pages are served: the dashboard's own origin(s), never the proxy's (the proxy
+        serves content the tenant controls: its gateway's Control UI, /v1 bodies)."""
+        return self.settings.dashboard_public_origins()
+
+    def links(self) -> Links:
+        proxy = self.settings.proxy_public_origins()
+        return Links(control_ui=f"{proxy[0]}/ui/" if proxy else "/ui/")
 
     def models(self) -> list[str]:
         s = self.settings
@@ -109,7 +114,7 @@ async def get_meta(ctx: Ctx) -> MetaOut:
         models=d.models(),
         default_model=d.settings.default_model,
         public_origins=d.origins,
-        links=Links(),
+        links=d.links(),
     )
 
 
@@ -218,7 +223,7 @@ async def logout(ctx: Ctx) -> None:
 async def get_me(ctx: Ctx) -> MeOut:
     assert ctx.account is not None and ctx.session is not None
     base = auth_out(ctx.account, {"expires_at": sessions.idle_expiry(ctx.session, ctx.deps.settings)})
-    return MeOut(user=base.user, session=base.session, links=Links())
+    return MeOut(user=base.user, session=base.session, links=ctx.deps.links())
 
 
 @API.route(
@@ -273,7 +278,19 @@ async def openapi(request: web.Request) -> web.Response:
 
 def build_app(deps: Deps) -> web.Application:
     # Route modules register themselves on API when imported.
-    from services.dashboard import admin, agents, apikeys, backups, chat, events, files, fleet, pages, pairing  # noqa: F401
+    from services.dashboard import (  # noqa: F401
+        admin,
+        agents,
+        apikeys,
+        backups,
+        chat,
+        chat_relay,
+        events,
+        files,
+        fleet,
+        pages,
+        pairing,
+    )
 
     app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware])
     app["deps"] = deps

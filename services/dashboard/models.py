@@ -44,8 +44,8 @@ class ErrorBody(Out):
 
 
 class Links(Out):
-    control_ui: str = "/ui/"
-    chat_completions: str = "/v1/chat/completions"
+    control_ui: str = "/ui/"  # on the proxy's origin (absolute URL when it is known)
+    chat_completions: str = "/api/chat/completions"
 
 
 class MetaOut(Out):

@@ -126,15 +126,15 @@ class JwtIssuer:
             self.alg, self.key, self.verify_key = "HS256", secret, secret
         self.enabled = bool(self.key)
 
-    def issue(self, user_id: str) -> str:
+    def issue(self, user_id: str, ttl: float | None = None, scopes: frozenset[str] = PROXY_SCOPES) -> str:
         now = int(time.time())
         claims = {
             "sub": user_id,
             "aud": self.audience,
             "iat": now,
-            "exp": now + int(self.ttl),
+            "exp": now + int(self.ttl if ttl is None else ttl),
             "jti": uuid.uuid4().hex,
-            "scopes": sorted(PROXY_SCOPES),
+            "scopes": sorted(scopes),
         }
         return jwt.encode(claims, self.key, algorithm=self.alg)
 
@@ -152,10 +152,20 @@ class JwtIssuer:
 # --- cookies and the per-request rules ----------------------------------------------------------
 
 
-def _cookie_opts(s: ZakiSettings, max_age: float) -> dict[str, Any]:
-    origins = s.proxy_public_origins()
-    secure = bool(origins) and origins[0].startswith("https://")
-    return {"path": "/", "httponly": True, "samesite": "Lax", "secure": secure, "max_age": int(max_age)}
+def _cookie_opts(s: ZakiSettings, max_age: float, proxy: bool = False) -> dict[str, Any]:
+    """The cookies are set by the dashboard's own origin: Secure when that is https. The proxy's
+    cookie may carry a Domain so that a proxy on another host name receives it; the dashboard's
+    own session cookie stays host-only (the proxy and the tenants' content never see it)."""
+    secure = s.dashboard_public_origins()[0].startswith("https://")
+    opts = {"path": "/", "httponly": True, "samesite": "Lax", "secure": secure, "max_age": int(max_age)}
+    if proxy and s.dashboard_cookie_domain:
+        opts["domain"] = s.dashboard_cookie_domain
+    return opts
+
+
+def _set_proxy_cookie(ctx: Ctx, user_id: str) -> None:
+    deps = ctx.deps
+    ctx.set_cookie(PROXY_COOKIE, deps.jwt.issue(user_id), **_cookie_opts(deps.settings, deps.jwt.ttl, True))
 
 
 def set_login_cookies(ctx: Ctx, token: str, user_id: str) -> None:
@@ -164,12 +174,12 @@ def set_login_cookies(ctx: Ctx, token: str, user_id: str) -> None:
         SESSION_COOKIE, token, **_cookie_opts(deps.settings, deps.settings.dashboard_session_max_s)
     )
     if deps.jwt.enabled:
-        ctx.set_cookie(PROXY_COOKIE, deps.jwt.issue(user_id), **_cookie_opts(deps.settings, deps.jwt.ttl))
+        _set_proxy_cookie(ctx, user_id)
 
 
 def clear_cookies(ctx: Ctx) -> None:
     ctx.set_cookie(SESSION_COOKIE, None)
-    ctx.set_cookie(PROXY_COOKIE, None)
+    ctx.set_cookie(PROXY_COOKIE, None, domain=ctx.deps.settings.dashboard_cookie_domain or None)
 
 
 def presented_token(ctx: Ctx) -> tuple[str | None, bool]:
@@ -206,9 +216,7 @@ async def authenticate(ctx: Ctx, level: Auth) -> None:
         and deps.jwt.enabled
         and not deps.jwt.fresh(ctx.request.cookies.get(PROXY_COOKIE), account["_id"])
     ):
-        ctx.set_cookie(
-            PROXY_COOKIE, deps.jwt.issue(account["_id"]), **_cookie_opts(deps.settings, deps.jwt.ttl)
-        )
+        _set_proxy_cookie(ctx, account["_id"])
 
 
 def check_origin(ctx: Ctx) -> None:

@@ -269,7 +269,7 @@ def _wrap(
 def apply_cookies(ctx: Ctx, resp: web.StreamResponse) -> None:
     for name, value, opts in ctx.cookies:
         if value is None:
-            resp.del_cookie(name, path=opts.get("path", "/"))
+            resp.del_cookie(name, path=opts.get("path", "/"), domain=opts.get("domain"))
         else:
             resp.set_cookie(name, value, **opts)
     ctx.cookies.clear()

@@ -1,5 +1,5 @@
-// Web chat with the agent: POST /v1/chat/completions on the proxy (same origin, session
-// cookie), streamed SSE rendered as safe markdown, history from the gateway, abort.
+// Web chat with the agent: POST /api/chat/completions on the dashboard's own origin (session
+// cookie; the dashboard relays it through the gateway proxy), streamed SSE rendered as safe markdown, history from the gateway, abort.
 // The draft lives in sessionStorage until the agent accepts it, so an expired session
 // (log-in, then back here) loses nothing.
 import { get, post } from "../api.js";
@@ -111,7 +111,7 @@ export async function render(view, { app }) {
 
   async function complete(text, signal) {
     const body = JSON.stringify({ model: "openclaw", stream: true, user: WEB_PREFIX + conv, messages: [{ role: "user", content: text }] });
-    const call = () => fetch("/v1/chat/completions", { method: "POST", credentials: "same-origin", headers: { "Content-Type": "application/json", Accept: "text/event-stream" }, body, signal });
+    const call = () => fetch("/api/chat/completions", { method: "POST", credentials: "same-origin", headers: { "Content-Type": "application/json", Accept: "text/event-stream" }, body, signal });
     let res = await call();
     if (res.status === 401) {
       await get("/api/me"); // renews the proxy cookie, or sends an expired session to log-in
