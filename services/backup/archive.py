@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import quote
 
 from services.backup.errors import BackupCorrupt, BackupError, CorruptReason
-from services.backup.reader import SQLITE_MAGIC
+from services.backup.reader import SQLITE_MAGIC, limit_steps
 from shared.gateway import GATEWAY_UID
 
 # Progress-handler calls (each every 1,000 SQLite VM steps) an integrity check may take: ~10^9 steps.
@@ -37,14 +37,15 @@ READ = 1 << 20
 class Snapshot:
     """Runs the confined reader (reader.py) and yields its tar stream; ``summary`` once done."""
 
-    def __init__(self, folder: Path, timeout_s: float) -> None:
-        self.folder, self.timeout_s = folder, timeout_s
+    def __init__(self, folder: Path, timeout_s: float, max_bytes: int = 0) -> None:
+        """*max_bytes* (0: none): files past it are left out and listed (``over_limit``)."""
+        self.folder, self.timeout_s, self.max_bytes = folder, timeout_s, max_bytes
         self.summary: dict[str, object] = {}
 
     def __iter__(self) -> Iterator[bytes]:
         proc = subprocess.Popen(
             # -S: the reader needs only the standard library (and shared.gateway): no site start-up.
-            [sys.executable, "-S", "-m", "services.backup.reader", str(self.folder)],
+            [sys.executable, "-S", "-m", "services.backup.reader", str(self.folder), str(self.max_bytes)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=str(Path(__file__).resolve().parents[2]),
@@ -177,18 +178,6 @@ def sqlite_files(root: Path) -> list[Path]:
     return out
 
 
-def _limit_steps(con: sqlite3.Connection, budget: int) -> None:
-    """Interrupts the connection's statements after *budget* progress calls (1,000 steps each)."""
-    steps = 0
-
-    def tick() -> int:
-        nonlocal steps
-        steps += 1
-        return 1 if steps > budget else 0
-
-    con.set_progress_handler(tick, 1000)
-
-
 def check_sqlite(root: Path, raw: frozenset[str] = frozenset()) -> list[str]:
     """PRAGMA integrity_check of every SQLite file under *root* (an unpacked backup), but those
     the backup already found unreadable and kept as bytes (*raw*, relative paths)."""
@@ -200,7 +189,7 @@ def check_sqlite(root: Path, raw: frozenset[str] = frozenset()) -> list[str]:
         # (another path, mode=rwc). The schema is the tenant's too: no trusted functions, and a
         # step budget so a crafted index expression cannot spin forever.
         con = sqlite3.connect(f"file:{quote(str(p))}?mode=ro", uri=True)
-        _limit_steps(con, INTEGRITY_STEP_BUDGET)
+        limit_steps(con, INTEGRITY_STEP_BUDGET)
         try:
             con.execute("PRAGMA trusted_schema=OFF")
             rows = [r[0] for r in con.execute("PRAGMA integrity_check")]

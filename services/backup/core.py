@@ -52,6 +52,7 @@ class Manifest:
     sqlite: list[str] = field(default_factory=list)
     skipped: dict[str, list[str]] = field(default_factory=dict)  # the first 50 paths of each kind
     skipped_counts: dict[str, int] = field(default_factory=dict)
+    sqlite_raw: list[str] = field(default_factory=list)  # every database kept as bytes (uncut)
     seconds: float = 0.0
     confined: bool = True  # read inside a chroot as the gateway's uid (false: the reader was not root)
     expires_at: str | None = None  # set on pre-delete backups: kept until then (ZAKI_DELETE_GRACE_DAYS)
@@ -143,7 +144,7 @@ def create(
     t0 = time.monotonic()
     now = now or datetime.now(UTC)
     bid = new_backup_id(now)
-    snap = Snapshot(folder, s.backup_timeout_s)
+    snap = Snapshot(folder, s.backup_timeout_s, s.tenant_disk_bytes)
     raw = _Tap(snap)
     plain = _Tap(gzip_stream(raw))
     sealed = _Tap(encrypt_stream(ring, backup_context(user_id, bid), plain))
@@ -174,6 +175,7 @@ def create(
         sqlite=list(summary.get("sqlite", [])),  # type: ignore[call-overload]
         skipped={k: v for k, v in dict(summary.get("skipped", {})).items() if v},  # type: ignore[call-overload]
         skipped_counts=dict(summary.get("skipped_counts", {})),  # type: ignore[call-overload]
+        sqlite_raw=list(summary.get("sqlite_raw", [])),  # type: ignore[call-overload]
         seconds=round(time.monotonic() - t0, 3),
         confined=bool(summary.get("confined", True)),
         expires_at=(now + timedelta(days=s.delete_grace_days)).isoformat()
@@ -235,7 +237,8 @@ def unpack_backup(
 ) -> dict[str, Any]:
     """Decrypts, checks and unpacks into the new folder *dest*; SQLite files pass integrity_check."""
     stats = unpack(_plaintext(ring, target, m), dest, max_bytes)
-    raw = frozenset(m.skipped.get("sqlite_raw", []))
+    # Older manifests named only the first 50 (cut to 200 characters): the full list when there is one.
+    raw = frozenset(m.sqlite_raw or m.skipped.get("sqlite_raw", []))
     stats["sqlite_checked"] = check_sqlite(dest, raw)  # type: ignore[assignment]
     return stats
 

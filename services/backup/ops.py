@@ -128,7 +128,10 @@ class Backups:
         m = await asyncio.to_thread(core.get_manifest, self.target, user_id, backup_id)
         scratch = self._scratch(f"verify-{m.backup_id}")
         try:
-            stats = await asyncio.to_thread(core.unpack_backup, self.ring, self.target, m, scratch)
+            # Bounded like a restore: a crafted or oversized archive cannot fill the disk.
+            stats = await asyncio.to_thread(
+                core.unpack_backup, self.ring, self.target, m, scratch, self.settings.tenant_disk_bytes
+            )
         finally:
             await asyncio.to_thread(shutil.rmtree, scratch, True)
         return {"backup_id": m.backup_id, "user_id": m.user_id, **stats}

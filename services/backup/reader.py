@@ -5,7 +5,8 @@ A tenant writes its folder and may plant symlinks, FIFOs or swap files while we 
 process chroots into the folder and drops to the gateway's uid before reading anything: every
 path, even a symlink that SQLite follows by itself, resolves inside the tenant's own folder, and
 nothing it creates (a SQLite -shm) is root-owned. Symlinks, FIFOs, sockets and devices are
-skipped (never opened); SQLite databases are copied with SQLite's online backup API (one read
+skipped (never opened), and so are a second name of a file, a sparse file and whatever would pass
+the tenant's disk limit (the quota counts blocks and inodes, a tar names); SQLite databases are copied with SQLite's online backup API (one read
 transaction: a consistent snapshot while the gateway writes, never a torn copy), their -wal,
 -shm and -journal files left out (the copy already holds every committed page).
 """
@@ -42,6 +43,10 @@ EXCLUDED_PREFIXES = (".openclaw/.openclaw.json.",)
 MAX_DEPTH = 64
 READ = 1 << 20
 MAX_NAMED = 50
+# Progress-handler calls (each every 1,000 SQLite VM steps) the tenant's schema may cost a copy:
+# ~10^8 steps, seconds; past that the file is kept as bytes (sqlite_raw).
+COPY_STEP_BUDGET = 100_000
+SPARSE_SLACK = 1 << 20  # a file may hold this much more than it allocates before it counts as sparse
 
 
 class _Exact:
@@ -97,10 +102,26 @@ def _only_inside(expected: os.stat_result, prefix: str, own: set[int]) -> None:
         raise Swapped("SQLite did not open the file that was checked")
 
 
+def limit_steps(con: sqlite3.Connection, budget: int) -> None:
+    """Interrupts the connection's statements after *budget* progress calls (1,000 steps each):
+    the schema is the tenant's, and a trigger or index expression may loop forever."""
+    steps = 0
+
+    def tick() -> int:
+        nonlocal steps
+        steps += 1
+        return 1 if steps > budget else 0
+
+    con.set_progress_handler(tick, 1000)
+
+
 def _sqlite_image(path: str, guard: Callable[[], None] | None = None) -> bytes:
     src = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True, timeout=30, isolation_level=None)
     dst = sqlite3.connect(":memory:")
     try:
+        for con in (src, dst):
+            con.execute("PRAGMA trusted_schema=OFF")
+            limit_steps(con, COPY_STEP_BUDGET)  # exhausted: sqlite3.Error, the file is kept raw
         src.execute("PRAGMA temp_store=MEMORY")
         src.backup(dst)  # every page in one read transaction
         if guard is not None:
@@ -116,9 +137,16 @@ def _drop_leases(db: sqlite3.Connection) -> None:
     """OpenClaw's ``state_leases`` rows belong to the process that held them (pid, host, expiry):
     a restored copy would carry a live-looking lease of a container that no longer exists, and the
     restored gateway refuses to start ("Another Gateway owner lease is still active") until it
-    expires. They are runtime locks, not the agent's data: the copy leaves them out."""
+    expires. They are runtime locks, not the agent's data: the copy leaves them out. A trigger
+    on the table is the tenant's code (a DELETE trigger could loop): the copy's triggers on it are
+    dropped first (the copy only; the folder is never written)."""
     if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'state_leases'").fetchone():
+        triggers = db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger' AND lower(tbl_name) = 'state_leases'"
+        ).fetchall()
         with db:
+            for (name,) in triggers:
+                db.execute('DROP TRIGGER "{}"'.format(name.replace('"', '""')))
             db.execute("DELETE FROM state_leases")
 
 
@@ -126,10 +154,16 @@ class Walker:
     """Walks with directory file descriptors (openat, O_NOFOLLOW at every level): a directory or
     file swapped for a link mid-walk is refused, never followed."""
 
-    def __init__(self, tar: tarfile.TarFile, base: str = "/", confined: bool = True) -> None:
-        self.tar, self.base, self.confined = tar, base, confined
+    def __init__(
+        self, tar: tarfile.TarFile, base: str = "/", confined: bool = True, max_bytes: int = 0
+    ) -> None:
+        self.tar, self.base, self.confined, self.max_bytes = tar, base, confined, max_bytes
         self.open_dirs: set[int] = set()
         self.counts: dict[str, int] = {}
+        self.seen: set[tuple[int, int]] = set()  # (st_dev, st_ino) of every file taken
+        # Every database kept as bytes, uncut: verify and restore must not integrity-check them.
+        # Bounded by the entry count, which the tenant's file limit bounds.
+        self.raw: list[str] = []
         self.summary: dict[str, object] = {"files": 0, "dirs": 0, "sqlite": [], "bytes": 0}
         self.skipped: dict[str, list[str]] = {
             "symlink": [],
@@ -137,6 +171,9 @@ class Walker:
             "unreadable": [],
             "changed": [],
             "sqlite_raw": [],
+            "hardlink": [],
+            "sparse": [],
+            "over_limit": [],
         }
 
     def skip(self, kind: str, rel: str) -> None:
@@ -211,6 +248,23 @@ class Walker:
         finally:
             os.close(fd)
 
+    def _over(self, size: int) -> bool:
+        return bool(self.max_bytes) and int(self.summary["bytes"]) + size > self.max_bytes  # type: ignore[call-overload]
+
+    def _too_big(self, st: os.stat_result) -> str | None:
+        """The disk quota counts allocated blocks, and an inode once; a tar copies every name in
+        full. A second name of an inode, a file far larger than what it allocates (sparse), and
+        whatever would take the archive past the tenant's disk limit are left out, and listed."""
+        key = (st.st_dev, st.st_ino)
+        if key in self.seen:
+            return "hardlink"
+        if st.st_size > 2 * st.st_blocks * 512 + SPARSE_SLACK:
+            return "sparse"
+        if self._over(st.st_size):
+            return "over_limit"
+        self.seen.add(key)
+        return None
+
     def add_file(self, rel: str, name: str, dfd: int) -> None:
         # O_NOFOLLOW | O_NONBLOCK, then fstat: a file swapped for a symlink or FIFO since lstat is skipped.
         try:
@@ -222,6 +276,9 @@ class Walker:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 self.skip("special", rel)
+                return
+            if why := self._too_big(st):
+                self.skip(why, rel)
                 return
             info = tarfile.TarInfo(rel)
             info.mode, info.mtime = st.st_mode & 0o777, int(st.st_mtime)
@@ -241,8 +298,12 @@ class Walker:
                     # (and with it an upgrade or a delete).
                     data = None
                     self.skip("sqlite_raw", rel)
+                    self.raw.append(rel)
             else:
                 data = None
+            if data is not None and self._over(len(data)):
+                self.skip("over_limit", rel)  # the copy outgrew the file (and the limit)
+                return
             if data is not None:
                 info.size = len(data)
                 self.tar.addfile(info, io.BytesIO(data))
@@ -271,7 +332,7 @@ def confine(folder: str) -> None:
     os.setuid(GATEWAY_UID)
 
 
-def run(folder: str, out: BinaryIO) -> dict[str, object]:
+def run(folder: str, out: BinaryIO, max_bytes: int = 0) -> dict[str, object]:
     """Confined when run as root (the platform's case). Without root (a developer's machine) it
     cannot chroot: it reads from the folder with the same lstat / O_NOFOLLOW checks, and the
     summary says ``confined: false`` - a link swapped in after a check is then SQLite's to follow."""
@@ -280,22 +341,24 @@ def run(folder: str, out: BinaryIO) -> dict[str, object]:
     if confined:
         confine(folder)
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=READ) as tar:
-        w = Walker(tar, "/" if confined else os.path.realpath(folder).rstrip("/") + "/", confined)
+        base = "/" if confined else os.path.realpath(folder).rstrip("/") + "/"
+        w = Walker(tar, base, confined, max_bytes)
         w.walk_root()
     return {
         **w.summary,
         "skipped": w.skipped,
         "skipped_counts": w.counts,
+        "sqlite_raw": w.raw,
         "confined": confined,
         "seconds": round(time.monotonic() - t0, 3),
     }
 
 
 def main() -> int:
-    if len(sys.argv) != 2:
-        print("usage: python -m services.backup.reader FOLDER", file=sys.stderr)
+    if len(sys.argv) not in (2, 3) or (len(sys.argv) == 3 and not sys.argv[2].isdigit()):
+        print("usage: python -m services.backup.reader FOLDER [MAX_BYTES]", file=sys.stderr)
         return 2
-    summary = run(sys.argv[1], sys.stdout.buffer)
+    summary = run(sys.argv[1], sys.stdout.buffer, int(sys.argv[2]) if len(sys.argv) == 3 else 0)
     sys.stdout.buffer.flush()
     os.close(1)  # EOF for the reader of the tar stream before the summary goes to stderr
     print(json.dumps(summary), file=sys.stderr)

@@ -21,6 +21,7 @@ from prometheus_client import Gauge
 
 from services.backup import core
 from services.backup.errors import BackupError
+from services.backup.keep import sweep_kept
 from services.backup.ops import Backups
 from shared.store import Store
 
@@ -91,11 +92,19 @@ class Scheduler:
                 await asyncio.to_thread(core.remove, self.b.target, m)
                 removed += 1
         orphans = await asyncio.to_thread(core.sweep_orphans, self.b.target)
+        kept = await asyncio.to_thread(sweep_kept, self.s)  # folders kept at a delete, past the grace
         OLDEST_AGE.set(worst)
         WITHOUT_RECENT.set(without)
         SCHEDULED.set(scheduled)
         LAST_SWEEP.set(time.time())
-        return {"created": done, "failed": failed, "removed": removed, "orphans": orphans, "without": without}
+        return {
+            "created": done,
+            "failed": failed,
+            "removed": removed,
+            "orphans": orphans,
+            "without": without,
+            "kept_removed": kept,
+        }
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -213,18 +213,29 @@ async def admin_restore_backup(ctx: Ctx) -> RestoreOut:
     "/api/agent/export",
     summary="Download my agent's data (memory, workspace, sessions) as a tar.gz",
     tag="backups",
-    errors=(404,),
+    errors=(404, 409),
 )
 async def export_my_data(ctx: Ctx) -> web.StreamResponse:
     """A fresh, consistent snapshot of the account's own data folder, streamed; the gateway's
-    config (secrets bound to the instance) is left out."""
-    import asyncio
-
-    from services.backup.archive import Snapshot, gzip_stream
+    config (secrets bound to the instance) is left out. One at a time per user (409
+    export_in_progress), bounded like a backup (files past the disk limit left out)."""
+    from services.backup.exports import ExportBusy, export_slot
 
     folder = core.user_folder(ctx.deps.settings, ctx.user_id)
     if not folder.is_dir():
         raise ApiError(404, "not_found", "your agent has no data yet")
+    try:
+        with export_slot(ctx.user_id):
+            return await _export(ctx, folder)
+    except ExportBusy as e:
+        raise ApiError(409, e.code, str(e)) from None
+
+
+async def _export(ctx: Ctx, folder: Any) -> web.StreamResponse:
+    import asyncio
+
+    from services.backup.archive import Snapshot, gzip_stream
+
     resp = web.StreamResponse(
         headers={
             "Content-Type": "application/gzip",
@@ -232,13 +243,17 @@ async def export_my_data(ctx: Ctx) -> web.StreamResponse:
             "Cache-Control": "no-store",
         }
     )
-    chunks = iter(gzip_stream(Snapshot(folder, ctx.deps.settings.backup_timeout_s)))
-    first = await asyncio.to_thread(next, chunks, None)  # a read failure still answers an error
-    await resp.prepare(ctx.request)
-    while first is not None:
-        await resp.write(first)
-        first = await asyncio.to_thread(next, chunks, None)
-    await resp.write_eof()
+    s = ctx.deps.settings
+    chunks = gzip_stream(Snapshot(folder, s.backup_timeout_s, s.tenant_disk_bytes))
+    try:
+        first = await asyncio.to_thread(next, chunks, None)  # a read failure still answers an error
+        await resp.prepare(ctx.request)
+        while first is not None:
+            await resp.write(first)
+            first = await asyncio.to_thread(next, chunks, None)
+        await resp.write_eof()
+    finally:
+        chunks.close()  # a client gone mid-stream: the reader is killed now, not at garbage collection
     return resp
 
 
