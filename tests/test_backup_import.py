@@ -17,12 +17,13 @@ import pytest
 from shared import subjects
 from shared.events import InstanceDelete, InstanceRequested
 from shared.gateway import container_name
-from tests.conftest import STANDIN_IMAGE, new_user
+from tests.browser.harness import CHROMIUM, CHROMIUM_FLAGS, require_browser
+from tests.conftest import JWT_SECRET, STANDIN_IMAGE, new_user
 from tests.test_backup_dashboard import seed
 from tests.test_backup_platform import ready, rows
 from tests.test_backup_platform import seed as seed_state
-from tests.test_dashboard_api import ORIGIN, Browser, signed_up, start_dashboard
-from zaki.stack import Process
+from tests.test_dashboard_api import ORIGIN, PASSWORD, PREFIX, Browser, new_name, signed_up
+from zaki.stack import Process, free_port, wait_for_port
 
 MAX_BYTES = 1 << 20
 MAX_UNPACKED = 4 << 20
@@ -32,15 +33,27 @@ _DASH: dict[str, Process] = {}
 
 @pytest.fixture
 def dashboard(stack, service_env) -> Process:
+    """Small import limits; its own address is one of its origins (the browser test uses it)."""
     p = _DASH.get("d")
     if p is None or p.proc.poll() is not None:
-        p = _DASH["d"] = start_dashboard(
-            stack,
-            service_env,
-            ZAKI_DASHBOARD_IMPORT_MAX_BYTES=str(MAX_BYTES),
-            ZAKI_DASHBOARD_IMPORT_MAX_UNPACKED_BYTES=str(MAX_UNPACKED),
-            ZAKI_DASHBOARD_IMPORT_MAX_ENTRIES=str(MAX_ENTRIES),
-        )
+        port = free_port()
+        address = f"http://127.0.0.1:{port}"
+        env = {
+            **service_env,
+            "ZAKI_DASHBOARD_PORT": str(port),
+            "ZAKI_JWT_SECRET": JWT_SECRET,
+            "ZAKI_DASHBOARD_USER_PREFIX": PREFIX,
+            "ZAKI_DASHBOARD_GATEWAY_IMAGE": STANDIN_IMAGE,
+            "ZAKI_PROXY_PUBLIC_ORIGIN": "http://127.0.0.1:8080",
+            "ZAKI_DASHBOARD_PUBLIC_ORIGIN": f"{ORIGIN},{address}",
+            "ZAKI_DASHBOARD_IMPORT_MAX_BYTES": str(MAX_BYTES),
+            "ZAKI_DASHBOARD_IMPORT_MAX_UNPACKED_BYTES": str(MAX_UNPACKED),
+            "ZAKI_DASHBOARD_IMPORT_MAX_ENTRIES": str(MAX_ENTRIES),
+        }
+        p = stack.start_service("services.dashboard", env)
+        wait_for_port("127.0.0.1", port, p.proc, "dashboard")
+        p.address = address
+        _DASH["d"] = p
     return p
 
 
@@ -105,9 +118,10 @@ async def test_export_then_import_brings_the_agent_back(dashboard, settings, sto
         # Audited as the account's own action.
         rec = await store.db["audit"].find_one({"action": "backup.import", "target": uid})
         assert rec is not None and rec["actor"] == uid and rec["detail"]["files"] >= 1
-        # The OpenAPI document says the body is a gzip file.
+        # The OpenAPI document says the body is a file, not JSON.
         doc = (await user.http.get("/api/openapi.json")).json()
-        assert "application/gzip" in doc["paths"]["/api/agent/import"]["post"]["requestBody"]["content"]
+        content = doc["paths"]["/api/agent/import"]["post"]["requestBody"]["content"]
+        assert content == {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 
 
 def _hostile() -> list[tuple[str, bytes, str]]:
@@ -189,6 +203,11 @@ async def test_only_the_sessions_own_account_and_only_from_our_origin(dashboard,
         assert r.json()["user_id"] == b.user["id"]
         assert (folder_b / "workspace" / "MEMORY.md").read_bytes() == b"written by b"
         assert tree(folder_a) == before_a
+        # An account whose agent has no data yet: 404, and no folder appears.
+        async with await signed_up(dashboard.address) as c:
+            r = await send(c, targz(memory(b"early")))
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", r.text
+            assert not (Path(settings.data_root) / "users" / c.user["id"]).exists()
         # No session: 401.
         async with httpx.AsyncClient(base_url=dashboard.address, headers={"Origin": ORIGIN}) as anon:
             r = await anon.post(
@@ -243,3 +262,46 @@ async def test_import_onto_a_running_agent_stops_swaps_and_starts_it(
             assert docker_client.containers.get(container_name(uid)).attrs["State"]["StartedAt"] != started
         finally:
             await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=uid, purge=True), timeout=60)
+
+
+async def test_the_account_page_downloads_and_imports_the_agents_data(dashboard, settings, tmp_path) -> None:
+    require_browser()
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            ctx = await browser.new_context(base_url=dashboard.address, accept_downloads=True)
+            page = await ctx.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("dialog", lambda d: asyncio.ensure_future(d.accept()))
+            await page.goto("/#/signup")
+            await page.fill("#f-username", new_name("web"))
+            await page.fill("#f-password", PASSWORD)
+            await page.click("form button[type=submit]")
+            await page.wait_for_selector("main[data-page='agent'][data-ready='1']")
+            uid = await page.evaluate("fetch('/api/me').then((r) => r.json()).then((j) => j.user.id)")
+            folder = seed(settings, uid, "tea, from the page")
+            await page.goto("/#/account")
+            await page.wait_for_selector("main[data-page='account'][data-ready='1']")
+            async with page.expect_download() as info:
+                await page.click("#export-link")
+            exported = tmp_path / "agent.tar.gz"
+            await (await info.value).save_as(exported)
+            (folder / "workspace" / "MEMORY.md").write_text("lost")
+            # A file that is not an export: the page shows the API's code; nothing changes.
+            (tmp_path / "notes.tar.gz").write_bytes(b"not a gzip file")
+            await page.set_input_files("#import-file", str(tmp_path / "notes.tar.gz"))
+            await page.click("#import-button")
+            err = page.locator("#data-form p.notice.error:not([hidden])")
+            await err.wait_for()
+            assert "not_gzip" in await err.inner_text()
+            assert (folder / "workspace" / "MEMORY.md").read_text() == "lost"
+            await page.set_input_files("#import-file", str(exported))
+            await page.click("#import-button")
+            await page.wait_for_selector("#data-form p.notice.info:not([hidden])")
+            assert (folder / "workspace" / "MEMORY.md").read_text() == "tea, from the page"
+            assert not errors, errors
+        finally:
+            await browser.close()

@@ -28,7 +28,8 @@ from services.dashboard.errors import ApiError
 from services.dashboard.web import API, Ctx
 from shared.state import InstanceState as S
 
-MEDIA_TYPES = ("application/gzip", "application/x-gzip", "application/x-tar+gzip")
+# The export's own type, its aliases, and the generic one (an API client that knows no better).
+MEDIA_TYPES = ("application/gzip", "application/x-gzip", "application/x-tar+gzip", "application/octet-stream")
 CHECK_TIMEOUT_S = 900.0
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -122,12 +123,13 @@ async def _put_in_place(ctx: Ctx, staging: Path, user: str) -> bool:
     "/api/agent/import",
     summary="Bring my agent's data back from an export (.tar.gz as the body)",
     tag="backups",
-    raw_body="application/gzip",
+    raw_body="application/octet-stream",
     out=ImportOut,
-    errors=(409, 502),
+    errors=(404, 409, 502),
 )
 async def import_my_data(ctx: Ctx) -> ImportOut:
-    """The body is the file GET /api/agent/export gave (Content-Type application/gzip). It
+    """The body is the file GET /api/agent/export gave (Content-Type application/gzip, or
+    application/octet-stream). It
     replaces the agent's memory, workspace and sessions; the agent's config stays its own. A
     running agent is stopped and started again. Refused with 400 and a code (not_gzip,
     bad_archive, unsafe_path, link, special_file, forbidden_file, path_conflict, too_large,
@@ -135,6 +137,8 @@ async def import_my_data(ctx: Ctx) -> ImportOut:
     s, user = ctx.deps.settings, ctx.user_id
     if ctx.request.content_type not in MEDIA_TYPES:
         raise ApiError(415, "unsupported_media_type", "send the export as application/gzip")
+    if not core.user_folder(s, user).is_dir():  # as the export: an agent that never ran has no data
+        raise ApiError(404, "not_found", "your agent has no data yet: create it first")
     t0 = time.monotonic()
     work = _backups(ctx)._scratch(f"import-{user}")  # root-only, on the data folders' file system
     work.mkdir(mode=0o700)

@@ -152,7 +152,7 @@ class Api:
             elif r.raw_body is not None:
                 op["requestBody"] = {
                     "required": True,
-                    "content": {r.raw_body: {"schema": {"type": "string", "contentMediaType": r.raw_body}}},
+                    "content": {r.raw_body: {"schema": {"type": "string", "format": "binary"}}},
                 }
             if r.sse:
                 ok: dict[str, Any] = {

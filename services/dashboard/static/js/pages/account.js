@@ -1,11 +1,12 @@
-// The account: change password, and delete everything (typed confirmation, keep or erase memory).
-import { del, post } from "../api.js";
+// The account: change password, download / bring back the agent's data, and delete everything
+// (typed confirmation, keep or erase memory).
+import { ApiError, del, post } from "../api.js";
 import { field, h, notice } from "../dom.js";
 import { forget, setSession } from "../main.js";
 
 export function render(view, { app, go }) {
   const me = app.me.user;
-  view.append(passwordCard(), deleteCard(me, go));
+  view.append(passwordCard(), dataCard(), deleteCard(me, go));
 }
 
 function passwordCard() {
@@ -21,6 +22,48 @@ function passwordCard() {
       msg.show("Password changed. Your other sessions were logged out.", "info");
     } catch (err) {
       msg.show(err.message);
+    }
+  });
+  return form;
+}
+
+// Export: a plain download (the session cookie goes with it). Import: the file itself as the body
+// (application/gzip), which api() does not send; its errors read like api()'s.
+function dataCard() {
+  const msg = notice();
+  const file = h("input", { type: "file", id: "import-file", accept: ".tar.gz,.tgz,application/gzip" });
+  const button = h("button", { type: "submit", id: "import-button", disabled: true }, "Import");
+  file.addEventListener("change", () => (button.disabled = !file.files.length));
+  const form = h(
+    "form.card",
+    { id: "data-form" },
+    h("h2", {}, "Your agent's data"),
+    h("p", {}, h("a", { href: "/api/agent/export", download: "", id: "export-link" }, "Download my agent's data"), " (memory, workspace, sessions; .tar.gz)."),
+    h("p", {}, "Import a file you downloaded: it replaces your agent's memory, workspace and sessions. A running agent restarts."),
+    msg,
+    h("label", { htmlFor: "import-file" }, "Export file"),
+    file,
+    button,
+  );
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    if (!file.files.length || !window.confirm("Replace your agent's data with this file?")) return;
+    button.disabled = true;
+    try {
+      const res = await fetch("/api/agent/import", {
+        method: "POST",
+        credentials: "same-origin",
+        headers: { Accept: "application/json", "Content-Type": "application/gzip" },
+        body: file.files[0],
+      });
+      const data = await res.json().catch(() => null);
+      if (!res.ok) throw new ApiError(res.status, data);
+      msg.show(`Imported ${data.files} files${data.restarted ? "; your agent restarted" : ""}.`, "info");
+      file.value = "";
+    } catch (err) {
+      msg.show(err instanceof ApiError ? `${err.message} (${err.code})` : "The server cannot be reached. Try again.");
+    } finally {
+      button.disabled = !file.files.length;
     }
   });
   return form;
