@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import Fakes, eventually, new_bot_token
-from tests.test_dashboard_api import ORIGIN, PASSWORD, Browser, shared_dashboard, signed_up
+from tests.test_dashboard_api import ORIGIN, PASSWORD, PROXY_ORIGIN, Browser, shared_dashboard, signed_up
 from zaki.stack import Process
 
 pytestmark = pytest.mark.timeout(600)
@@ -23,8 +23,8 @@ STATES = ["requested", "provisioning", "starting", "running"]
 
 
 @pytest.fixture
-def dashboard(stack, service_env) -> Process:
-    return shared_dashboard(stack, service_env)
+def dashboard(stack, service_env, proxy) -> Process:
+    return shared_dashboard(stack, service_env, proxy=proxy.address)
 
 
 async def read_sse(b: Browser, until: str, timeout: float = 90.0) -> list[tuple[str, dict, float]]:
@@ -110,13 +110,7 @@ async def test_agent_from_token_to_running_then_run_shape_and_delete_it(
         assert (await b.http.post("/api/agent/stop")).status_code == 404
         assert (await b.http.get("/api/agent/usage")).json()["today"]["tokens"] == 0
 
-        # The pages chat through the proxy with the cookie, same origin.
-        r = await a.http.post(
-            f"{proxy.address}/v1/chat/completions",
-            json={"model": "openclaw", "user": "web:c1", "messages": [{"role": "user", "content": "hi"}]},
-        )
-        assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["message"]["content"]
+        await _chat_relay(a, b, proxy)
 
         await _files(a, b, Path(service_env["ZAKI_DATA_ROOT"]) / "users" / a.user["id"] / "workspace")
         await _stop_and_start(a)
@@ -239,3 +233,44 @@ async def test_agent_events_need_a_session(dashboard: Process) -> None:
         assert r.status_code == 401 and r.json()["error"]["code"] == "not_authenticated"
         r = await anon.post("/api/agent", json={"bot_token": "1:2"}, headers={"Origin": ORIGIN})
         assert r.status_code == 401
+
+
+async def _chat_relay(a: Browser, b: Browser, proxy: Process) -> None:
+    """The pages' chat on the dashboard's own origin: relayed through the real proxy to the
+    stand-in gateway, streamed as written; other accounts and other origins get nothing."""
+    body = {"model": "openclaw", "user": "web:c1", "messages": [{"role": "user", "content": "hi there"}]}
+    r = await a.http.post("/api/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "echo: hi there"
+    # Streamed: four pieces written 0.5 s apart arrive as they are written, not all at the end.
+    streamed = {**body, "stream": True, "standin_chunks": 4, "standin_delay_ms": 500}
+    arrivals: list[tuple[float, str]] = []
+    t0 = time.monotonic()
+    async with a.http.stream("POST", "/api/chat/completions", json=streamed) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        # Only status and content type pass: the stand-in's "no-cache" is replaced by ours.
+        assert r.headers["cache-control"] == "no-store"
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                piece = json.loads(line[6:])["choices"][0]["delta"].get("content")
+                if piece:
+                    arrivals.append((time.monotonic() - t0, piece))
+    assert "".join(p for _, p in arrivals) == "echo: hi there" and len(arrivals) == 4, arrivals
+    assert arrivals[-1][0] - arrivals[0][0] > 1.2, arrivals  # not buffered
+    print(f"\nrelayed chat: first piece {arrivals[0][0]:.2f} s, last {arrivals[-1][0]:.2f} s")
+    # Another account's session mints a JWT naming its own user: it has no gateway, never A's.
+    r = await b.http.post("/api/chat/completions", json=body)
+    assert r.status_code == 503 and r.json()["state"] == "absent", r.text
+    assert "echo" not in r.text
+    # A cookie-carrying POST from the proxy's origin (tenant content) or another site is refused.
+    for origin in (PROXY_ORIGIN, "https://evil.example"):
+        r = await a.http.post("/api/chat/completions", json=body, headers={"Origin": origin})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed", r.text
+    r = await a.http.post("/api/chat/completions", json=[1])
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_input"
+    r = await a.http.post("/api/chat/completions", content=b"x" * (300 * 1024),
+        headers={"Content-Type": "application/json"})  # fmt: skip
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    # The dashboard's origin is not the proxy's: the proxy refuses the cookie from it.
+    r = await a.http.post(f"{proxy.address}/v1/chat/completions", json=body)
+    assert r.status_code == 403, r.text

@@ -20,7 +20,9 @@ import pytest
 from tests.conftest import JWT_SECRET, SESSION, STANDIN_IMAGE
 from zaki.stack import Process, Stack, free_port, wait_for_port
 
-ORIGIN = "http://127.0.0.1:8080"  # the platform's public origin (the proxy's default)
+# The dashboard's own public origin (its pages and API) and the proxy's: never the same (H4).
+ORIGIN = "http://127.0.0.1:8095"
+PROXY_ORIGIN = "http://127.0.0.1:8080"
 PREFIX = f"d{SESSION}"  # dashboard user ids carry the test session: conftest's cleanup finds them
 PASSWORD = "blue-Harbor-7-lantern"
 
@@ -33,7 +35,8 @@ def start_dashboard(stack: Stack, service_env: dict[str, str], **extra: str) -> 
         "ZAKI_JWT_SECRET": JWT_SECRET,
         "ZAKI_DASHBOARD_USER_PREFIX": PREFIX,
         "ZAKI_DASHBOARD_GATEWAY_IMAGE": STANDIN_IMAGE,
-        "ZAKI_PROXY_PUBLIC_ORIGIN": ORIGIN,
+        "ZAKI_PROXY_PUBLIC_ORIGIN": PROXY_ORIGIN,
+        "ZAKI_DASHBOARD_PUBLIC_ORIGIN": ORIGIN,
         **extra,
     }
     p = stack.start_service("services.dashboard", env)
@@ -45,11 +48,14 @@ def start_dashboard(stack: Stack, service_env: dict[str, str], **extra: str) -> 
 _SHARED: dict[str, Process] = {}
 
 
-def shared_dashboard(stack: Stack, service_env: dict[str, str]) -> Process:
-    """One dashboard for every test_dashboard_* module of this session."""
-    p = _SHARED.get("dashboard")
+def shared_dashboard(stack: Stack, service_env: dict[str, str], proxy: str | None = None) -> Process:
+    """One dashboard for every test_dashboard_* module of this session (one more that knows the
+    test proxy's address, for the pages' chat relay)."""
+    name = f"dashboard:{proxy}"
+    p = _SHARED.get(name)
     if p is None or p.proc.poll() is not None:
-        p = _SHARED["dashboard"] = start_dashboard(stack, service_env)
+        extra = {"ZAKI_DASHBOARD_PROXY_URL": proxy} if proxy else {}
+        p = _SHARED[name] = start_dashboard(stack, service_env, **extra)
     return p
 
 
@@ -128,12 +134,12 @@ async def test_signup_sets_both_cookies_and_the_proxy_accepts_the_jwt(
         me = await b.http.get("/api/me")
         assert me.status_code == 200 and me.json()["user"]["id"] == user["id"]
         # The real proxy takes the cookie for this user: not 401, but "no instance yet".
-        r = await b.http.get(f"{proxy.address}/v1/models", headers={"Origin": ORIGIN})
+        r = await b.http.get(f"{proxy.address}/v1/models", headers={"Origin": PROXY_ORIGIN})
         assert r.status_code == 503 and r.json()["state"] == "absent", r.text
         # A JWT signed with another secret is refused by the proxy.
         forged = jwt.encode({**claims, "exp": claims["exp"]}, "not-the-secret-" * 3, algorithm="HS256")
         async with httpx.AsyncClient(cookies={"zaki_session": forged}) as forger:
-            r = await forger.get(f"{proxy.address}/v1/models", headers={"Origin": ORIGIN})
+            r = await forger.get(f"{proxy.address}/v1/models", headers={"Origin": PROXY_ORIGIN})
         assert r.status_code == 401
 
 
@@ -205,7 +211,8 @@ async def test_sessions_expire_when_idle(dashboard: Process, store) -> None:
 async def test_cross_site_requests_are_refused(dashboard: Process) -> None:
     async with await signed_up(dashboard.address) as b:
         # A cookie-carrying POST from another site, or with no Origin at all, is refused.
-        for headers in ({"Origin": "https://evil.example"}, {"Origin": "null"}):
+        # The proxy's origin too: it serves content the tenant controls (the gateway's Control UI).
+        for headers in ({"Origin": "https://evil.example"}, {"Origin": "null"}, {"Origin": PROXY_ORIGIN}):
             r = await b.http.post("/api/keys", json={"scopes": ["chat"]}, headers=headers)
             assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
         bare = httpx.AsyncClient(base_url=dashboard.address, cookies=b.http.cookies)
@@ -224,6 +231,11 @@ async def test_cross_site_requests_are_refused(dashboard: Process) -> None:
             headers={"Origin": "https://evil.example"},
         )  # fmt: skip
         assert r.status_code == 403
+        # A password change from a page on the proxy's origin is refused the same way.
+        r = await b.http.post("/api/me/password", json={"current_password": PASSWORD,
+            "new_password": "other-Harbor-8-lantern"}, headers={"Origin": PROXY_ORIGIN})  # fmt: skip
+        assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
+        assert (await b.login(b.user["username"])).status_code == 200  # the password is unchanged
         # Our own origin works.
         assert (await b.http.post("/api/keys", json={"scopes": ["chat"]})).status_code == 201
 

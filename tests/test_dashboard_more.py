@@ -95,13 +95,15 @@ async def test_a_password_change_ends_the_other_sessions(dashboard: Process) -> 
 
 async def test_closed_signup_and_secure_cookies_on_an_https_origin(stack, service_env) -> None:
     origin = "https://zaki.example"
+    proxy_origin = "https://gw.zaki.example"
     d = await asyncio.to_thread(
         start_dashboard,
         stack,
         service_env,
-        ZAKI_PROXY_PUBLIC_ORIGIN=origin,
+        ZAKI_PROXY_PUBLIC_ORIGIN=proxy_origin,
         ZAKI_DASHBOARD_SIGNUP_OPEN="false",
-        ZAKI_DASHBOARD_PUBLIC_ORIGIN="http://dash.example:8095",
+        ZAKI_DASHBOARD_PUBLIC_ORIGIN=f"{origin},http://dash.example:8095",
+        ZAKI_DASHBOARD_COOKIE_DOMAIN="zaki.example",
     )
     try:
         async with Browser(d.address, origin=origin) as b:
@@ -112,6 +114,9 @@ async def test_closed_signup_and_secure_cookies_on_an_https_origin(stack, servic
                 origin,
                 "http://dash.example:8095",
             ]
+            # The Control UI lives on the proxy's origin, not the dashboard's.
+            assert meta["links"]["control_ui"] == f"{proxy_origin}/ui/"
+            assert meta["links"]["chat_completions"] == "/api/chat/completions"
             name = new_name("op")
             r = await asyncio.to_thread(
                 zaki_admin, service_env, "create", name, "--password-stdin", stdin=PASSWORD
@@ -119,14 +124,19 @@ async def test_closed_signup_and_secure_cookies_on_an_https_origin(stack, servic
             assert r.returncode == 0, r.stderr
             r = await b.login(name)
             assert r.status_code == 200
-            for cookie in set_cookie_headers(r).values():
+            cookies = set_cookie_headers(r)
+            for cookie in cookies.values():
                 assert "secure" in cookie.lower()
-            r = await b.http.post(
-                "/api/auth/login",
-                json={"login": name, "password": PASSWORD},
-                headers={"Origin": "http://127.0.0.1:8080"},
-            )
-            assert r.status_code == 403  # the http origin is not this platform's
+            # The proxy's cookie reaches the proxy's host name; the dashboard's stays host-only.
+            assert "domain=zaki.example" in cookies["zaki_session"].lower()
+            assert "domain" not in cookies["zaki_dash"].lower()
+            for other in ("http://127.0.0.1:8080", proxy_origin):  # the proxy's origin is not ours
+                r = await b.http.post(
+                    "/api/auth/login",
+                    json={"login": name, "password": PASSWORD},
+                    headers={"Origin": other},
+                )
+                assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
             # The dashboard's own extra origin (pages on its own port) is accepted too.
             r = await b.http.post(
                 "/api/auth/login",

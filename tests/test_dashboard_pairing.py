@@ -17,7 +17,7 @@ import websockets
 from shared.gateway import DASHBOARD_SCOPES, dashboard_identity, gateway_identity
 from tests.conftest import Fakes, eventually, operator_connect
 from tests.test_dashboard_agent import read_sse
-from tests.test_dashboard_api import ORIGIN, Browser, signed_up, start_dashboard
+from tests.test_dashboard_api import PROXY_ORIGIN, Browser, signed_up, start_dashboard
 from zaki.stack import Process
 
 pytestmark = [pytest.mark.gateway, pytest.mark.timeout(900)]
@@ -93,7 +93,7 @@ async def test_pairing_approve_and_dismiss_on_a_real_gateway(
         # The owner's own proxied WebSocket (cookie) has no operator.pairing: that scope is only
         # on the dashboard's path.
         ws_url = proxy.address.replace("http://", "ws://") + "/ws"
-        cookie = {"Cookie": f"zaki_session={a.cookie('zaki_session')}", "Origin": ORIGIN}
+        cookie = {"Cookie": f"zaki_session={a.cookie('zaki_session')}", "Origin": PROXY_ORIGIN}
         async with websockets.connect(ws_url, additional_headers=cookie) as ws:
             await ws.recv()  # connect.challenge
             await ws.send(operator_connect("c1", "openclaw-control-ui", "webchat", "web"))
@@ -150,7 +150,9 @@ async def _response(ws, rid: str) -> dict:
 
 async def _chat_history(a: Browser, proxy: Process) -> None:
     """A web chat through the proxy (cookie), then its conversation read back via the dashboard."""
-    async with httpx.AsyncClient(cookies=a.http.cookies, headers={"Origin": ORIGIN}, timeout=120) as http:
+    async with httpx.AsyncClient(
+        cookies=a.http.cookies, headers={"Origin": PROXY_ORIGIN}, timeout=120
+    ) as http:
         r = await http.post(
             f"{proxy.address}/v1/chat/completions",
             json={
