@@ -266,8 +266,9 @@ async def _chat_relay(a: Browser, b: Browser, proxy: Process) -> None:
     for origin in (PROXY_ORIGIN, "https://evil.example"):
         r = await a.http.post("/api/chat/completions", json=body, headers={"Origin": origin})
         assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed", r.text
-    r = await a.http.post("/api/chat/completions", json=[1])
-    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_input"
+    for bad in ([1], {"model": "openclaw", "messages": []}, {"messages": [{"role": "user"}]}):
+        r = await a.http.post("/api/chat/completions", json=bad)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_input", (bad, r.text)
     r = await a.http.post("/api/chat/completions", content=b"x" * (300 * 1024),
         headers={"Content-Type": "application/json"})  # fmt: skip
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"

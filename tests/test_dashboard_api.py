@@ -37,6 +37,8 @@ def start_dashboard(stack: Stack, service_env: dict[str, str], **extra: str) -> 
         "ZAKI_DASHBOARD_GATEWAY_IMAGE": STANDIN_IMAGE,
         "ZAKI_PROXY_PUBLIC_ORIGIN": PROXY_ORIGIN,
         "ZAKI_DASHBOARD_PUBLIC_ORIGIN": ORIGIN,
+        # No proxy unless a test gives one: a closed loopback port (never someone else's 8080).
+        "ZAKI_DASHBOARD_PROXY_URL": "http://127.0.0.1:9",
         **extra,
     }
     p = stack.start_service("services.dashboard", env)

@@ -16,6 +16,7 @@ import aiohttp
 from aiohttp import web
 
 from services.dashboard.errors import ApiError
+from services.dashboard.models import ChatCompletionIn
 from services.dashboard.web import API, Ctx, apply_cookies
 
 log = logging.getLogger("zaki.dashboard")
@@ -24,19 +25,6 @@ CHAT_JWT_TTL_S = 60  # only has to outlive the proxy's check at the start of the
 CHAT_SCOPES = frozenset({"chat"})
 UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=600)
 DISCONNECT_POLL_S = 0.2
-
-
-async def _json_object(request: web.Request) -> bytes:
-    if request.content_type != "application/json":
-        raise ApiError(415, "unsupported_media_type", "send the body as application/json")
-    raw = await request.read()  # bounded by the app's client_max_size (413 body_too_large)
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "invalid_input", "the body must be a JSON object")
-    return json.dumps(body).encode()
 
 
 def _client_gone(request: web.Request) -> bool:
@@ -76,17 +64,17 @@ async def _pump(request: web.Request, up: aiohttp.ClientResponse, resp: web.Stre
     "/api/chat/completions",
     summary="Chat with the agent (OpenAI chat completions, relayed through the gateway proxy)",
     tag="chat",
-    raw_body="application/json",
+    body=ChatCompletionIn,
     sse=True,
     errors=(404, 409, 429, 502, 504),
 )
 async def chat_completions(ctx: Ctx) -> web.StreamResponse:
-    """The body is an OpenAI chat-completions request (JSON object, at most 256 KiB); with
+    """The body is an OpenAI chat-completions request (at most 256 KiB); with
     "stream": true the answer is Server-Sent Events, streamed as the agent writes. The proxy's
     status and content type are passed through (e.g. 503 with {"state": …} while the agent is
     stopped or starting). Needs the session and this dashboard's Origin, like every POST."""
     d, request = ctx.deps, ctx.request
-    payload = await _json_object(request)
+    payload = json.dumps(ctx.body.model_dump(exclude_unset=True)).encode()
     if not d.jwt.enabled:
         raise ApiError(503, "chat_unavailable", "no proxy credential is configured (ZAKI_JWT_SECRET)")
     token = d.jwt.issue(ctx.user_id, ttl=CHAT_JWT_TTL_S, scopes=CHAT_SCOPES)

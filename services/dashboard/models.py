@@ -252,6 +252,16 @@ class ChatAbortIn(In):
     session: SessionKey
 
 
+class ChatCompletionIn(BaseModel):
+    """An OpenAI chat-completions request; other OpenAI fields pass through to the gateway."""
+
+    model_config = ConfigDict(extra="allow")
+    model: ModelName
+    messages: list[dict[str, Any]] = Field(min_length=1, max_length=1000)
+    stream: bool = False
+    user: str | None = Field(default=None, max_length=256)
+
+
 # --- files --------------------------------------------------------------------------------------
 
 
