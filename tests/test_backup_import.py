@@ -9,6 +9,7 @@ import gzip
 import io
 import os
 import tarfile
+import zlib
 from pathlib import Path
 
 import httpx
@@ -305,3 +306,49 @@ async def test_the_account_page_downloads_and_imports_the_agents_data(dashboard,
             assert not errors, errors
         finally:
             await browser.close()
+
+
+def _pax_bomb(path: Path, comment_bytes: int) -> None:
+    """A valid tar.gz whose one pax header holds *comment_bytes* (tarfile reads it whole), built
+    streaming: a few MiB on disk."""
+    body = b" comment="
+    rest = len(body) + comment_bytes + 1  # the record: "<length> comment=<value>\n"
+    length = rest + len(str(rest))
+    length = rest + len(str(length))
+    hdr = tarfile.TarInfo("././@PaxHeader")
+    hdr.type, hdr.size = tarfile.XHDTYPE, length
+    z = zlib.compressobj(1, zlib.DEFLATED, 31)
+    with open(path, "wb") as f:
+        f.write(z.compress(hdr.tobuf(tarfile.USTAR_FORMAT)))
+        f.write(z.compress(str(length).encode() + body))
+        chunk = b"A" * (1 << 20)
+        left = comment_bytes
+        while left:
+            f.write(z.compress(chunk[: min(left, len(chunk))]))
+            left -= min(left, len(chunk))
+        f.write(z.compress(b"\n" + bytes(-length % 512)))
+        info = tarfile.TarInfo("workspace/a")
+        info.size = 1
+        f.write(z.compress(info.tobuf(tarfile.USTAR_FORMAT) + b"x" + bytes(511) + bytes(1024)))
+        f.write(z.flush())
+
+
+def test_a_header_larger_than_the_checkers_memory_is_refused(tmp_path) -> None:
+    """Within the unpacked-size budget, a 900 MiB pax header would sit in memory whole: the checker's
+    address-space limit (768 MiB) ends that in its own process, as a typed refusal."""
+    import subprocess
+    import sys
+
+    archive = tmp_path / "bomb.tar.gz"
+    _pax_bomb(archive, 900 << 20)
+    assert archive.stat().st_size < 8 << 20  # far under the 64 MiB upload limit
+    args = [str(archive), str(tmp_path / "out"), str(4 << 30), "1000"]
+    r = subprocess.run(
+        [sys.executable, "-S", "-m", "services.dashboard.import_check", *args],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2 and '"code": "too_large"' in r.stdout, (r.returncode, r.stdout, r.stderr[-500:])
+    assert not (tmp_path / "out").exists()
