@@ -364,7 +364,7 @@ async def test_api_key_create_shown_once_then_revoked_gets_401(alice, site):
     assert key.startswith("zk_")
     await p.shoot("keys")
     # The key works on the proxy, as curl would use it; and gives the curl side of the chat figure.
-    first_s, starttransfer_s, out = await curl_first_token(site.origin, key, "hi from curl")
+    first_s, starttransfer_s, out = await curl_first_token(site.proxy, key, "hi from curl")
     assert "echo: hi from curl" in out
     FIGURES["chat_first_token_curl_ms"] = round(first_s * 1000)
     FIGURES["chat_first_byte_curl_ms"] = round(starttransfer_s * 1000)
@@ -373,7 +373,7 @@ async def test_api_key_create_shown_once_then_revoked_gets_401(alice, site):
     key_id = next(k["id"] for k in listed["keys"] if k["state"] == "active")
     await p.page.click(f"button[data-revoke='{key_id}']")
     await p.page.wait_for_selector(f"tr[data-key='{key_id}'][data-state='revoked']")
-    async with httpx.AsyncClient(base_url=site.origin) as http:
+    async with httpx.AsyncClient(base_url=site.proxy) as http:
         r = await http.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
     assert r.status_code == 401
 
@@ -449,11 +449,13 @@ async def test_another_account_sees_none_of_it(alice, site, browser):
     assert (await bob.fetch("GET", "/api/agent/files/SOUL.md"))[0] == 404
     assert (await bob.fetch("GET", "/api/agent/pairing"))[0] in (404, 409)
     assert (await bob.fetch("POST", "/api/agent/stop", {}))[0] == 404
-    # The proxy: bob's cookie reaches no gateway (he has none), never alice's.
-    status, _ = await bob.fetch(
-        "POST", "/v1/chat/completions", {"model": "openclaw", "messages": [{"role": "user", "content": "hi"}]}
+    # The page's chat (relayed through the proxy as bob) reaches no gateway (he has none), never alice's.
+    status, body = await bob.fetch(
+        "POST",
+        "/api/chat/completions",
+        {"model": "openclaw", "messages": [{"role": "user", "content": "hi"}]},
     )
-    assert status in (404, 503), status
+    assert status == 503 and body["state"] == "absent", (status, body)
     await bob.goto("files")
     assert await bob.page.input_value("#file-content") == ""
     await bob.close()
@@ -565,10 +567,10 @@ async def test_real_gateway_uses_soul_md_and_keeps_the_chat_history(carol, real_
     assert any(marker in json.dumps(c) for c in fakes.llm.calls)
     await chat(p, "and now?", timeout_s=120)
     FIGURES["real_chat_first_token_page_ms"] = int(await p.last_answer.get_attribute("data-first-token-ms"))
-    # The same call with curl and an API key, through the same origin and proxy.
+    # The same call with curl and an API key, on the proxy's origin.
     status, created = await p.fetch("POST", "/api/keys", {"scopes": ["chat"]})
     assert status == 201, created
-    first_s, starttransfer_s, out = await curl_first_token(real_site.origin, created["key"], "and curl?")
+    first_s, starttransfer_s, out = await curl_first_token(real_site.proxy, created["key"], "and curl?")
     assert "echo: and curl?" in out
     FIGURES["real_chat_first_token_curl_ms"] = round(first_s * 1000)
     FIGURES["real_chat_first_byte_curl_ms"] = round(starttransfer_s * 1000)

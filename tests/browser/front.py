@@ -1,6 +1,8 @@
-"""One origin for the browser tests: the dashboard's pages and API (`/`, `/assets/…`, `/api/…`)
-and the gateway proxy (everything else: `/v1/…`, `/ui/…`), as the proxy itself will route them
-once it has the dashboard's route. Streams both ways (SSE), passes cookies and Origin untouched."""
+"""The dashboard's own origin for the browser tests, as a reverse proxy in front of it would serve
+it: its pages and API (`/`, `/assets/…`, `/api/…`) and nothing else. The gateway proxy is NOT merged
+in (`/v1/…`, `/ui/…` answer 404 here): it lives on its own origin, because it serves content the
+tenant controls (security review H4), so the tests prove the pages work without it. Streams both
+ways (SSE), passes cookies and Origin untouched."""
 
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ def _to_dashboard(path: str) -> bool:
 
 
 class Front:
-    def __init__(self, dashboard: str, proxy: str) -> None:
-        self.dashboard, self.proxy = dashboard, proxy
+    def __init__(self, dashboard: str) -> None:
+        self.dashboard = dashboard
         self.http: ClientSession | None = None
         self.runner: web.AppRunner | None = None
 
@@ -32,7 +34,9 @@ class Front:
 
     async def relay(self, request: web.Request) -> web.StreamResponse:
         assert self.http is not None
-        base = self.dashboard if _to_dashboard(request.path) else self.proxy
+        if not _to_dashboard(request.path):
+            return web.json_response({"error": {"code": "not_found", "message": "no such route"}}, status=404)
+        base = self.dashboard
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP | {"host"}}
         headers["X-Forwarded-For"] = request.remote or "127.0.0.1"
         body = await request.read()

@@ -1,6 +1,7 @@
 """What the dashboard's browser tests stand on: a platform of its own (NATS, FerretDB, the four
-services and the dashboard, stand-in gateways), one origin for pages, API and proxy, and Debian's
-Chromium driven headless by Playwright (never a downloaded browser)."""
+services and the dashboard, stand-in gateways), the dashboard on its own origin and the proxy on
+another (never merged: security review H4), and Debian's Chromium driven headless by Playwright
+(never a downloaded browser)."""
 
 from __future__ import annotations
 
@@ -67,17 +68,19 @@ def require_browser() -> None:
 
 
 class Site:
-    """The platform, the dashboard and the one origin the browser talks to."""
+    """The platform, the dashboard, the dashboard's origin the browser opens (`origin`) and the
+    proxy's own origin (`proxy`: API keys, the Control UI)."""
 
     def __init__(self, plat: FaultPlatform, front: Front, origin: str, dashboard: str) -> None:
         self.plat, self.front, self.origin, self.dashboard = plat, front, origin, dashboard
+        self.proxy = plat.proxy_url
 
     @property
     def data_root(self) -> Path:
         return self.plat.data_root
 
     async def api(self, method: str, path: str, session: str | None = None, **kw) -> httpx.Response:
-        """The dashboard API as a non-browser client (Bearer session), through the one origin."""
+        """The dashboard API as a non-browser client (Bearer session), on the dashboard's origin."""
         headers = {"Authorization": f"Bearer {session}"} if session else {}
         async with httpx.AsyncClient(base_url=self.origin, timeout=30) as http:
             return await http.request(method, path, headers=headers, **kw)
@@ -96,7 +99,7 @@ LENIENT_MONITOR = {
 
 
 async def start_site(root: Path, fakes, keyring_spec: str, image: str = STANDIN_IMAGE) -> Site:
-    """A platform whose agents run *image*, its dashboard, and one origin in front of both."""
+    """A platform whose agents run *image*, its dashboard, and the dashboard's origin in front of it."""
     plat = FaultPlatform(root, fakes, keyring_spec)
     front_port, dash_port = free_port(), free_port()
     origin = f"http://127.0.0.1:{front_port}"
@@ -104,7 +107,9 @@ async def start_site(root: Path, fakes, keyring_spec: str, image: str = STANDIN_
         ZAKI_GATEWAY_IMAGE=image,
         ZAKI_ALLOWED_IMAGES=",".join({REAL_IMAGE, STANDIN_IMAGE} - {image}),
         ZAKI_READINESS_TIMEOUT_S="240",
-        ZAKI_PROXY_PUBLIC_ORIGIN=f"{origin},http://127.0.0.1:{plat.proxy_port}",
+        ZAKI_PROXY_PUBLIC_ORIGIN=plat.proxy_url,
+        ZAKI_DASHBOARD_PUBLIC_ORIGIN=origin,
+        ZAKI_DASHBOARD_PROXY_URL=plat.proxy_url,
         ZAKI_JWT_SECRET=JWT_SECRET,
         ZAKI_DASHBOARD_PORT=str(dash_port),
         ZAKI_DASHBOARD_SIGNUP_OPEN="true",
@@ -115,7 +120,7 @@ async def start_site(root: Path, fakes, keyring_spec: str, image: str = STANDIN_
     wait_for_port("127.0.0.1", dash_port, p.proc, "dashboard", timeout=60)
     plat.procs["services.dashboard"] = p
     dashboard = f"http://127.0.0.1:{dash_port}"
-    front = Front(dashboard, plat.proxy_url)
+    front = Front(dashboard)
     await front.start(front_port)
     return Site(plat, front, origin, dashboard)
 
