@@ -403,3 +403,148 @@ def test_a_tenants_file_name_cannot_rewrite_the_integrity_checks_uri(tmp_path):
     con.close()
     assert check_sqlite(root) == [str(hostile.relative_to(root))]
     assert list(outside.iterdir()) == []  # nothing opened or created outside
+
+
+def test_hard_links_and_sparse_files_cannot_swell_a_backup_past_the_quota(env, tmp_path):
+    """The disk quota counts allocated blocks and an inode once; a tar copies every name in full.
+    ~1 MB on disk (50 names of one 1 MB file and a 1 GiB sparse file) made a >1 GB archive."""
+    s, ring, target = env
+    user = new_user()
+    folder = make_folder(s.data_root, user)
+    links = folder / "workspace" / "links"
+    links.mkdir()
+    blob = os.urandom(1 << 20)
+    (links / "a00").write_bytes(blob)
+    for i in range(1, 50):
+        os.link(links / "a00", links / f"a{i:02d}")
+    with open(folder / "workspace" / "hole.bin", "wb") as f:
+        f.truncate(1 << 30)
+    m = core.create(s, ring, target, user, None, "manual")
+    print(f"\n50 hard links of 1 MiB + a 1 GiB sparse file: tar {m.tar_bytes} B, stored {m.stored_bytes} B")
+    assert m.tar_bytes < 3 << 20
+    assert m.skipped_counts["hardlink"] == 49 and m.skipped_counts["sparse"] == 1
+    assert m.skipped["sparse"] == ["workspace/hole.bin"] and "workspace/links/a01" in m.skipped["hardlink"]
+    out = tmp_path / "out"
+    core.unpack_backup(ring, target, m, out)
+    assert (out / "workspace" / "links" / "a00").read_bytes() == blob  # the first name is kept
+    assert not (out / "workspace" / "hole.bin").exists()
+
+
+async def test_a_backup_stops_at_the_tenants_disk_limit_and_verify_is_bounded(env, tmp_path):
+    s, ring, target = env
+    user = new_user()
+    folder = make_folder(s.data_root, user, messages=10)
+    for name in ("a.bin", "b.bin", "c.bin"):
+        (folder / "workspace" / name).write_bytes(os.urandom(300_000))
+    limited = s.model_copy(update={"tenant_disk_bytes": 800_000})
+    m = core.create(limited, ring, target, user, None, "manual")  # not a failure: the rest is listed
+    assert m.skipped["over_limit"] and m.skipped_counts["over_limit"] >= 1
+    assert m.tar_bytes < 800_000 + 64 * 1024  # tar headers of the entries on top of the files
+    r = await Backups(limited, ring, target).verify(user, m.backup_id)
+    assert r["bytes"] <= 800_000
+    # A backup taken under a larger limit (or crafted) unpacks no further than the limit at verify.
+    big = core.create(s, ring, target, user, None, "manual")
+    assert "over_limit" not in big.skipped
+    with pytest.raises(BackupCorrupt) as e:
+        await Backups(limited, ring, target).verify(user, big.backup_id)
+    assert e.value.reason == CorruptReason.UNPACK_FAILED and "larger than allowed" in str(e.value)
+
+
+def test_every_database_kept_raw_is_spared_the_integrity_check(env, tmp_path):
+    """The list of raw databases was cut to 50 names of 200 characters: the 51st, or a long path,
+    was integrity-checked at verify and restore, and every restore failed."""
+    s, ring, target = env
+    user = new_user()
+    folder = make_folder(s.data_root, user, messages=10)
+    deep = folder / "workspace" / ("d" * 150) / ("e" * 150)
+    deep.mkdir(parents=True)
+    junk = b"SQLite format 3\x00" + b"\xff" * 4000
+    for i in range(60):
+        (deep / f"broken{i:02d}.sqlite").write_bytes(junk)
+    m = core.create(s, ring, target, user, None, "manual")
+    assert m.skipped_counts["sqlite_raw"] == 60 and len(m.sqlite_raw) == 60
+    assert all(len(p) > 300 for p in m.sqlite_raw)
+    stats = core.unpack_backup(ring, target, m, tmp_path / "out")
+    assert ".openclaw/state/openclaw.sqlite" in stats["sqlite_checked"]
+    assert not any("broken" in p for p in stats["sqlite_checked"])
+
+
+def test_a_tenants_trigger_on_state_leases_cannot_spin_the_reader(env, tmp_path):
+    """The copy deletes the state_leases rows; a tenant's BEFORE DELETE trigger with an endless
+    loop spun the reader at 100 % CPU until the backup timed out (and blocked its delete). The
+    copy's triggers on that table are dropped first (the tenant's file is never written)."""
+    s, ring, target = env
+    s = s.model_copy(update={"backup_timeout_s": 60.0})
+    user = new_user()
+    folder = make_folder(s.data_root, user, messages=10)
+    db_path = folder / ".openclaw" / "state" / "openclaw.sqlite"
+    con = sqlite3.connect(db_path)
+    con.execute(
+        'CREATE TRIGGER "spin ""forever""" BEFORE DELETE ON state_leases BEGIN SELECT count(*) FROM '
+        "(WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x FROM c); END"
+    )
+    con.commit()
+    con.close()
+    m = core.create(s, ring, target, user, None, "manual")  # without the fix: BackupError timeout
+    assert ".openclaw/state/openclaw.sqlite" in m.sqlite and not m.sqlite_raw
+    out = tmp_path / "out"
+    core.unpack_backup(ring, target, m, out)
+    con = sqlite3.connect(out / ".openclaw" / "state" / "openclaw.sqlite")
+    assert con.execute("SELECT count(*) FROM state_leases").fetchone()[0] == 0
+    con.close()
+    con = sqlite3.connect(db_path)  # the tenant's own file keeps its trigger and lease
+    assert con.execute("SELECT count(*) FROM sqlite_master WHERE type = 'trigger'").fetchone()[0] == 1
+    assert con.execute("SELECT count(*) FROM state_leases").fetchone()[0] == 1
+    con.close()
+
+
+def test_the_copy_step_budget_keeps_a_database_raw_instead_of_spinning():
+    """The budget behind the trigger rule: any statement on the copy stops after its steps."""
+    from services.backup.reader import limit_steps
+
+    con = sqlite3.connect(":memory:")
+    limit_steps(con, 100)
+    with pytest.raises(sqlite3.OperationalError, match="interrupted"):
+        con.execute("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c")
+    con.close()
+
+
+class _Prov:
+    """What the provisioner hands the hook: its settings, key ring and publish."""
+
+    def __init__(self, s: ZakiSettings, ring: KeyRing) -> None:
+        self.s, self.keys, self.events = s, ring, []
+
+    async def publish(self, subject: str, ev) -> None:
+        self.events.append((subject, ev))
+
+
+async def test_a_tenant_caused_backup_failure_does_not_block_its_delete(env):
+    """ZAKI_BACKUP_BEFORE_CHANGE=required: a backup that fails for a reason the tenant controls
+    (here the reader's timeout) no longer refuses the delete: backup.failed is published and the
+    folder is kept aside (hard links, root-only, without the gateway's config); an upgrade is
+    still refused."""
+    from services.backup.hooks import before_change
+    from services.backup.keep import kept_root, sweep_kept
+    from services.provisioner.base import ProvisionError
+
+    s, ring, _ = env
+    s = s.model_copy(update={"backup_timeout_s": 0.001, "backup_before_change": "required"})
+    user = new_user()
+    folder = make_folder(s.data_root, user, messages=10)
+    prov = _Prov(s, ring)
+    doc = {"_id": user, "instance_id": "i1"}
+    with pytest.raises(ProvisionError) as e:
+        await before_change(prov, doc, "pre_upgrade")
+    assert "timeout" in str(e.value)
+    await before_change(prov, doc, "pre_delete")  # without the fix: ProvisionError backup_failed
+    failed = [ev for subject, ev in prov.events if subject.endswith("backup.failed")]
+    assert [(ev.reason, ev.error) for ev in failed] == [("pre_upgrade", "timeout"), ("pre_delete", "timeout")]
+    [kept] = [p for p in kept_root(s).iterdir() if p.name.startswith(user + "-")]
+    assert (kept / "workspace" / "MEMORY.md").read_text() == "The user likes tea.\n"
+    assert not (kept / ".openclaw" / "openclaw.json").exists()
+    assert kept_root(s).stat().st_mode & 0o777 == 0o700
+    shutil.rmtree(folder)  # the purge: what was kept survives it
+    assert (kept / ".openclaw" / "state" / "openclaw.sqlite").stat().st_size > 0
+    assert sweep_kept(s) == 0 and kept.exists()  # within the grace
+    assert sweep_kept(s, now=time.time() + s.delete_grace_days * 86400 + 60) == 1 and not kept.exists()
