@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -110,7 +111,7 @@ async def test_agent_from_token_to_running_then_run_shape_and_delete_it(
         assert (await b.http.post("/api/agent/stop")).status_code == 404
         assert (await b.http.get("/api/agent/usage")).json()["today"]["tokens"] == 0
 
-        await _chat_relay(a, b, proxy)
+        await _chat_relay(a, b, proxy, dashboard)
 
         await _files(a, b, Path(service_env["ZAKI_DATA_ROOT"]) / "users" / a.user["id"] / "workspace")
         await _stop_and_start(a)
@@ -235,7 +236,36 @@ async def test_agent_events_need_a_session(dashboard: Process) -> None:
         assert r.status_code == 401
 
 
-async def _chat_relay(a: Browser, b: Browser, proxy: Process) -> None:
+def _relay_connections(dashboard: Process, proxy: Process) -> set[str]:
+    """The dashboard's open TCP connections to the proxy (local address:port)."""
+    port = proxy.address.rsplit(":", 1)[1]
+    out = subprocess.run(
+        ["ss", "-Htnp", "state", "established", "dport", "=", f":{port}"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return {line.split()[2] for line in out.splitlines() if f"pid={dashboard.proc.pid}," in line}
+
+
+async def _relay_abort(a: Browser, dashboard: Process, proxy: Process) -> None:
+    """The client goes away while the agent is silent: the dashboard drops its relayed request at
+    once (the stand-in's next write is 4 s away, so nothing else would end it before then)."""
+    body = {"model": "openclaw", "user": "web:c2", "stream": True, "standin_chunks": 2,
+            "standin_delay_ms": 4000, "messages": [{"role": "user", "content": "think long"}]}  # fmt: skip
+    async with a.http.stream("POST", "/api/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):  # the first chunk (the role): the stream is open
+                break
+        during = _relay_connections(dashboard, proxy)
+        assert during, "no relayed connection seen"
+    t0 = time.monotonic()
+    while during <= _relay_connections(dashboard, proxy):
+        assert time.monotonic() - t0 < 2.0, "the relayed request outlived its client"
+        await asyncio.sleep(0.05)
+    print(f"relayed request dropped {time.monotonic() - t0:.2f} s after the client went away")
+
+
+async def _chat_relay(a: Browser, b: Browser, proxy: Process, dashboard: Process) -> None:
     """The pages' chat on the dashboard's own origin: relayed through the real proxy to the
     stand-in gateway, streamed as written; other accounts and other origins get nothing."""
     body = {"model": "openclaw", "user": "web:c1", "messages": [{"role": "user", "content": "hi there"}]}
@@ -258,6 +288,7 @@ async def _chat_relay(a: Browser, b: Browser, proxy: Process) -> None:
     assert "".join(p for _, p in arrivals) == "echo: hi there" and len(arrivals) == 4, arrivals
     assert arrivals[-1][0] - arrivals[0][0] > 1.2, arrivals  # not buffered
     print(f"\nrelayed chat: first piece {arrivals[0][0]:.2f} s, last {arrivals[-1][0]:.2f} s")
+    await _relay_abort(a, dashboard, proxy)
     # Another account's session mints a JWT naming its own user: it has no gateway, never A's.
     r = await b.http.post("/api/chat/completions", json=body)
     assert r.status_code == 503 and r.json()["state"] == "absent", r.text
