@@ -345,3 +345,33 @@ async def test_a_real_gateways_sessions_survive_a_restore_into_a_new_user(
     assert subject == subjects.INSTANCE_READY, ready_ev
     assert "agent:main:openai-user:alice" in await sessions_of(ready_ev.port, target)
     await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=target, purge=True), timeout=60)
+
+
+async def test_a_user_runs_one_export_at_a_time(stack, service_env, settings):
+    """Each export runs a reader over the whole folder: a second one of the same user while the
+    first streams is refused (409 export_in_progress); once the first ends, the next may run."""
+    from tests.test_dashboard_api import shared_dashboard, signed_up
+
+    dashboard = shared_dashboard(stack, service_env)
+    async with await signed_up(dashboard.address) as user:
+        uid = user.user["id"]
+        root = Path(settings.data_root) / "users" / uid
+        (root / "workspace").mkdir(parents=True, exist_ok=True)
+        # Incompressible and larger than the socket buffers: the first export stays in flight
+        # while this test reads no further than its first chunk.
+        (root / "workspace" / "big.bin").write_bytes(os.urandom(48 << 20))
+        for p in (root, root / "workspace", root / "workspace" / "big.bin"):
+            os.lchown(p, 1000, 1000)
+        async with user.http.stream("GET", "/api/agent/export") as first:
+            assert first.status_code == 200
+            async for _ in first.aiter_raw():
+                break
+            r = await user.http.get("/api/agent/export")
+            assert r.status_code == 409 and r.json()["error"]["code"] == "export_in_progress", r.status_code
+
+        async def again() -> bool:
+            r = await user.http.get("/api/agent/export")
+            return r.status_code == 200 and len(r.content) > 48 << 20
+
+        await eventually(again, 60, 1)
+        shutil.rmtree(root)
