@@ -133,7 +133,7 @@ async def import_my_data(ctx: Ctx) -> ImportOut:
     replaces the agent's memory, workspace and sessions; the agent's config stays its own. A
     running agent is stopped and started again. Refused with 400 and a code (not_gzip,
     bad_archive, unsafe_path, link, special_file, forbidden_file, path_conflict, too_large,
-    too_many_entries, sqlite_integrity), 413 body_too_large; nothing changes then."""
+    too_many_entries), 413 body_too_large; nothing changes then."""
     s, user = ctx.deps.settings, ctx.user_id
     if ctx.request.content_type not in MEDIA_TYPES:
         raise ApiError(415, "unsupported_media_type", "send the export as application/gzip")
