@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -275,9 +276,18 @@ class Store:
         return ids
 
     async def revoke_user_sessions(self, user_id: str) -> int:
-        """Ends every dashboard session of *user_id* (services/dashboard/sessions.py's records)."""
+        """Ends every dashboard session of *user_id* (services/dashboard/sessions.py's records),
+        and every proxy session token (JWT) issued to it so far: the proxies refuse a token whose
+        ``iat`` is before the user's cutoff (services/gateway_proxy/auth.py)."""
         res = await self.db["dashboard_sessions"].delete_many({"user_id": user_id})
+        await self.db["token_cutoffs"].update_one(
+            {"_id": user_id}, {"$set": {"at": int(time.time())}}, upsert=True
+        )
         return res.deleted_count
+
+    async def token_cutoffs(self) -> dict[str, int]:
+        """user id -> the time (epoch s) before which its proxy session tokens are refused."""
+        return {d["_id"]: int(d["at"]) async for d in self.db["token_cutoffs"].find({})}
 
     # --- model providers (the LLM broker's upstreams) -------------------------------------------
 

@@ -131,6 +131,28 @@ async def test_revoked_key_is_refused_at_once(proxy, two_tenants, stack):
         await eventually(lambda: _status(http, "/v1/chat/completions", auth, 401), timeout=2, interval=0.05)
 
 
+async def test_session_tokens_of_a_user_whose_sessions_ended_are_refused(proxy, two_tenants):
+    """Issue 13.8: deleting an instance (or disabling an account) ends the user's dashboard
+    sessions; a proxy session token (JWT) issued before that is refused by every proxy within
+    a second, so a re-created user id inherits no live session."""
+    t = two_tenants
+    now = int(time.time())
+    token = jwt.encode({"sub": t["a"], "aud": "zaki", "iat": now - 5, "exp": now + 300}, JWT_SECRET, "HS256")
+    auth = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=proxy.address, timeout=30) as http:
+        assert (await http.post("/v1/chat/completions", json=chat_body(), headers=auth)).status_code == 200
+        await t["store"].revoke_user_sessions(t["a"])  # what delete and disable call
+        await eventually(lambda: _status(http, "/v1/chat/completions", auth, 401), timeout=2, interval=0.05)
+        later = int(time.time()) + 1
+        fresh = jwt.encode(
+            {"sub": t["a"], "aud": "zaki", "iat": later, "exp": later + 300}, JWT_SECRET, "HS256"
+        )
+        r = await http.post(
+            "/v1/chat/completions", json=chat_body(), headers={"Authorization": f"Bearer {fresh}"}
+        )
+        assert r.status_code == 200  # a session begun after the cutoff works
+
+
 async def _status(http, path, headers, want):
     return (await http.post(path, json=chat_body(), headers=headers)).status_code == want
 

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from services.gateway_proxy import wake
 from services.gateway_proxy.aiohttp_app import AiohttpPlane
-from services.gateway_proxy.auth import Authenticator
+from services.gateway_proxy.auth import Authenticator, follow_cutoffs
 from services.gateway_proxy.http_plane import FastProxyServer
 from services.gateway_proxy.routing import RoutingTable
 from services.gateway_proxy.state import ProxyState
@@ -86,6 +86,8 @@ async def main(settings: ZakiSettings, stop: asyncio.Event) -> None:
     nc = await follow_events(settings.nats_url, routes, auth)
     activity_flusher = wake.install(routes, nc, settings)  # hold requests for sleeping gateways
     await routes.load()
+    auth.cutoffs = await store.token_cutoffs()
+    cutoffs = asyncio.get_running_loop().create_task(follow_cutoffs(auth))
     state = ProxyState(settings, auth, routes)
     runner = web.AppRunner(
         AiohttpPlane(state).build(), access_log=None, shutdown_timeout=settings.proxy_drain_s
@@ -114,6 +116,7 @@ async def main(settings: ZakiSettings, stop: asyncio.Event) -> None:
             await fast.drain(settings.proxy_drain_s)  # no new connections; requests in flight finish
         await runner.cleanup()  # drains open requests and WebSockets of the aiohttp side
         activity_flusher.cancel()
+        cutoffs.cancel()
         await nc.close()
         await store.close()
         for child in children:

@@ -5,6 +5,8 @@ The credential alone decides the tenant; nothing in the URL, headers or host nam
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
@@ -13,6 +15,8 @@ import jwt
 from services.gateway_proxy import keys
 from shared.store import Store
 from shared.validation import USER_ID_RE
+
+log = logging.getLogger("zaki.proxy")
 
 KEY_CACHE_TTL_S = 30.0
 
@@ -55,6 +59,9 @@ class Authenticator:
         # False while the bus is down (revocation notices would be missed): keys are then
         # checked in the store on every use instead of from the cache.
         self.trust_cache = True
+        # user id -> epoch s: a session token (JWT) issued before it is refused (a deleted
+        # instance, a disabled account, a user's sessions ended). Refreshed by follow_cutoffs.
+        self.cutoffs: dict[str, int] = {}
 
     def forget(self, key_id: str) -> None:
         """A revocation notice (``subjects.APIKEY_REVOKED``)."""
@@ -163,10 +170,24 @@ class Authenticator:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not USER_ID_RE.fullmatch(sub):
             raise _unauthorized()
+        iat = claims.get("iat")
+        if sub in self.cutoffs and (not isinstance(iat, int) or iat < self.cutoffs[sub]):
+            raise _unauthorized("this session was ended")
         scopes = claims.get("scopes", ["chat", "tools", "ws", "ui"])
         if isinstance(scopes, str):
             scopes = scopes.split()
         return Tenant(sub, frozenset(s for s in scopes if s in keys.SCOPES), f"jwt:{claims.get('jti', sub)}")
+
+
+async def follow_cutoffs(auth: Authenticator, interval: float = 0.5) -> None:
+    """Keeps the session-token cutoffs current from the store (one small read per interval):
+    a token of a deleted or disabled user is refused by every proxy process within a second."""
+    while True:
+        try:
+            auth.cutoffs = await auth.store.token_cutoffs()
+        except Exception:  # the store is away: keep the last known cutoffs
+            log.warning("reading session cutoffs failed")
+        await asyncio.sleep(interval)
 
 
 SESSION_COOKIE = "zaki_session"
