@@ -1,6 +1,6 @@
 """Web chat history through the gateway's RPC, as the user themself (the identity their proxied
-chats run under, so their sessions are theirs to read). Sending happens on the proxy's
-``/v1/chat/completions`` with the session cookie; see docs/dashboard-api.md."""
+chats run under, so their sessions are theirs to read). Sending is ``POST /api/chat/completions``
+(chat_relay.py, relayed through the proxy); see docs/dashboard-api.md."""
 
 from __future__ import annotations
 
