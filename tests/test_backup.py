@@ -537,9 +537,13 @@ async def test_a_tenant_caused_backup_failure_does_not_block_its_delete(env):
     with pytest.raises(ProvisionError) as e:
         await before_change(prov, doc, "pre_upgrade")
     assert "timeout" in str(e.value)
+    kept_root(s).write_text("not a folder")  # nothing can be kept aside: refused as before
+    with pytest.raises(ProvisionError):
+        await before_change(prov, doc, "pre_delete")
+    kept_root(s).unlink()
     await before_change(prov, doc, "pre_delete")  # without the fix: ProvisionError backup_failed
-    failed = [ev for subject, ev in prov.events if subject.endswith("backup.failed")]
-    assert [(ev.reason, ev.error) for ev in failed] == [("pre_upgrade", "timeout"), ("pre_delete", "timeout")]
+    failed = [(ev.reason, ev.error) for subject, ev in prov.events if subject.endswith("backup.failed")]
+    assert failed == [("pre_upgrade", "timeout"), *[("pre_delete", "timeout")] * 2]
     [kept] = [p for p in kept_root(s).iterdir() if p.name.startswith(user + "-")]
     assert (kept / "workspace" / "MEMORY.md").read_text() == "The user likes tea.\n"
     assert not (kept / ".openclaw" / "openclaw.json").exists()

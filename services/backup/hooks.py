@@ -40,13 +40,16 @@ async def before_change(prov: Any, doc: dict[str, Any], reason: str) -> None:
         if s.backup_before_change == "required" and reason == "pre_delete" and e.code in TENANT_CAUSED:
             # The tenant could make its own backup fail at will and so never be deleted: the
             # delete goes on, its folder kept aside instead (backup.failed already published).
-            folder = user_folder(s, doc["_id"])
-            kept = await asyncio.to_thread(keep_folder, s, doc["_id"], folder)
-            log.warning(
-                "backup before delete failed (tenant-caused); folder kept aside, delete goes on",
-                extra={"user_id": doc["_id"], "error": e.code, "kept": str(kept)},
-            )
-            return
+            try:
+                kept = await asyncio.to_thread(keep_folder, s, doc["_id"], user_folder(s, doc["_id"]))
+            except OSError as err:  # nothing kept: refused like any failed backup
+                log.warning("cannot keep the folder aside", extra={"user_id": doc["_id"], "error": str(err)})
+            else:
+                log.warning(
+                    "backup before delete failed (tenant-caused); folder kept aside, delete goes on",
+                    extra={"user_id": doc["_id"], "error": e.code, "kept": str(kept)},
+                )
+                return
         if s.backup_before_change == "required":
             what = reason.removeprefix("pre_")
             raise ProvisionError(
