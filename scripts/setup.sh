@@ -13,6 +13,8 @@ command -v go >/dev/null || [ -x /usr/local/go/bin/go ] || need_apt+=(golang-go)
 command -v promtool >/dev/null || need_apt+=(prometheus)  # promtool and the Prometheus stand-in
 command -v docker-compose >/dev/null || need_apt+=(docker-compose)  # the compose stack test
 command -v faketime >/dev/null || need_apt+=(faketime)  # wall-clock jumps in the fault tests
+command -v wrk >/dev/null || need_apt+=(wrk)  # bench/proxy.py's load generator
+command -v nginx >/dev/null || need_apt+=(nginx-light)  # bench/proxy.py's baseline
 command -v chromium >/dev/null || need_apt+=(chromium)  # the dashboard's real-browser tests (headless)
 for pkg in ${ZAKI_EXTRA_APT:-}; do need_apt+=("$pkg"); done
 if [ ${#need_apt[@]} -gt 0 ]; then
