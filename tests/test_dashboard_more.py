@@ -124,6 +124,7 @@ async def test_closed_signup_and_secure_cookies_on_an_https_origin(stack, servic
             assert r.returncode == 0, r.stderr
             r = await b.login(name)
             assert r.status_code == 200
+            assert r.json()["links"]["control_ui"] == f"{proxy_origin}/ui/"  # the pages keep this as "me"
             cookies = set_cookie_headers(r)
             for cookie in cookies.values():
                 assert "secure" in cookie.lower()

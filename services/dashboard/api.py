@@ -138,13 +138,14 @@ async def get_health(ctx: Ctx) -> HealthOut:
 # --- accounts and sessions ----------------------------------------------------------------------
 
 
-async def _start_session(ctx: Ctx, account: dict[str, Any]) -> AuthOut:
+async def _start_session(ctx: Ctx, account: dict[str, Any]) -> MeOut:
     old, _ = sessions.presented_token(ctx)
     if old:  # never keep a session id that existed before log-in (no fixation)
         await sessions.revoke(ctx.deps.store, old)
     token, doc = await sessions.create(ctx.deps.store, account["_id"], ctx.deps.settings)
     sessions.set_login_cookies(ctx, token, account["_id"])
-    return auth_out(account, doc)
+    base = auth_out(account, doc)  # with the links: the pages keep this answer as "me"
+    return MeOut(user=base.user, session=base.session, links=ctx.deps.links())
 
 
 @API.route(
@@ -155,10 +156,10 @@ async def _start_session(ctx: Ctx, account: dict[str, Any]) -> AuthOut:
     auth="none",
     body=SignupIn,
     status=201,
-    out=AuthOut,
+    out=MeOut,
     errors=(403, 409),
 )
-async def signup(ctx: Ctx) -> AuthOut:
+async def signup(ctx: Ctx) -> MeOut:
     """Username (3-32 of A-Za-z0-9_-), optional e-mail, password (at least 10 characters, not a
     common one, not containing the username). Sets the session cookies."""
     d = ctx.deps
@@ -179,10 +180,10 @@ async def signup(ctx: Ctx) -> AuthOut:
     tag="accounts",
     auth="none",
     body=LoginIn,
-    out=AuthOut,
+    out=MeOut,
     errors=(401, 403, 429),
 )
-async def login(ctx: Ctx) -> AuthOut:
+async def login(ctx: Ctx) -> MeOut:
     """A new session id every time. Throttled per account and per client address (429 with
     Retry-After)."""
     d = ctx.deps

@@ -44,7 +44,7 @@ export function login(view, { params }) {
     "Log in",
     async () => {
       const res = await post("/api/auth/login", { login: who.input.value.trim(), password: pw.input.value });
-      afterLogin({ user: res.user, session: res.session });
+      afterLogin({ user: res.user, session: res.session, links: res.links });
     },
     h("p.muted", {}, "No account yet? ", h("a", { href: "#/signup" }, "Sign up")),
   );
@@ -74,7 +74,7 @@ export function signup(view, { app }) {
       const body = { username: name.input.value.trim(), password: pw.input.value };
       if (email.input.value.trim()) body.email = email.input.value.trim();
       const res = await post("/api/auth/signup", body);
-      afterLogin({ user: res.user, session: res.session });
+      afterLogin({ user: res.user, session: res.session, links: res.links });
     },
     h("p.muted", {}, "Already have an account? ", h("a", { href: "#/login" }, "Log in")),
   );
