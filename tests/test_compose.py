@@ -158,6 +158,26 @@ async def test_compose_stack_runs_an_instance_end_to_end(compose_stack, fakes, d
             "brokered",
         )
         assert answer["status"] == 200 and "echo: brokered" in answer["body"], answer
+
+        # The compose provisioner enforces the egress policy: the broker is reachable from the
+        # tenant's container, a host port bound to all interfaces is not (without the policy it
+        # answers: the same listener is reached from the host).
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(answer, "0.0.0.0", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            async with httpx.AsyncClient(timeout=5) as http:
+                assert (await http.get(f"http://{fakes.host}:{port}/")).text == "ok"
+            refused = await call_from_container(
+                docker_client, ev.user_id, f"http://host.docker.internal:{port}/", "x", "probe"
+            )
+            assert refused["status"] == 0, refused
+        finally:
+            server.close()
         subject, _ = await platform.call(
             subjects.INSTANCE_DELETE, InstanceDelete(user_id=ev.user_id, purge=True)
         )

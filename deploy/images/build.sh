@@ -130,13 +130,13 @@ build_standin() {
     --change 'WORKDIR /app' --change 'CMD ["node","/app/server.js"]'
 }
 
-# Zaki's three services in one image (python -m services.<name>), non-root (uid 1000,
-# the gateways' uid, so the provisioner's files need no chown), with a health check on
-# the metrics port.
+# Zaki's services in one image (python -m services.<name>), run as uid 1000 by compose except
+# the provisioner (root with CAP_NET_ADMIN: it manages the tenants' egress rules with iptables,
+# nf_tables backend like the host's) and the backup service (it chroots into tenant folders).
 setup_services() {
   local r=$1
   cp /etc/resolv.conf "$r/etc/resolv.conf"
-  chroot "$r" sh -c 'apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends python3 python3-venv >/dev/null \
+  chroot "$r" sh -c 'apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends python3 python3-venv iptables >/dev/null \
     && apt-get clean && rm -rf /var/lib/apt/lists/*' >&2
   # Wheels are built on the build host (its pip has the registry access and certificates)
   # and installed offline into the image.
