@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
             "ZAKI_DASHBOARD_PORT": os.environ.get("ZAKI_DASHBOARD_PORT", "8095"),
             # zaki up runs exactly one broker: budget reservations can stay in its memory.
             "ZAKI_BROKER_RESERVATIONS": os.environ.get("ZAKI_BROKER_RESERVATIONS", "process"),
-            # Until the proxy serves the pages, they are used on the dashboard's own port.
+            # The dashboard lives on its own origin, never the proxy's (README: Dashboard).
             "ZAKI_DASHBOARD_PUBLIC_ORIGIN": os.environ.get(
                 "ZAKI_DASHBOARD_PUBLIC_ORIGIN",
                 f"http://127.0.0.1:{os.environ.get('ZAKI_DASHBOARD_PORT', '8095')}",
