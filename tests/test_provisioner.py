@@ -161,7 +161,11 @@ async def test_invalid_input_is_refused_before_disk_or_docker(
     if user_id:
         assert not (users_dir.exists() and any(user_id[:60] in p.name for p in users_dir.iterdir()))
     assert not (users_dir.parent / "etc").exists() and not Path(settings.data_root, "etc").exists()
-    assert docker_client.containers.list(all=True, filters={"name": container_name(user_id[:60])}) == []
+    # Docker's name filter matches substrings ("zaki-user-" for an empty id matches everyone's):
+    # the exact name must not exist.
+    name = container_name(user_id[:60])
+    found = docker_client.containers.list(all=True, sparse=True, filters={"name": name})
+    assert [c for c in found if c.attrs.get("Names") == [f"/{name}"]] == []
     if token:
         assert token not in failed.model_dump_json()
 

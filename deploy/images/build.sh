@@ -136,7 +136,7 @@ build_standin() {
 setup_services() {
   local r=$1
   cp /etc/resolv.conf "$r/etc/resolv.conf"
-  chroot "$r" sh -c 'apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends python3 python3-venv iptables >/dev/null \
+  chroot "$r" sh -c 'apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends python3 python3-venv iptables iproute2 >/dev/null \
     && apt-get clean && rm -rf /var/lib/apt/lists/*' >&2
   # Wheels are built on the build host (its pip has the registry access and certificates)
   # and installed offline into the image.
@@ -155,7 +155,7 @@ services_hash() {
 build_services() {
   local h; h=$(services_hash)
   import_image "zaki/services:$h" setup_services \
-    --change 'USER 1000:1000' --change 'ENV PATH=/opt/zaki/bin:/usr/bin:/bin PYTHONUNBUFFERED=1 ZAKI_METRICS_PORT=9100' \
+    --change 'USER 1000:1000' --change 'ENV PATH=/opt/zaki/bin:/usr/sbin:/usr/bin:/sbin:/bin PYTHONUNBUFFERED=1 ZAKI_METRICS_PORT=9100' \
     --change 'WORKDIR /opt/zaki' \
     --change 'HEALTHCHECK --interval=10s --timeout=3s --start-period=30s CMD ["python3","-c","import os,urllib.request;urllib.request.urlopen(\"http://127.0.0.1:%s/metrics\" % os.environ[\"ZAKI_METRICS_PORT\"], timeout=2)"]' \
     --change 'ENTRYPOINT ["/usr/bin/tini","--","python3","-m"]' --change 'CMD ["services.provisioner"]'

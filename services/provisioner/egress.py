@@ -288,7 +288,8 @@ class TenantEgress:
                 timeout=30,
             )
         except (OSError, subprocess.TimeoutExpired) as e:
-            raise EgressError(f"{self.iptables} could not run ({type(e).__name__}): root is needed") from e
+            need = "it is not installed" if isinstance(e, FileNotFoundError) else "root is needed"
+            raise EgressError(f"{self.iptables} could not run ({type(e).__name__}): {need}") from e
         if check and p.returncode != 0:
             raise EgressError(f"{self.iptables} {' '.join(args[:3])}: {p.stderr.strip()[:300]}")
         return p.returncode == 0
