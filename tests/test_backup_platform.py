@@ -331,7 +331,7 @@ async def test_a_real_gateways_sessions_survive_a_restore_into_a_new_user(
     m = await backups.create(
         source, ready_ev.instance_id if hasattr(ready_ev, "instance_id") else None, "manual"
     )
-    assert any(p.endswith("openclaw-agent.sqlite") for p in m.sqlite), m.sqlite
+    assert any(p.endswith("openclaw-agent.sqlite") for p in m.sqlite), (m.sqlite, m.sqlite_raw, m.skipped)
     subject, _ = await platform.call(
         subjects.INSTANCE_DELETE, InstanceDelete(user_id=source, purge=True), timeout=60
     )

@@ -186,12 +186,12 @@ def check_sqlite(root: Path, raw: frozenset[str] = frozenset()) -> list[str]:
         if str(p.relative_to(root)) in raw:
             continue
         # The name is the tenant's: escaped, or '%2F..', '?' and '#' in it would rewrite the URI
-        # (another path, mode=rwc). The schema is the tenant's too: no trusted functions, and a
-        # step budget so a crafted index expression cannot spin forever.
+        # (another path, mode=rwc). The schema is the tenant's too: a step budget bounds what a
+        # crafted index expression may cost (trusted_schema stays on: OpenClaw's own schema uses
+        # json_valid(), which SQLite refuses to parse with it off; no SQL function of ours exists).
         con = sqlite3.connect(f"file:{quote(str(p))}?mode=ro", uri=True)
         limit_steps(con, INTEGRITY_STEP_BUDGET)
         try:
-            con.execute("PRAGMA trusted_schema=OFF")
             rows = [r[0] for r in con.execute("PRAGMA integrity_check")]
         except sqlite3.DatabaseError as e:
             rows = [str(e)]

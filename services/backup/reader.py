@@ -119,8 +119,10 @@ def _sqlite_image(path: str, guard: Callable[[], None] | None = None) -> bytes:
     src = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True, timeout=30, isolation_level=None)
     dst = sqlite3.connect(":memory:")
     try:
+        # trusted_schema stays on: OpenClaw's own schema uses json_valid() in its tables, which
+        # SQLite refuses to parse with it off. This process defines no SQL function and runs
+        # confined (chroot, uid 1000), and the step budget bounds what the schema may cost.
         for con in (src, dst):
-            con.execute("PRAGMA trusted_schema=OFF")
             limit_steps(con, COPY_STEP_BUDGET)  # exhausted: sqlite3.Error, the file is kept raw
         src.execute("PRAGMA temp_store=MEMORY")
         src.backup(dst)  # every page in one read transaction
