@@ -27,6 +27,8 @@ from zaki.stack import Process, Stack, docker_bridge_ip, ensure_docker, free_por
 REAL_IMAGE = "zaki/openclaw-gateway:2026.9.6"
 STANDIN_IMAGE = "zaki/standin-gateway:latest"
 SESSION = uuid.uuid4().hex[:6]
+# The proxy tests' shared fixtures (recorder, plane) live with their helpers.
+pytest_plugins = ["tests.proxy_support"]
 PLATFORM_ID = f"test-{SESSION}"
 
 

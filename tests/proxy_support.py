@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from aiohttp import WSMsgType, web
 
 from services.gateway_proxy import keys
@@ -185,3 +186,32 @@ async def ws_next_text_or_end(reader: asyncio.StreamReader) -> str | None:
                 return payload.decode()
     except (asyncio.IncompleteReadError, ConnectionResetError):
         return None
+
+
+# --- fixtures shared by the proxy's test modules (imported there by name) -----------------------
+
+
+@pytest.fixture(scope="module")
+async def recorder():
+    """A recording stand-in gateway for the module."""
+    r = Recorder()
+    await r.start()
+    yield r
+    await r.stop()
+
+
+@pytest.fixture(scope="module", params=["fastpath", "aiohttp"])
+def plane(request, stack, service_env):
+    """The proxy on each of its two planes."""
+    p = start_proxy(stack, service_env, fastpath=request.param == "fastpath")
+    yield p
+    p.stop()
+
+
+async def scoped_tenant(recorder: Recorder, service_env: dict[str, str], scopes: set[str]):
+    """A tenant routed to *recorder* with a key of *scopes*: yields (user, key), then removes it."""
+    store = Store(service_env["ZAKI_MONGO_URL"], service_env["ZAKI_MONGO_DB"])
+    user, key = await tenant_on(store, recorder, scopes)
+    yield user, key
+    await store.instances.delete_one({"_id": user})
+    await store.close()

@@ -14,7 +14,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.gateway_proxy.decision import Kind, PathError, decide, normalise_path
-from tests.proxy_support import Recorder, get, raw_http, start_proxy, tenant_on, ws_open
+from tests.proxy_support import (
+    get,
+    raw_http,
+    scoped_tenant,
+    tenant_on,
+    ws_open,
+)
 
 BYPASSES = [
     b"/v1/models/../../ui/",
@@ -33,29 +39,9 @@ BYPASSES = [
 
 
 @pytest.fixture(scope="module")
-async def recorder():
-    r = Recorder()
-    await r.start()
-    yield r
-    await r.stop()
-
-
-@pytest.fixture(scope="module", params=["fastpath", "aiohttp"])
-def plane(request, stack, service_env):
-    p = start_proxy(stack, service_env, fastpath=request.param == "fastpath")
-    yield p
-    p.stop()
-
-
-@pytest.fixture(scope="module")
 async def chat_tenant(recorder, service_env):
-    from shared.store import Store
-
-    store = Store(service_env["ZAKI_MONGO_URL"], service_env["ZAKI_MONGO_DB"])
-    user, key = await tenant_on(store, recorder, {"chat"})
-    yield user, key
-    await store.instances.delete_one({"_id": user})
-    await store.close()
+    async for tenant in scoped_tenant(recorder, service_env, {"chat"}):
+        yield tenant
 
 
 async def test_dot_segments_and_encoded_separators_never_pass(plane, recorder, chat_tenant):

@@ -19,18 +19,10 @@ from services.gateway_proxy import keys
 from services.gateway_proxy.auth import Authenticator, AuthError
 from shared.store import Store
 from tests.conftest import eventually
-from tests.proxy_support import Recorder, start_proxy, tenant_on
+from tests.proxy_support import start_proxy, tenant_on
 from zaki.stack import Stack
 
 FAST_LIMITS = {"ZAKI_RATE_LIMIT_RPS": "1000", "ZAKI_RATE_LIMIT_BURST": "1000"}
-
-
-@pytest.fixture(scope="module")
-async def recorder():
-    r = Recorder()
-    await r.start()
-    yield r
-    await r.stop()
 
 
 @pytest.fixture

@@ -11,7 +11,12 @@ import json
 
 import pytest
 
-from tests.proxy_support import Recorder, start_proxy, tenant_on, ws_frame, ws_next_text_or_end, ws_open
+from tests.proxy_support import (
+    scoped_tenant,
+    ws_frame,
+    ws_next_text_or_end,
+    ws_open,
+)
 
 CONNECT = {
     "type": "req",
@@ -41,29 +46,9 @@ def fragmented(opcode: int, payload: bytes, pieces: int = 3, ping_between: bool 
 
 
 @pytest.fixture(scope="module")
-async def recorder():
-    r = Recorder()
-    await r.start()
-    yield r
-    await r.stop()
-
-
-@pytest.fixture(scope="module", params=["fastpath", "aiohttp"])
-def plane(request, stack, service_env):
-    p = start_proxy(stack, service_env, fastpath=request.param == "fastpath")
-    yield p
-    p.stop()
-
-
-@pytest.fixture(scope="module")
 async def ws_key(recorder, service_env):
-    from shared.store import Store
-
-    store = Store(service_env["ZAKI_MONGO_URL"], service_env["ZAKI_MONGO_DB"])
-    user, key = await tenant_on(store, recorder, {"ws"})
-    yield key
-    await store.instances.delete_one({"_id": user})
-    await store.close()
+    async for _, key in scoped_tenant(recorder, service_env, {"ws"}):
+        yield key
 
 
 @pytest.mark.parametrize(
