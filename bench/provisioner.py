@@ -32,7 +32,7 @@ from shared.crypto import KeyRing
 from shared.events import InstanceCommand, InstanceDelete, InstanceRequested
 from shared.gateway import identity_headers
 from zaki.fakes import FakeLLM, FakeTelegram, bound_port, serve
-from zaki.stack import Stack, docker_bridge_ip, free_port, wait_for_port
+from zaki.stack import Stack, docker_bridge_ip, free_network_pool, free_port, wait_for_port
 
 REAL = "zaki/openclaw-gateway:2026.9.6"
 STANDIN = "zaki/standin-gateway:latest"
@@ -118,7 +118,7 @@ async def main() -> None:
             "ZAKI_SECRET_KEYS": KeyRing.new_key_spec("b"),
             "ZAKI_DATA_ROOT": str(tmp / "data"),
             "ZAKI_PLATFORM_ID": platform_id,
-            "ZAKI_NETWORK_POOL": "10.242.0.0/16",
+            "ZAKI_NETWORK_POOL": free_network_pool(),
             "ZAKI_ALLOWED_IMAGES": STANDIN,
             "ZAKI_PORT_RANGE_START": "33000",
             "ZAKI_PORT_RANGE_END": "33999",

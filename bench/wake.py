@@ -36,7 +36,7 @@ from shared.crypto import KeyRing
 from shared.events import InstanceCommand, InstanceDelete, InstanceRequested, InstanceSuspend
 from shared.store import Store
 from zaki.fakes import FakeLLM, FakeTelegram, bound_port, serve
-from zaki.stack import Stack, docker_bridge_ip, free_port, wait_for_port
+from zaki.stack import Stack, docker_bridge_ip, free_network_pool, free_port, wait_for_port
 
 
 async def bare_boots(data_root: Path, user: str) -> dict[str, float]:
@@ -149,7 +149,7 @@ async def main() -> None:
             "ZAKI_SECRET_KEYS": KeyRing.new_key_spec("b"),
             "ZAKI_DATA_ROOT": str(tmp / "data"),
             "ZAKI_PLATFORM_ID": platform_id,
-            "ZAKI_NETWORK_POOL": "10.243.0.0/16",
+            "ZAKI_NETWORK_POOL": free_network_pool(),
             "ZAKI_ALLOWED_IMAGES": STANDIN,
             "ZAKI_PORT_RANGE_START": "34000",
             "ZAKI_PORT_RANGE_END": "34999",

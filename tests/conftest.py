@@ -22,7 +22,15 @@ from shared.crypto import KeyRing
 from shared.settings import ZakiSettings
 from shared.store import Store
 from zaki.fakes import FakeLLM, FakeTelegram, bound_port, serve
-from zaki.stack import Process, Stack, docker_bridge_ip, ensure_docker, free_port, wait_for_port
+from zaki.stack import (
+    Process,
+    Stack,
+    docker_bridge_ip,
+    ensure_docker,
+    free_network_pool,
+    free_port,
+    wait_for_port,
+)
 
 REAL_IMAGE = "zaki/openclaw-gateway:2026.9.6"
 STANDIN_IMAGE = "zaki/standin-gateway:latest"
@@ -161,7 +169,7 @@ def service_env(stack: Stack, fakes: Fakes, keyring_spec: str, state_dir: Path) 
         "ZAKI_MONGO_URL": stack.mongo.address,  # type: ignore[attr-defined]
         "ZAKI_MONGO_DB": "zaki",
         "ZAKI_PLATFORM_ID": PLATFORM_ID,
-        "ZAKI_NETWORK_POOL": f"10.{200 + int(SESSION, 16) % 40}.0.0/16",  # concurrent sessions do not collide
+        "ZAKI_NETWORK_POOL": free_network_pool(),  # one no other network on this daemon overlaps
         "ZAKI_SECRET_KEYS": keyring_spec,
         "ZAKI_DATA_ROOT": str(state_dir / "data"),
         "ZAKI_GATEWAY_IMAGE": REAL_IMAGE,

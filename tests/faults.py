@@ -24,7 +24,7 @@ from shared.crypto import credential_hash, new_broker_credential
 from shared.events import InstanceDelete, InstanceRequested
 from shared.store import Store
 from tests.conftest import STANDIN_IMAGE, _wait_consumers, new_bot_token, new_user, outside_world_env
-from zaki.stack import REPO, Process, Stack, free_port, wait_for_port
+from zaki.stack import REPO, Process, Stack, free_network_pool, free_port, wait_for_port
 
 SERVICES = ("services.provisioner", "services.monitor", "services.gateway_proxy", "services.llm_broker")
 _ranges = iter(range(30000, 34000, 100))
@@ -50,7 +50,7 @@ class FaultPlatform:
             "ZAKI_MONGO_URL": self.mongo.address,
             "ZAKI_MONGO_DB": "zaki",
             "ZAKI_PLATFORM_ID": self.platform_id,
-            "ZAKI_NETWORK_POOL": f"10.{120 + port0 // 100 % 40}.0.0/16",
+            "ZAKI_NETWORK_POOL": free_network_pool(),
             "ZAKI_SECRET_KEYS": keyring_spec,
             "ZAKI_DATA_ROOT": str(self.data_root),
             "ZAKI_GATEWAY_IMAGE": STANDIN_IMAGE,

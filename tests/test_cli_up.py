@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import SESSION, STANDIN_IMAGE, eventually, new_user
 from zaki.cli.up import allowed_images
-from zaki.stack import free_port
+from zaki.stack import free_network_pool, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -132,7 +132,7 @@ async def test_up_warns_of_provider_drift_and_only_demo_allows_the_standin(tmp_p
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZAKI_")}
     env.update(
         ZAKI_PLATFORM_ID=f"upwarn-{SESSION}",
-        ZAKI_NETWORK_POOL=f"10.{130 + int(SESSION, 16) % 30}.0.0/16",
+        ZAKI_NETWORK_POOL=free_network_pool(),
         ZAKI_PROXY_PORT=str(free_port()),
         ZAKI_DASHBOARD_PORT=str(free_port()),
         # Never the real Telegram, even though nothing here should reach it.

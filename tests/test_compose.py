@@ -20,7 +20,7 @@ from shared.events import InstanceDelete, InstanceRequested
 from shared.store import Store
 from tests.conftest import STANDIN_IMAGE, new_user, require_tool
 from tests.test_broker import call_from_container
-from zaki.stack import free_port, wait_for_port
+from zaki.stack import free_network_pool, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = shutil.which("docker-compose")
@@ -86,7 +86,7 @@ def compose_stack(docker_client, fakes):
         "ZAKI_PLATFORM_ID": project,
         "ZAKI_DATA_ROOT": str(data_root),
         "ZAKI_ALLOWED_IMAGES": STANDIN_IMAGE,
-        "ZAKI_NETWORK_POOL": "10.243.0.0/20",
+        "ZAKI_NETWORK_POOL": free_network_pool(),
         "ZAKI_PORT_RANGE_START": "34000",
         "ZAKI_PORT_RANGE_END": "34099",
         "ZAKI_TELEGRAM_API_BASE": f"http://{fakes.host}:{fakes.tg_port}",

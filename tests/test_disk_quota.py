@@ -20,6 +20,7 @@ from shared.gateway import CONTAINER_WORKSPACE, container_name
 from shared.store import Store
 from tests.conftest import STANDIN_IMAGE, eventually, new_user
 from tests.test_self_healing import PrivatePlatform, start_private_platform
+from zaki.stack import free_network_pool
 
 LIMIT = 16 << 20
 
@@ -30,7 +31,7 @@ def quota_platform(tmp_path_factory, service_env: dict[str, str], docker_client)
         tmp_path_factory.mktemp("quota"),
         service_env,
         "quota",
-        "10.245.0.0/20",
+        free_network_pool(),
         ZAKI_ALLOWED_IMAGES=STANDIN_IMAGE,
         ZAKI_TENANT_DISK_BYTES=str(LIMIT),
         ZAKI_TENANT_MAX_FILES="5000",

@@ -26,7 +26,7 @@ import websockets
 
 from tests.conftest import SESSION, eventually, new_bot_token, operator_connect
 from zaki.cli.up import SERVICES
-from zaki.stack import free_port
+from zaki.stack import free_network_pool, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 # A fresh login shell's PATH: no virtualenv, no pyenv, no Go.
@@ -136,7 +136,7 @@ async def test_a_new_operators_first_hour(tmp_path, docker_client):
     # Only isolation from other test sessions on this engine; everything else is the README's default.
     env = fresh_shell_env(
         ZAKI_PLATFORM_ID=platform_id,
-        ZAKI_NETWORK_POOL=f"10.{160 + int(SESSION, 16) % 30}.0.0/16",
+        ZAKI_NETWORK_POOL=free_network_pool(),
         ZAKI_PROXY_PORT=str(proxy_port),
         ZAKI_DASHBOARD_PORT=str(free_port()),
         # Two real gateways boot at once here; on a busy 2-core CI machine that took up to ~120 s

@@ -27,7 +27,7 @@ from shared.store import Store
 from tests.conftest import MONITOR_ENV, STANDIN_IMAGE, eventually, new_user
 from tests.test_self_healing import start_private_platform
 from zaki.cli.audit import cli_actor
-from zaki.stack import free_port, wait_for_port
+from zaki.stack import free_network_pool, free_port, wait_for_port
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -110,7 +110,7 @@ def fleet_platform(tmp_path_factory, service_env, docker_client):
         tmp_path_factory.mktemp("fleet"),
         service_env,
         "fleet",
-        "10.246.0.0/20",
+        free_network_pool(),
         ZAKI_ALLOWED_IMAGES=f"{STANDIN_IMAGE},{GOOD},{HANGS},{NEVER}",
         ZAKI_READINESS_TIMEOUT_S="30",
         ZAKI_PORT_RANGE_START=str(port0),

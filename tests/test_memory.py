@@ -22,7 +22,7 @@ from shared.settings import ZakiSettings
 from shared.store import Store
 from tests.conftest import JWT_SECRET, MONITOR_ENV, STANDIN_IMAGE, eventually, new_user
 from tests.test_self_healing import start_private_platform
-from zaki.stack import free_port, wait_for_port
+from zaki.stack import free_network_pool, free_port, wait_for_port
 
 MiB = 1 << 20
 
@@ -113,7 +113,7 @@ def memory_platform(tmp_path_factory, service_env, docker_client):
         tmp_path_factory.mktemp("mem"),
         service_env,
         "mem",
-        "10.245.0.0/20",
+        free_network_pool(),
         ZAKI_ALLOWED_IMAGES=STANDIN_IMAGE,
         ZAKI_GATEWAY_MEMORY="192m",
     )

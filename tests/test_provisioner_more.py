@@ -22,7 +22,7 @@ from shared.crypto import KeyRing
 from shared.events import InstanceDelete, InstanceRequested, InstanceUpgrade
 from shared.store import Store
 from tests.conftest import REAL_IMAGE, STANDIN_IMAGE, assert_metrics, eventually, new_user, require_tool
-from zaki.stack import Stack, free_port, wait_for_port
+from zaki.stack import Stack, free_network_pool, free_port, wait_for_port
 
 OPENCLAW = (
     Path.home() / ".cache" / "zaki" / "openclaw-2026.9.6" / "node_modules" / "openclaw" / "openclaw.mjs"
@@ -182,7 +182,7 @@ async def test_kill_9_between_create_and_ready_converges(tmp_path, service_env, 
         "ZAKI_PORT_RANGE_END": str(port0 % 1000 + 31010),
         "ZAKI_DOCKER_HOST_ID": "kill9",
         "ZAKI_PLATFORM_ID": f"kill9-{new_user()}",
-        "ZAKI_NETWORK_POOL": "10.241.0.0/20",
+        "ZAKI_NETWORK_POOL": free_network_pool(),
     }
 
     def start():

@@ -27,7 +27,7 @@ from shared.settings import ZakiSettings
 from shared.state import InstanceState
 from shared.store import Store
 from tests.conftest import SESSION, STANDIN_IMAGE, _wait_consumers, eventually, new_user
-from zaki.stack import Stack, free_port, wait_for_port
+from zaki.stack import Stack, free_network_pool, free_port, wait_for_port
 
 NEVER_READY_IMAGE = "zaki/standin-gateway:never-ready"
 
@@ -90,7 +90,7 @@ def healing_platform(
         tmp_path_factory.mktemp("heal"),
         service_env,
         "heal",
-        "10.244.0.0/20",
+        free_network_pool(),
         ZAKI_ALLOWED_IMAGES=f"{STANDIN_IMAGE},{never_ready_image}",
         ZAKI_READINESS_TIMEOUT_S="30",
         ZAKI_HEAL_BACKOFF_BASE_S="1",

@@ -247,3 +247,32 @@ def docker_bridge_ip() -> str:
         if "/" in word and word[0].isdigit():
             return word.split("/")[0]
     raise StackError("cannot find the Docker bridge address (docker0)")
+
+
+_CLAIMED_POOLS: set[int] = set()
+
+
+def free_network_pool(avoid: tuple[int, ...] = (197,)) -> str:
+    """A 10.N.0.0/16 that no Docker network on this host overlaps and that this process has
+    not handed out before: test platforms and benchmarks share one Docker daemon with whatever
+    else ran on it (a killed run's containers restart with it), and Docker refuses a network
+    whose subnet overlaps another's. *avoid*: second octets kept for other uses (test hosts)."""
+    import ipaddress
+    import random
+
+    import docker
+
+    used: set[int] = set(_CLAIMED_POOLS) | set(avoid)
+    for net in docker.from_env().networks.list():
+        for cfg in (net.attrs.get("IPAM") or {}).get("Config") or []:
+            with contextlib.suppress(KeyError, ValueError):
+                subnet = ipaddress.ip_network(cfg["Subnet"], strict=False)
+                if subnet.version == 4 and subnet.overlaps(ipaddress.ip_network("10.0.0.0/8")):
+                    first, last = subnet.network_address.packed[1], subnet.broadcast_address.packed[1]
+                    used.update(range(first, last + 1))
+    free = [n for n in range(100, 250) if n not in used]
+    if not free:
+        raise StackError("no free 10.N.0.0/16 for a test network pool: remove stale Docker networks")
+    octet = random.choice(free)
+    _CLAIMED_POOLS.add(octet)
+    return f"10.{octet}.0.0/16"
