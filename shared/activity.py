@@ -14,11 +14,23 @@ It is a collection of its own, not a field of the instance record: the record is
 through versioned claims (see ``shared/store.py``), and FerretDB's SQLite backend rewrites
 whole documents, so a concurrent plain update there could undo a state change.
 
+Answers are counted too (issue 17.2, the fleet gate's error rates): ``answered(user, status)``
+adds one to the user's count and, when ``is_error(status)``, to its errors. Each flush inserts
+one document per user counted since the last flush into ``traffic``::
+
+    {user_id, source, first: <first answer counted>, at: <flush>, calls: n, errors: e}
+
+Insert-only (never a shared document updated from several replicas, which FerretDB could
+lose); ``traffic_since`` sums them per user and source; documents older than
+``TRAFFIC_KEEP_S`` are pruned by the writers.
+
 Hooks (one line each):
     proxy:  ``activity.touch(tenant)`` per request; ``activity.opened(tenant)`` /
             ``activity.closed(tenant)`` around a WebSocket or an SSE stream;
+            ``activity.answered(tenant, status)`` per answered request;
             ``tasks.append(asyncio.create_task(activity.run(store.db)))`` at start.
-    broker: ``activity.touch(instance_user_id)`` per model call, the same ``run`` task.
+    broker: ``activity.touch(instance_user_id)`` per model call, ``answered`` with the status
+            the gateway got for each call forwarded to a provider, the same ``run`` task.
 """
 
 from __future__ import annotations
@@ -29,14 +41,29 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterable
-from datetime import UTC, datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple
 
 from pymongo import UpdateOne
 
 log = logging.getLogger("zaki.activity")
 
 COLLECTION = "activity"
+TRAFFIC = "traffic"
+TRAFFIC_KEEP_S = 2 * 86400.0  # longer than any rollout's soak
+PRUNE_EVERY_S = 600.0
+
+
+def is_error(status: int) -> bool:
+    """The one rule for a failed answer, proxy and broker alike: a 5xx (the gateway's own, the
+    proxy's 502/503/504 for it, a provider's, the broker's 502 for an unreachable provider).
+    A 4xx is the caller's or a limit's doing, not a broken gateway image."""
+    return status >= 500
+
+
+class Counts(NamedTuple):
+    calls: int = 0
+    errors: int = 0
 
 
 class ActivityRecorder:
@@ -46,6 +73,16 @@ class ActivityRecorder:
         self.source = source
         self._seen: dict[str, float] = {}
         self._open: Counter[str] = Counter()
+        self._counts: dict[str, list[float]] = {}  # user -> [first answer at, calls, errors]
+
+    def answered(self, user_id: str, status: int) -> None:
+        c = self._counts.get(user_id)
+        if c is None:
+            self._counts[user_id] = [time.time(), 1, 1 if is_error(status) else 0]
+        else:
+            c[1] += 1
+            if is_error(status):
+                c[2] += 1
 
     def touch(self, user_id: str) -> None:
         self._seen[user_id] = time.time()
@@ -79,6 +116,7 @@ class ActivityRecorder:
     async def flush(self, db: Any) -> int:
         """Writes what was seen since the last flush; returns how many users. On a store error
         the batch is kept for the next flush (and the error raised)."""
+        await self._flush_counts(db)
         pending = self.drain()
         if not pending:
             return 0
@@ -94,13 +132,35 @@ class ActivityRecorder:
             raise
         return len(ops)
 
+    async def _flush_counts(self, db: Any) -> None:
+        counts, self._counts = self._counts, {}
+        if not counts:
+            return
+        at = datetime.now(UTC)
+        docs = [
+            {"user_id": u, "source": self.source, "first": datetime.fromtimestamp(c[0], UTC), "at": at,
+             "calls": int(c[1]), "errors": int(c[2])}
+            for u, c in counts.items()
+        ]  # fmt: skip
+        try:
+            await db[TRAFFIC].insert_many(docs, ordered=False)
+        except Exception:
+            for u, c in counts.items():  # kept for the next flush, merged with what came since
+                now = self._counts.setdefault(u, [c[0], 0, 0])
+                now[0], now[1], now[2] = min(now[0], c[0]), now[1] + c[1], now[2] + c[2]
+            raise
+
     async def run(self, db: Any, interval_s: float) -> None:
-        """Flushes every *interval_s* until cancelled, then once more."""
+        """Flushes every *interval_s* until cancelled, then once more; prunes old traffic."""
+        pruned = 0.0
         try:
             while True:
                 await asyncio.sleep(interval_s)
                 try:
                     await self.flush(db)
+                    if time.monotonic() - pruned > PRUNE_EVERY_S:
+                        pruned = time.monotonic()
+                        await prune_traffic(db)
                 except Exception as e:  # the store is down: keep counting, try again next time
                     log.warning("activity flush failed", extra={"error": type(e).__name__})
         finally:
@@ -132,3 +192,27 @@ async def record_now(db: Any, user_id: str, source: str) -> None:
 async def forget(db: Any, user_id: str) -> None:
     """Drops a deleted user's activity."""
     await db[COLLECTION].delete_one({"_id": user_id})
+
+
+async def prune_traffic(db: Any, keep_s: float = TRAFFIC_KEEP_S) -> None:
+    """Drops answer counts older than *keep_s* (several writers may do it: deletes are idempotent)."""
+    await db[TRAFFIC].create_index([("user_id", 1), ("first", 1)], name="by_user_first")
+    await db[TRAFFIC].delete_many({"at": {"$lt": datetime.now(UTC) - timedelta(seconds=keep_s)}})
+
+
+async def traffic_since(db: Any, since: dict[str, datetime]) -> dict[str, dict[str, Counts]]:
+    """{user: {source: Counts}} of the answers counted from each user's *since* on (a batch
+    begun before it is left out whole: a sample, never the old incarnation's answers)."""
+    if not since:
+        return {}
+    since = {u: t if t.tzinfo else t.replace(tzinfo=UTC) for u, t in since.items()}
+    out: dict[str, dict[str, Counts]] = {}
+    query = {"user_id": {"$in": list(since)}, "first": {"$gte": min(since.values())}}
+    async for doc in db[TRAFFIC].find(query):
+        first = doc["first"] if doc["first"].tzinfo else doc["first"].replace(tzinfo=UTC)
+        if first < since[doc["user_id"]]:
+            continue
+        per = out.setdefault(doc["user_id"], {})
+        c = per.get(doc["source"], Counts())
+        per[doc["source"]] = Counts(c.calls + int(doc["calls"]), c.errors + int(doc["errors"]))
+    return out

@@ -213,6 +213,13 @@ class ZakiSettings(BaseSettings):
     memory_cgroup_root: str = "/sys/fs/cgroup/memory/docker"  # cgroup v1; v2 and Docker stats as fallback
     # Fleet rollouts (issue 17.2): a runner whose heartbeat is older than this is gone; resume takes over.
     fleet_lease_s: float = Field(default=30.0, gt=0)
+    # The wave gate's error rates (services/fleet/plan.py gate): over the soak, across the upgraded
+    # instances, proxy answers that are 5xx and broker model calls that failed upstream
+    # (shared/activity.py is_error); judged only from fleet_min_samples answers on, so that one error
+    # on two requests does not halt a wave. A limit of 1: off.
+    fleet_max_proxy_5xx_rate: float = Field(default=0.05, ge=0, le=1)
+    fleet_max_broker_error_rate: float = Field(default=0.05, ge=0, le=1)
+    fleet_min_samples: int = Field(default=50, ge=1)
     # Audit trail (issue 17.4): the ZAKI_AUDIT stream keeps records this long.
     audit_retention_days: float = Field(default=400.0, gt=0)
 

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 
 import docker
 import pytest
@@ -21,10 +22,11 @@ from services.fleet import plan as fp
 from services.fleet import runner as fr
 from services.fleet.plan import Observation, PlanError, Status
 from shared import audit, subjects
+from shared.activity import ActivityRecorder, Counts, is_error, prune_traffic, traffic_since
 from shared.client import PlatformClient
 from shared.events import ActorKind, InstanceDelete, InstanceRequested
 from shared.store import Store
-from tests.conftest import MONITOR_ENV, STANDIN_IMAGE, eventually, new_user
+from tests.conftest import MONITOR_ENV, STANDIN_IMAGE, broker_url, eventually, new_user
 from tests.test_self_healing import start_private_platform
 from zaki.cli.audit import cli_actor
 from zaki.stack import free_network_pool, free_port, wait_for_port
@@ -86,6 +88,97 @@ def test_the_gate_reads_outcomes_records_and_health():
     statuses = {"a": Status.UPGRADED, "b": Status.FAILED, "c": Status.UPGRADING, "d": Status.PENDING}
     assert fp.to_revert(statuses) == ["a", "c"]
     assert fp.progress_line(5, 20, 20) == "[#####...............] 5/20"
+
+
+def test_the_gate_halts_on_error_rates_judged_from_enough_answers():
+    limits = fp.Limits(max_proxy_5xx_rate=0.1, max_broker_error_rate=0.2, min_samples=20)
+
+    def up(proxy=(0, 0), broker=(0, 0), status=Status.UPGRADED) -> Observation:
+        return Observation(status, "running", "img:2", "healthy", Counts(*proxy), Counts(*broker))
+
+    assert fp.gate({"a": up((100, 10), (100, 20))}, "img:2", limits=limits).ok  # at the limits
+    verdict = fp.gate({"a": up((100, 11))}, "img:2", limits=limits)
+    assert not verdict.ok and verdict.reasons == ["proxy 5xx rate 11/100 (11.0%) above 10.0%"]
+    verdict = fp.gate({"a": up(broker=(30, 7))}, "img:2", limits=limits)
+    assert not verdict.ok and verdict.reasons[0].startswith("broker error rate 7/30")
+    # Below the minimum sample count nothing is judged: 1 error in 2 answers is no verdict.
+    assert fp.gate({"a": up((2, 1), (19, 19))}, "img:2", limits=limits).ok
+    # Summed over the upgraded instances: two with 10 answers each make a sample.
+    assert not fp.gate({"a": up((10, 3)), "b": up((10, 3))}, "img:2", limits=limits).ok
+    # A rate is the image's, not one instance's: max_failures does not excuse it.
+    assert not fp.gate({"a": up((100, 50))}, "img:2", max_failures=5, limits=limits).ok
+    # Only instances running the new image count (a parked or failed one answers nothing of it).
+    assert fp.gate({"a": up((100, 50), status=Status.RECORDED)}, "img:2", limits=limits).ok
+    assert not fp.gate({"a": up((100, 50))}, "img:2").ok  # the defaults apply without limits
+    for bad in ({"max_proxy_5xx_rate": 1.5}, {"max_broker_error_rate": -0.1}, {"min_samples": 0}):
+        with pytest.raises(PlanError):
+            fp.Limits(**bad)
+
+
+def test_one_rule_says_which_answers_are_errors():
+    assert [s for s in (200, 101, 304, 400, 401, 404, 429, 499, 500, 502, 503, 504) if is_error(s)] == [
+        500,
+        502,
+        503,
+        504,
+    ]
+
+
+def test_a_record_says_whether_an_upgrade_settled():
+    rec = {"state": "running", "image": "img:2", "last_good_image": "img:2"}
+    assert fp.settled(rec, "img:2") == fp.READY
+    assert fp.settled({**rec, "last_good_image": "img:1"}, "img:2") is None  # not ready on it yet
+    assert fp.settled({**rec, "state": "starting"}, "img:2") is None
+    assert fp.settled(rec, "img:3") is None and fp.settled(None, "img:2") is None
+    for parked in ("stopped", "suspended"):
+        assert fp.settled({"state": parked, "image": "img:2"}, "img:2") == fp.RECORDED
+        assert fp.settled({"state": parked, "image": "img:1"}, "img:2") is None
+    assert fp.to_revert({"s": Status.RECORDED, "k": Status.SKIPPED}) == ["s"]
+
+
+async def test_answer_counts_are_flushed_per_user_and_read_since_a_time(store):
+    rec, a, b = ActivityRecorder("proxy"), new_user("t"), new_user("t")
+    rec.answered(a, 200)
+    rec.answered(a, 502)
+    rec.answered(b, 200)
+    t0 = datetime.now(UTC)
+    await rec.flush(store.db)
+    assert await traffic_since(store.db, {a: t0, b: t0}) == {}  # begun before t0: left out whole
+    for status in (200, 500, 503, 404):
+        rec.answered(a, status)
+    await rec.flush(store.db)
+    await rec.flush(store.db)  # nothing new: nothing written
+    since = {a: t0, b: t0}
+    assert await traffic_since(store.db, since) == {a: {"proxy": Counts(4, 2)}}
+    earlier = t0 - timedelta(minutes=1)
+    assert (await traffic_since(store.db, {a: earlier}))[a]["proxy"] == Counts(6, 3)
+    await prune_traffic(store.db, keep_s=0)
+    assert await traffic_since(store.db, {a: earlier}) == {}
+
+
+async def test_the_broker_counts_model_calls_and_failed_ones_per_instance(
+    broker, store, service_env, keyring_spec, host_net
+):
+    """A provider's 5xx is a failed call: the fake provider answers 500 to a body it cannot
+    parse (aiohttp's own error page), 200 to a chat."""
+    import httpx
+
+    from tests.test_broker import chat_body, fake_instance
+
+    user, cred = await fake_instance(store, keyring_spec, host_net)
+    url = f"{broker_url(service_env)}/p/zaki/chat/completions"
+    async with httpx.AsyncClient(timeout=30) as http:
+        auth = {"Authorization": f"Bearer {cred}"}
+        statuses = [(await http.post(url, headers=auth, json=chat_body("hi"))).status_code for _ in range(2)]
+        bad = await http.post(url, headers={**auth, "Content-Type": "application/json"}, content=b"{not json")
+        statuses.append(bad.status_code)
+    assert statuses == [200, 200, 500]
+    since = {user: datetime.now(UTC) - timedelta(minutes=5)}
+
+    async def counted():
+        return (await traffic_since(store.db, since)).get(user)
+
+    assert await eventually(counted, timeout=30, interval=0.5) == {"broker": Counts(3, 1)}
 
 
 # --- on a private platform ----------------------------------------------------------------------

@@ -6,7 +6,14 @@ whether a wave may be followed by the next one, from what the platform records a
 upgraded instance: the upgrade's outcome (``instance.ready`` on the new image, or
 ``instance.upgrade.rolled_back`` / ``instance.failed``), the instance record after the soak
 (still ``running`` on the new image, not ``failed`` or ``crashlooping``) and the monitor's
-health (not ``unhealthy``, ``unreachable`` or ``crashlooping``).
+health (not ``unhealthy``, ``unreachable`` or ``crashlooping``), and the answers counted for
+the upgraded instances since their upgrade (shared/activity.py): the share of proxy answers that
+are 5xx and of broker model calls that failed, each judged once it has ``min_samples`` answers
+(summed over the upgraded instances: one user's noise is not a verdict on an image) and compared
+with its limit.
+
+A stopped or suspended instance is not started by a rollout: the new image goes on its record
+(``recorded``) and it starts with it next time; a rollback puts its previous image back there.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import math
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
+
+from shared.activity import Counts
 
 
 class PlanError(ValueError):
@@ -30,7 +39,8 @@ class Status(StrEnum):
     FAILED = "failed"  # the new image did not get ready (the provisioner put the old one back)
     REVERTING = "reverting"  # the runner asked for the previous image
     REVERTED = "reverted"  # back on its previous image
-    SKIPPED = "skipped"  # not running when its wave came (a stopped instance keeps its image)
+    RECORDED = "recorded"  # stopped or suspended: the new image is on its record for its next start
+    SKIPPED = "skipped"  # neither running nor parked when its wave came (failed, being deleted, gone)
 
 
 class RolloutState(StrEnum):
@@ -44,6 +54,8 @@ class RolloutState(StrEnum):
 DONE = frozenset({RolloutState.HALTED, RolloutState.COMPLETED, RolloutState.ABORTED})
 BAD_HEALTH = frozenset({"unhealthy", "unreachable", "crashlooping"})
 BAD_STATES = frozenset({"failed", "crashlooping"})
+NONE = Counts()
+PARKED = frozenset({"stopped", "suspended"})  # upgraded on the record only (Status.RECORDED)
 
 
 def parse_share(text: str) -> float:
@@ -102,6 +114,24 @@ class Observation:
     state: str | None = None  # the instance record's state now (None: deleted)
     image: str | None = None
     health: str | None = None  # the monitor's state for this incarnation, when it has one
+    proxy: Counts = NONE  # proxy answers since the upgrade
+    broker: Counts = NONE  # broker model calls since the upgrade
+
+
+@dataclass(frozen=True)
+class Limits:
+    """ZAKI_FLEET_MAX_PROXY_5XX_RATE, ZAKI_FLEET_MAX_BROKER_ERROR_RATE, ZAKI_FLEET_MIN_SAMPLES."""
+
+    max_proxy_5xx_rate: float = 0.05
+    max_broker_error_rate: float = 0.05
+    min_samples: int = 50
+
+    def __post_init__(self) -> None:
+        for rate in (self.max_proxy_5xx_rate, self.max_broker_error_rate):
+            if not 0 <= rate <= 1:
+                raise PlanError(f"an error rate limit must be within 0 and 1, not {rate}")
+        if self.min_samples < 1:
+            raise PlanError("the minimum sample count must be at least 1")
 
 
 @dataclass
@@ -110,12 +140,30 @@ class Gate:
     reasons: list[str] = field(default_factory=list)
 
 
-def gate(observed: dict[str, Observation], target: str, max_failures: int = 0) -> Gate:
+def rate_reasons(observed: dict[str, Observation], limits: Limits) -> list[str]:
+    """The error rates over every instance running the new image (status ``upgraded``) that are
+    above their limit, from ``min_samples`` answers on."""
+    up = [o for o in observed.values() if o.status == Status.UPGRADED and o.state is not None]
+    reasons = []
+    for what, counts, limit in (
+        ("proxy 5xx", [o.proxy for o in up], limits.max_proxy_5xx_rate),
+        ("broker error", [o.broker for o in up], limits.max_broker_error_rate),
+    ):
+        calls, errors = sum(c.calls for c in counts), sum(c.errors for c in counts)
+        if calls >= limits.min_samples and errors / calls > limit:
+            reasons.append(f"{what} rate {errors}/{calls} ({errors / calls:.1%}) above {limit:.1%}")
+    return reasons
+
+
+def gate(
+    observed: dict[str, Observation], target: str, max_failures: int = 0, limits: Limits | None = None
+) -> Gate:
     """Whether the rollout may go on after a wave and its soak. *observed*: every instance
-    upgraded so far (all waves). More than *max_failures* bad instances halt it."""
+    upgraded so far (all waves). More than *max_failures* bad instances halt it; so does an
+    error rate above its limit (whatever *max_failures*: it is the image's, not one instance's)."""
     reasons = []
     for user, o in sorted(observed.items()):
-        if o.status in (Status.SKIPPED, Status.PENDING):
+        if o.status in (Status.SKIPPED, Status.PENDING, Status.RECORDED):
             continue
         if o.status == Status.FAILED:
             reasons.append(f"{user}: the new image did not get ready")
@@ -129,15 +177,35 @@ def gate(observed: dict[str, Observation], target: str, max_failures: int = 0) -
             reasons.append(f"{user}: runs {o.image}, not {target}")
         elif o.health in BAD_HEALTH:
             reasons.append(f"{user}: health {o.health}")
-    return Gate(ok=len(reasons) <= max_failures, reasons=reasons)
+    rates = rate_reasons(observed, limits or Limits())
+    return Gate(ok=len(reasons) <= max_failures and not rates, reasons=rates + reasons)
+
+
+READY = "ready"
+RECORDED = "recorded"
+
+
+def settled(record: dict | None, image: str) -> str | None:
+    """What an instance's record says of an upgrade to *image*, outcome event or not: ``ready``
+    (running it, and it got ready on it: the provisioner's ``last_good_image``), ``recorded``
+    (stopped or suspended with it on the record, for the next start), else None (not yet, gone)."""
+    if record is None or record.get("image") != image:
+        return None
+    if record.get("state") == "running" and record.get("last_good_image") == image:
+        return READY
+    if record.get("state") in PARKED:
+        return RECORDED
+    return None
+
+
+REVERT = frozenset({Status.UPGRADED, Status.UPGRADING, Status.REVERTING, Status.RECORDED})
 
 
 def to_revert(statuses: dict[str, Status]) -> list[str]:
     """Instances the runner puts back on their previous image after a failed gate or an
-    abort: every one that may run the new image (a failed one was put back by the provisioner)."""
-    return sorted(
-        u for u, s in statuses.items() if s in (Status.UPGRADED, Status.UPGRADING, Status.REVERTING)
-    )
+    abort: every one that may run the new image or has it on its record (a failed one was put
+    back by the provisioner)."""
+    return sorted(u for u, s in statuses.items() if s in REVERT)
 
 
 def progress_line(done: int, total: int, width: int = 30) -> str:

@@ -5,9 +5,14 @@ document (the wave reached, the overall state, the lease) and one ``rollout_inst
 document per instance (its status), so parallel upgrades never write the same document
 (FerretDB rewrites whole documents: two concurrent updates of one would lose one). A runner that dies (a
 control-plane restart, kill -9) is resumed by ``zaki fleet resume`` (or the admin API): an
-instance left ``upgrading`` is asked again with the same request id (upgrading twice to one
-image only restarts it) unless its record already shows it ready on the new image. A lease
+instance left ``upgrading`` is asked again with the same request id (stored once by JetStream
+within its duplicate window, see command.py) unless its record already shows it settled. A
+runner that stays up through a NATS or provisioner restart finishes the wave by itself: its
+commands are retried until accepted and a lost outcome is read from the record. A lease
 (``runner``, ``heartbeat_at``) keeps two runners off one rollout.
+
+Stopped and suspended instances are part of the rollout without being started: the new image
+goes on their record (``recorded``) and a rollback puts their previous one back.
 
 Every step is an event on ``zaki.fleet.<step>`` (kept in the ZAKI_AUDIT stream), and every
 upgrade command carries the actor ``platform:fleet`` with the rollout id as reason.
@@ -25,20 +30,27 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from services.fleet import command, watch
 from services.fleet.plan import (
     DONE,
+    PARKED,
+    READY,
+    RECORDED,
     Gate,
+    Limits,
     Observation,
     PlanError,
     RolloutState,
     Status,
     gate,
     plan,
+    settled,
     to_revert,
 )
 from shared import audit, subjects
 from shared.client import OutcomeTimeout, PlatformClient
 from shared.events import Actor, InstanceUpgrade
+from shared.settings import ZakiSettings
 from shared.store import Store
 
 log = logging.getLogger("zaki.fleet")
@@ -85,8 +97,11 @@ async def create(
     allowed: list[str],
     max_failures: int = 0,
     parallel: int = 4,
+    limits: Limits | None = None,
 ) -> dict[str, Any]:
-    """Plans a rollout of every running instance not already on *image*; one at a time."""
+    """Plans a rollout of every running, stopped or suspended instance not already on *image*;
+    one at a time. *limits*: the gate's error rates (default: ZAKI_FLEET_* settings)."""
+    limits = limits or watch.limits_from(ZakiSettings())
     if image not in allowed:
         raise PlanError(f"image {image} is not allowed on this platform (ZAKI_ALLOWED_IMAGES)")
     busy = await rollouts(store).find_one(
@@ -94,7 +109,8 @@ async def create(
     )
     if busy is not None:
         raise RolloutBusy(f"rollout {busy['_id']} is {busy['state']}: resume or abort it first")
-    docs = [d for d in await store.list_instances(states=["running"]) if d.get("image") != image]
+    states = ["running", *sorted(PARKED)]
+    docs = [d for d in await store.list_instances(states=states) if d.get("image") != image]
     rid = f"r{_now():%Y%m%d%H%M%S}{uuid.uuid4().hex[:6]}"
     groups = plan([d["_id"] for d in docs], canary, waves, seed=rid)
     images = {d["_id"]: d.get("image") for d in docs}
@@ -105,6 +121,11 @@ async def create(
         "waves": waves,
         "soak_s": soak_s,
         "max_failures": max_failures,
+        "limits": {
+            "max_proxy_5xx_rate": limits.max_proxy_5xx_rate,
+            "max_broker_error_rate": limits.max_broker_error_rate,
+            "min_samples": limits.min_samples,
+        },
         "parallel": parallel,
         "state": RolloutState.RUNNING.value,
         "wave": 0,
@@ -266,12 +287,11 @@ class Runner:
         if status not in (Status.PENDING, Status.UPGRADING):
             return  # done before a restart of the runner
         record = await self.store.get_instance(user)
-        finished = record is not None and record["state"] == "running" and record.get("image") == target
-        if status == Status.UPGRADING and finished and record.get("last_good_image") == target:
-            await self._status(rid, user, Status.UPGRADED)  # it finished while no runner watched
-            await self._event(doc, "instance_upgraded", user_id=user)
+        end = settled(record, target) if status == Status.UPGRADING else None
+        if end is not None:  # it finished while no runner watched
+            await self._settled(doc, user, end)
             return
-        if status == Status.PENDING and (record is None or record["state"] != "running"):
+        if status == Status.PENDING and (record is None or record["state"] not in {"running", *PARKED}):
             await self._status(rid, user, Status.SKIPPED, state=record and record["state"])
             return
         request_id = entry.get("request_id") or uuid.uuid4().hex
@@ -284,40 +304,30 @@ class Runner:
             actor=audit.platform("fleet", f"rollout {rid}"),
         )
         try:
-            subject, outcome = await self.client.call(
-                subjects.INSTANCE_UPGRADE, cmd, timeout=self.outcome_timeout
-            )
+            subject, outcome = await command.upgrade(self.client, self.store, cmd, self.outcome_timeout)
         except OutcomeTimeout as e:
             await self._status(rid, user, Status.FAILED, error=str(e))
             await self._event(doc, "instance_failed", user_id=user, error="timeout")
             return
-        if subject == subjects.INSTANCE_READY and getattr(outcome, "image", None) == target:
-            await self._status(rid, user, Status.UPGRADED)
-            await self._event(doc, "instance_upgraded", user_id=user)
+        if subject == RECORDED:
+            await self._settled(doc, user, RECORDED)
+        elif subject == subjects.INSTANCE_READY and getattr(outcome, "image", target) == target:
+            await self._settled(doc, user, READY)
         else:
             why = getattr(outcome, "reason", None) or subject.rsplit(".", 1)[-1]
             await self._status(rid, user, Status.FAILED, error=f"{subject}: {why}"[:300])
             await self._event(doc, "instance_failed", user_id=user, outcome=subject)
 
+    async def _settled(self, doc: dict[str, Any], user: str, end: str) -> None:
+        if end == RECORDED:  # parked: starts with the new image next time
+            await self._status(doc["_id"], user, Status.RECORDED)
+            await self._event(doc, "instance_recorded", user_id=user)
+        else:
+            await self._status(doc["_id"], user, Status.UPGRADED)
+            await self._event(doc, "instance_upgraded", user_id=user)
+
     async def observe(self, doc: dict[str, Any]) -> dict[str, Observation]:
-        """What the platform records now about every instance the rollout touched."""
-        out = {}
-        for user, entry in doc["instances"].items():
-            status = Status(entry["status"])
-            if status == Status.PENDING:
-                continue
-            record = await self.store.get_instance(user)
-            health = None
-            if record is not None:
-                h = await self.store.db["health"].find_one({"_id": user})
-                at = entry.get("at")
-                fresh = h and at and h.get("updated_at") and h["updated_at"] >= at
-                if h and h.get("instance_id") == record.get("instance_id") and fresh:
-                    health = h.get("state")
-            out[user] = Observation(
-                status, record and record["state"], record and record.get("image"), health
-            )
-        return out
+        return await watch.observe(self.store, doc)
 
     async def _soak(self, doc: dict[str, Any]) -> Gate:
         """Watches the gate for the soak period; stops early when it fails."""
@@ -326,7 +336,9 @@ class Runner:
             doc = await self.load(doc["_id"])
             if doc["state"] != RolloutState.RUNNING:
                 return Gate(ok=False, reasons=["aborted"])
-            verdict = gate(await self.observe(doc), doc["image"], int(doc.get("max_failures", 0)))
+            verdict = gate(
+                await self.observe(doc), doc["image"], int(doc.get("max_failures", 0)), watch.limits_of(doc)
+            )
             if not verdict.ok or time.monotonic() >= deadline:
                 return verdict
             await asyncio.sleep(min(GATE_POLL_S, max(0.0, deadline - time.monotonic())))
@@ -347,17 +359,16 @@ class Runner:
         async def one(user: str) -> None:
             entry = doc["instances"][user]
             async with sem:
-                await self._status(rid, user, Status.REVERTING)
                 cmd = InstanceUpgrade(
+                    request_id=entry.get("revert_id") or uuid.uuid4().hex,
                     user_id=user,
                     image=entry["from_image"],
                     reason=f"fleet rollout {rid}: roll back",
                     actor=audit.platform("fleet", f"rollout {rid} rolled back"),
                 )
+                await self._status(rid, user, Status.REVERTING, revert_id=cmd.request_id)
                 try:
-                    subject, _ = await self.client.call(
-                        subjects.INSTANCE_UPGRADE, cmd, timeout=self.outcome_timeout
-                    )
+                    subject, _ = await command.upgrade(self.client, self.store, cmd, self.outcome_timeout)
                 except OutcomeTimeout:
                     subject = "timeout"
                 await self._status(rid, user, Status.REVERTED, revert_outcome=subject)

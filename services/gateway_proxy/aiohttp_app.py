@@ -42,6 +42,7 @@ from services.gateway_proxy.observe import (
 )
 from services.gateway_proxy.routing import NoRoute, Route
 from services.gateway_proxy.state import ProxyState
+from services.gateway_proxy.wake import ACTIVITY
 
 log = logging.getLogger("zaki.proxy")
 
@@ -111,6 +112,8 @@ class AiohttpPlane:
         child(REQUESTS, route, f"{resp.status // 100}xx").inc()
         child(LATENCY, route).observe(time.perf_counter() - t0)
         tenant: Tenant | None = request.get("tenant")
+        if tenant is not None:
+            ACTIVITY.answered(tenant.user_id, resp.status)  # the fleet gate's 5xx rate
         # An unknown path, which could hold anything, is not logged.
         self.state.access.write(
             request_id=request_id,

@@ -331,6 +331,8 @@ class Exchange:
         tenant = self.tenant
         if self.route is not None and tenant is not None:
             ACTIVITY.closed(tenant.user_id)
+        if tenant is not None:
+            ACTIVITY.answered(tenant.user_id, status)  # the fleet gate's 5xx rate
         self.client.state.access.write(
             request_id=req.rid,
             tenant=tenant.user_id if tenant else None,

@@ -226,7 +226,9 @@ class LLMBroker:
                 reservation = held
         OVERHEAD_SECONDS.observe(time.perf_counter() - t0)
         try:
-            return await self._forward(request, client, upstream, target, rest, body, reservation)
+            resp = await self._forward(request, client, upstream, target, rest, body, reservation)
+            ACTIVITY.answered(client.user_id, resp.status)  # the fleet gate's broker error rate
+            return resp
         finally:
             if reservation is not None and not reservation.done:
                 await self.ledger.release(reservation)  # refused, failed or broken before counting

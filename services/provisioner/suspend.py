@@ -215,8 +215,10 @@ class Suspension(Lifecycle):
         with Phase(timings, "wake_release"):
             await self.release_bot(cmd.user_id)
         name = container_name(cmd.user_id)
-        if not (await self.runtime.status(name)).exists:
-            # The container is gone (removed by hand): a full start rebuilds it.
+        status = await self.runtime.status(name)
+        if not status.exists or (doc.get("image") and status.image != doc["image"]):
+            # The container is gone (removed by hand), or a fleet rollout put a new image on the
+            # record while it slept: a full start builds it (anew) from the record.
             await self._provision_and_start(doc, cmd.request_id)
         else:
             try:

@@ -42,7 +42,7 @@ class Printer:
 
         c = counts(doc)
         total = len(doc["instances"])
-        done = sum(c.get(s, 0) for s in ("upgraded", "failed", "reverted", "skipped"))
+        done = sum(c.get(s, 0) for s in ("upgraded", "recorded", "failed", "reverted", "skipped"))
         summary = " ".join(f"{k}={v}" for k, v in sorted(c.items()))
         wave = f"wave {min(doc['wave'] + 1, len(doc['groups']))}/{len(doc['groups'])}"
         elapsed = f"{time.monotonic() - self.t0:5.0f} s"

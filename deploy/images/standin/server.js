@@ -8,7 +8,8 @@
 // Fault knobs (env): STANDIN_EXIT_CODE (exit at once), STANDIN_ALLOC_MB
 // (allocate then idle: OOM tests), STANDIN_LEAK_MB_PER_S (grow steadily from start: memory
 // trend tests), STANDIN_START_DELAY_MS, STANDIN_READYZ_DELAY_MS,
-// STANDIN_HANG_AFTER_MS (stop answering), STANDIN_PORTS=a-b (serve many ports).
+// STANDIN_HANG_AFTER_MS (stop answering), STANDIN_PORTS=a-b (serve many ports),
+// STANDIN_HTTP_500 (every request but the probes answers 500: ready, yet broken for its users).
 "use strict";
 const http = require("node:http");
 const crypto = require("node:crypto");
@@ -147,6 +148,7 @@ async function handle(req, res) {
     if (p === "/startupz") return json(res, 200, { ok: true, status: "started", version: "standin" });
     return json(res, 200, { ready: true, failing: [], uptimeMs: Date.now() - started });
   }
+  if (env.STANDIN_HTTP_500 || faults.http_500) return json(res, 500, { error: { message: "stand-in fault", type: "api_error" } });
   const refused = authorize(req, null);
   if (refused) return json(res, refused[0], { error: { message: "Unauthorized", type: refused[1] } });
   if (p === "/v1/models" && req.method === "GET") {
