@@ -24,7 +24,14 @@ from services.fleet.plan import Observation, PlanError, Status
 from shared import audit, subjects
 from shared.activity import ActivityRecorder, Counts, is_error, prune_traffic, traffic_since
 from shared.client import PlatformClient
-from shared.events import ActorKind, InstanceDelete, InstanceRequested
+from shared.events import (
+    ActorKind,
+    InstanceCommand,
+    InstanceDelete,
+    InstanceRequested,
+    InstanceSuspend,
+    InstanceWake,
+)
 from shared.store import Store
 from tests.conftest import MONITOR_ENV, STANDIN_IMAGE, broker_url, eventually, new_user
 from tests.test_self_healing import start_private_platform
@@ -36,6 +43,8 @@ pytestmark = pytest.mark.timeout(900)
 GOOD = "zaki/standin-gateway:fleet-next"
 HANGS = "zaki/standin-gateway:fleet-hangs"
 NEVER = "zaki/standin-gateway:never-ready"
+ERRS = "zaki/standin-gateway:fleet-5xx"
+IMAGES = [STANDIN_IMAGE, GOOD, HANGS, NEVER, ERRS]
 
 # --- the planner and the gate -------------------------------------------------------------------
 
@@ -198,13 +207,14 @@ def fleet_platform(tmp_path_factory, service_env, docker_client):
     _commit(docker_client, GOOD, "ENV STANDIN_FLEET=next")
     _commit(docker_client, HANGS, "ENV STANDIN_HANG_AFTER_MS=6000")
     _commit(docker_client, NEVER, "ENV STANDIN_EXIT_CODE=3")
+    _commit(docker_client, ERRS, "ENV STANDIN_HTTP_500=1")
     port0 = 36000 + (free_port() % 45) * 40
     p = start_private_platform(
         tmp_path_factory.mktemp("fleet"),
         service_env,
         "fleet",
         free_network_pool(),
-        ZAKI_ALLOWED_IMAGES=f"{STANDIN_IMAGE},{GOOD},{HANGS},{NEVER}",
+        ZAKI_ALLOWED_IMAGES=",".join(IMAGES),
         ZAKI_READINESS_TIMEOUT_S="30",
         ZAKI_PORT_RANGE_START=str(port0),
         ZAKI_PORT_RANGE_END=str(port0 + 39),
@@ -263,7 +273,9 @@ async def _images(store: Store, users: list[str]) -> dict[str, str]:
     return {u: (await store.get_instance(u))["image"] for u in users}
 
 
-async def _create(store: Store, p, image: str, canary: str, waves: str, soak_s: float, parallel: int = 4):
+async def _create(
+    store: Store, p, image: str, canary: str, waves: str, soak_s: float, parallel: int = 4, limits=None
+):
     return await fr.create(
         store,
         image,
@@ -271,8 +283,9 @@ async def _create(store: Store, p, image: str, canary: str, waves: str, soak_s: 
         fp.parse_waves(waves),
         soak_s=soak_s,
         actor=cli_actor("test"),
-        allowed=[STANDIN_IMAGE, GOOD, HANGS, NEVER],
+        allowed=IMAGES,
         parallel=parallel,
+        limits=limits,
     )
 
 
@@ -488,3 +501,124 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise():
     assert plain.getvalue().startswith("r1 wave 2/2 running wave_started 1/4") and plain.getvalue().endswith(
         "\n"
     )
+
+
+async def _all_back(store: Store, users: list[str]) -> None:
+    async def back() -> bool:
+        docs = [await store.get_instance(u) for u in users]
+        return all(d["image"] == STANDIN_IMAGE and d["state"] == "running" for d in docs)
+
+    await eventually(back, timeout=120, interval=1)
+
+
+async def test_an_image_answering_5xx_through_the_proxy_is_halted_and_rolled_back(fleet, fakes):
+    """Ready on /readyz and healthy to the monitor, but every request of its users answers
+    500: the proxy's answer counts fail the gate during the soak and the canary is rolled back."""
+    import httpx
+
+    from services.gateway_proxy import keys
+    from tests.conftest import JWT_SECRET
+
+    p, client, store = fleet
+    users = await _instances(client, fakes, 4)
+    port = free_port()
+    proxy = p.stack.start_service(
+        "services.gateway_proxy",
+        {**p.env, "ZAKI_PROXY_PORT": str(port), "ZAKI_METRICS_PORT": str(free_port()),
+         "ZAKI_JWT_SECRET": JWT_SECRET, "ZAKI_ACTIVITY_FLUSH_S": "0.5", "ZAKI_RATE_LIMIT_RPS": "1000",
+         "ZAKI_RATE_LIMIT_BURST": "1000"},
+    )  # fmt: skip
+    seen: dict[str, list[int]] = {u: [] for u in users}
+
+    async def load() -> None:
+        creds = {u: (await keys.create_key(store, u, {"chat"}))[1] for u in users}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            while True:
+                for u in users:
+                    r = await http.get("/v1/models", headers={"Authorization": f"Bearer {creds[u]}"})
+                    seen[u].append(r.status_code)
+                await asyncio.sleep(0.1)
+
+    wait_for_port("127.0.0.1", port, proxy.proc, "gateway proxy")
+    traffic = asyncio.create_task(load())
+    try:
+        await eventually(lambda: all(200 in seen[u] for u in users) or traffic.done(), timeout=60)
+        if traffic.done():
+            traffic.result()  # raises what stopped it
+        doc = await _create(store, p, ERRS, "50%", "100%", soak_s=60, limits=fp.Limits(0.2, 0.2, 10))
+        canary = fr.group(doc, 0)
+        final = await fr.Runner(store, client, lease_s=3).run(doc["_id"])
+        after = {u: len(seen[u]) for u in users}
+        await _all_back(store, users)
+        await eventually(lambda: all(seen[u][after[u] :].count(200) >= 3 for u in users), timeout=60)
+    finally:
+        traffic.cancel()
+        proxy.stop()
+        p.stack.processes.remove(proxy)
+    assert final["state"] == "halted" and final["wave"] == 0
+    assert len(final["reasons"]) == 1 and final["reasons"][0].startswith("proxy 5xx rate"), final["reasons"]
+    assert {final["instances"][u]["status"] for u in canary} == {"reverted"}
+    assert all(final["instances"][u]["status"] == "pending" for u in fr.group(doc, 1))
+    assert all(500 in seen[u] for u in canary)  # what the users of the bad image got meanwhile
+    assert not any(500 in seen[u] for u in fr.group(doc, 1))
+
+
+async def _park(client: PlatformClient, stopped: str, asleep: str) -> None:
+    subject, _ = await client.call(subjects.INSTANCE_STOP, InstanceCommand(user_id=stopped), 120)
+    assert subject == subjects.INSTANCE_STOPPED
+    subject, _ = await client.call(subjects.INSTANCE_SUSPEND, InstanceSuspend(user_id=asleep), 120)
+    assert subject == subjects.INSTANCE_SUSPENDED
+
+
+async def test_stopped_and_suspended_instances_get_the_image_on_their_record_only(
+    fleet, fakes, docker_client
+):
+    """Not started by the rollout; put back by its rollback; started with the new image when
+    their owner (or traffic) starts them."""
+    p, client, store = fleet
+    running, stopped, asleep = await _instances(client, fakes, 3)
+    await _park(client, stopped, asleep)
+
+    def container(u: str):
+        return docker_client.containers.get(f"zaki-user-{u}")
+
+    def parked_as(before: str) -> None:
+        for u in (stopped, asleep):
+            assert container(u).status != "running"
+        assert container(stopped).attrs["Config"]["Image"] == before
+
+    # One group of all three: the running one never gets ready on the image, the parked ones
+    # had it recorded; the rollback puts their previous image back on their records.
+    doc = await _create(store, p, NEVER, "100%", "100%", soak_s=1)
+    final = await fr.Runner(store, client, lease_s=3).run(doc["_id"])
+    assert final["state"] == "halted"
+    assert {u: final["instances"][u]["status"] for u in (running, stopped, asleep)} == {
+        running: "failed",
+        stopped: "reverted",
+        asleep: "reverted",
+    }
+    assert {u: (await store.get_instance(u))["state"] for u in (stopped, asleep)} == {
+        stopped: "stopped",
+        asleep: "suspended",
+    }
+    assert set((await _images(store, [stopped, asleep])).values()) == {STANDIN_IMAGE}
+    parked_as(STANDIN_IMAGE)
+    await _all_back(store, [running])  # the provisioner's own rollback of the failed one
+
+    doc = await _create(store, p, GOOD, "34%", "100%", soak_s=1)
+    steps: list[str] = []
+    final = await fr.Runner(store, client, on_progress=lambda d, s: steps.append(s), lease_s=3).run(
+        doc["_id"]
+    )
+    assert final["state"] == "completed" and fr.counts(final) == {"upgraded": 1, "recorded": 2}
+    assert steps.count("instance_recorded") == 2
+    assert set((await _images(store, [running, stopped, asleep])).values()) == {GOOD}
+    assert (await store.get_instance(asleep))["state"] == "suspended"
+    parked_as(STANDIN_IMAGE)  # not started, its container untouched
+
+    subject, _ = await client.call(subjects.INSTANCE_START, InstanceCommand(user_id=stopped), 120)
+    assert subject == subjects.INSTANCE_READY
+    subject, _ = await client.call(subjects.INSTANCE_WAKE, InstanceWake(user_id=asleep), 120)
+    assert subject == subjects.INSTANCE_READY
+    for u in (stopped, asleep):
+        assert container(u).attrs["Config"]["Image"] == GOOD and container(u).status == "running"
