@@ -13,7 +13,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "deploy" / "grafana"))
-from dashboards import panel_queries  # noqa: E402
+from dashboards import SUSPENDED, SUSPENDED_SHARE, panel_queries  # noqa: E402
 
 from tests.conftest import require_tool  # noqa: E402
 from zaki.stack import free_port, wait_for_port  # noqa: E402
@@ -36,7 +36,7 @@ async def test_every_panel_query_returns_data(
 ):
     from services.gateway_proxy import keys
     from shared import subjects
-    from shared.events import InstanceDelete, InstanceRequested
+    from shared.events import InstanceDelete, InstanceRequested, InstanceSuspend
     from tests.conftest import STANDIN_IMAGE, broker_url, new_user
     from tests.test_broker import chat_body, fake_instance
 
@@ -47,6 +47,16 @@ async def test_every_panel_query_returns_data(
     subject, _ = await platform.call(subjects.INSTANCE_REQUESTED, ev, timeout=120)
     assert subject == subjects.INSTANCE_READY
     _, key = await keys.create_key(store, ev.user_id, {"chat"})
+    # And a suspended one: the suspended panels must count it (not merely answer 0).
+    asleep = InstanceRequested(
+        request_id=new_user("req"), user_id=new_user("dash"), bot_token=fakes.bot(), image=STANDIN_IMAGE
+    )
+    subject, _ = await platform.call(subjects.INSTANCE_REQUESTED, asleep, timeout=120)
+    assert subject == subjects.INSTANCE_READY
+    subject, _ = await platform.call(
+        subjects.INSTANCE_SUSPEND, InstanceSuspend(user_id=asleep.user_id), timeout=60
+    )
+    assert subject == subjects.INSTANCE_SUSPENDED
 
     _, broker_cred = await fake_instance(store, keyring_spec, host_net)
 
@@ -100,7 +110,11 @@ async def test_every_panel_query_returns_data(
                     r = await http.get("/api/v1/query", params={"query": expr})
                     body = r.json()
                     assert body["status"] == "success", (dash, title, body)  # the query parses
-                    if not body["data"]["result"]:
+                    result = body["data"]["result"]
+                    counted = title not in (SUSPENDED, SUSPENDED_SHARE) or (
+                        result and float(result[0]["value"][1]) > 0
+                    )
+                    if not result or not counted:
                         missing[f"{dash}: {title}"] = expr
                 if not missing:
                     break
@@ -110,3 +124,4 @@ async def test_every_panel_query_returns_data(
         prom.terminate()
         prom.wait(10)
         await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=ev.user_id, purge=True))
+        await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=asleep.user_id, purge=True))

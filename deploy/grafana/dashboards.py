@@ -25,6 +25,10 @@ from shared.generated import write_or_check
 
 OUT = Path(__file__).resolve().parent / "dashboards"
 
+# Panels a test also checks for a non-zero value once a gateway is suspended.
+SUSPENDED = "Suspended (idle, memory freed)"
+SUSPENDED_SHARE = "Suspended share of running + suspended"
+
 # (row, kind, title, unit, [(expr, legend)])
 FLEET = [
     (
@@ -35,6 +39,9 @@ FLEET = [
         [('sum(zaki_instances{state="running"})', "running")],
     ),
     ("Instances", "stat", "Unhealthy or unreachable", "short", [("zaki:instances_unhealthy:count", "down")]),
+    # Idle suspend (issue 16): neither up nor down, counted apart (deploy/prometheus/rules.yml).
+    ("Instances", "stat", SUSPENDED, "short", [("zaki:instances_suspended:count", "suspended")]),
+    ("Instances", "stat", SUSPENDED_SHARE, "percentunit", [("zaki:instances_suspended:ratio", "suspended")]),
     ("Instances", "ts", "Instances by state", "short", [("sum by (state) (zaki_instances)", "{{state}}")]),
     (
         "Instances",
@@ -171,6 +178,13 @@ PROXY = [
     ),
     ("Errors", "stat", "5xx ratio (5m)", "percentunit", [("zaki:proxy_5xx:ratio5m", "5xx")]),
     ("WebSockets", "ts", "Open WebSockets", "short", [("sum(zaki_proxy_open_websockets)", "open")]),
+    (
+        "Wake",
+        "ts",
+        "Requests held for a waking gateway, by outcome",
+        "short",
+        [("sum by (outcome) (increase(zaki_proxy_hold_total[$__rate_interval]))", "{{outcome}}")],
+    ),
 ]
 
 INFRA = [
