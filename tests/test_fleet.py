@@ -542,7 +542,12 @@ async def test_an_image_answering_5xx_through_the_proxy_is_halted_and_rolled_bac
     wait_for_port("127.0.0.1", port, proxy.proc, "gateway proxy")
     traffic = asyncio.create_task(load())
     try:
-        await eventually(lambda: all(200 in seen[u] for u in users) or traffic.done(), timeout=60)
+        try:
+            await eventually(lambda: all(200 in seen[u] for u in users) or traffic.done(), timeout=60)
+        except AssertionError:
+            raise AssertionError(
+                f"no 200 for every user: { ({u: set(v) for u, v in seen.items()}) }"
+            ) from None
         if traffic.done():
             traffic.result()  # raises what stopped it
         doc = await _create(store, p, ERRS, "50%", "100%", soak_s=60, limits=fp.Limits(0.2, 0.2, 10))
@@ -622,3 +627,73 @@ async def test_stopped_and_suspended_instances_get_the_image_on_their_record_onl
     assert subject == subjects.INSTANCE_READY
     for u in (stopped, asleep):
         assert container(u).attrs["Config"]["Image"] == GOOD and container(u).status == "running"
+
+
+def _restart_control_plane(p, down_s: float = 2.0) -> None:
+    """kill -9 of the provisioner, NATS stopped; both back on the same port after *down_s*."""
+    procs = {x.name: x for x in p.stack.processes}
+    prov, nats_p = procs["provisioner"], procs["nats"]
+    os.killpg(prov.proc.pid, signal.SIGKILL)
+    prov.proc.wait(10)
+    nats_p.stop()
+    p.stack.processes.remove(prov)
+    p.stack.processes.remove(nats_p)
+    time.sleep(down_s)
+    p.stack.start_nats(int(p.env["ZAKI_NATS_URL"].rsplit(":", 1)[1]))
+    prov = p.stack.start_service("services.provisioner", p.env)
+    wait_for_port("127.0.0.1", int(p.env["ZAKI_METRICS_PORT"]), prov.proc, "provisioner", timeout=60)
+
+
+async def test_a_control_plane_restart_mid_wave_is_ridden_out_without_duplicate_work(
+    fleet, fakes, docker_client
+):
+    """NATS and the provisioner go down in the middle of a wave (the provisioner by kill -9,
+    perhaps mid-upgrade) and come back; the runner (``zaki fleet upgrade``) stays up, retries
+    its command until NATS takes it, reads a lost outcome from the record, and finishes: every
+    instance on the new image, upgraded once (no second upgrade request, no second restart of
+    an instance already upgraded)."""
+    p, client, store = fleet
+    users = await _instances(client, fakes, 6)
+    proc = _zaki(p.env, "upgrade", "--image", GOOD, "--canary", "17%", "--waves", "100%", "--soak-s", "1",
+                 "--parallel", "1", "--timeout", "240")  # fmt: skip
+
+    async def mid_wave():
+        doc = await fr.rollouts(store).find_one({"state": "running"})
+        doc = doc and await fr.get(store, doc["_id"])
+        if doc is None or doc["wave"] < 1:
+            return None
+        return doc if 2 <= fr.counts(doc).get("upgraded", 0) < 5 else None
+
+    doc = await eventually(mid_wave, timeout=180, interval=0.2)
+    done_before = [u for u, e in doc["instances"].items() if e["status"] == "upgraded"]
+    started = {
+        u: docker_client.containers.get(f"zaki-user-{u}").attrs["State"]["StartedAt"] for u in done_before
+    }
+    await asyncio.to_thread(_restart_control_plane, p)
+
+    _, err = await asyncio.to_thread(proc.communicate, timeout=420)
+    assert proc.returncode == 0, err[-3000:]
+    final = await fr.get(store, doc["_id"])
+    assert final["state"] == "completed" and fr.counts(final) == {"upgraded": 6}
+    assert set((await _images(store, users)).values()) == {GOOD}
+    for u in users:
+        c = docker_client.containers.get(f"zaki-user-{u}")
+        assert c.attrs["Config"]["Image"] == GOOD and c.status == "running"
+    for u in done_before:  # not upgraded (restarted) a second time
+        assert docker_client.containers.get(f"zaki-user-{u}").attrs["State"]["StartedAt"] == started[u]
+    # One request per instance, whatever the redeliveries; one "upgraded" step per instance.
+    client2 = await PlatformClient.connect(p.env["ZAKI_NATS_URL"])
+    try:
+        rows = await audit.read(client2.js, actor="platform:fleet")
+        events = await _fleet_events(client2)
+    finally:
+        await client2.close()
+    asked: dict[str, set[str]] = {}
+    for r in rows:
+        if r["kind"] == "command" and r["subject"] == subjects.INSTANCE_UPGRADE and r["user_id"] in users:
+            asked.setdefault(r["user_id"], set()).add(r["request_id"])
+    assert {u: len(ids) for u, ids in asked.items()} == dict.fromkeys(users, 1)
+    upgraded = [
+        b["user_id"] for s, b in events if s.endswith(".instance_upgraded") and b["rollout_id"] == doc["_id"]
+    ]
+    assert sorted(upgraded) == sorted(users)
