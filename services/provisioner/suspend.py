@@ -227,12 +227,14 @@ class Suspension(Lifecycle):
                 with Phase(timings, "wake_ready"):
                     await self.wait_ready(cmd.user_id, doc["port"], name)
                 doc = await self._transition(cmd.request_id, cmd.user_id, S.RUNNING, {"last_error": None})
-            except ProvisionError:
-                await self._cleanup_failed(cmd.user_id, doc.get("instance_id"), str(cmd.request_id))
+            except ProvisionError as e:
+                # Like a start that fails: no running orphan, the record failed with the reason.
+                await self._cleanup_failed(cmd.user_id, doc.get("instance_id"), e)
                 raise
             except RuntimeError_ as e:
-                await self._cleanup_failed(cmd.user_id, doc.get("instance_id"), str(cmd.request_id))
-                raise ProvisionError(FailureReason.DOCKER, str(e)) from None
+                err = ProvisionError(FailureReason.DOCKER, str(e))
+                await self._cleanup_failed(cmd.user_id, doc.get("instance_id"), err)
+                raise err from None
             timings["total"] = round(time.perf_counter() - t0, 3)
             await self.publish(subjects.INSTANCE_READY, self._ready_event(doc, cmd.request_id, timings))
         log.info(
