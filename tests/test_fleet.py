@@ -190,6 +190,42 @@ async def test_the_broker_counts_model_calls_and_failed_ones_per_instance(
     assert await eventually(counted, timeout=30, interval=0.5) == {"broker": Counts(3, 1)}
 
 
+@pytest.mark.parametrize("fastpath", [True, False], ids=["fastpath", "aiohttp"])
+async def test_the_proxy_counts_answers_and_5xx_per_tenant(stack, service_env, store, fastpath):
+    """On both planes: a tenant whose gateway answers (200s) and one whose gateway is not
+    there (the proxy's own 502s)."""
+    import httpx
+
+    from tests.proxy_support import Recorder, start_proxy, tenant_on
+
+    rec = Recorder()
+    await rec.start()
+    proxy = start_proxy(stack, service_env, fastpath, ZAKI_ACTIVITY_FLUSH_S="0.5")
+    since = datetime.now(UTC)
+    try:
+        ok, ok_key = await tenant_on(store, rec, {"chat"})
+        gone, gone_key = await tenant_on(store, rec, {"chat"})
+        await store.instances.update_one({"_id": gone}, {"$set": {"port": free_port()}})  # nobody there
+        async with httpx.AsyncClient(base_url=f"http://{proxy.address}", timeout=30) as http:
+            got = [
+                (await http.get("/v1/models", headers={"Authorization": f"Bearer {key}"})).status_code
+                for key in (ok_key, ok_key, ok_key, gone_key, gone_key)
+            ]
+        assert got[:3] == [200, 200, 200] and all(is_error(x) for x in got[3:]), got  # 502/503 by plane
+
+        async def counted():
+            found = await traffic_since(store.db, {ok: since, gone: since})
+            return found if sum(c.calls for per in found.values() for c in per.values()) >= 5 else None
+
+        found = await eventually(counted, timeout=30, interval=0.3)
+        assert found == {ok: {"proxy": Counts(3, 0)}, gone: {"proxy": Counts(2, 2)}}
+    finally:
+        proxy.stop()
+        stack.processes.remove(proxy)
+        await rec.stop()
+        await store.instances.delete_many({"_id": {"$in": [locals().get("ok"), locals().get("gone")]}})
+
+
 # --- on a private platform ----------------------------------------------------------------------
 
 
