@@ -200,7 +200,7 @@ async def test_the_proxy_counts_answers_and_5xx_per_tenant(stack, service_env, s
 
     rec = Recorder()
     await rec.start()
-    proxy = start_proxy(stack, service_env, fastpath, ZAKI_ACTIVITY_FLUSH_S="0.5")
+    proxy = start_proxy(stack, service_env, fastpath, ZAKI_ACTIVITY_FLUSH_S="0.5", ZAKI_WAKE_TIMEOUT_S="1")
     since = datetime.now(UTC)
     try:
         ok, ok_key = await tenant_on(store, rec, {"chat"})
