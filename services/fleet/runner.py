@@ -1,21 +1,16 @@
 """Runs a rollout (plan.py) through the provisioner's ``instance.upgrade`` command.
 
-The rollout's whole state is in the store, written before each step: the ``rollouts``
-document (the wave reached, the overall state, the lease) and one ``rollout_instances``
-document per instance (its status), so parallel upgrades never write the same document
-(FerretDB rewrites whole documents: two concurrent updates of one would lose one). A runner that dies (a
-control-plane restart, kill -9) is resumed by ``zaki fleet resume`` (or the admin API): an
-instance left ``upgrading`` is asked again with the same request id (stored once by JetStream
-within its duplicate window, see command.py) unless its record already shows it settled. A
-runner that stays up through a NATS or provisioner restart finishes the wave by itself: its
-commands are retried until accepted and a lost outcome is read from the record. A lease
-(``runner``, ``heartbeat_at``) keeps two runners off one rollout.
-
-Stopped and suspended instances are part of the rollout without being started: the new image
-goes on their record (``recorded``) and a rollback puts their previous one back.
-
-Every step is an event on ``zaki.fleet.<step>`` (kept in the ZAKI_AUDIT stream), and every
-upgrade command carries the actor ``platform:fleet`` with the rollout id as reason.
+The rollout's whole state is in the store, written before each step: the ``rollouts`` document
+(wave reached, state, lease) and one ``rollout_instances`` document per instance (its status), so
+parallel upgrades never write the same document (FerretDB rewrites whole documents). A runner
+that dies is resumed by ``zaki fleet resume`` (or the admin API): an instance left ``upgrading``
+is asked again with the same request id (stored once by JetStream, command.py) unless its record
+shows it settled. A runner that stays up through a NATS or provisioner restart finishes by
+itself (commands retried until accepted, a lost outcome read from the record). A lease
+(``runner``, ``heartbeat_at``) keeps two runners off one rollout. Stopped and suspended
+instances are not started: the new image goes on their record, a rollback puts the old one back.
+Every step is an event on ``zaki.fleet.<step>`` (kept in the ZAKI_AUDIT stream); every command
+carries the actor ``platform:fleet`` with the rollout id as reason.
 """
 
 from __future__ import annotations
