@@ -289,10 +289,11 @@ async def _chat_relay(a: Browser, b: Browser, proxy: Process, dashboard: Process
     assert arrivals[-1][0] - arrivals[0][0] > 1.2, arrivals  # not buffered
     print(f"\nrelayed chat: first piece {arrivals[0][0]:.2f} s, last {arrivals[-1][0]:.2f} s")
     await _relay_abort(a, dashboard, proxy)
-    # Another account's session mints a JWT naming its own user: it has no gateway, never A's.
+    # Another account has no agent: told so by the dashboard itself, nothing is relayed (its
+    # JWT would name its own user in any case: never A's gateway).
     r = await b.http.post("/api/chat/completions", json=body)
-    assert r.status_code == 503 and r.json()["state"] == "absent", r.text
-    assert "echo" not in r.text
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", r.text
+    assert "no agent" in r.json()["error"]["message"] and "echo" not in r.text
     # A cookie-carrying POST from the proxy's origin (tenant content) or another site is refused.
     for origin in (PROXY_ORIGIN, "https://evil.example"):
         r = await a.http.post("/api/chat/completions", json=body, headers={"Origin": origin})

@@ -195,7 +195,9 @@ async def test_reconcile_removes_orphans_and_recreates_missing_containers(
     docker_client.containers.get(container_name(ev.user_id)).remove(force=True)
 
     async def converged():
-        names = {c.name for c in docker_client.containers.list(all=True)}
+        # sparse: no inspect per container, which races with the orphan being removed meanwhile.
+        listed = docker_client.containers.list(all=True, sparse=True)
+        names = {n.lstrip("/") for c in listed for n in c.attrs.get("Names") or []}
         doc = await store.get_instance(ev.user_id)
         return (
             container_name(orphan_user) not in names

@@ -17,8 +17,10 @@ from tests.conftest import new_user
 
 async def record(store, state: InstanceState, port: int = 40123) -> str:
     user = new_user("g")
+    # On a Docker host no provisioner of the session serves: its reconcile would find no
+    # container for the record and mark it failed while the test is holding requests for it.
     await store.create_instance(
-        user, {"instance_id": "i1", "docker_host": "local", "host": "127.0.0.1", "port": port}
+        user, {"instance_id": "i1", "docker_host": "gate-test-host", "host": "127.0.0.1", "port": port}
     )
     await store.instances.update_one({"_id": user}, {"$set": {"state": state.value}})
     return user

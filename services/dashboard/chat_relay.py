@@ -15,7 +15,7 @@ import logging
 import aiohttp
 from aiohttp import web
 
-from services.dashboard.errors import ApiError
+from services.dashboard.errors import ApiError, not_found
 from services.dashboard.models import ChatCompletionIn
 from services.dashboard.web import API, Ctx, apply_cookies
 
@@ -77,6 +77,8 @@ async def chat_completions(ctx: Ctx) -> web.StreamResponse:
     payload = json.dumps(ctx.body.model_dump(exclude_unset=True)).encode()
     if not d.jwt.enabled:
         raise ApiError(503, "chat_unavailable", "no proxy credential is configured (ZAKI_JWT_SECRET)")
+    if await d.store.get_instance(ctx.user_id) is None:  # answered here: no trip to the proxy
+        raise not_found("you have no agent yet: create one first")
     token = d.jwt.issue(ctx.user_id, ttl=CHAT_JWT_TTL_S, scopes=CHAT_SCOPES)
     headers = {
         "Authorization": f"Bearer {token}",
