@@ -212,6 +212,11 @@ async def boot_once(
         await wait_ready(http, s.port, s.user)
         ready = time.perf_counter() - t0
         fb = ready + await chat(http, s.port, s.user)
+        # Printed at once: a long run under load still leaves its figures if it is cut short.
+        print(
+            f"{s.variant.name}: {'first boot' if first else 'wake'} ready {ready:.2f} s, chat {fb:.2f} s",
+            file=sys.stderr,
+        )
         if first:
             s.result.first = ready
         else:
@@ -250,7 +255,6 @@ async def main() -> None:
             for i in range(args.wakes + 1):
                 for s in subjects:
                     await boot_once(s, runtime, http, i == 0, args.log)
-                    print(f"round {i} {s.variant.name}: done", file=sys.stderr)
     finally:
         for s in subjects:
             await runtime.remove(s.name)

@@ -53,6 +53,15 @@ class ZakiSettings(BaseSettings):
     heal_reset_s: float = Field(default=3600.0, gt=0)
     # V8's heap cap as a share of the gateway's memory limit (the seed: 1024 MiB of 2 GiB); 0: none.
     gateway_heap_ratio: float = Field(default=0.5, ge=0, lt=1)
+    # Boot time (issue 16.5, bench/boot.py): the OpenClaw plugins a hosted gateway loads
+    # (plugins.allow, comma-separated; empty: OpenClaw's default 15, among them browser, canvas,
+    # computer use and four model providers the platform never uses), and memory-core's nightly
+    # "dreaming" (a cron job that calls the model and would wake a suspended gateway every night).
+    gateway_plugins: str = Field(
+        default="telegram,memory-core",
+        pattern=r"^\s*([a-z0-9][a-z0-9._-]*\s*(,\s*[a-z0-9][a-z0-9._-]*\s*)*)?$",
+    )
+    gateway_dreaming: bool = False
     # Per-tenant data folder limits (0: none), measured by every reconcile; over them the
     # instance is stopped (reason disk_quota_exceeded) and a start is refused. The walk stops
     # at the limit, so max_files also bounds its cost (~2.3 us an entry).
@@ -260,6 +269,9 @@ class ZakiSettings(BaseSettings):
 
     def images(self) -> list[str]:
         return [self.gateway_image, *(i.strip() for i in self.allowed_images.split(",") if i.strip())]
+
+    def gateway_plugin_ids(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.gateway_plugins.split(",") if p.strip())
 
     def proxy_public_origins(self) -> list[str]:
         return [o.strip() for o in self.proxy_public_origin.split(",") if o.strip()]

@@ -1,6 +1,7 @@
 """The locally built real OpenClaw image, started with a rendered native config."""
 
 import asyncio
+import dataclasses
 import secrets
 import time
 
@@ -18,7 +19,7 @@ from services.provisioner.config import (
 from services.provisioner.runtime import ContainerSpec, DockerRuntime
 from shared.gateway import CONTAINER_STATE_DIR, CONTAINER_WORKSPACE, identity_headers, network_name
 from shared.settings import ZakiSettings
-from tests.conftest import REAL_IMAGE, new_user
+from tests.conftest import REAL_IMAGE, eventually, new_user
 from zaki.stack import free_port
 
 pytestmark = pytest.mark.gateway
@@ -49,6 +50,10 @@ async def real_gateway(fakes, state_dir, docker_client):
         password=password,
         telegram_api_root=f"http://host.docker.internal:{fakes.tg_port}",
         telegram_private_network=True,
+        telegram_allow_from=("4242",),
+        # What the provisioner renders by default (ZAKI_GATEWAY_PLUGINS, ZAKI_GATEWAY_DREAMING).
+        plugins=ZakiSettings().gateway_plugin_ids(),
+        dreaming=ZakiSettings().gateway_dreaming,
     )
     write_config_atomically(dirs.config, render_openclaw_config(spec))
     port = free_port()
@@ -67,13 +72,13 @@ async def real_gateway(fakes, state_dir, docker_client):
     )
     await runtime.create(cspec)
     await runtime.start(cspec.name)
-    yield user, port, password, cspec.name
+    yield user, port, password, cspec.name, spec.bot_token
     await runtime.remove(cspec.name)
     await runtime.remove_network(user)
 
 
 async def test_real_gateway_ready_auth_and_chat(real_gateway, fakes, docker_client):
-    user, port, password, name = real_gateway
+    user, port, password, name, _ = real_gateway
     base = f"http://127.0.0.1:{port}"
     headers = identity_headers(user)
     async with httpx.AsyncClient(timeout=60) as http:
@@ -114,3 +119,52 @@ async def test_real_gateway_ready_auth_and_chat(real_gateway, fakes, docker_clie
     assert attrs["HostConfig"]["ReadonlyRootfs"] is True
     assert attrs["Config"]["User"] == "1000:1000"
     assert "no-new-privileges:true" in attrs["HostConfig"]["SecurityOpt"]
+
+
+async def _ready(port: int, user: str) -> bool:
+    async with httpx.AsyncClient(timeout=5) as http:
+        try:
+            return (
+                await http.get(f"http://127.0.0.1:{port}/readyz", headers=identity_headers(user))
+            ).is_success
+        except httpx.HTTPError:
+            return False
+
+
+async def test_real_gateway_loads_only_the_platforms_plugins_and_answers_telegram(
+    real_gateway, fakes, docker_client
+):
+    """Boot time (issue 16.5): the rendered plugins.allow keeps OpenClaw from loading its other
+    13 default plugins (browser, canvas, computer use, unused providers, ...); with them gone
+    and dreaming off the gateway still gets ready, and a Telegram message gets the model's answer."""
+    user, port, _, name, token = real_gateway
+    await eventually(lambda: _ready(port, user), timeout=300, interval=0.5)  # a loaded 2-core host
+    logs = docker_client.containers.get(name).logs().decode(errors="replace")
+    listening = next(line for line in logs.splitlines() if "http server listening" in line)
+    assert "(2 plugins: memory-core, telegram;" in listening, listening
+    tg = fakes.telegram
+    await eventually(lambda: tg.polling(token), timeout=60)
+    tg.inject_message(token, "hello lean gateway", chat_id=4242)
+    answers = await eventually(
+        lambda: [m for m in tg.answers(token) if "hello lean gateway" in m["text"]], timeout=120
+    )
+    assert str(answers[0]["chat_id"]) == "4242"
+
+
+def test_rendered_config_turns_dreaming_off_and_allows_only_the_listed_plugins():
+    spec = GatewaySpec(
+        user_id="u1",
+        bot_token="123:abc",
+        model="zaki/echo-1",
+        provider=Provider("zaki", "http://broker:1/v1", "openai-completions", "sk-x", ()),
+        trusted_proxy_ip="10.0.0.1",
+        password="p" * 24,
+        plugins=("telegram", "memory-core"),
+        dreaming=False,
+    )
+    plugins = render_openclaw_config(spec)["plugins"]
+    assert plugins["allow"] == ["telegram", "memory-core"]
+    assert plugins["entries"]["memory-core"]["config"]["dreaming"] == {"enabled": False}
+    # OpenClaw's defaults when the settings ask for them: no plugins block at all.
+    default = dataclasses.replace(spec, plugins=(), dreaming=True)
+    assert "plugins" not in render_openclaw_config(default)

@@ -45,6 +45,19 @@ class GatewaySpec:
     telegram_allow_from: tuple[str, ...] = ()
     telegram_private_network: bool = False
     extra_models: tuple[str, ...] = field(default=())
+    # plugins.allow (empty: OpenClaw's default set); see ZakiSettings.gateway_plugins.
+    plugins: tuple[str, ...] = ()
+    dreaming: bool = True  # memory-core's nightly memory consolidation (a cron job calling the model)
+
+
+def _plugins(spec: GatewaySpec) -> dict[str, Any]:
+    """Only the plugins a hosted gateway uses: each loaded plugin costs boot time (issue 16.5)."""
+    out: dict[str, Any] = {}
+    if spec.plugins:
+        out["allow"] = list(spec.plugins)
+    if not spec.dreaming and (not spec.plugins or "memory-core" in spec.plugins):
+        out["entries"] = {"memory-core": {"config": {"dreaming": {"enabled": False}}}}
+    return out
 
 
 def render_openclaw_config(spec: GatewaySpec) -> dict[str, Any]:
@@ -60,7 +73,7 @@ def render_openclaw_config(spec: GatewaySpec) -> dict[str, Any]:
         telegram["apiRoot"] = spec.telegram_api_root
     if spec.telegram_private_network:
         telegram["network"] = {"dangerouslyAllowPrivateNetwork": True}
-    return {
+    config: dict[str, Any] = {
         "gateway": {
             "mode": "local",
             "port": GATEWAY_PORT,
@@ -96,6 +109,9 @@ def render_openclaw_config(spec: GatewaySpec) -> dict[str, Any]:
         },
         "channels": {"telegram": telegram},
     }
+    if plugins := _plugins(spec):
+        config["plugins"] = plugins
+    return config
 
 
 SOUL_MD = """# SOUL

@@ -89,6 +89,8 @@ class Lifecycle(ProvisionerBase):
             telegram_api_root=None if tg_root.rstrip("/") == "https://api.telegram.org" else tg_root,
             telegram_allow_from=tuple(doc.get("telegram_allow_from") or ()),
             telegram_private_network=self.s.telegram_private_network,
+            plugins=self.s.gateway_plugin_ids(),
+            dreaming=self.s.gateway_dreaming,
         )
         dirs = self._dirs(user_id)
         try:
