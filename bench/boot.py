@@ -243,7 +243,7 @@ async def main() -> None:
     lr, tr = await serve(llm.app(), bridge, 0), await serve(tg.app(), bridge, 0)
     allow = f"{bridge}/32:{bound_port(lr)},{bridge}/32:{bound_port(tr)}"
     runtime = DockerRuntime(
-        settings=ZakiSettings(egress_allow=allow, platform_id=f"bboot-{uuid.uuid4().hex[:6]}")
+        platform_id=f"bboot-{uuid.uuid4().hex[:6]}", settings=ZakiSettings(egress_allow=allow)
     )
     tmp = Path(tempfile.mkdtemp(prefix="zaki-bench-boot-"))
     subjects: list[Subject] = []

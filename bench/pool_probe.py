@@ -77,7 +77,7 @@ async def main() -> None:
     lr, tr = await serve(llm.app(), bridge, 0), await serve(tg.app(), bridge, 0)
     allow = f"{bridge}/32:{bound_port(lr)},{bridge}/32:{bound_port(tr)}"
     runtime = DockerRuntime(
-        settings=ZakiSettings(egress_allow=allow, platform_id=f"bpool-{uuid.uuid4().hex[:6]}")
+        platform_id=f"bpool-{uuid.uuid4().hex[:6]}", settings=ZakiSettings(egress_allow=allow)
     )
     client = docker.from_env()
     slot, user = f"slot{uuid.uuid4().hex[:8]}", f"user{uuid.uuid4().hex[:8]}"
