@@ -6,14 +6,16 @@ private platform (NATS, FerretDB, provisioner, monitor of its own):
 2. ``zaki fleet upgrade --image ... --canary ... --waves ... --soak-s ...`` (the CLI runner, a
    subprocess) on the same instances to a second new image: wall time to completion, and per
    wave the upgrades and the soak (from the runner's ``zaki.fleet.*`` events);
-3. (``--rollback``, on by default) the same CLI to an image that never gets ready: time until
+3. (skipped with ``--no-rollback``) the same CLI to an image that never gets ready: time until
    the canary fails the gate and the rollout halts, and until every instance runs its previous
    image again.
 
+``--rounds`` repeats 1 and 2 alternately (the commands move every instance to image A, the
+runner to image B), since other work shares this machine; the load average is printed.
 The new images are the stand-in committed with an ENV change (``docker commit``, no
 registry), so each upgrade is a real container swap of the same start-up cost.
 
-    python bench/fleet.py [--instances 20] [--soak 5] [--canary 5%] [--waves 25%,50%,100%]
+    python bench/fleet.py [--instances 20] [--soak 5] [--rounds 2] [--canary 5%] [--waves 25%,50%,100%]
 """
 
 from __future__ import annotations
@@ -169,7 +171,9 @@ async def fleet_cli(env: dict[str, str], steps: Steps, *args: str) -> dict:
         raise RuntimeError(f"no rollout started (exit {proc.returncode}): {err.decode()[-2000:]}")
     mine = steps.of(rid)
     started = next(t for t, s, _ in mine if s == "started")
-    last = out.decode().strip().splitlines()[-1].split(": ", 1)[-1] if out.strip() else ""
+    # Its summary line: "rollout <id>: <state> {<status>: <count>}"
+    last = next((x for x in out.decode().splitlines() if x.startswith(f"rollout {rid}: ")), "")
+    last = last.split(": ", 1)[-1]
     return {"t0": t0, "wall": wall, "rc": proc.returncode, "steps": mine, "waves": waves(mine),
             "startup": started - t0, "final": last}  # fmt: skip
 
@@ -185,46 +189,62 @@ async def back_on(store: Store, users: list[str], image: str, timeout: float = 3
     raise TimeoutError(f"not every instance back on {image}")
 
 
-def report(args: argparse.Namespace, base: dict, fl: dict, rb: dict | None, loads: dict) -> None:
-    soak_total = sum(w["gate"] for w in fl["waves"])
-    work = sum(w["upgrade"] for w in fl["waves"])
+def report(
+    args: argparse.Namespace,
+    bases: list[dict],
+    fls: list[dict],
+    rb: dict | None,
+    loads: list[tuple[str, str]],
+) -> None:
     n = args.instances
+    print(f"\nFleet upgrade of {n} stand-in instances, one run, {len(fls)} round(s) (2 cores, shared)")
+    print("load average 1/5/15 min: " + "; ".join(f"{k} {v}" for k, v in loads))
     print(
-        f"\nFleet upgrade of {n} stand-in instances, one run (load avg 1/5/15 min: start {loads['start']}, "
-        f"after baseline {loads['base']}, after fleet {loads['fleet']}, end {loads['end']}; 2 cores, shared)"
+        "| scenario | round | wall s | upgrade work s (no soak) | soak + gates s | per upgrade p50 / max s | result |"
     )
-    print(
-        "| scenario | wall s | upgrade work s (no soak) | soak + gates s | per upgrade p50 / max s | result |"
-    )
-    print("|---|---:|---:|---:|---:|---|")
-    print(
-        f"| baseline: {n} `instance.upgrade` at once | {base['wall']:.1f} | {base['wall']:.1f} | - | "
-        f"{base['p50']:.1f} / {base['max']:.1f} | ready {base['ok']}/{n} |"
-    )
-    print(
-        f"| `zaki fleet upgrade` canary {args.canary}, waves {args.waves}, soak {args.soak:g} s, "
-        f"parallel {args.parallel} | {fl['wall']:.1f} | {work:.1f} | {soak_total:.1f} | - | {fl['final']} |"
-    )
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for r, (base, fl) in enumerate(zip(bases, fls, strict=True), 1):
+        print(
+            f"| baseline: {n} `instance.upgrade` at once | {r} | {base['wall']:.1f} | {base['wall']:.1f} | - | "
+            f"{base['p50']:.1f} / {base['max']:.1f} | ready {base['ok']}/{n} |"
+        )
+        print(
+            f"| `zaki fleet upgrade` canary {args.canary}, waves {args.waves}, soak {args.soak:g} s, "
+            f"parallel {args.parallel} | {r} | {fl['wall']:.1f} | {fl['work']:.1f} | {fl['soak']:.1f} | - | "
+            f"{fl['final']} |"
+        )
     if rb:
         print(
-            f"| never-ready image, canary {args.canary}: halted / all back on the previous image | "
-            f"{rb['wall']:.1f} / {rb['back']:.1f} | {sum(w['upgrade'] for w in rb['waves']):.1f} | "
-            f"{sum(w['gate'] for w in rb['waves']):.1f} | - | {rb['final']} |"
+            f"| never-ready image, canary {args.canary}: halted / all back on the previous image | - | "
+            f"{rb['wall']:.1f} / {rb['back']:.1f} | {rb['work']:.1f} | {rb['soak']:.1f} | - | {rb['final']} |"
         )
+    startup = ", ".join(f"{fl['startup']:.1f}" for fl in fls)
     print(
-        f"\nPer wave of `zaki fleet upgrade` (CLI start-up to the runner's first event: {fl['startup']:.1f} s)"
+        f"\nPer wave of `zaki fleet upgrade`, each round (CLI start-up to the runner's first event: {startup} s)"
     )
     print("| wave | instances | upgrades s | soak + gate s | wave total s |")
     print("|---:|---:|---:|---:|---:|")
-    for w in fl["waves"]:
+    for i, w in enumerate(fls[0]["waves"]):
+        per = [fl["waves"][i] for fl in fls]
         print(
-            f"| {w['wave'] + 1}{' (canary)' if w['wave'] == 0 else ''} | {w['size']} | {w['upgrade']:.1f} | "
-            f"{w['gate']:.1f} | {w['upgrade'] + w['gate']:.1f} |"
+            f"| {i + 1}{' (canary)' if i == 0 else ''} | {w['size']} | "
+            + " | ".join(", ".join(f"{x[k]:.1f}" for x in per) for k in ("upgrade", "gate", "total"))
+            + " |"
         )
+    b = statistics.median(x["wall"] for x in bases)
+    f = statistics.median(x["wall"] for x in fls)
+    fw = statistics.median(x["wall"] - x["soak"] for x in fls)
     print(
-        f"\nFleet vs baseline: {fl['wall'] / base['wall']:.1f}x the wall time; without the soaks "
-        f"{(fl['wall'] - soak_total) / base['wall']:.1f}x ({fl['wall'] - soak_total:.1f} s vs {base['wall']:.1f} s)."
+        f"\nMedians: baseline {b:.1f} s, fleet {f:.1f} s ({f / b:.1f}x); fleet without its soaks "
+        f"{fw:.1f} s ({fw / b:.1f}x)."
     )
+
+
+def summed(fl: dict) -> dict:
+    """The fleet run's upgrade work and soak time, over its waves."""
+    for w in fl["waves"]:
+        w["total"] = w["upgrade"] + w["gate"]
+    return fl | {"work": sum(w["upgrade"] for w in fl["waves"]), "soak": sum(w["gate"] for w in fl["waves"])}
 
 
 async def main() -> None:
@@ -234,9 +254,10 @@ async def main() -> None:
     ap.add_argument("--canary", default="5%")
     ap.add_argument("--waves", default="25%,50%,100%")
     ap.add_argument("--parallel", type=int, default=4, help="upgrades at once within a wave (CLI default)")
+    ap.add_argument("--rounds", type=int, default=2, help="baseline + fleet pairs, alternating")
     ap.add_argument("--no-rollback", dest="rollback", action="store_false", help="skip the never-ready run")
     args = ap.parse_args()
-    loads = {"start": load()}
+    loads0 = load()
     tmp = Path(tempfile.mkdtemp(prefix="zaki-bench-fleet-"))
     stack = Stack(tmp / "stack")
     dk = docker.from_env()
@@ -295,24 +316,27 @@ async def main() -> None:
         t = time.perf_counter()
         users = await make_instances(platform, args.instances)
         print(f"[fleet] {len(users)} instances ready in {time.perf_counter() - t:.0f} s", flush=True)
-        base = await baseline(platform, users, NEXT_A)
-        loads["base"] = load()
-        print(f"[fleet] baseline done: {base['wall']:.1f} s", flush=True)
-        await asyncio.sleep(3)  # the monitor sees the new incarnations before the runner looks
+        loads = [("start", loads0)]
         cli = ("--canary", args.canary, "--soak-s", str(args.soak), "--parallel", str(args.parallel),
                "--timeout", "300")  # fmt: skip
-        fl = await fleet_cli(env, steps, "--image", NEXT_B, "--waves", args.waves, *cli)
-        loads["fleet"] = load()
-        if fl["rc"] != 0:
-            raise RuntimeError(f"fleet upgrade did not complete: {fl['final']}")
-        print(f"[fleet] fleet upgrade done: {fl['wall']:.1f} s", flush=True)
+        bases, fls = [], []
+        for r in range(1, args.rounds + 1):  # each round: A by commands, then B by the runner
+            bases.append(await baseline(platform, users, NEXT_A))
+            loads.append((f"after baseline {r}", load()))
+            print(f"[fleet] round {r} baseline: {bases[-1]['wall']:.1f} s", flush=True)
+            await asyncio.sleep(3)  # the monitor sees the new incarnations before the runner looks
+            fls.append(summed(await fleet_cli(env, steps, "--image", NEXT_B, "--waves", args.waves, *cli)))
+            loads.append((f"after fleet {r}", load()))
+            if fls[-1]["rc"] != 0:
+                raise RuntimeError(f"fleet upgrade did not complete: {fls[-1]['final']}")
+            print(f"[fleet] round {r} fleet upgrade: {fls[-1]['wall']:.1f} s", flush=True)
         rb = None
         if args.rollback:
-            rb = await fleet_cli(env, steps, "--image", NEVER, "--waves", "100%", *cli)
+            rb = summed(await fleet_cli(env, steps, "--image", NEVER, "--waves", "100%", *cli))
             rb["back"] = await back_on(store, users, NEXT_B) - rb["t0"]
+            loads.append(("end", load()))
             print(f"[fleet] never-ready rollout: {rb['final']} after {rb['wall']:.1f} s", flush=True)
-        loads["end"] = load()
-        report(args, base, fl, rb, loads)
+        report(args, bases, fls, rb, loads)
         print(f"\n(whole run {time.perf_counter() - t_start:.0f} s)")
     finally:
         if platform is not None:
