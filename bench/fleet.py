@@ -172,7 +172,7 @@ async def fleet_cli(env: dict[str, str], steps: Steps, *args: str) -> dict:
     mine = steps.of(rid)
     started = next(t for t, s, _ in mine if s == "started")
     # Its summary line: "rollout <id>: <state> {<status>: <count>}"
-    last = next((x for x in out.decode().splitlines() if x.startswith(f"rollout {rid}: ")), "")
+    last = next((x for x in reversed(out.decode().splitlines()) if x.startswith(f"rollout {rid}: ")), "")
     last = last.split(": ", 1)[-1]
     return {"t0": t0, "wall": wall, "rc": proc.returncode, "steps": mine, "waves": waves(mine),
             "startup": started - t0, "final": last}  # fmt: skip
