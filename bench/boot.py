@@ -60,7 +60,7 @@ class Variant:
 
 
 def base_env() -> dict[str, str]:
-    """The provisioner's env for a gateway (services/provisioner/lifecycle.py)."""
+    """The provisioner's env for a gateway before issue 16.5's changes (the variants add them)."""
     return {
         "HOME": "/home/node",
         "OPENCLAW_HOME": "/home/node",
@@ -153,6 +153,8 @@ class Result:
     first: float = 0.0
     ready: list[float] = field(default_factory=list)
     first_byte: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # CPU seconds the container used until ready (wakes)
+    first_cpu: float = 0.0
     timeline: list[tuple[float, str]] = field(default_factory=list)
 
 
@@ -211,15 +213,19 @@ async def boot_once(
     try:
         await wait_ready(http, s.port, s.user)
         ready = time.perf_counter() - t0
+        # CPU time until ready: unlike wall time, barely moved by other work on a shared host.
+        stats = docker.from_env().containers.get(s.name).stats(stream=False)
+        cpu = stats["cpu_stats"]["cpu_usage"]["total_usage"] / 1e9
         fb = ready + await chat(http, s.port, s.user)
         # Printed at once: a long run under load still leaves its figures if it is cut short.
         print(
-            f"{s.variant.name}: {'first boot' if first else 'wake'} ready {ready:.2f} s, chat {fb:.2f} s",
+            f"{s.variant.name}: {'first boot' if first else 'wake'} ready {ready:.2f} s (CPU {cpu:.2f} s), chat {fb:.2f} s",
             file=sys.stderr,
         )
         if first:
-            s.result.first = ready
+            s.result.first, s.result.first_cpu = ready, cpu
         else:
+            s.result.cpu.append(cpu)
             s.result.ready.append(ready)
             s.result.first_byte.append(fb)
             s.result.timeline = timeline(docker.from_env().containers.get(s.name), since, everything)
@@ -269,14 +275,14 @@ async def main() -> None:
         f"\nReal gateway boot, one run, variants interleaved, {args.wakes} wakes each (docker start of a stopped container)"
     )
     print(
-        "| variant | first boot -> /readyz s | wake -> /readyz s (median, max) | wake -> first chat byte s (median) |"
+        "| variant | first boot -> /readyz s | wake -> /readyz s (median, max) | wake CPU s until ready | wake -> first chat byte s (median) |"
     )
-    print("|---|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|")
     for s in subjects:
         r = s.result
         print(
-            f"| {s.variant.name} | {r.first:.2f} | {statistics.median(r.ready):.2f}, {max(r.ready):.2f} | "
-            f"{statistics.median(r.first_byte):.2f} |"
+            f"| {s.variant.name} | {r.first:.2f} (CPU {r.first_cpu:.2f}) | {statistics.median(r.ready):.2f}, {max(r.ready):.2f} | "
+            f"{statistics.median(r.cpu):.2f} | {statistics.median(r.first_byte):.2f} |"
         )
     for s in subjects:
         print(f"\n{s.variant.name}, gateway log of the last wake (s after docker start):")

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from services.provisioner.config import (
+    BOOT_ENV,
     GatewaySpec,
     Provider,
     prepare_user_dirs,
@@ -68,17 +69,18 @@ async def real_gateway(fakes, state_dir, docker_client):
         env={
             "OPENCLAW_CONFIG_PATH": f"{CONTAINER_STATE_DIR}/openclaw.json",
             "OPENCLAW_STATE_DIR": CONTAINER_STATE_DIR,
+            **BOOT_ENV,
         },
     )
     await runtime.create(cspec)
     await runtime.start(cspec.name)
-    yield user, port, password, cspec.name, spec.bot_token
+    yield user, port, password, cspec.name, spec.bot_token, dirs
     await runtime.remove(cspec.name)
     await runtime.remove_network(user)
 
 
 async def test_real_gateway_ready_auth_and_chat(real_gateway, fakes, docker_client):
-    user, port, password, name, _ = real_gateway
+    user, port, password, name, *_ = real_gateway
     base = f"http://127.0.0.1:{port}"
     headers = identity_headers(user)
     async with httpx.AsyncClient(timeout=60) as http:
@@ -136,12 +138,18 @@ async def test_real_gateway_loads_only_the_platforms_plugins_and_answers_telegra
 ):
     """Boot time (issue 16.5): the rendered plugins.allow keeps OpenClaw from loading its other
     13 default plugins (browser, canvas, computer use, unused providers, ...); with them gone
-    and dreaming off the gateway still gets ready, and a Telegram message gets the model's answer."""
-    user, port, _, name, token = real_gateway
+    and dreaming off the gateway still gets ready, and a Telegram message gets the model's answer.
+    BOOT_ENV: no respawned launcher process, the compile cache used in place."""
+    user, port, _, name, token, dirs = real_gateway
     await eventually(lambda: _ready(port, user), timeout=300, interval=0.5)  # a loaded 2-core host
     logs = docker_client.containers.get(name).logs().decode(errors="replace")
     listening = next(line for line in logs.splitlines() if "http server listening" in line)
     assert "(2 plugins: memory-core, telegram;" in listening, listening
+    # BOOT_ENV: no openclaw.mjs launcher respawned itself to wrap the gateway (tini's child is
+    # the gateway), and Node's compile cache sits where the platform put it.
+    top = docker_client.containers.get(name).top(ps_args="-eo pid,ppid,args")["Processes"]
+    tini = next(pid for pid, _, args in top if args.startswith("/usr/bin/tini"))
+    assert [ppid for _, ppid, args in top if args == "openclaw-gateway"] == [tini], top
     tg = fakes.telegram
     await eventually(lambda: tg.polling(token), timeout=60)
     tg.inject_message(token, "hello lean gateway", chat_id=4242)
@@ -149,6 +157,9 @@ async def test_real_gateway_loads_only_the_platforms_plugins_and_answers_telegra
         lambda: [m for m in tg.answers(token) if "hello lean gateway" in m["text"]], timeout=120
     )
     assert str(answers[0]["chat_id"]) == "4242"
+    docker_client.containers.get(name).stop(timeout=30)  # Node writes its compile cache at exit
+    cache = dirs.state / "cache" / "node-compile"
+    assert not (cache / "openclaw").exists() and any(cache.glob("v*/*")), list(cache.iterdir())
 
 
 def test_rendered_config_turns_dreaming_off_and_allows_only_the_listed_plugins():

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.gateway import (
+    CONTAINER_STATE_DIR,
     CONTAINER_WORKSPACE,
     CONTROL_UI_BASE_PATH,
     DASHBOARD_SCOPES,
@@ -21,6 +22,16 @@ from shared.gateway import (
     dashboard_identity,
     gateway_identity,
 )
+
+# Node's on-disk compile cache in the persistent state folder: every boot after the first (a
+# wake, a restart) skips recompiling OpenClaw's module graph (issue 16.5). With NODE_COMPILE_CACHE
+# set, openclaw.mjs respawns itself once to move the cache into a per-version subfolder and the
+# launcher stays alive as the gateway's parent (~60 MB RSS, one more Node start per boot); its
+# own "already respawned" marker skips that, and the cache stays where we put it.
+BOOT_ENV = {
+    "NODE_COMPILE_CACHE": f"{CONTAINER_STATE_DIR}/cache/node-compile",
+    "OPENCLAW_PACKAGED_COMPILE_CACHE_RESPAWNED": "1",
+}
 
 
 @dataclass(frozen=True)

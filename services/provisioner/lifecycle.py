@@ -16,6 +16,7 @@ from typing import Any
 from services.provisioner import metrics
 from services.provisioner.base import Phase, ProvisionerBase, ProvisionError, S, _bytes, log
 from services.provisioner.config import (
+    BOOT_ENV,
     GatewaySpec,
     Provider,
     prepare_user_dirs,
@@ -122,9 +123,7 @@ class Lifecycle(ProvisionerBase):
                 "OPENCLAW_CONFIG_PATH": f"{CONTAINER_STATE_DIR}/openclaw.json",
                 "OPENCLAW_WORKSPACE_DIR": CONTAINER_WORKSPACE,
                 "XDG_CACHE_HOME": f"{CONTAINER_STATE_DIR}/cache",
-                # Node's on-disk compile cache in the persistent state folder: every boot after the
-                # first (a wake, a restart) skips recompiling OpenClaw's module graph (issue 16.5).
-                "NODE_COMPILE_CACHE": f"{CONTAINER_STATE_DIR}/cache/node-compile",
+                **BOOT_ENV,
                 **self._heap_cap(),
             },
             memory=self.s.gateway_memory,
