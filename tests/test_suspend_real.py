@@ -1,0 +1,295 @@
+"""Idle suspend and wake on the real OpenClaw gateway (issue 16): one real gateway for the
+whole module (~1 GiB, ~20 s a boot), suspended after its idle time between tests; an HTTP
+chat, an SSE stream and a WebSocket RPC call through the proxy each wake it and are answered
+by the gateway itself, and a cron job set through the gateway's own ``cron.add`` RPC wakes
+it in time for the job, which then runs. (test_suspend.py covers the same on stand-ins.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from typing import Any
+
+import docker
+import httpx
+import pytest
+import websockets
+
+from services.gateway_proxy import keys
+from shared import subjects
+from shared.client import PlatformClient
+from shared.events import InstanceRequested, InstanceUpdate
+from shared.gateway import CONTAINER_STATE_DIR, GATEWAY_PORT, container_name
+from shared.state import InstanceState
+from shared.store import Store
+from tests.conftest import REAL_IMAGE, eventually, new_user, operator_connect, outside_world_env
+from tests.proxy_support import start_proxy
+from tests.test_self_healing import start_private_platform
+from tests.test_suspend import WAKER_ENV, chat, delete, events_for, suspend
+from zaki.stack import Process, free_network_pool, free_port, wait_for_port
+
+pytestmark = [pytest.mark.gateway, pytest.mark.timeout(600)]
+
+IDLE_S = 8  # short, but over ZAKI_ACTIVITY_FLUSH_S (5): a request in flight is seen at a flush
+LEAD_S = 60  # ZAKI_WAKE_LEAD_S: a sleeper with a job is woken this long before it
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory, service_env, fakes) -> Any:
+    """A platform of its own (NATS, FerretDB, provisioner, broker, waker, proxy): a real boot
+    took over the session's 120 s readiness timeout while other work loaded this 2-core
+    machine, so readiness and the proxy's hold get 300 s here, as test_first_hour does."""
+    broker_port = free_port(fakes.host)
+    p = start_private_platform(
+        tmp_path_factory.mktemp("sreal"),
+        {**service_env, **outside_world_env(fakes, broker_port)},
+        "sreal",
+        free_network_pool(),
+        ZAKI_READINESS_TIMEOUT_S="300",
+        ZAKI_RECONCILE_INTERVAL_S="5",
+        ZAKI_WAKE_LEAD_S=str(LEAD_S),
+    )
+    env = {k: v for k, v in p.env.items() if k != "ZAKI_METRICS_PORT"}
+    try:
+        broker = p.stack.start_service("services.llm_broker", {**env, "ZAKI_METRICS_PORT": str(free_port())})
+        wait_for_port(fakes.host, broker_port, broker.proc, "llm broker")
+        wport = free_port()
+        waker = p.stack.start_service("services.waker", {**env, **WAKER_ENV, "ZAKI_METRICS_PORT": str(wport)})
+        wait_for_port("127.0.0.1", wport, waker.proc, "waker")
+        proxy = start_proxy(p.stack, env, fastpath=True, ZAKI_WAKE_TIMEOUT_S="300")
+        proxy.address = f"http://{proxy.address}"
+        yield SimpleNamespace(env=env, proxy=proxy, data_root=p.data_root)
+    finally:
+        p.stack.stop()
+
+
+@pytest.fixture
+async def platform(own) -> Any:
+    c = await PlatformClient.connect(own.env["ZAKI_NATS_URL"])
+    yield c
+    await c.close()
+
+
+@pytest.fixture(scope="module")
+def proxy(own) -> Process:
+    return own.proxy
+
+
+@pytest.fixture(scope="module")
+async def sleeper(own, fakes) -> Any:
+    """The module's one real gateway, with a short idle time and an API key for chat and WS."""
+    platform = await PlatformClient.connect(own.env["ZAKI_NATS_URL"])
+    store = Store(own.env["ZAKI_MONGO_URL"], "zaki")
+    ev = InstanceRequested(
+        request_id=new_user("req"),
+        user_id=new_user("r"),
+        bot_token=fakes.bot(),
+        image=REAL_IMAGE,
+        idle_suspend_s=IDLE_S,
+    )
+    subject, ready = await platform.call(subjects.INSTANCE_REQUESTED, ev, timeout=400)
+    assert subject == subjects.INSTANCE_READY, ready
+    _, key = await keys.create_key(store, ev.user_id, {"chat", "ws"})
+    yield {"user": ev.user_id, "key": key, "store": store}
+    await delete(platform, ev.user_id)
+    await platform.close()
+    await store.close()
+
+
+async def asleep_after_idle(store: Store, user: str) -> dict:
+    """Waits until the gateway was suspended for being idle and its container has stopped."""
+
+    async def check() -> dict | None:
+        doc = await store.get_instance(user)
+        return doc if doc and doc["state"] == InstanceState.SUSPENDED and doc.get("asleep") else None
+
+    doc = await eventually(check, timeout=90, interval=0.5)
+    assert doc["suspend_reason"] == "idle"
+    return doc
+
+
+async def woken_by_request(platform: PlatformClient, user: str) -> dict:
+    woken = await eventually(lambda: events_for(platform, subjects.INSTANCE_WOKEN, user), timeout=30)
+    assert [w["reason"] for w in woken] == ["request"], woken
+    return woken[0]
+
+
+async def test_an_http_chat_wakes_the_real_gateway(sleeper, proxy, platform, docker_client):
+    user, auth = sleeper["user"], {"Authorization": f"Bearer {sleeper['key']}"}
+    await asleep_after_idle(sleeper["store"], user)
+    assert not docker_client.containers.get(container_name(user)).attrs["State"]["Running"]
+    t0 = time.monotonic()
+    async with httpx.AsyncClient(base_url=proxy.address, timeout=360) as http:
+        r = await http.post("/v1/chat/completions", json=chat("wake by http"), headers=auth)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "echo: wake by http"
+    woken = await woken_by_request(platform, user)
+    print(
+        f"\nreal gateway woken by HTTP chat: answered after {time.monotonic() - t0:.1f} s, {woken['timings']}"
+    )
+
+
+async def test_an_sse_stream_wakes_the_real_gateway(sleeper, proxy, platform):
+    user, auth = sleeper["user"], {"Authorization": f"Bearer {sleeper['key']}"}
+    await asleep_after_idle(sleeper["store"], user)
+    t0 = time.monotonic()
+    async with httpx.AsyncClient(base_url=proxy.address, timeout=360) as http:
+        body = chat("wake by sse", stream=True)
+        async with http.stream("POST", "/v1/chat/completions", json=body, headers=auth) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            text = "".join([c async for c in r.aiter_text()])
+    assert text.rstrip().endswith("data: [DONE]"), text
+    deltas = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    assert "".join(d["choices"][0]["delta"].get("content") or "" for d in deltas) == "echo: wake by sse"
+    woken = await woken_by_request(platform, user)
+    print(f"\nreal gateway woken by SSE: streamed after {time.monotonic() - t0:.1f} s, {woken['timings']}")
+
+
+async def test_a_websocket_rpc_call_wakes_the_real_gateway(sleeper, proxy, platform):
+    user, auth = sleeper["user"], {"Authorization": f"Bearer {sleeper['key']}"}
+    await asleep_after_idle(sleeper["store"], user)
+    t0 = time.monotonic()
+    url = proxy.address.replace("http://", "ws://") + "/ws"
+    async with websockets.connect(url, additional_headers=auth, open_timeout=360, max_size=64 << 20) as ws:
+        assert json.loads(await ws.recv())["event"] == "connect.challenge"
+        await ws.send(operator_connect("c1"))
+        hello = await response(ws, "c1")
+        assert hello["ok"], hello
+        send = {"sessionKey": "agent:main:wake-ws", "message": "wake by ws", "idempotencyKey": new_user("k")}
+        await ws.send(json.dumps({"type": "req", "id": "c2", "method": "chat.send", "params": send}))
+        final = await chat_final(ws, "c2")
+    [text] = [p["text"] for p in final["message"]["content"] if p.get("type") == "text"]
+    assert final["message"]["role"] == "assistant" and text, final  # the run's answer, over the WS
+    woken = await woken_by_request(platform, user)
+    print(
+        f"\nreal gateway woken by WebSocket: chat.send answered {text!r} after {time.monotonic() - t0:.1f} s"
+    )
+    assert woken["suspended_s"] > 0
+
+
+async def response(ws, rid: str, events: list[dict] | None = None) -> dict:
+    while True:
+        msg = json.loads(await asyncio.wait_for(ws.recv(), 120))
+        if msg.get("type") == "res" and msg.get("id") == rid:
+            return msg
+        if events is not None and msg.get("type") == "event":
+            events.append(msg)
+
+
+async def chat_final(ws, rid: str) -> dict:
+    """``chat.send``'s answer: the started response, then the run's final ``chat`` event."""
+    events: list[dict] = []
+    started = await response(ws, rid, events)
+    assert started["ok"], started
+    while True:
+        for e in events:
+            if e.get("event") == "chat" and e["payload"].get("state") in ("final", "error"):
+                assert e["payload"]["state"] == "final", e
+                return e["payload"]
+        events = [json.loads(await asyncio.wait_for(ws.recv(), 120))]
+
+
+# OpenClaw's own RPC from inside the container over loopback, with the gateway's internal
+# password from its config: operator.admin, which cron.add needs and no proxied client gets.
+RPC_JS = """
+const fs = require("fs");
+const cfg = JSON.parse(fs.readFileSync(process.env.OC_CONFIG, "utf8"));
+const [method, params] = [process.argv[1], JSON.parse(process.argv[2])];
+const ws = new WebSocket("ws://127.0.0.1:" + process.env.OC_PORT + "/");
+const done = (code, out) => { console.log(JSON.stringify(out)); process.exit(code); };
+setTimeout(() => done(2, {error: "timeout"}), 30000);
+ws.onmessage = (e) => {
+  const m = JSON.parse(e.data);
+  if (m.type === "event" && m.event === "connect.challenge") {
+    ws.send(JSON.stringify({type: "req", id: "c", method: "connect", params: {
+      minProtocol: 4, maxProtocol: 4, role: "operator", caps: [],
+      client: {id: "gateway-client", version: "0.1.0", platform: "linux", mode: "backend"},
+      scopes: ["operator.admin", "operator.read", "operator.write"],
+      auth: {password: cfg.gateway.auth.password}}}));
+  } else if (m.type === "res" && m.id === "c") {
+    if (!m.ok) done(1, m);
+    ws.send(JSON.stringify({type: "req", id: "r", method, params}));
+  } else if (m.type === "res" && m.id === "r") {
+    done(m.ok ? 0 : 1, m);
+  }
+};
+"""
+
+
+def gateway_rpc(docker_client: docker.DockerClient, user: str, method: str, params: dict) -> dict:
+    """One RPC call on the gateway's WebSocket from inside its container (the password never
+    leaves it: the script reads the config file the gateway itself reads)."""
+    code, out = docker_client.containers.get(container_name(user)).exec_run(
+        ["node", "-e", RPC_JS, method, json.dumps(params)],
+        environment={"OC_CONFIG": f"{CONTAINER_STATE_DIR}/openclaw.json", "OC_PORT": str(GATEWAY_PORT)},
+    )
+    answer = json.loads(out.decode().strip().splitlines()[-1])
+    assert code == 0 and answer.get("ok"), answer
+    return answer["payload"]
+
+
+async def test_a_cron_job_set_through_rpc_wakes_the_real_gateway_in_time(
+    sleeper, proxy, platform, docker_client, fakes
+):
+    """cron.add on the gateway; suspended (as an operator would: an idle suspend declines when
+    the next job is under 2 min away, see services/waker/idle.py); the wake, reason schedule,
+    begins ZAKI_WAKE_LEAD_S before the job, and the woken gateway runs the job itself."""
+    user, store = sleeper["user"], sleeper["store"]
+    await platform.send(subjects.INSTANCE_UPDATE, InstanceUpdate(user_id=user, idle_suspend_s=0))
+
+    async def stays_up() -> bool:
+        doc = await store.get_instance(user)
+        return doc.get("idle_suspend_s") == 0
+
+    await eventually(stays_up, timeout=15)
+    async with httpx.AsyncClient(base_url=proxy.address, timeout=360) as http:  # awake, whatever it was
+        r = await http.get("/v1/models", headers={"Authorization": f"Bearer {sleeper['key']}"})
+        assert r.status_code == 200, r.text
+    job_at = datetime.now(UTC) + timedelta(seconds=LEAD_S + 12)
+    job = {
+        "name": "wake-test",
+        "schedule": {"kind": "at", "at": job_at.isoformat().replace("+00:00", "Z")},
+        "sessionTarget": "isolated",
+        "wakeMode": "now",
+        "payload": {"kind": "agentTurn", "message": "scheduled hello"},
+        "deleteAfterRun": False,
+    }
+    added = await asyncio.to_thread(gateway_rpc, docker_client, user, "cron.add", job)
+    job_id = added.get("id") or added["job"]["id"]
+    ev = await suspend(platform, user)
+    expected = job_at - timedelta(seconds=LEAD_S)
+    assert ev["next_wake_at"] is not None, ev  # read from the gateway's own state database
+    assert abs((ev["next_wake_at"] - expected).total_seconds()) < 1.5, (ev["next_wake_at"], expected)
+    woken = await eventually(
+        lambda: events_for(platform, subjects.INSTANCE_WOKEN, user), timeout=LEAD_S + 200
+    )
+    assert [w["reason"] for w in woken] == ["schedule"]
+    # instance.woken is said once the gateway is ready; the wake itself began timings.total earlier.
+    ready_at = datetime.fromisoformat(woken[0]["occurred_at"])
+    began = ready_at - timedelta(seconds=woken[0]["timings"]["total"])
+    assert expected - timedelta(seconds=1) <= began < job_at  # not early, and before the job
+
+    seen: list[dict] = []
+
+    def ran() -> bool:
+        jobs = gateway_rpc(docker_client, user, "cron.list", {"includeDisabled": True})["jobs"]
+        seen[:] = [j for j in jobs if j["id"] == job_id]
+        last = [j.get("lastRunAtMs") or j.get("state", {}).get("lastRunAtMs") for j in seen]
+        return any(last) or any("scheduled hello" in json.dumps(c) for c in fakes.llm.calls)
+
+    async def ran_async() -> bool:
+        return await asyncio.to_thread(ran)
+
+    wait = (job_at - datetime.now(UTC)).total_seconds() + 90
+    try:  # the woken gateway runs the job itself (its agent turn reaches the model)
+        await eventually(ran_async, timeout=wait, interval=3)
+    except AssertionError:
+        raise AssertionError(f"the job did not run: {seen}") from None
+    print(
+        f"\nreal gateway: the wake for a cron job began {(job_at - began).total_seconds():.1f} s before "
+        f"the job (ZAKI_WAKE_LEAD_S {LEAD_S:.0f}), ready "
+        f"{(job_at - ready_at).total_seconds():.1f} s before it; the job ran"
+    )
