@@ -31,6 +31,7 @@ from shared.client import PlatformClient
 from shared.crypto import KeyRing
 from shared.events import InstanceCommand, InstanceDelete, InstanceRequested
 from shared.gateway import identity_headers
+from zaki.fake_world import fake_world_env
 from zaki.fakes import FakeLLM, FakeTelegram, bound_port, serve
 from zaki.stack import Stack, docker_bridge_ip, free_network_pool, free_port, wait_for_port
 
@@ -112,6 +113,7 @@ async def main() -> None:
     platform_id = f"bench-{uuid.uuid4().hex[:6]}"
     try:
         nats_addr, mongo_addr = stack.start_nats().address, stack.start_ferretdb().address
+        broker_port = free_port(bridge)  # no broker runs here: nothing calls a model
         env = {
             "ZAKI_NATS_URL": nats_addr,
             "ZAKI_MONGO_URL": mongo_addr,
@@ -122,11 +124,7 @@ async def main() -> None:
             "ZAKI_ALLOWED_IMAGES": STANDIN,
             "ZAKI_PORT_RANGE_START": "33000",
             "ZAKI_PORT_RANGE_END": "33999",
-            "ZAKI_TELEGRAM_API_BASE": f"http://{bridge}:{bound_port(tr)}",
-            "ZAKI_TELEGRAM_API_BASE_FOR_GATEWAYS": f"http://host.docker.internal:{bound_port(tr)}",
-            "ZAKI_TELEGRAM_PRIVATE_NETWORK": "true",
-            "ZAKI_LLM_BASE_URL": f"http://host.docker.internal:{bound_port(lr)}/v1",
-            "ZAKI_DEFAULT_MODEL": "zaki/echo-1",
+            **fake_world_env(bridge, bound_port(tr), bound_port(lr), broker_port, "sk-bench"),
             "ZAKI_RECONCILE_INTERVAL_S": "3600",
         }
         mport = free_port()

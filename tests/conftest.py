@@ -21,6 +21,7 @@ from shared.client import PlatformClient
 from shared.crypto import KeyRing
 from shared.settings import ZakiSettings
 from shared.store import Store
+from zaki.fake_world import fake_world_env
 from zaki.fakes import FakeLLM, FakeTelegram, bound_port, serve
 from zaki.stack import (
     Process,
@@ -143,21 +144,9 @@ def keyring_spec() -> str:
 
 def outside_world_env(fakes: Fakes, broker_port: int) -> dict[str, str]:
     """Settings that point a platform at the local fakes of Telegram and a model provider."""
-    return {
-        "ZAKI_TELEGRAM_API_BASE": f"http://{fakes.host}:{fakes.tg_port}",
-        "ZAKI_TELEGRAM_API_BASE_FOR_GATEWAYS": f"http://host.docker.internal:{fakes.tg_port}",
-        "ZAKI_TELEGRAM_PRIVATE_NETWORK": "true",
-        # The provider as the LLM broker reaches it; gateways only ever see the broker.
-        "ZAKI_LLM_BASE_URL": f"http://{fakes.host}:{fakes.llm_port}/v1",
-        # The fake provider is plain http on the Docker bridge: allowed by name and port only.
-        "ZAKI_BROKER_HTTP_HOSTS": f"{fakes.host}:{fakes.llm_port}",
-        "ZAKI_BROKER_PRIVATE_HOSTS": f"{fakes.host}:{fakes.llm_port}",
-        "ZAKI_LLM_API_KEY": "sk-platform-" + uuid.uuid4().hex,
-        "ZAKI_BROKER_HOST": fakes.host,
-        "ZAKI_BROKER_PORT": str(broker_port),
-        "ZAKI_BROKER_URL_FOR_GATEWAYS": f"http://host.docker.internal:{broker_port}",
-        "ZAKI_DEFAULT_MODEL": "zaki/echo-1",
-    }
+    return fake_world_env(
+        fakes.host, fakes.tg_port, fakes.llm_port, broker_port, "sk-platform-" + uuid.uuid4().hex
+    )
 
 
 @pytest.fixture(scope="session")

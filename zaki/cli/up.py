@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from zaki.cli.common import say, write_private
+from zaki.fake_world import fake_world_env
 
 STANDIN_IMAGE = "zaki/standin-gateway:latest"
 DEMO_LLM_KEY = "sk-demo-not-a-real-key"
@@ -173,41 +174,6 @@ def run(args: argparse.Namespace) -> int:
                 f"http://127.0.0.1:{os.environ.get('ZAKI_DASHBOARD_PORT', '8095')}",
             ),
         }
-        if args.demo:
-            bridge = docker_bridge_ip()
-            llm_port = demo_llm_port(bridge, previous)
-            tg_port = free_port(bridge)
-            fake = stack.spawn(
-                "fakes",
-                [
-                    sys.executable,
-                    "-m",
-                    "zaki.fakes",
-                    "--host",
-                    bridge,
-                    "--llm-port",
-                    str(llm_port),
-                    "--telegram-port",
-                    str(tg_port),
-                ],
-            )
-            wait_for_port(bridge, tg_port, fake.proc, "demo fakes")
-            env.update(
-                ZAKI_TELEGRAM_API_BASE=f"http://{bridge}:{tg_port}",
-                ZAKI_TELEGRAM_API_BASE_FOR_GATEWAYS=f"http://host.docker.internal:{tg_port}",
-                ZAKI_TELEGRAM_PRIVATE_NETWORK="true",
-                ZAKI_LLM_BASE_URL=f"http://{bridge}:{llm_port}/v1",  # as the broker reaches it
-                ZAKI_LLM_API_KEY=DEMO_LLM_KEY,
-                ZAKI_DEFAULT_MODEL="zaki/echo-1",
-                # The fake provider is plain http on this host's bridge address: the broker
-                # calls such a host only when the operator names it.
-                ZAKI_BROKER_HTTP_HOSTS=_with(
-                    os.environ.get("ZAKI_BROKER_HTTP_HOSTS"), f"{bridge}:{llm_port}"
-                ),
-                ZAKI_BROKER_PRIVATE_HOSTS=_with(
-                    os.environ.get("ZAKI_BROKER_PRIVATE_HOSTS"), f"{bridge}:{llm_port}"
-                ),
-            )
         # The LLM broker listens on the Docker bridge address: gateway containers reach it
         # (as host.docker.internal), nothing beyond this machine does.
         bridge_ip = docker_bridge_ip()
@@ -219,6 +185,25 @@ def run(args: argparse.Namespace) -> int:
             ZAKI_BROKER_PORT=str(broker_port),
             ZAKI_BROKER_URL_FOR_GATEWAYS=f"http://host.docker.internal:{broker_port}",
         )
+        if args.demo:
+            llm_port = demo_llm_port(bridge_ip, previous)
+            tg_port = free_port(bridge_ip)
+            fake = stack.spawn(
+                "fakes",
+                [
+                    sys.executable,
+                    "-m",
+                    "zaki.fakes",
+                    "--host",
+                    bridge_ip,
+                    "--llm-port",
+                    str(llm_port),
+                    "--telegram-port",
+                    str(tg_port),
+                ],
+            )
+            wait_for_port(bridge_ip, tg_port, fake.proc, "demo fakes")
+            env.update(fake_world_env(bridge_ip, tg_port, llm_port, broker_port, DEMO_LLM_KEY, os.environ))
         env = {**{k: v for k, v in os.environ.items() if k.startswith("ZAKI_")}, **env}
         write_env(state_dir, env)
         warn_on_provider_drift(mongo.address, env)
@@ -264,8 +249,3 @@ def run(args: argparse.Namespace) -> int:
     finally:
         stack.stop()
         say("stopped.")
-
-
-def _with(entries: str | None, entry: str) -> str:
-    """A comma-separated setting with one more entry."""
-    return ",".join([*(e for e in (entries or "").split(",") if e.strip()), entry])
