@@ -27,6 +27,7 @@ from shared.events import (
 from shared.state import InstanceState
 from shared.store import Store
 from tests.conftest import STANDIN_IMAGE, eventually, new_user
+from tests.test_audit import replay
 from zaki.stack import Process, free_port, wait_for_port
 
 WAKER_ENV = {"ZAKI_WAKER_SWEEP_S": "1", "ZAKI_WAKER_POLL_TIMEOUT_S": "2", "ZAKI_WAKE_LEAD_S": "5"}
@@ -80,7 +81,7 @@ def chat(text: str, **kw) -> dict:
 
 
 async def test_idle_gateway_is_suspended_and_a_chat_wakes_it(
-    waker, proxy, platform, fakes, store, docker_client
+    waker, proxy, platform, fakes, store, docker_client, service_env
 ):
     user, _, port = await make(platform, fakes, idle_s=3)
     _, key = await keys.create_key(store, user, {"chat"})
@@ -112,6 +113,10 @@ async def test_idle_gateway_is_suspended_and_a_chat_wakes_it(
             return await store.db["activity"].find_one({"_id": user, "last_proxy_at": {"$exists": True}})
 
         await eventually(proxy_saw_it, timeout=15)
+        # The audit trail names who asked (issue 17.4): the waker for the suspend, the proxy for the wake.
+        rows = await asyncio.to_thread(replay, service_env, "--user", user)
+        asked = {(r["subject"], r["actor"]["id"]) for r in rows if r["kind"] == "command" and r["actor"]}
+        assert {(subjects.INSTANCE_SUSPEND, "waker"), (subjects.INSTANCE_WAKE, "proxy")} <= asked, rows
         print(f"\nwake by request: first answer after {took:.2f} s, timings {woken[0]['timings']}")
     finally:
         await delete(platform, user)

@@ -386,6 +386,12 @@ async def test_waker_polls_sleepers_and_asks_for_one_wake(tg, store, keyring_spe
         assert [s for s, _ in sent] == [subjects.INSTANCE_WAKE]
         ev = sent[0][1]
         assert isinstance(ev, InstanceWake) and ev.user_id == user and ev.cause == WakeReason.TELEGRAM
+        # The audit trail says who asked (issue 17.4): the platform's waker, and why.
+        assert ev.actor is not None and (ev.actor.kind, ev.actor.id, ev.actor.reason) == (
+            "platform",
+            "waker",
+            "wake: telegram",
+        )
         assert tg.conflicts_for(token) == 0 and len(tg.unconfirmed(token)) == 1
         assert user in await activity.last_active(store.db, [user])
         # A due scheduled job wakes it too.
@@ -429,6 +435,8 @@ async def test_waker_asks_to_suspend_only_idle_gateways(store, keyring_spec, tmp
         [(subject, ev)] = sent
         assert subject == subjects.INSTANCE_SUSPEND and isinstance(ev, InstanceSuspend)
         assert ev.user_id == users["idle"] and ev.idle_s >= 600
+        assert ev.actor is not None and (ev.actor.kind, ev.actor.id) == ("platform", "waker")
+        assert ev.actor.reason is not None and ev.actor.reason.startswith("idle ")
     finally:
         await waker.close()
 

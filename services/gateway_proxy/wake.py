@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from prometheus_client import Counter, Gauge
 
 from services.gateway_proxy.route import Route
-from shared import subjects
+from shared import audit, subjects
 from shared.activity import ActivityRecorder
 from shared.bus import to_json
 from shared.events import InstanceWake, WakeReason
@@ -193,7 +193,12 @@ def install(routes: RoutingTable, nc: Any, settings: ZakiSettings) -> asyncio.Ta
     js = nc.jetstream()
 
     async def ask_wake(user_id: str) -> None:
-        event = InstanceWake(user_id=user_id, cause=WakeReason.REQUEST, reason="proxy: a request arrived")
+        event = InstanceWake(
+            user_id=user_id,
+            cause=WakeReason.REQUEST,
+            reason="proxy: a request arrived",
+            actor=audit.platform("proxy", "a request arrived"),
+        )
         await js.publish(subjects.INSTANCE_WAKE, to_json(event))
 
     routes.gate = WakeGate(settings.wake_timeout_s, settings.wake_queue_per_tenant, ask_wake)

@@ -82,7 +82,12 @@ class Suspension(Lifecycle):
                 # start, stop, delete, update of a sleeper: nobody may poll its bot any more.
                 await self.release_bot(cmd.user_id)
                 if kind == "start":
-                    kind, cmd = "wake", InstanceWake(request_id=cmd.request_id, user_id=cmd.user_id)
+                    kind, cmd = (
+                        "wake",
+                        InstanceWake(
+                            request_id=cmd.request_id, user_id=cmd.user_id, actor=cmd.actor, reason=cmd.reason
+                        ),
+                    )
             if kind != "wake":
                 await super().handle_command(kind, cmd)  # type: ignore[misc]
                 return

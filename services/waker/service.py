@@ -27,7 +27,7 @@ from services.provisioner.config import user_dirs
 from services.waker import cron
 from services.waker.idle import decide, due_wakes, effective_idle_s
 from services.waker.poller import TelegramWakePoller
-from shared import activity, subjects
+from shared import activity, audit, subjects
 from shared.crypto import DecryptionError, KeyRing, instance_secret_context
 from shared.events import Event, InstanceSuspend, InstanceWake, SuspendReason, WakeReason
 from shared.settings import ZakiSettings
@@ -105,7 +105,12 @@ class Waker:
         log.info("asking for a wake", extra={"user_id": user_id, "reason": reason.value})
         await self.publish(
             subjects.INSTANCE_WAKE,
-            InstanceWake(user_id=user_id, cause=reason, reason=f"waker: {reason.value}"),
+            InstanceWake(
+                user_id=user_id,
+                cause=reason,
+                reason=f"waker: {reason.value}",
+                actor=audit.platform("waker", f"wake: {reason.value}"),
+            ),
         )
 
     async def suspend(self, user_id: str, idle_s: float) -> None:
@@ -119,6 +124,7 @@ class Waker:
                 cause=SuspendReason.IDLE,
                 idle_s=round(idle_s, 1),
                 reason=f"idle {idle_s:.0f} s",
+                actor=audit.platform("waker", f"idle {idle_s:.0f} s"),
             ),
         )
 
