@@ -205,6 +205,8 @@ class FailureReason(StrEnum):
     DISK_QUOTA = "disk_quota_exceeded"
     # The backup taken before an upgrade or a delete failed (ZAKI_BACKUP_BEFORE_CHANGE=required).
     BACKUP_FAILED = "backup_failed"
+    # A restore of the user's data is in progress (services/backup): only a stop is carried out.
+    RESTORING = "restore_in_progress"
 
 
 class InstanceReady(Event):

@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pymongo import ASCENDING, AsyncMongoClient
@@ -207,6 +207,22 @@ class Store:
         if res.deleted_count == 1:
             await self.journal.delete_many({"user_id": user_id})
         return res.deleted_count == 1
+
+    # --- restores (services/backup) ----------------------------------------------------------
+
+    async def claim_restore(self, user_id: str, lease_s: float) -> bool:
+        """Marks *user_id*'s instance as being restored for at most *lease_s* (a restore that
+        dies frees it by itself); the provisioner refuses all but a stop meanwhile. False when
+        another restore holds it or there is no instance."""
+        now = utcnow()
+        res = await self.instances.update_one(
+            {"_id": user_id, "$or": [{"restoring_until": None}, {"restoring_until": {"$lt": now}}]},
+            {"$set": {"restoring_until": now + timedelta(seconds=lease_s)}},
+        )
+        return res.matched_count == 1
+
+    async def release_restore(self, user_id: str) -> None:
+        await self.instances.update_one({"_id": user_id}, {"$unset": {"restoring_until": ""}})
 
     # --- ports -----------------------------------------------------------------------------
 

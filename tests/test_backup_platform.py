@@ -10,6 +10,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -19,6 +20,7 @@ from services.backup import core
 from services.backup.ops import Backups, platform_commander
 from shared import subjects
 from shared.events import (
+    FailureReason,
     InstanceCommand,
     InstanceDelete,
     InstanceRequested,
@@ -110,6 +112,43 @@ async def test_restore_onto_a_running_instance_stops_swaps_and_starts_it(
     cfg = root / ".openclaw" / "openclaw.json"
     assert cfg.stat().st_mode & 0o777 == 0o600 and json.loads(cfg.read_bytes()) == json.loads(config_before)
     assert not list((root.parent / ".backup-work").glob("restore-*"))  # the old folder is gone
+    await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=user, purge=True), timeout=60)
+
+
+async def test_a_start_during_a_restore_is_refused_until_the_folder_is_in_place(
+    provisioner, platform, fakes, settings, store, backups, docker_client
+):
+    """A user's start arriving between the restore's stop and its swap would run the gateway on
+    the folder being thrown away (its writes lost): the provisioner refuses it while the restore
+    holds its claim; the restore's own start then brings the agent up on the restored folder."""
+    user, _ = await make(platform, fakes)
+    seed(settings, user, "the good copy", 10)
+    m = await backups.create(user, None, "manual")
+    seed(settings, user, "overwritten by mistake", 3)
+    real = platform_commander(settings.nats_url)
+    answers: list[tuple[str, str | None]] = []
+
+    async def command(kind: str, who: str) -> None:
+        await real(kind, who)
+        if kind == "stop":  # the user presses start right after the restore stopped the agent
+            subject, ev = await platform.call(
+                subjects.INSTANCE_START, InstanceCommand(user_id=who), timeout=60
+            )
+            answers.append((subject, getattr(ev, "reason", None)))
+            assert docker_client.containers.get(container_name(who)).status != "running"
+
+    result = await backups.restore(user, m.backup_id, command=command)
+    assert answers == [(subjects.INSTANCE_FAILED, FailureReason.RESTORING)], answers
+    assert result["restarted"] is True and rows(settings, user) == 10
+    doc = await store.get_instance(user)
+    assert doc["state"] == "running" and await ready(doc["port"], user) and "restoring_until" not in doc
+    # One restore at a time; a claim left by a restore that died runs out by itself.
+    assert await store.claim_restore(user, 60) and not await store.claim_restore(user, 60)
+    await store.instances.update_one(
+        {"_id": user}, {"$set": {"restoring_until": datetime.now(UTC) - timedelta(seconds=1)}}
+    )
+    assert await store.claim_restore(user, 60)
+    await store.release_restore(user)
     await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=user, purge=True), timeout=60)
 
 

@@ -50,6 +50,8 @@ RESTORES = Counter("zaki_backup_restores_total", "Restores by outcome", ["outcom
 
 # States whose gateway runs (or may wake): stopped for the swap, started again after it.
 LIVE = (S.RUNNING, S.STARTING, S.SUSPENDED)
+# How long a restore may hold its claim on the instance (Store.claim_restore) if it dies.
+RESTORE_LEASE_S = 900.0
 AT_REST = (S.STOPPED, S.FAILED, S.CRASHLOOPING)
 
 
@@ -170,23 +172,33 @@ class Backups:
             if state is not None and state not in (*LIVE, *AT_REST):
                 raise BackupError(f"{target_user}'s instance is {state.value}; retry when it settles", "busy")
             live = state in LIVE
-            if live:
-                if command is None:
-                    raise InvalidInput("the instance runs: a restore needs the platform to stop it")
-                await command("stop", target_user)
-            folder = core.user_folder(s, target_user)
+            if live and command is None:
+                raise InvalidInput("the instance runs: a restore needs the platform to stop it")
+            # From here until the swap, the provisioner carries out only a stop for this user:
+            # a start (a user's, the monitor's, a wake) would run the gateway on the folder
+            # being replaced, and its writes would go to the copy thrown away.
+            if doc is not None and not await store.claim_restore(target_user, RESTORE_LEASE_S):
+                raise BackupError(f"a restore of {target_user} is already in progress", "busy")
+            swap_error: BackupError | None = None
             try:
-                await asyncio.to_thread(_swap_in, staging, folder)
-            except OSError as e:
-                if live:  # the old folder is still in place: the agent runs on as it was
+                if live:
                     assert command is not None
-                    await command("start", target_user)
-                raise BackupError(
-                    f"cannot put the restored folder in place: {e.strerror}", "disk_error"
-                ) from None
+                    await command("stop", target_user)
+                try:
+                    await asyncio.to_thread(_swap_in, staging, core.user_folder(s, target_user))
+                except OSError as e:
+                    swap_error = BackupError(
+                        f"cannot put the restored folder in place: {e.strerror}", "disk_error"
+                    )
+            finally:
+                if doc is not None:
+                    await store.release_restore(target_user)
+            # Restored (or, after a failed swap, the old folder still in place): it runs again.
             if live:
                 assert command is not None
                 await command("start", target_user)
+            if swap_error is not None:
+                raise swap_error
         except BackupError:
             RESTORES.labels("failed").inc()
             raise

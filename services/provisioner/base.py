@@ -16,6 +16,7 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from services.provisioner import metrics
@@ -29,7 +30,7 @@ from shared.logging import redact
 from shared.probe import AioProber
 from shared.settings import ZakiSettings
 from shared.state import IllegalTransition, InstanceState
-from shared.store import Store
+from shared.store import Store, utcnow
 
 log = logging.getLogger("zaki.provisioner")
 S = InstanceState
@@ -41,6 +42,12 @@ Notify = Callable[[str, bytes], Awaitable[None]]
 
 async def _no_notify(subject: str, data: bytes) -> None:
     return None
+
+
+def restore_blocks(kind: str, doc: dict[str, Any] | None, now: datetime) -> bool:
+    """Whether a command of *kind* must wait for a restore in progress (see Store.claim_restore)."""
+    until = (doc or {}).get("restoring_until")
+    return kind != "stop" and until is not None and until > now
 
 
 class ProvisionError(Exception):
@@ -185,6 +192,15 @@ class ProvisionerBase:
             return await self.store.transition(user_id, target, set_fields=fields, **kw)
         except IllegalTransition as e:
             raise ProvisionError(FailureReason.ILLEGAL_TRANSITION, str(e)) from None
+
+    async def _refuse_while_restoring(self, kind: str, user_id: str) -> None:
+        """Called under the user's lock: a command that would start, change or delete the
+        gateway while its folder is being swapped by a restore is refused (the restore's own
+        stop goes through; it releases its claim before its own start)."""
+        if restore_blocks(kind, await self.store.get_instance(user_id), utcnow()):
+            raise ProvisionError(
+                FailureReason.RESTORING, "a restore of this agent's data is in progress; retry shortly"
+            )
 
     async def _existing(self, cmd: InstanceCommand) -> dict[str, Any]:
         doc = await self.store.get_instance(cmd.user_id)

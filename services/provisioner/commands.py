@@ -123,6 +123,7 @@ class Commands(Lifecycle):
         }[kind]
         async with self._locks[cmd.user_id]:
             try:
+                await self._refuse_while_restoring(kind, cmd.user_id)
                 await handler(cmd)
                 metrics.COMMANDS.labels(kind, "ok").inc()
             except ProvisionError as e:

@@ -94,6 +94,7 @@ class Suspension(Lifecycle):
         handler = self._suspend if kind == "suspend" else self._wake
         async with self._locks[cmd.user_id]:
             try:
+                await self._refuse_while_restoring(kind, cmd.user_id)
                 await handler(cmd)  # type: ignore[arg-type]
                 metrics.COMMANDS.labels(kind, "ok").inc()
             except ProvisionError as e:
