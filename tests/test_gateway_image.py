@@ -26,7 +26,7 @@ from zaki.stack import free_port
 pytestmark = pytest.mark.gateway
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")  # one real gateway (~1 GiB, 15+ s to boot) for the module's tests
 async def real_gateway(fakes, state_dir, docker_client):
     user = new_user("gw")
     # This gateway calls the fake provider directly (no broker): the egress policy must allow it.
