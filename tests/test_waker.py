@@ -42,6 +42,9 @@ def test_idle_rule():
     assert effective_idle_s(None, 1800) == 1800
     assert effective_idle_s(0, 1800) == 0  # the instance's own 0 means never
     assert effective_idle_s(60, 0) == 60  # an instance may opt in when the platform default is off
+    # Never below two activity flushes and a second: a request in flight is seen only at a flush.
+    assert effective_idle_s(4, 900, flush_s=5) == 11 and effective_idle_s(0, 900, flush_s=5) == 0
+    assert effective_idle_s(None, 3, flush_s=5) == 11 and effective_idle_s(60, 900, flush_s=5) == 60
     assert decide(NOW, 0, None, ago(10**6)).why == "never"
     d = decide(NOW, 600, ago(599), ago(5000))
     assert not d.suspend and d.why == "active" and d.check_at == NOW + timedelta(seconds=1)

@@ -136,7 +136,9 @@ class Suspension(Lifecycle):
                 await self._answer_current(cmd.request_id, doc)
                 return
             next_job = None
-        idle_after = effective_idle_s(doc.get("idle_suspend_s"), self.s.idle_suspend_s)
+        idle_after = effective_idle_s(
+            doc.get("idle_suspend_s"), self.s.idle_suspend_s, self.s.activity_flush_s
+        )
         if cmd.cause == SuspendReason.IDLE:
             # The waker decided from a view a few seconds old, and a request that began since
             # reaches the store at the proxy's next flush: wait for that flush, then look again.

@@ -25,11 +25,12 @@ class Decision:
     check_at: datetime | None = None  # when the answer may change (not suspended)
 
 
-def effective_idle_s(override: int | float | None, default: float) -> float:
-    """The instance's own idle time when it has one (0 = never), else the platform default."""
-    if override is None:
-        return max(0.0, float(default))
-    return max(0.0, float(override))
+def effective_idle_s(override: int | float | None, default: float, flush_s: float = 0.0) -> float:
+    """The instance's own idle time when it has one (0 = never), else the platform default;
+    never below two activity flushes (*flush_s*, ZAKI_ACTIVITY_FLUSH_S) and a second: a request
+    in flight is recorded only at a flush, so a shorter idle time stops a gateway mid-request."""
+    chosen = max(0.0, float(default if override is None else override))
+    return 0.0 if chosen == 0 else max(chosen, 2 * flush_s + 1)
 
 
 def wake_time(next_job_at: datetime | None, lead_s: float) -> datetime | None:

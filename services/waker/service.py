@@ -169,7 +169,9 @@ class Waker:
         asked = 0
         for doc in docs:
             user_id = doc["_id"]
-            idle_after = effective_idle_s(doc.get("idle_suspend_s"), self.s.idle_suspend_s)
+            idle_after = effective_idle_s(
+                doc.get("idle_suspend_s"), self.s.idle_suspend_s, self.s.activity_flush_s
+            )
             floor = _aware(doc.get("updated_at"))
             first = decide(now, idle_after, seen.get(user_id), floor)
             if not first.suspend or self._recently_asked(user_id, "suspend"):
