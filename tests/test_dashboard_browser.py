@@ -460,13 +460,13 @@ async def test_another_account_sees_none_of_it(alice, site, browser):
     assert (await bob.fetch("GET", "/api/agent/files/SOUL.md"))[0] == 404
     assert (await bob.fetch("GET", "/api/agent/pairing"))[0] in (404, 409)
     assert (await bob.fetch("POST", "/api/agent/stop", {}))[0] == 404
-    # The page's chat (relayed through the proxy as bob) reaches no gateway (he has none), never alice's.
+    # The page's chat: bob has no gateway, so nothing is relayed (never to alice's).
     status, body = await bob.fetch(
         "POST",
         "/api/chat/completions",
         {"model": "openclaw", "messages": [{"role": "user", "content": "hi"}]},
     )
-    assert status == 503 and body["state"] == "absent", (status, body)
+    assert status == 404 and body["error"]["code"] == "not_found", (status, body)
     await bob.goto("files")
     assert await bob.page.input_value("#file-content") == ""
     await bob.close()

@@ -59,7 +59,7 @@ def fleet_platform(tmp_path_factory, service_env, docker_client):
     _commit(docker_client, HANGS, "ENV STANDIN_HANG_AFTER_MS=6000")
     _commit(docker_client, NEVER, "ENV STANDIN_EXIT_CODE=3")
     _commit(docker_client, ERRS, "ENV STANDIN_HTTP_500=1")
-    port0 = 36000 + (free_port() % 45) * 40
+    port0 = 28000 + (free_port() % 25) * 40  # below the ephemeral range (32768+): see tests/faults.py
     p = start_private_platform(
         tmp_path_factory.mktemp("fleet"),
         service_env,
@@ -102,8 +102,8 @@ async def _instances(client: PlatformClient, fakes, n: int) -> list[str]:
         ev = InstanceRequested(
             request_id=new_user("req"), user_id=new_user("f"), bot_token=fakes.bot(), image=STANDIN_IMAGE
         )
-        subject, _ = await client.call(subjects.INSTANCE_REQUESTED, ev, timeout=180)
-        assert subject == subjects.INSTANCE_READY
+        subject, outcome = await client.call(subjects.INSTANCE_REQUESTED, ev, timeout=180)
+        assert subject == subjects.INSTANCE_READY, outcome
         return ev.user_id
 
     return list(await asyncio.gather(*(one() for _ in range(n))))

@@ -48,7 +48,7 @@ def start_private_platform(root: Path, service_env: dict[str, str], name: str, p
     be short without touching the session's platform."""
     stack = Stack(root / "stack")
     nats_p, mongo_p = stack.start_nats(), stack.start_ferretdb()
-    port0 = 32000 + free_port() % 2000
+    port0 = 27000 + (free_port() % 60) * 16  # below the ephemeral range (32768+): see tests/faults.py
     mport = free_port()
     env = {
         **service_env,

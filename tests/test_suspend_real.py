@@ -33,7 +33,8 @@ from zaki.stack import Process, free_network_pool, free_port, wait_for_port
 
 pytestmark = [pytest.mark.gateway, pytest.mark.timeout(600)]
 
-IDLE_S = 8  # short, but over ZAKI_ACTIVITY_FLUSH_S (5): a request in flight is seen at a flush
+FLUSH_S = 1  # ZAKI_ACTIVITY_FLUSH_S here: a request in flight is seen within a second
+IDLE_S = 4  # short, but over two flushes and a second (the floor, services/waker/idle.py)
 LEAD_S = 60  # ZAKI_WAKE_LEAD_S: a sleeper with a job is woken this long before it
 
 
@@ -51,6 +52,7 @@ def own(tmp_path_factory, service_env, fakes) -> Any:
         ZAKI_READINESS_TIMEOUT_S="300",
         ZAKI_RECONCILE_INTERVAL_S="5",
         ZAKI_WAKE_LEAD_S=str(LEAD_S),
+        ZAKI_ACTIVITY_FLUSH_S=str(FLUSH_S),
     )
     env = {k: v for k, v in p.env.items() if k != "ZAKI_METRICS_PORT"}
     try:
