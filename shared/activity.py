@@ -115,10 +115,11 @@ class ActivityRecorder:
 
     async def flush(self, db: Any) -> int:
         """Writes what was seen since the last flush; returns how many users. On a store error
-        the batch is kept for the next flush (and the error raised)."""
-        await self._flush_counts(db)
+        the batch is kept for the next flush (and the error raised). Last-seen times go first:
+        a failed write of the answer counts must never let the waker suspend a gateway in use."""
         pending = self.drain()
         if not pending:
+            await self._flush_counts(db)
             return 0
         field = f"last_{self.source}_at"
         ops = []
@@ -130,6 +131,7 @@ class ActivityRecorder:
         except Exception:
             self._restore(pending)
             raise
+        await self._flush_counts(db)
         return len(ops)
 
     async def _flush_counts(self, db: Any) -> None:

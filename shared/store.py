@@ -12,6 +12,7 @@ import contextlib
 import logging
 import random
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -66,6 +67,9 @@ class Store:
         await self.journal.create_index([("user_id", ASCENDING)], name="by_user")
         await self.instances.create_index([("broker_key_hash", ASCENDING)], name="by_broker_key")
         await self.usage.create_index([("user_id", ASCENDING), ("month", ASCENDING)], name="by_user_month")
+        # Answer counts (shared/activity.py): pruned and read by time, read by user for the fleet gate.
+        await self.db["traffic"].create_index([("at", ASCENDING)], name="by_at")
+        await self.db["traffic"].create_index([("user_id", ASCENDING), ("at", ASCENDING)], name="by_user_at")
 
     async def ping(self) -> None:
         await self.client.admin.command("ping")
@@ -210,19 +214,31 @@ class Store:
 
     # --- restores (services/backup) ----------------------------------------------------------
 
-    async def claim_restore(self, user_id: str, lease_s: float) -> bool:
+    async def claim_restore(self, user_id: str, lease_s: float) -> str | None:
         """Marks *user_id*'s instance as being restored for at most *lease_s* (a restore that
-        dies frees it by itself); the provisioner refuses all but a stop meanwhile. False when
-        another restore holds it or there is no instance."""
-        now = utcnow()
-        res = await self.instances.update_one(
-            {"_id": user_id, "$or": [{"restoring_until": None}, {"restoring_until": {"$lt": now}}]},
-            {"$set": {"restoring_until": now + timedelta(seconds=lease_s)}},
-        )
-        return res.matched_count == 1
+        dies frees it by itself); the provisioner refuses all but a stop meanwhile. Returns the
+        claim's token (for release_restore), or None when another restore holds it or there is
+        no instance. A versioned write: two restores never both win, nor undo a state change."""
+        token, now = uuid.uuid4().hex, utcnow()
 
-    async def release_restore(self, user_id: str) -> None:
-        await self.instances.update_one({"_id": user_id}, {"$unset": {"restoring_until": ""}})
+        def decide(doc: dict[str, Any]) -> dict[str, Any] | None:
+            held = doc.get("restoring_until")
+            if held is not None and held > now:
+                return None
+            return {"restoring_until": now + timedelta(seconds=lease_s), "restore_token": token}
+
+        done = await self._versioned_write(user_id, decide, {"restore": "claim"})
+        return token if done is not None else None
+
+    async def release_restore(self, user_id: str, token: str) -> None:
+        """Ends the claim *token* names (never a newer restore's, taken after this one's lease ran out)."""
+
+        def decide(doc: dict[str, Any]) -> dict[str, Any] | None:
+            if doc.get("restore_token") != token:
+                return None
+            return {"restoring_until": _UNSET, "restore_token": _UNSET}
+
+        await self._versioned_write(user_id, decide, {"restore": "release"})
 
     # --- ports -----------------------------------------------------------------------------
 

@@ -143,12 +143,16 @@ async def test_a_start_during_a_restore_is_refused_until_the_folder_is_in_place(
     doc = await store.get_instance(user)
     assert doc["state"] == "running" and await ready(doc["port"], user) and "restoring_until" not in doc
     # One restore at a time; a claim left by a restore that died runs out by itself.
-    assert await store.claim_restore(user, 60) and not await store.claim_restore(user, 60)
-    await store.instances.update_one(
-        {"_id": user}, {"$set": {"restoring_until": datetime.now(UTC) - timedelta(seconds=1)}}
-    )
-    assert await store.claim_restore(user, 60)
-    await store.release_restore(user)
+    first = await store.claim_restore(user, 60)
+    assert first and await store.claim_restore(user, 60) is None
+    expired = {"$set": {"restoring_until": datetime.now(UTC) - timedelta(seconds=1)}}
+    await store.instances.update_one({"_id": user}, expired)
+    second = await store.claim_restore(user, 60)
+    assert second and second != first
+    await store.release_restore(user, first)  # a restore whose lease ran out frees nothing of the next one's
+    assert "restoring_until" in await store.get_instance(user)
+    await store.release_restore(user, second)
+    assert "restoring_until" not in await store.get_instance(user)
     await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=user, purge=True), timeout=60)
 
 

@@ -3,6 +3,7 @@ error is, the answer counts the proxy and the broker keep for the gate, the prog
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -74,15 +75,20 @@ def test_the_gate_halts_on_error_rates_judged_from_enough_answers():
 
     assert fp.gate({"a": up((100, 10), (100, 20))}, "img:2", limits=limits).ok  # at the limits
     verdict = fp.gate({"a": up((100, 11))}, "img:2", limits=limits)
-    assert not verdict.ok and verdict.reasons == ["proxy 5xx rate 11/100 (11.0%) above 10.0%"]
+    assert not verdict.ok and verdict.reasons == ["a: proxy 5xx rate 11/100 (11.0%) above 10.0%"]
     verdict = fp.gate({"a": up(broker=(30, 7))}, "img:2", limits=limits)
-    assert not verdict.ok and verdict.reasons[0].startswith("broker error rate 7/30")
+    assert not verdict.ok and verdict.reasons[0].startswith("a: broker error rate 7/30")
     # Below the minimum sample count nothing is judged: 1 error in 2 answers is no verdict.
     assert fp.gate({"a": up((2, 1), (19, 19))}, "img:2", limits=limits).ok
-    # Summed over the upgraded instances: two with 10 answers each make a sample.
-    assert not fp.gate({"a": up((10, 3)), "b": up((10, 3))}, "img:2", limits=limits).ok
-    # A rate is the image's, not one instance's: max_failures does not excuse it.
-    assert not fp.gate({"a": up((100, 50))}, "img:2", max_failures=5, limits=limits).ok
+    # Judged per instance: one busy or hostile tenant (its own provider failing, its agent
+    # stopped under load) is one bad instance, excused by max_failures like any other, and
+    # never outweighs the others' clean answers.
+    hostile, clean = up((1000, 900), (500, 500)), up((60, 0), (60, 0))
+    assert fp.gate({"h": hostile, "a": clean, "b": clean}, "img:2", max_failures=1, limits=limits).ok
+    verdict = fp.gate({"h": hostile, "a": clean, "b": clean}, "img:2", limits=limits)
+    assert not verdict.ok and all(r.startswith("h: ") for r in verdict.reasons), verdict
+    # Two instances with 10 answers each are no sample: each is judged on its own answers.
+    assert fp.gate({"a": up((10, 3)), "b": up((10, 3))}, "img:2", limits=limits).ok
     # Only instances running the new image count (a parked or failed one answers nothing of it).
     assert fp.gate({"a": up((100, 50), status=Status.RECORDED)}, "img:2", limits=limits).ok
     assert not fp.gate({"a": up((100, 50))}, "img:2").ok  # the defaults apply without limits
@@ -173,24 +179,31 @@ async def test_the_proxy_counts_answers_and_5xx_per_tenant(stack, service_env, s
         ok, ok_key = await tenant_on(store, rec, {"chat"})
         gone, gone_key = await tenant_on(store, rec, {"chat"})
         await store.instances.update_one({"_id": gone}, {"$set": {"port": free_port()}})  # nobody there
+        # A stopped agent: the proxy's own 503 says nothing of an image and is not counted (a
+        # tenant stopping its agent under load would otherwise fail a rollout's gate).
+        stopped, stopped_key = await tenant_on(store, rec, {"chat"})
+        await store.instances.update_one({"_id": stopped}, {"$set": {"state": "stopped"}})
         async with httpx.AsyncClient(base_url=f"http://{proxy.address}", timeout=30) as http:
             got = [
                 (await http.get("/v1/models", headers={"Authorization": f"Bearer {key}"})).status_code
-                for key in (ok_key, ok_key, ok_key, gone_key, gone_key)
+                for key in (ok_key, ok_key, ok_key, gone_key, gone_key, stopped_key)
             ]
         assert got[:3] == [200, 200, 200] and all(is_error(x) for x in got[3:]), got  # 502/503 by plane
 
         async def counted():
-            found = await traffic_since(store.db, {ok: since, gone: since})
+            found = await traffic_since(store.db, {ok: since, gone: since, stopped: since})
             return found if sum(c.calls for per in found.values() for c in per.values()) >= 5 else None
 
         found = await eventually(counted, timeout=30, interval=0.3)
         assert found == {ok: {"proxy": Counts(3, 0)}, gone: {"proxy": Counts(2, 2)}}
+        await asyncio.sleep(1.5)  # three flushes later: still nothing for the stopped agent
+        assert await traffic_since(store.db, {ok: since, gone: since, stopped: since}) == found
     finally:
         proxy.stop()
         stack.processes.remove(proxy)
         await rec.stop()
-        await store.instances.delete_many({"_id": {"$in": [locals().get("ok"), locals().get("gone")]}})
+        users = [locals().get(u) for u in ("ok", "gone", "stopped")]
+        await store.instances.delete_many({"_id": {"$in": users}})
 
 
 # --- on a private platform ----------------------------------------------------------------------

@@ -167,18 +167,27 @@ class Backups:
             stats = await asyncio.to_thread(
                 core.unpack_backup, self.ring, self.target, m, staging, s.tenant_disk_bytes
             )
+            # The claim first, then the state: a start between a read and the claim would leave
+            # a running gateway that this restore believed stopped. From the claim until the
+            # swap the provisioner carries out only a stop for this user (a start would run the
+            # gateway on the folder being replaced, its writes going to the copy thrown away).
+            token = await store.claim_restore(target_user, RESTORE_LEASE_S)
             doc = await store.get_instance(target_user)
-            state = S(doc["state"]) if doc else None
-            if state is not None and state not in (*LIVE, *AT_REST):
-                raise BackupError(f"{target_user}'s instance is {state.value}; retry when it settles", "busy")
-            live = state in LIVE
-            if live and command is None:
-                raise InvalidInput("the instance runs: a restore needs the platform to stop it")
-            # From here until the swap, the provisioner carries out only a stop for this user:
-            # a start (a user's, the monitor's, a wake) would run the gateway on the folder
-            # being replaced, and its writes would go to the copy thrown away.
-            if doc is not None and not await store.claim_restore(target_user, RESTORE_LEASE_S):
+            if doc is not None and token is None:
                 raise BackupError(f"a restore of {target_user} is already in progress", "busy")
+            state = S(doc["state"]) if doc else None
+            live = state in LIVE
+            try:
+                if state is not None and state not in (*LIVE, *AT_REST):
+                    raise BackupError(
+                        f"{target_user}'s instance is {state.value}; retry when it settles", "busy"
+                    )
+                if live and command is None:
+                    raise InvalidInput("the instance runs: a restore needs the platform to stop it")
+            except (BackupError, InvalidInput):
+                if token is not None:
+                    await store.release_restore(target_user, token)
+                raise
             swap_error: BackupError | None = None
             try:
                 if live:
@@ -191,8 +200,8 @@ class Backups:
                         f"cannot put the restored folder in place: {e.strerror}", "disk_error"
                     )
             finally:
-                if doc is not None:
-                    await store.release_restore(target_user)
+                if token is not None:
+                    await store.release_restore(target_user, token)
             # Restored (or, after a failed swap, the old folder still in place): it runs again.
             if live:
                 assert command is not None

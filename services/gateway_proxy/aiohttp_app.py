@@ -112,8 +112,10 @@ class AiohttpPlane:
         child(REQUESTS, route, f"{resp.status // 100}xx").inc()
         child(LATENCY, route).observe(time.perf_counter() - t0)
         tenant: Tenant | None = request.get("tenant")
-        if tenant is not None:
-            ACTIVITY.answered(tenant.user_id, resp.status)  # the fleet gate's 5xx rate
+        if tenant is not None and request.get("routed"):
+            # The fleet gate's 5xx rate: answers for a routed gateway only (the proxy's own 503
+            # for a stopped agent says nothing of its image).
+            ACTIVITY.answered(tenant.user_id, resp.status)
         # An unknown path, which could hold anything, is not logged.
         self.state.access.write(
             request_id=request_id,
@@ -168,6 +170,7 @@ class AiohttpPlane:
             route = await self.state.routes.resolve(tenant.user_id)
         except NoRoute as e:
             return not_running_response(request, e.state)
+        request["routed"] = True
         return await self._forward(request, tenant, route, d)
 
     async def _forward(

@@ -331,8 +331,10 @@ class Exchange:
         tenant = self.tenant
         if self.route is not None and tenant is not None:
             ACTIVITY.closed(tenant.user_id)
-        if tenant is not None:
-            ACTIVITY.answered(tenant.user_id, status)  # the fleet gate's 5xx rate
+        if self.route is not None and tenant is not None:
+            # The fleet gate's 5xx rate: answers for a routed gateway only (the proxy's own 503
+            # for a stopped agent says nothing of its image).
+            ACTIVITY.answered(tenant.user_id, status)
         self.client.state.access.write(
             request_id=req.rid,
             tenant=tenant.user_id if tenant else None,

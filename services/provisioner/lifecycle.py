@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from services.provisioner import metrics
-from services.provisioner.base import Phase, ProvisionerBase, ProvisionError, S, _bytes, log
+from services.provisioner.base import Phase, ProvisionerBase, ProvisionError, S, _bytes, log, restore_blocks
 from services.provisioner.config import (
     BOOT_ENV,
     GatewaySpec,
@@ -157,6 +157,12 @@ class Lifecycle(ProvisionerBase):
         port freed and the record marked failed; *heal* (the instance was running and fails on the
         platform's side) lets reconcile retry it, and is kept across retries; otherwise it is cleared."""
         user_id = doc["_id"]
+        # Every way to a running gateway passes here (a command, a re-request, reconcile's
+        # heal and re-create): none while a restore is swapping the folder.
+        if restore_blocks("start", doc, utcnow()):
+            raise ProvisionError(
+                FailureReason.RESTORING, "a restore of this agent's data is in progress; retry shortly"
+            )
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         try:
