@@ -44,6 +44,7 @@ from shared.client import PlatformClient
 from shared.crypto import KeyRing
 from shared.events import InstanceDelete, InstanceRequested, InstanceSuspend
 from shared.store import Store
+from zaki.fake_world import fake_world_env
 from zaki.fakes import FakeLLM, FakeTelegram, bound_port, serve
 from zaki.stack import Process, Stack, docker_bridge_ip, free_network_pool, free_port, wait_for_port
 
@@ -252,14 +253,7 @@ async def main() -> None:
             "ZAKI_ALLOWED_IMAGES": STANDIN,
             "ZAKI_PORT_RANGE_START": "35000",
             "ZAKI_PORT_RANGE_END": "35999",
-            "ZAKI_TELEGRAM_API_BASE": f"http://{bridge}:{bound_port(tr)}",
-            "ZAKI_TELEGRAM_API_BASE_FOR_GATEWAYS": f"http://host.docker.internal:{bound_port(tr)}",
-            "ZAKI_TELEGRAM_PRIVATE_NETWORK": "true",
-            "ZAKI_LLM_BASE_URL": f"http://{bridge}:{bound_port(lr)}/v1",
-            "ZAKI_BROKER_HOST": bridge,
-            "ZAKI_BROKER_PORT": str(broker_port),
-            "ZAKI_BROKER_URL_FOR_GATEWAYS": f"http://host.docker.internal:{broker_port}",
-            "ZAKI_DEFAULT_MODEL": "zaki/echo-1",
+            **fake_world_env(bridge, bound_port(tr), bound_port(lr), broker_port, "sk-bench"),
             "ZAKI_RECONCILE_INTERVAL_S": "3600",
             "ZAKI_WAKE_TIMEOUT_S": "300",
             "ZAKI_READINESS_TIMEOUT_S": "300",
