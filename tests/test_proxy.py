@@ -274,23 +274,20 @@ async def test_stopped_and_deleted_instances_answer_503(proxy, provisioner, plat
 async def test_unreachable_gateway_is_502_or_503(
     stack, service_env, provisioner, platform, fakes, store, docker_client
 ):
-    """A gateway that dies while its record says running: the request is held for it to come
-    back (issue 16, ZAKI_WAKE_TIMEOUT_S, short here), then answered with a typed error."""
+    """A gateway that does not answer while its record says running: the request is held for it
+    to come back (issue 16, ZAKI_WAKE_TIMEOUT_S, short here), then answered with a typed error.
+    (A killed gateway comes back within the hold, through Docker's restart policy or reconcile,
+    and is then answered 200: test_suspend.py; here nothing ever listens on the record's port.)"""
     from tests.proxy_support import start_proxy
+    from zaki.stack import free_port
 
     user, _ = await make_instance(platform, fakes)
     _, key = await keys.create_key(store, user, {"chat"})
+    await store.instances.update_one({"_id": user}, {"$set": {"port": free_port()}})
     proxy = start_proxy(stack, service_env, fastpath=True, ZAKI_WAKE_TIMEOUT_S="2")
     try:
         async with httpx.AsyncClient(base_url=f"http://{proxy.address}", timeout=30) as http:
-            auth = {"Authorization": f"Bearer {key}"}
-            assert (await http.get("/v1/models", headers=auth)).status_code == 200
-            gateway = docker_client.containers.get(f"zaki-user-{user}")
-            # Docker's own restart policy would bring a stand-in back within the hold (then 200 is
-            # the right answer, see test_suspend.py): here it stays down past ZAKI_WAKE_TIMEOUT_S.
-            gateway.update(restart_policy={"Name": "no"})
-            gateway.kill()
-            r = await http.get("/v1/models", headers=auth)
+            r = await http.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
             assert r.status_code in (502, 503), r.text
             assert r.json()["error"]["type"] in ("gateway_unreachable", "instance_not_running")
     finally:
