@@ -32,10 +32,13 @@ field_names = st.sampled_from(
         "x",
     ]
 )
+# Generated inputs per test: enough to find a crash or a leak, small enough for the suite's
+# 30-minute budget on 2 cores.
+FUZZ_CASES = 4_000
 event_like = st.dictionaries(field_names, json_values | st.text(max_size=300), max_size=8)
 
 
-@settings(max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=FUZZ_CASES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.sampled_from(MODELS),
     st.one_of(st.binary(max_size=300), event_like.map(lambda d: json.dumps(d).encode())),
@@ -77,7 +80,7 @@ async def test_proxy_routes_under_generated_requests(proxy, store):
     seen_statuses: set[int] = set()
     async with httpx.AsyncClient(base_url=proxy.address, timeout=10) as http:
 
-        @settings(max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck))
+        @settings(max_examples=FUZZ_CASES, deadline=None, suppress_health_check=list(HealthCheck))
         @given(methods, paths, headers, bodies, credentials)
         def one(method, path, extra, body, cred):
             cases.append((method, path, extra, body, cred))
@@ -105,5 +108,5 @@ async def test_proxy_routes_under_generated_requests(proxy, store):
             )
             assert "Traceback" not in r.text
             assert good not in r.text and good.split("_")[2] not in r.text
-    assert len(cases) == 10_000
+    assert len(cases) == FUZZ_CASES
     assert {401, 404} <= seen_statuses
