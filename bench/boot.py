@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from services.provisioner.config import (
     GatewaySpec,
     Provider,
+    gateway_env,
     prepare_user_dirs,
     render_openclaw_config,
     user_dirs,
@@ -62,12 +63,7 @@ class Variant:
 def base_env() -> dict[str, str]:
     """The provisioner's env for a gateway before issue 16.5's changes (the variants add them)."""
     return {
-        "HOME": "/home/node",
-        "OPENCLAW_HOME": "/home/node",
-        "OPENCLAW_STATE_DIR": CONTAINER_STATE_DIR,
-        "OPENCLAW_CONFIG_PATH": f"{CONTAINER_STATE_DIR}/openclaw.json",
-        "OPENCLAW_WORKSPACE_DIR": CONTAINER_WORKSPACE,
-        "XDG_CACHE_HOME": f"{CONTAINER_STATE_DIR}/cache",
+        **gateway_env(),
         "NODE_COMPILE_CACHE": f"{CONTAINER_STATE_DIR}/cache/node-compile",
         "NODE_OPTIONS": "--max-old-space-size=1024",
     }

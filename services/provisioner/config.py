@@ -23,11 +23,25 @@ from shared.gateway import (
     gateway_identity,
 )
 
+
 # Node's on-disk compile cache in the persistent state folder: every boot after the first (a
 # wake, a restart) skips recompiling OpenClaw's module graph (issue 16.5). With NODE_COMPILE_CACHE
 # set, openclaw.mjs respawns itself once to move the cache into a per-version subfolder and the
 # launcher stays alive as the gateway's parent (~60 MB RSS, one more Node start per boot); its
 # own "already respawned" marker skips that, and the cache stays where we put it.
+def gateway_env() -> dict[str, str]:
+    """A gateway container's base environment: where OpenClaw finds its config, state, workspace
+    and caches (BOOT_ENV and the heap cap come on top)."""
+    return {
+        "HOME": "/home/node",
+        "OPENCLAW_HOME": "/home/node",
+        "OPENCLAW_STATE_DIR": CONTAINER_STATE_DIR,
+        "OPENCLAW_CONFIG_PATH": f"{CONTAINER_STATE_DIR}/openclaw.json",
+        "OPENCLAW_WORKSPACE_DIR": CONTAINER_WORKSPACE,
+        "XDG_CACHE_HOME": f"{CONTAINER_STATE_DIR}/cache",
+    }
+
+
 BOOT_ENV = {
     "NODE_COMPILE_CACHE": f"{CONTAINER_STATE_DIR}/cache/node-compile",
     "OPENCLAW_PACKAGED_COMPILE_CACHE_RESPAWNED": "1",
