@@ -65,3 +65,22 @@ def container_name(user_id: str) -> str:
 
 def network_name(user_id: str) -> str:
     return f"zaki-net-{user_id}"
+
+
+# A pre-started gateway waiting to be claimed (issue 16.5) is named like a user whose id
+# starts "pool." (a user id never contains "."); at the claim its container is renamed to
+# the user's and its data folder moved under the user's name.
+POOL_PREFIX = "pool."
+
+
+def is_pool_slot(user_id: str | None) -> bool:
+    return bool(user_id) and user_id.startswith(POOL_PREFIX)
+
+
+def user_of_container(name: str | None, label: str | None = None) -> str | None:
+    """Whose gateway a container is. The name, not the label: a claimed pool slot keeps the
+    labels it was created with (Docker labels are immutable) and takes its user's name."""
+    prefix = container_name("")
+    if name and name.lstrip("/").startswith(prefix):
+        return name.lstrip("/")[len(prefix) :]
+    return label

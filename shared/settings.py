@@ -41,6 +41,10 @@ class ZakiSettings(BaseSettings):
     # The address published gateway ports bind to, and that the proxy and monitor dial.
     gateway_publish_ip: str = "127.0.0.1"
     readiness_timeout_s: float = 120.0
+    # Pre-started gateways kept ready for new users (services/provisioner/pool.py): a new user's
+    # gateway is one of them, claimed by a config hot reload instead of a cold boot. Each costs a
+    # running gateway's memory (0.7-1 GiB real) all the time; 0: none.
+    pool_size: int = Field(default=0, ge=0, le=64)
     stop_timeout_s: int = 20
     reconcile_interval_s: float = 60.0
     # Self-healing (services/provisioner/reconcile.py): an instance that was running and failed on

@@ -278,6 +278,18 @@ class Store:
             return port
         raise NoPortAvailable(f"no free port in {start}-{end} on {docker_host}")
 
+    async def port_of(self, docker_host: str, owner: str) -> int | None:
+        doc = await self.ports.find_one({"docker_host": docker_host, "user_id": owner})
+        return int(doc["port"]) if doc else None
+
+    async def transfer_port(self, docker_host: str, from_owner: str, to_owner: str) -> int | None:
+        """Hands *from_owner*'s port to *to_owner* (a claimed pool slot's); None if it has none."""
+        doc = await self.ports.find_one_and_update(
+            {"docker_host": docker_host, "user_id": from_owner},
+            {"$set": {"user_id": to_owner, "claimed_at": utcnow()}},
+        )
+        return int(doc["port"]) if doc else None
+
     async def release_port(self, docker_host: str, user_id: str) -> int:
         res = await self.ports.delete_many({"docker_host": docker_host, "user_id": user_id})
         return res.deleted_count

@@ -20,7 +20,7 @@ from services.monitor import model_path
 from services.monitor.health import HealthTracker, RestartPolicy, jitter_offset, owner
 from shared import audit, subjects
 from shared.events import HealthState, HealthSummary, InstanceCommand, InstanceHealthChanged
-from shared.gateway import container_name
+from shared.gateway import container_name, user_of_container
 from shared.probe import AioProber, ProbeResult
 from shared.settings import ZakiSettings
 from shared.state import InstanceState
@@ -309,7 +309,7 @@ class Monitor:
 
     async def on_container_event(self, event: dict[str, Any], received: float) -> None:
         attrs = (event.get("Actor") or {}).get("Attributes") or {}
-        user_id = attrs.get("zaki.user")
+        user_id = user_of_container(attrs.get("name"), attrs.get("zaki.user"))
         action = event.get("Action", "")
         w = self.watches.get(user_id or "")
         if w is None or attrs.get("zaki.instance") != w.instance_id:

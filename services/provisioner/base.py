@@ -137,13 +137,17 @@ class ProvisionerBase:
             ),
         )
 
-    def subnet_for(self, port: int) -> str | None:
+    def subnet_for(self, port: int, pool_slot: bool = False) -> str | None:
         """Each instance's network gets its own small subnet, indexed by its port (unique per
-        Docker host), so networks never collide and never exhaust Docker's default pools."""
+        Docker host), so networks never collide and never exhaust Docker's default pools. A
+        pool slot's comes from the second half, so that the user who claims the slot can have
+        the subnet of its port while the slot's network still holds the container."""
         if not self.s.network_pool:
             return None
         pool = ipaddress.ip_network(self.s.network_pool)
         index = port - self.s.port_range_start
+        if pool_slot:
+            index += self.s.port_range_end - self.s.port_range_start + 1
         size = 2 ** (32 - self.s.network_prefix)
         if index < 0 or (index + 1) * size > pool.num_addresses:
             raise ProvisionError(FailureReason.NO_PORT, f"network pool {pool} too small for port {port}")

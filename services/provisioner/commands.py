@@ -12,7 +12,7 @@ from services.backup.hooks import before_change
 from services.provisioner import metrics
 from services.provisioner.base import ProvisionError, Retry, S, log
 from services.provisioner.healing import HEALABLE
-from services.provisioner.lifecycle import Lifecycle
+from services.provisioner.pool import Pooled
 from services.provisioner.runtime import RuntimeError_
 from services.provisioner.telegram import InvalidBotToken, TelegramUnavailable
 from shared import subjects
@@ -35,7 +35,7 @@ from shared.logging import redact
 GIVEN_UP = (S.FAILED, S.CRASHLOOPING)
 
 
-class Commands(Lifecycle):
+class Commands(Pooled):
     async def handle_requested(self, ev: InstanceRequested) -> None:
         async with self._locks[ev.user_id]:
             try:
@@ -74,11 +74,28 @@ class Commands(Lifecycle):
             raise Retry(str(e)) from None
         await self._refuse_over_quota(ev.user_id)  # a data folder kept from an earlier instance
 
+        slot = self.take_slot(ev.user_id, image) if doc is None else None
+        try:
+            await self._requested_provision(
+                ev, doc, image, token, bot_username, slot.instance_id if slot else None
+            )
+        finally:
+            self.give_back(ev.user_id)  # a slot not used by now goes back to the pool
+
+    async def _requested_provision(
+        self,
+        ev: InstanceRequested,
+        doc: dict[str, Any] | None,
+        image: str,
+        token: str,
+        bot_username: str,
+        instance_id: str | None,
+    ) -> None:
         if doc is None:
             doc = await self.store.create_instance(
                 ev.user_id,
                 {
-                    "instance_id": uuid.uuid4().hex,
+                    "instance_id": instance_id or uuid.uuid4().hex,
                     "request_id": ev.request_id,
                     "docker_host": self.runtime.host_id,
                     "host": self.s.gateway_publish_ip,

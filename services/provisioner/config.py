@@ -132,8 +132,9 @@ def render_openclaw_config(spec: GatewaySpec) -> dict[str, Any]:
                 }
             },
         },
-        "channels": {"telegram": telegram},
     }
+    if spec.bot_token:  # a pool slot has none until it is claimed
+        config["channels"] = {"telegram": telegram}
     if plugins := _plugins(spec):
         config["plugins"] = plugins
     return config

@@ -58,6 +58,30 @@ class Lifecycle(ProvisionerBase):
         base_url = f"{self.s.broker_url_for_gateways.rstrip('/')}/p/{name}"
         return Provider(name, base_url, api, credential, models)
 
+    async def _gateway_spec(
+        self, doc: dict[str, Any], gateway_ip: str, password: str, credential: str, bot_token: str
+    ) -> GatewaySpec:
+        """What goes into the gateway's openclaw.json (a pool slot's too: no bot token)."""
+        model = doc.get("model") or self.s.default_model
+        provider = await self._provider(doc, credential)
+        if "/" not in model:
+            model = f"{provider.name}/{model}"
+        tg_root = self.s.telegram_api_base_for_gateways or self.s.telegram_api_base
+        return GatewaySpec(
+            user_id=doc["_id"],
+            bot_token=bot_token,
+            model=model,
+            provider=provider,
+            trusted_proxy_ip=gateway_ip,
+            password=password,
+            allowed_origins=tuple(self.s.proxy_public_origins()),
+            telegram_api_root=None if tg_root.rstrip("/") == "https://api.telegram.org" else tg_root,
+            telegram_allow_from=tuple(doc.get("telegram_allow_from") or ()),
+            telegram_private_network=self.s.telegram_private_network,
+            plugins=self.s.gateway_plugin_ids(),
+            dreaming=self.s.gateway_dreaming,
+        )
+
     async def _write_config(self, doc: dict[str, Any], gateway_ip: str) -> dict[str, Any]:
         """Renders and writes the native config; returns the fields to record."""
         user_id = doc["_id"]
@@ -75,25 +99,8 @@ class Lifecycle(ProvisionerBase):
             redact.register(credential)
             fields["broker_key_enc"] = self.seal(user_id, "broker_key", credential)
             fields["broker_key_hash"] = credential_hash(credential)
-        model = doc.get("model") or self.s.default_model
-        provider = await self._provider(doc, credential)
-        if "/" not in model:
-            model = f"{provider.name}/{model}"
-        tg_root = self.s.telegram_api_base_for_gateways or self.s.telegram_api_base
-        spec = GatewaySpec(
-            user_id=user_id,
-            bot_token=self.unseal(user_id, "bot_token", doc["bot_token_enc"]),
-            model=model,
-            provider=provider,
-            trusted_proxy_ip=gateway_ip,
-            password=password,
-            allowed_origins=tuple(self.s.proxy_public_origins()),
-            telegram_api_root=None if tg_root.rstrip("/") == "https://api.telegram.org" else tg_root,
-            telegram_allow_from=tuple(doc.get("telegram_allow_from") or ()),
-            telegram_private_network=self.s.telegram_private_network,
-            plugins=self.s.gateway_plugin_ids(),
-            dreaming=self.s.gateway_dreaming,
-        )
+        bot_token = self.unseal(user_id, "bot_token", doc["bot_token_enc"])
+        spec = await self._gateway_spec(doc, gateway_ip, password, credential, bot_token)
         dirs = self._dirs(user_id)
         try:
             await asyncio.to_thread(prepare_user_dirs, dirs)
@@ -203,6 +210,9 @@ class Lifecycle(ProvisionerBase):
                 await self.runtime.start(spec.name)
         with Phase(timings, "ready"):
             await self.wait_ready(doc["_id"], doc["port"], spec.name)
+        await self._mark_running(doc, request_id, cid, spec.image)
+
+    async def _mark_running(self, doc: dict[str, Any], request_id: str, cid: str, image: str) -> None:
         doc.update(
             await self._transition(
                 request_id,
@@ -212,7 +222,7 @@ class Lifecycle(ProvisionerBase):
                 {
                     "container_id": cid,
                     "last_error": None,
-                    "last_good_image": spec.image,
+                    "last_good_image": image,
                     "stop_reason": None,
                     "auto_attempt_at": None,
                 },

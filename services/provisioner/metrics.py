@@ -46,3 +46,9 @@ CONSUMER_PENDING = Gauge("zaki_jetstream_consumer_pending", "Commands not yet de
 CONSUMER_REDELIVERED = Gauge(
     "zaki_jetstream_consumer_redelivered", "Commands delivered more than once and not yet acked", ["consumer"]
 )
+POOL_READY = Gauge("zaki_pool_slots_ready", "Pre-started gateways ready to be claimed (ZAKI_POOL_SIZE)")
+POOL_CLAIMS = Counter(
+    "zaki_pool_claims_total",
+    "New users served from the pool: claimed, or fallback to a cold start",
+    ["outcome"],
+)

@@ -16,7 +16,7 @@ from services.provisioner.commands import Commands
 from services.provisioner.runtime import RuntimeError_
 from shared import audit, subjects
 from shared.events import FailureReason, InstanceCommand, StopReason
-from shared.gateway import container_name
+from shared.gateway import container_name, is_pool_slot
 from shared.state import InstanceState
 from shared.store import utcnow
 
@@ -31,6 +31,8 @@ class Reconciler(Commands):
         actions = dict.fromkeys(metrics.RECONCILE_ACTION_NAMES, 0)
         records = {d["_id"]: d for d in await self.store.list_instances(docker_host=self.runtime.host_id)}
         for c in await self.runtime.list_managed():
+            if is_pool_slot(c.user_id):
+                continue  # the pool's own (pool.py)
             doc = records.get(c.user_id or "")
             if doc is None or doc.get("instance_id") != c.instance_id or doc["state"] == S.DELETING:
                 if doc is not None and doc["state"] in (S.REQUESTED, S.PROVISIONING, S.STARTING):
@@ -51,6 +53,7 @@ class Reconciler(Commands):
         for state, n in by_state.items():
             metrics.INSTANCES.labels(state).set(n)
         await self._capacity_metrics(sum(by_state.values()) - by_state[S.DELETED.value])
+        self.kick_pool()
         return actions
 
     async def _recreate_missing(self, records: dict[str, dict[str, Any]], actions: dict[str, int]) -> None:

@@ -18,7 +18,7 @@ import docker
 from docker.errors import APIError, NotFound
 
 from services.provisioner.egress import EgressConfigError, EgressError, TenantEgress, docker_host_gateway
-from shared.gateway import GATEWAY_PORT, container_name, network_name
+from shared.gateway import GATEWAY_PORT, container_name, network_name, user_of_container
 from shared.settings import ZakiSettings, get_settings
 
 log = logging.getLogger("zaki.provisioner")
@@ -60,6 +60,7 @@ class ContainerStatus:
     instance_id: str | None = None
     container_id: str | None = None
     image: str | None = None
+    bind_sources: tuple[str, ...] = ()  # host paths mounted into it
 
     @property
     def running(self) -> bool:
@@ -77,6 +78,7 @@ class GatewayRuntime(Protocol):
     async def remove_network(self, user_id: str) -> None: ...
     async def reconcile_networks(self, expected: Mapping[str, str | None]) -> list[str]: ...
     async def create(self, spec: ContainerSpec) -> str: ...
+    async def hand_over(self, slot_id: str, user_id: str) -> None: ...
     async def start(self, name: str) -> None: ...
     async def stop(self, name: str, timeout: int) -> None: ...
     async def remove(self, name: str) -> None: ...
@@ -107,10 +109,27 @@ def _status(c) -> ContainerStatus:
         exit_code=st.get("ExitCode"),
         oom_killed=bool(st.get("OOMKilled")),
         restart_count=int(c.attrs.get("RestartCount", 0)),
-        user_id=labels.get(USER_LABEL),
+        user_id=user_of_container(c.name, labels.get(USER_LABEL)),
         instance_id=labels.get(INSTANCE_LABEL),
         container_id=c.id,
         image=c.attrs.get("Config", {}).get("Image"),
+        bind_sources=tuple(
+            m.get("Source", "") for m in c.attrs.get("Mounts") or [] if m.get("Type") == "bind"
+        ),
+    )
+
+
+def _matches(c, spec: ContainerSpec) -> bool:
+    """Whether an existing container runs *spec*'s image on its folders and port: a claimed
+    pool slot still mounts the slot's folder paths, so its first restart re-creates it."""
+    binds = {
+        m.get("Source"): m.get("Destination") for m in c.attrs.get("Mounts") or [] if m.get("Type") == "bind"
+    }
+    ports = (c.attrs.get("HostConfig", {}).get("PortBindings") or {}).get(f"{GATEWAY_PORT}/tcp") or [{}]
+    return (
+        c.attrs.get("Config", {}).get("Image") == spec.image
+        and binds == spec.binds
+        and str(ports[0].get("HostPort")) == str(spec.host_port)
     )
 
 
@@ -284,8 +303,7 @@ class DockerRuntime:
                 raise RuntimeError_(
                     f"container name {spec.name} is taken by something this platform does not manage"
                 )
-            same_image = existing.attrs.get("Config", {}).get("Image") == spec.image
-            if labels.get(INSTANCE_LABEL) == spec.instance_id and same_image:
+            if labels.get(INSTANCE_LABEL) == spec.instance_id and _matches(existing, spec):
                 return existing.id
             existing.remove(force=True)
         except NotFound:
@@ -326,6 +344,19 @@ class DockerRuntime:
 
     async def create(self, spec: ContainerSpec) -> str:
         return await self._run(self._create, spec)
+
+    def _hand_over(self, slot_id: str, user_id: str) -> None:
+        c = self.client.containers.get(container_name(slot_id))
+        self.client.networks.get(network_name(user_id)).connect(c)
+        # The published port moves with the default route: to the user's network.
+        self.client.networks.get(network_name(slot_id)).disconnect(c)
+        c.rename(container_name(user_id))
+        self._remove_network(slot_id)
+
+    async def hand_over(self, slot_id: str, user_id: str) -> None:
+        """Gives the running pool slot *slot_id* to *user_id*: onto the user's network (which
+        must exist), off the slot's (removed with its egress rules), under the user's name."""
+        await self._run(self._hand_over, slot_id, user_id)
 
     def _get(self, name: str):
         return self.client.containers.get(name)

@@ -55,7 +55,15 @@ function loadAuth() {
   if (auth.mode === "token" && !auth.token) auth.token = env.OPENCLAW_GATEWAY_TOKEN;
   return auth;
 }
-const AUTH = loadAuth();
+let AUTH = loadAuth();
+// Watched like OpenClaw's config: a claimed pool slot's identity changes by a hot reload.
+let configStamp = 0;
+setInterval(() => {
+  try {
+    const m = fs.statSync(env.OPENCLAW_CONFIG_PATH || "/home/node/.openclaw/openclaw.json").mtimeMs;
+    if (m !== configStamp) [configStamp, AUTH] = [m, loadAuth()];
+  } catch {}
+}, 200).unref();
 const started = Date.now();
 let hanging = false;
 if (env.STANDIN_HANG_AFTER_MS) setTimeout(() => (hanging = true), Number(env.STANDIN_HANG_AFTER_MS));
