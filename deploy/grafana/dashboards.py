@@ -50,6 +50,15 @@ FLEET = [
         "short",
         [("sum by (state) (zaki_monitor_instances)", "{{state}}")],
     ),
+    # Pre-started gateways for new users (ZAKI_POOL_SIZE, services/provisioner/pool.py).
+    ("Provisioning", "stat", "Pool slots ready", "short", [("sum(zaki_pool_slots_ready)", "ready")]),
+    (
+        "Provisioning",
+        "ts",
+        "New users: pool claims and cold-start fallbacks",
+        "short",
+        [("sum by (outcome) (increase(zaki_pool_claims_total[$__rate_interval]))", "{{outcome}}")],
+    ),
     (
         "Provisioning",
         "ts",

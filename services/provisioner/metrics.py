@@ -52,3 +52,5 @@ POOL_CLAIMS = Counter(
     "New users served from the pool: claimed, or fallback to a cold start",
     ["outcome"],
 )
+for _outcome in ("claimed", "fallback"):  # both series from the start: dashboards show 0, not "no data"
+    POOL_CLAIMS.labels(_outcome)
