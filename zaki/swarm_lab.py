@@ -100,7 +100,7 @@ def _wait_engine(node: Node, timeout: float = 60) -> None:
     raise StackError(f"{node.name}: nested dockerd did not answer within {timeout:.0f} s")
 
 
-def _start_node(lab: Lab, i: int, image: str) -> Node:
+def _start_node(lab: Lab, i: int, image: str, dockerd_args: Sequence[str]) -> Node:
     name = f"zlab-{lab.id}-n{i}"
     net = ipaddress.ip_network(lab.subnet)
     # Nested bridges (docker0, docker_gwbridge) in 10.N.64.0/18: inside the lab's /16, so no
@@ -117,7 +117,7 @@ def _start_node(lab: Lab, i: int, image: str) -> Node:
         image,
         f"--cgroup-parent=/{name}", "--storage-driver=overlay2",
         f"--default-address-pool=base={local_pool},size=24",
-        "--log-driver=json-file", "--log-opt=max-size=1m",
+        "--log-driver=json-file", "--log-opt=max-size=1m", *dockerd_args,
     )  # fmt: skip
     ip = run(
         "docker",
@@ -134,8 +134,11 @@ def up(
     images: Sequence[str] = (),
     lab_id: str | None = None,
     progress: Callable[[str], None] = print,
+    dockerd_args: Sequence[str] = (),
 ) -> Lab:
     """Starts *n* nodes, makes a swarm of them (node 1 manages) and loads *images* onto each.
+    *dockerd_args* go to every nested dockerd: e.g. ``--node-generic-resource=mem_mb=2048``, a
+    capacity the scheduler counts down (every node here sees the host's whole memory).
     On any failure everything made so far is removed."""
     lab_id = lab_id or uuid.uuid4().hex[:6]
     image = node_image(progress)
@@ -150,16 +153,16 @@ def up(
         # fallback to 8.8.8.8) can send a packet past this machine; the host still reaches nodes.
         run("docker", "network", "create", "--internal", "--label", f"{LABEL}={lab_id}",
             "--subnet", nodes_net, "--gateway", gw, lab.network)  # fmt: skip
-        lab.nodes = [_start_node(lab, i, image) for i in range(1, n + 1)]
+        lab.nodes = [_start_node(lab, i, image, dockerd_args) for i in range(1, n + 1)]
         for node in lab.nodes:
             _wait_engine(node)
         lab.timings["engines"] = time.monotonic() - t0
         progress(f"swarm lab {lab_id}: {n} engines answer after {lab.timings['engines']:.1f} s")
         m = lab.manager
-        # Swarm networks (overlays, ingress) in the upper half of the lab's /16.
+        # Swarm networks in the upper half of the lab's /16, a /28 each (2,048 tenant overlays).
         pool = f"{net.network_address + 128 * 256}/17"
         nd(m, "swarm", "init", "--advertise-addr", m.ip, "--default-addr-pool", pool,
-           "--default-addr-pool-mask-length", "24")  # fmt: skip
+           "--default-addr-pool-mask-length", "28")  # fmt: skip
         token = nd(m, "swarm", "join-token", "-q", "worker")
         for node in lab.nodes[1:]:
             nd(node, "swarm", "join", "--token", token, "--advertise-addr", node.ip, f"{m.ip}:2377")
