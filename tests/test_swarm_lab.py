@@ -82,7 +82,7 @@ def test_a_gateway_on_each_node_is_reached_from_the_host_and_tenants_cannot_cros
     t0 = time.monotonic()
     m = lab.manager
     for t, (n, published) in TENANTS.items():
-        swarm_lab.nd(m, "network", "create", "-d", "overlay", "--attachable", f"tenant-{t}")
+        swarm_lab.nd(m, "network", "create", "-d", "overlay", f"tenant-{t}")
         # dnsrr: no virtual IP (IPVS is not in this kernel); host mode: the port opens on the
         # task's node only, where the proxy reaches it (the ingress mesh also needs IPVS).
         swarm_lab.nd(
