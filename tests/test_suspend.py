@@ -1,7 +1,8 @@
 """Idle suspend and wake end to end (issue 16) on the real platform processes, with stand-in
 gateways: suspended after idle, woken by an HTTP chat, an SSE stream, a WebSocket RPC call
 or a Telegram message, one boot for a storm of requests, a user's stop never woken, the
-monitor quiet about a sleeper, and a crash-restart held instead of a 502."""
+monitor quiet about a sleeper, and a crash-restart held instead of a 502. The real gateway's
+wakes (Telegram included) are in test_suspend_real.py."""
 
 from __future__ import annotations
 
@@ -275,44 +276,6 @@ async def held_served(http: httpx.AsyncClient, proxy) -> float:
         if line.startswith('zaki_proxy_hold_total{outcome="served"}'):
             return float(line.split()[-1])
     return 0.0
-
-
-@pytest.mark.gateway
-@pytest.mark.timeout(600)
-async def test_real_gateway_answers_the_message_that_woke_it_exactly_once(waker, platform, fakes, broker):
-    """The real OpenClaw gateway: a Telegram message sent while it sleeps wakes it, and the
-    gateway itself reads that very update and answers it once; the fake Bot API saw no 409."""
-    tg, token = fakes.telegram, fakes.bot()
-    ev = InstanceRequested(
-        request_id=new_user("req"), user_id=new_user("t"), bot_token=token, telegram_allow_from=["4242"]
-    )
-    subject, ready = await platform.call(subjects.INSTANCE_REQUESTED, ev, timeout=300)
-    assert subject == subjects.INSTANCE_READY, ready
-    user = ev.user_id
-    try:
-        await eventually(lambda: tg.polling(token), timeout=60)  # the gateway's own long poll
-        await suspend(platform, user)
-        await eventually(lambda: tg.polling(token), timeout=20)  # now the waker's
-        uid = tg.inject_message(token, "hello sleeper", chat_id=4242)
-        t0 = time.monotonic()
-        await eventually(lambda: events_for(platform, subjects.INSTANCE_WOKEN, user), timeout=180)
-        answered = await eventually(
-            lambda: [m for m in tg.answers(token) if "hello sleeper" in m["text"]], timeout=180
-        )
-        took = time.monotonic() - t0
-        await asyncio.sleep(10)  # time for a duplicate answer, if there were one
-        answers = [m for m in tg.answers(token) if "hello sleeper" in m["text"]]
-        assert len(answers) == 1 and str(answers[0]["chat_id"]) == "4242", answers
-        assert [w["reason"] for w in events_for(platform, subjects.INSTANCE_WOKEN, user)] == ["telegram"]
-        assert tg.conflicts_for(token) == 0
-        gateway_reads = [d for d in tg.delivered if d[1] == uid and d[2] != "zaki-waker"]
-        assert gateway_reads, tg.delivered  # the gateway read the very update that woke it
-        await eventually(lambda: uid not in tg.unconfirmed(token), timeout=60)  # and confirmed it
-        print(
-            f"\nreal gateway: Telegram message while suspended answered once after {took:.1f} s: {answered[0]['text']!r}"
-        )
-    finally:
-        await delete(platform, user)
 
 
 async def test_a_scheduled_job_wakes_it_in_time(waker, platform, fakes, settings):
