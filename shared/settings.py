@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -45,6 +46,12 @@ class ZakiSettings(BaseSettings):
     # gateway is one of them, claimed by a config hot reload instead of a cold boot. Each costs a
     # running gateway's memory (0.7-1 GiB real) all the time; 0: none.
     pool_size: int = Field(default=0, ge=0, le=64)
+    # How a suspended gateway sleeps (issue 16): "stop" (the container stops; a wake is a full
+    # boot) or "swap" (frozen and pushed to the host's swap down to suspend_swap_floor; a wake
+    # thaws it in a few seconds). "swap" needs swap space on the Docker host, about a running
+    # gateway's memory per sleeper; a sleeper that cannot be pushed out is stopped instead.
+    suspend_mode: Literal["stop", "swap"] = "stop"
+    suspend_swap_floor: str = "64m"
     stop_timeout_s: int = 20
     reconcile_interval_s: float = 60.0
     # Self-healing (services/provisioner/reconcile.py): an instance that was running and failed on

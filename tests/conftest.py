@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -342,3 +343,23 @@ def operator_connect(
         "caps": [],
     }
     return json.dumps({"type": "req", "id": request_id, "method": "connect", "params": params})
+
+
+@contextlib.contextmanager
+def swap_space(size_gib: int = 3) -> Iterator[Path]:
+    """Swap on this machine for ZAKI_SUSPEND_MODE=swap tests: a swap file of their own,
+    switched on for the module and off (its pages read back) and removed after. Swap is a
+    host setting; without the permission (swapon) this is a missing tool."""
+    path = Path(f"/var/tmp/zaki-test-swap-{SESSION}-{uuid.uuid4().hex[:4]}")
+    subprocess.run(["fallocate", "-l", f"{size_gib}G", str(path)], check=True)
+    path.chmod(0o600)
+    subprocess.run(["mkswap", str(path)], check=True, capture_output=True)
+    on = subprocess.run(["swapon", str(path)], capture_output=True, text=True)
+    if on.returncode != 0:
+        path.unlink()
+        missing_tool(f"swap (swapon: {on.stderr.strip()})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["swapoff", str(path)], capture_output=True)
+        path.unlink(missing_ok=True)

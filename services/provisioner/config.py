@@ -73,6 +73,7 @@ class GatewaySpec:
     # plugins.allow (empty: OpenClaw's default set); see ZakiSettings.gateway_plugins.
     plugins: tuple[str, ...] = ()
     dreaming: bool = True  # memory-core's nightly memory consolidation (a cron job calling the model)
+    telegram_enabled: bool = True  # off while a sleeper is frozen: its bot is the waker's to poll
 
 
 def _plugins(spec: GatewaySpec) -> dict[str, Any]:
@@ -89,7 +90,7 @@ def render_openclaw_config(spec: GatewaySpec) -> dict[str, Any]:
     """The gateway's native config: trusted-proxy auth, HTTP endpoints on, Telegram, one provider."""
     identity, dashboard = gateway_identity(spec.user_id), dashboard_identity(spec.user_id)
     model_ids = list(dict.fromkeys([*spec.provider.models, spec.model.split("/", 1)[-1]]))
-    telegram: dict[str, Any] = {"enabled": True, "botToken": spec.bot_token}
+    telegram: dict[str, Any] = {"enabled": spec.telegram_enabled, "botToken": spec.bot_token}
     if spec.telegram_allow_from:
         telegram.update(dmPolicy="allowlist", allowFrom=list(spec.telegram_allow_from))
     else:

@@ -59,7 +59,13 @@ class Lifecycle(ProvisionerBase):
         return Provider(name, base_url, api, credential, models)
 
     async def _gateway_spec(
-        self, doc: dict[str, Any], gateway_ip: str, password: str, credential: str, bot_token: str
+        self,
+        doc: dict[str, Any],
+        gateway_ip: str,
+        password: str,
+        credential: str,
+        bot_token: str,
+        telegram_enabled: bool = True,
     ) -> GatewaySpec:
         """What goes into the gateway's openclaw.json (a pool slot's too: no bot token)."""
         model = doc.get("model") or self.s.default_model
@@ -80,9 +86,12 @@ class Lifecycle(ProvisionerBase):
             telegram_private_network=self.s.telegram_private_network,
             plugins=self.s.gateway_plugin_ids(),
             dreaming=self.s.gateway_dreaming,
+            telegram_enabled=telegram_enabled,
         )
 
-    async def _write_config(self, doc: dict[str, Any], gateway_ip: str) -> dict[str, Any]:
+    async def _write_config(
+        self, doc: dict[str, Any], gateway_ip: str, telegram_enabled: bool = True
+    ) -> dict[str, Any]:
         """Renders and writes the native config; returns the fields to record."""
         user_id = doc["_id"]
         fields: dict[str, Any] = {}
@@ -100,7 +109,7 @@ class Lifecycle(ProvisionerBase):
             fields["broker_key_enc"] = self.seal(user_id, "broker_key", credential)
             fields["broker_key_hash"] = credential_hash(credential)
         bot_token = self.unseal(user_id, "bot_token", doc["bot_token_enc"])
-        spec = await self._gateway_spec(doc, gateway_ip, password, credential, bot_token)
+        spec = await self._gateway_spec(doc, gateway_ip, password, credential, bot_token, telegram_enabled)
         dirs = self._dirs(user_id)
         try:
             await asyncio.to_thread(prepare_user_dirs, dirs)

@@ -39,6 +39,7 @@ RECONCILE_ACTION_NAMES = (
     "crashlooping",
     "over_quota",
     "network_replaced",
+    "sleeper_stopped",
 )
 for _action in RECONCILE_ACTION_NAMES:
     RECONCILE_ACTIONS.labels(_action)
@@ -54,3 +55,8 @@ POOL_CLAIMS = Counter(
 )
 for _outcome in ("claimed", "fallback"):  # both series from the start: dashboards show 0, not "no data"
     POOL_CLAIMS.labels(_outcome)
+SUSPENDS = Counter(
+    "zaki_suspends_total", "Gateways suspended, by how they sleep (ZAKI_SUSPEND_MODE)", ["sleep"]
+)
+for _sleep in ("stop", "swap"):
+    SUSPENDS.labels(_sleep)

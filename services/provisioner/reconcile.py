@@ -41,6 +41,7 @@ class Reconciler(Commands):
                 await self.runtime.remove(c.name)
                 actions["removed_orphan"] += 1
         await self._recreate_missing(records, actions)
+        await self._put_sleepers_back(records, actions)
         await self._reconcile_networks(records, actions)
         await self._fail_abandoned(records, actions)
         await self._heal(records, actions)
@@ -74,6 +75,23 @@ class Reconciler(Commands):
                     actions["recreated"] += 1
                 except ProvisionError as e:
                     await self.fail(cmd.request_id, user_id, e)
+
+    async def _put_sleepers_back(self, records: dict[str, dict[str, Any]], actions: dict[str, int]) -> None:
+        """A sleeper whose container runs again by itself (swap mode: Docker restarts a paused
+        container after a host reboot) would poll its bot next to the waker: stopped; its
+        next wake starts it."""
+        for c in await self.runtime.list_managed():
+            doc = records.get(c.user_id or "")
+            if doc is None or doc["state"] != S.SUSPENDED or not doc.get("asleep") or c.state != "running":
+                continue
+            async with self._locks[doc["_id"]]:
+                fresh = await self.store.get_instance(doc["_id"])
+                if fresh is None or fresh["state"] != S.SUSPENDED or not fresh.get("asleep"):
+                    continue
+                log.warning("stopping a sleeper that runs again", extra={"user_id": doc["_id"]})
+                with contextlib.suppress(RuntimeError_):
+                    await self.runtime.stop(c.name, self.s.stop_timeout_s)
+                    actions["sleeper_stopped"] += 1
 
     async def _reconcile_networks(self, records: dict[str, dict[str, Any]], actions: dict[str, int]) -> None:
         """Egress rules back after a dockerd, provisioner or host restart, and every running

@@ -5,6 +5,7 @@ moved off the event loop)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from collections.abc import Mapping
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import docker
-from docker.errors import NotFound
+from docker.errors import APIError, NotFound
 
 from services.provisioner.egress import TenantEgress, docker_host_gateway
 from services.provisioner.networks import (
@@ -77,9 +78,11 @@ class GatewayRuntime(Protocol):
     async def hand_over(self, slot_id: str, user_id: str) -> None: ...
     async def start(self, name: str) -> None: ...
     async def stop(self, name: str, timeout: int) -> None: ...
+    async def freeze(self, name: str, floor: int, limit: int) -> int: ...
+    async def thaw(self, name: str, limit: int) -> None: ...
     async def remove(self, name: str) -> None: ...
     async def status(self, name: str) -> ContainerStatus: ...
-    async def logs(self, name: str, tail: int = 50) -> list[str]: ...
+    async def logs(self, name: str, tail: int = 50, since: float | None = None) -> list[str]: ...
     async def list_managed(self) -> list[ContainerStatus]: ...
     async def port_is_free(self, port: int) -> bool: ...
     async def memory_total(self) -> int: ...
@@ -103,6 +106,12 @@ def _status(c) -> ContainerStatus:
             m.get("Source", "") for m in c.attrs.get("Mounts") or [] if m.get("Type") == "bind"
         ),
     )
+
+
+def _resident(c) -> int:
+    """Memory the container holds in RAM, page cache excluded (what suspend frees)."""
+    m = c.stats(stream=False, one_shot=True).get("memory_stats") or {}
+    return int(m.get("usage", 0)) - int((m.get("stats") or {}).get("cache", 0))
 
 
 def _matches(c, spec: ContainerSpec) -> bool:
@@ -195,7 +204,34 @@ class DockerRuntime(DockerNetworks):
             c = await self._run(self._get, name)
         except NotFound:
             return
+        if c.status == "paused":  # a sleeper in swap (pool.py's "suspend_mode")
+            await self._run(c.unpause)
         await self._run(c.stop, timeout=timeout)
+
+    def _freeze(self, name: str, floor: int, limit: int) -> int:
+        c = self._get(name)
+        if c.status != "paused":
+            c.pause()
+        # Swap allowed first, then the limit lowered: the kernel pushes the frozen processes'
+        # memory to swap. Short of the floor it refuses the limit; what it reclaimed stays out.
+        c.update(mem_limit=limit, memswap_limit=2 * limit)
+        with contextlib.suppress(APIError):
+            c.update(mem_limit=floor, memswap_limit=2 * limit)
+        return _resident(c)
+
+    async def freeze(self, name: str, floor: int, limit: int) -> int:
+        """Pauses the container (cgroup freezer) and pushes its memory to swap, down to
+        *floor* bytes if it can; returns the bytes still resident."""
+        return await self._run(self._freeze, name, floor, limit)
+
+    def _thaw(self, name: str, limit: int) -> None:
+        c = self._get(name)
+        c.update(mem_limit=limit, memswap_limit=limit)  # no swap again; swapped pages fault back in
+        if c.status == "paused":
+            c.unpause()
+
+    async def thaw(self, name: str, limit: int) -> None:
+        await self._run(self._thaw, name, limit)
 
     async def remove(self, name: str) -> None:
         try:
@@ -211,10 +247,10 @@ class DockerRuntime(DockerNetworks):
             return ContainerStatus(name=name, exists=False)
         return _status(c)
 
-    async def logs(self, name: str, tail: int = 50) -> list[str]:
+    async def logs(self, name: str, tail: int = 50, since: float | None = None) -> list[str]:
         try:
             c = await self._run(self._get, name)
-            raw = await self._run(c.logs, tail=tail)
+            raw = await self._run(c.logs, tail=tail, since=since)
         except (NotFound, RuntimeError_):
             return []
         return raw.decode("utf-8", "replace").splitlines()

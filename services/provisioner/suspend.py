@@ -5,8 +5,12 @@ the container die as a planned stop (it only watches running instances). The con
 its port, network and data folder stay; its memory is freed. ``asleep`` is set once the
 container has stopped: only then does the waker long-poll the bot (never two pollers).
 
-Wake: ``suspended -> starting``, the waker is asked to stop polling the bot, ``docker
-start`` of the same container (no config rewrite, no create), readiness, ``running``,
+With ``ZAKI_SUSPEND_MODE=swap`` the container is not stopped but frozen (cgroup freezer) and
+its memory pushed to the host's swap, after a config hot reload turned its Telegram channel
+off; a wake thaws it (memory limit back, unpaused, Telegram on again): seconds, not a boot.
+
+Wake: ``suspended -> starting``, the waker is asked to stop polling the bot, the config
+rewritten (Telegram on), ``docker start`` (or the thaw) of the same container, readiness, ``running``,
 then ``instance.ready`` (the proxy and the broker route on it) and ``instance.woken``.
 Commands for one user run one at a time (the per-user lock), so twenty wake requests boot
 the gateway once: the first boots it, the others find it running and answer ready.
@@ -26,7 +30,7 @@ import nats
 from nats.aio.client import Client as NATS
 
 from services.provisioner import metrics
-from services.provisioner.base import Phase, ProvisionError
+from services.provisioner.base import Phase, ProvisionError, _bytes
 from services.provisioner.lifecycle import Lifecycle
 from services.provisioner.runtime import RuntimeError_
 from services.waker import cron
@@ -160,13 +164,50 @@ class Suspension(Lifecycle):
             S.SUSPENDED,
             {"suspended_at": now, "suspend_reason": cmd.cause.value, "wake_at": wake_at, "asleep": False},
         )
-        try:
-            await self.runtime.stop(container_name(cmd.user_id), self.s.stop_timeout_s)
-        except RuntimeError_ as e:
-            raise ProvisionError(FailureReason.DOCKER, str(e)) from None
-        await self.store.update_instance(cmd.user_id, {"asleep": True}, doc["instance_id"])
+        name = container_name(cmd.user_id)
+        frozen = self.s.suspend_mode == "swap" and await self._freeze(doc, name)
+        if not frozen:
+            try:
+                await self.runtime.stop(name, self.s.stop_timeout_s)
+            except RuntimeError_ as e:
+                raise ProvisionError(FailureReason.DOCKER, str(e)) from None
+        metrics.SUSPENDS.labels("swap" if frozen else "stop").inc()
+        await self.store.update_instance(
+            cmd.user_id, {"asleep": True, "sleep": "swap" if frozen else "stop"}, doc["instance_id"]
+        )
         log.info("suspended", extra={"user_id": cmd.user_id, "cause": cmd.cause.value})
         await self._publish_suspended(cmd, doc, cmd.idle_s)
+
+    async def _freeze(self, doc: dict[str, Any], name: str) -> bool:
+        """Swap mode: Telegram off by a hot reload (its long poll ends; the waker's starts once
+        ``asleep`` is set), then frozen and pushed to swap. False when the memory did not go
+        (no swap left): the caller stops it instead."""
+        floor = _bytes(self.s.suspend_swap_floor)
+        resident = None
+        try:
+            since = time.time()
+            await self._write_config(doc, doc["gateway_ip"], telegram_enabled=False)
+            await self._await_reload(name, since)
+            resident = await self.runtime.freeze(name, floor, _bytes(self.s.gateway_memory))
+        except (ProvisionError, RuntimeError_, KeyError) as e:
+            log.warning("could not freeze a sleeper", extra={"user_id": doc["_id"], "error": str(e)})
+        if resident is not None and resident <= 4 * floor:
+            return True
+        log.warning(
+            "a sleeper's memory did not go to swap; stopping it instead",
+            extra={"user_id": doc["_id"], "resident": resident},
+        )
+        return False
+
+    async def _await_reload(self, name: str, since: float, timeout: float = 10.0) -> None:
+        """Until the gateway logs that it applied the config written at *since*."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lines = await self.runtime.logs(name, tail=50, since=since - 1)
+            if any("hot reload applied" in line for line in lines):
+                return
+            await asyncio.sleep(0.1)
+        log.warning("no config reload seen before freezing", extra={"container": name})
 
     async def _publish_suspended(
         self, cmd: InstanceSuspend, doc: dict[str, Any], idle_s: float | None
@@ -230,8 +271,14 @@ class Suspension(Lifecycle):
             await self._provision_and_start(doc, cmd.request_id)
         else:
             try:
-                with Phase(timings, "wake_start"):
-                    await self.runtime.start(name)
+                # Telegram back on (a frozen sleeper had it off); the same config otherwise.
+                await self._write_config(doc, doc["gateway_ip"])
+                if status.state == "paused":
+                    with Phase(timings, "wake_thaw"):
+                        await self.runtime.thaw(name, _bytes(self.s.gateway_memory))
+                else:
+                    with Phase(timings, "wake_start"):
+                        await self.runtime.start(name)
                 with Phase(timings, "wake_ready"):
                     await self.wait_ready(cmd.user_id, doc["port"], name)
                 doc = await self._transition(cmd.request_id, cmd.user_id, S.RUNNING, {"last_error": None})

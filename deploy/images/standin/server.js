@@ -61,7 +61,10 @@ let configStamp = 0;
 setInterval(() => {
   try {
     const m = fs.statSync(env.OPENCLAW_CONFIG_PATH || "/home/node/.openclaw/openclaw.json").mtimeMs;
-    if (m !== configStamp) [configStamp, AUTH] = [m, loadAuth()];
+    if (m !== configStamp) {
+      if (configStamp) console.log("[reload] config hot reload applied");
+      [configStamp, AUTH] = [m, loadAuth()];
+    }
   } catch {}
 }, 200).unref();
 const started = Date.now();
