@@ -5,22 +5,26 @@ for the stand-in gateway and (``--real 1``) the real OpenClaw gateway,
 2. wake: a request through the proxy for a suspended instance -> its first byte
    (``GET /v1/models``; the proxy asks for the wake and holds the request), several rounds;
 3. real only, with ``--bare``: the gateway's bare boot (``docker run`` of the same image and
-   config -> /readyz), without and with Node's compile cache.
+   config -> /readyz), without and with Node's compile cache;
 
-    python bench/wake.py [--rounds 5] [--real 1] [--bare]
+for each suspend mode in ``--modes`` (``stop``: a wake is a boot; ``swap``: a thaw; a swap file
+of its own is switched on for the run), on a platform of its own.
+
+    python bench/wake.py [--rounds 5] [--real 1] [--modes stop,swap] [--bare]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import docker
@@ -28,16 +32,14 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.harness import bench_platform
 from bench.provisioner import REAL, STANDIN, token, wait_ready
 from services.gateway_proxy import keys
 from shared import subjects
 from shared.client import PlatformClient
-from shared.crypto import KeyRing
-from shared.events import InstanceCommand, InstanceDelete, InstanceRequested, InstanceSuspend
+from shared.events import InstanceCommand, InstanceRequested, InstanceSuspend
 from shared.store import Store
-from zaki.fake_world import fake_world_env
-from zaki.fakes import FakeLLM, FakeTelegram, bound_port, serve
-from zaki.stack import Stack, docker_bridge_ip, free_network_pool, free_port, wait_for_port
+from zaki.stack import free_port
 
 
 async def bare_boots(data_root: Path, user: str) -> dict[str, float]:
@@ -131,89 +133,75 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--real", type=int, default=1)
+    ap.add_argument("--modes", default="stop,swap", help="ZAKI_SUSPEND_MODE values to compare, in one run")
     ap.add_argument(
         "--bare", action="store_true", help="also time bare docker runs (with and without compile cache)"
     )
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="zaki-bench-wake-"))
-    stack = Stack(tmp / "stack")
-    bridge = docker_bridge_ip()
-    llm, tg = FakeLLM(), FakeTelegram(accept_all=True)
-    lr, tr = await serve(llm.app(), bridge, 0), await serve(tg.app(), bridge, 0)
-    platform_id = f"benchw-{uuid.uuid4().hex[:6]}"
-    try:
-        nats_addr, mongo_addr = stack.start_nats().address, stack.start_ferretdb().address
-        broker_port = free_port(bridge)
-        env = {
-            "ZAKI_NATS_URL": nats_addr,
-            "ZAKI_MONGO_URL": mongo_addr,
-            "ZAKI_SECRET_KEYS": KeyRing.new_key_spec("b"),
-            "ZAKI_DATA_ROOT": str(tmp / "data"),
-            "ZAKI_PLATFORM_ID": platform_id,
-            "ZAKI_NETWORK_POOL": free_network_pool(),
-            "ZAKI_ALLOWED_IMAGES": STANDIN,
-            "ZAKI_PORT_RANGE_START": "34000",
-            "ZAKI_PORT_RANGE_END": "34999",
-            **fake_world_env(bridge, bound_port(tr), bound_port(lr), broker_port, "sk-bench"),
-            "ZAKI_RECONCILE_INTERVAL_S": "3600",
-            "ZAKI_IDLE_SUSPEND_S": "0",  # suspended by command here, never by the clock
-            "ZAKI_WAKE_TIMEOUT_S": "300",  # measure a slow boot on a loaded machine, not the 503
-            "ZAKI_READINESS_TIMEOUT_S": "300",
-        }
-        mport = free_port()
-        p = stack.start_service("services.provisioner", {**env, "ZAKI_METRICS_PORT": str(mport)})
-        wait_for_port("127.0.0.1", mport, p.proc, "provisioner")
-        proxy_port = free_port()
-        px = stack.start_service("services.gateway_proxy", {**env, "ZAKI_PROXY_PORT": str(proxy_port)})
-        wait_for_port("127.0.0.1", proxy_port, px.proc, "proxy")
-        await asyncio.sleep(2)
-        platform = await PlatformClient.connect(nats_addr)
-        store = Store(mongo_addr, "zaki")
-        proxy = f"http://127.0.0.1:{proxy_port}"
-
-        rows = [("stand-in", await measure(platform, store, proxy, STANDIN, args.rounds), None)]
-        for _ in range(args.real):
-            real = await measure(platform, store, proxy, REAL, max(1, args.rounds // 2))
-            await platform.call(subjects.INSTANCE_STOP, InstanceCommand(user_id=real["user"]), timeout=120)
-            bare = await bare_boots(tmp / "data", real["user"]) if args.bare else None
-            rows.append(("real OpenClaw", real, bare))
-        for _, r, _ in rows:
-            await platform.call(
-                subjects.INSTANCE_DELETE, InstanceDelete(user_id=r["user"], purge=True), timeout=120
-            )
-
-        print("\nWake latency, one run (request through the proxy -> first byte, instance suspended before)")
-        print(
-            "| gateway | cold requested -> ready s | wake -> first byte s (median, max) | of which docker start / ready s | first byte after ready s | bare boot s |"
-        )
-        print("|---|---:|---:|---:|---:|---:|")
-        for name, r, bare in rows:
-            ws = r["wakes"]
-            starts = [t.get("wake_start", 0) for t in r["timings"]]
-            readies = [t.get("wake_ready", 0) for t in r["timings"]]
-            bare_s = f"{bare['no cache']:.2f}" if bare else "-"
-            totals = [t.get("total", 0) for t in r["timings"]]
-            after = [w - t for w, t in zip(ws, totals, strict=False)] or [0.0]
-            print(
-                f"| {name} | {r['cold']:.2f} | {statistics.median(ws):.2f}, {max(ws):.2f} | "
-                f"{statistics.median(starts) if starts else 0:.2f} / {statistics.median(readies) if readies else 0:.2f} | "
-                f"{statistics.median(after):.2f} (max {max(after):.2f}) | {bare_s} |"
-            )
-        for name, r, bare in rows:
-            if bare:
-                print(
-                    f"\n{name} bare boot -> /readyz: " + ", ".join(f"{k} {v:.2f} s" for k, v in bare.items())
+    rows = []
+    with swap_file(4):
+        for mode in args.modes.split(","):
+            env = {
+                "ZAKI_ALLOWED_IMAGES": STANDIN,
+                "ZAKI_RECONCILE_INTERVAL_S": "3600",
+                "ZAKI_IDLE_SUSPEND_S": "0",  # suspended by command here, never by the clock
+                "ZAKI_WAKE_TIMEOUT_S": "300",  # measure a slow boot on a loaded machine, not the 503
+                "ZAKI_SUSPEND_MODE": mode,
+            }
+            async with bench_platform(f"w{mode}", env, broker=True, proxy=True) as p:
+                assert p.proxy
+                rows.append(
+                    (
+                        f"stand-in, {mode}",
+                        await measure(p.platform, p.store, p.proxy, STANDIN, args.rounds),
+                        None,
+                    )
                 )
-            assert all(s == 200 for s in r["statuses"]), r["statuses"]
-        await platform.close()
-        await store.close()
+                for _ in range(args.real):
+                    real = await measure(p.platform, p.store, p.proxy, REAL, max(1, args.rounds // 2))
+                    await p.platform.call(
+                        subjects.INSTANCE_STOP, InstanceCommand(user_id=real["user"]), timeout=120
+                    )
+                    data_root = Path(p.env["ZAKI_DATA_ROOT"])
+                    bare = await bare_boots(data_root, real["user"]) if args.bare and mode == "stop" else None
+                    rows.append((f"real OpenClaw, {mode}", real, bare))
+
+    print("\nWake latency, one run (request through the proxy -> first byte, instance suspended before)")
+    print(
+        "| gateway, suspend mode | cold requested -> ready s | wake -> first byte s (median, max) | of which start or thaw / ready s | first byte after ready s | bare boot s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, r, bare in rows:
+        ws = r["wakes"]
+        starts = [t.get("wake_start", t.get("wake_thaw", 0)) for t in r["timings"]]
+        readies = [t.get("wake_ready", 0) for t in r["timings"]]
+        bare_s = f"{bare['no cache']:.2f}" if bare else "-"
+        totals = [t.get("total", 0) for t in r["timings"]]
+        after = [w - t for w, t in zip(ws, totals, strict=False)] or [0.0]
+        print(
+            f"| {name} | {r['cold']:.2f} | {statistics.median(ws):.2f}, {max(ws):.2f} | "
+            f"{statistics.median(starts) if starts else 0:.2f} / {statistics.median(readies) if readies else 0:.2f} | "
+            f"{statistics.median(after):.2f} (max {max(after):.2f}) | {bare_s} |"
+        )
+    for name, r, bare in rows:
+        if bare:
+            print(f"\n{name} bare boot -> /readyz: " + ", ".join(f"{k} {v:.2f} s" for k, v in bare.items()))
+        assert all(s == 200 for s in r["statuses"]), r["statuses"]
+
+
+@contextlib.contextmanager
+def swap_file(size_gib: int) -> Iterator[None]:
+    """Swap for the swap mode (a host setting: a file of this run's, removed after)."""
+    path = Path(f"/var/tmp/zaki-bench-swap-{uuid.uuid4().hex[:6]}")
+    subprocess.run(["fallocate", "-l", f"{size_gib}G", str(path)], check=True)
+    path.chmod(0o600)
+    subprocess.run(["mkswap", str(path)], check=True, capture_output=True)
+    subprocess.run(["swapon", str(path)], check=True)
+    try:
+        yield
     finally:
-        stack.stop()
-        await lr.cleanup()
-        await tr.cleanup()
-        client = docker.from_env()
-        for c in client.containers.list(all=True, filters={"label": f"zaki.managed={platform_id}"}):
-            c.remove(force=True)
+        subprocess.run(["swapoff", str(path)], check=False)
+        path.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
