@@ -97,6 +97,9 @@ async def test_a_new_user_gets_a_pre_started_gateway(pp, fakes, docker_client) -
     assert "claim" in ready.timings and "create" not in ready.timings, ready.timings
     c = docker_client.containers.get(container_name(user))
     assert c.id in before, "the user's gateway is one of the slots that were ready"
+    # A slot boots at a low CPU weight (a refill yields to users); the user's has the default.
+    assert {s.attrs["HostConfig"]["CpuShares"] for s in before.values()} == {256}
+    assert c.attrs["HostConfig"]["CpuShares"] == 1024
     slot_name = before[c.id].name.removeprefix(container_name(""))
     doc = await store.get_instance(user)
     assert doc["state"] == "running" and doc["instance_id"] == c.labels["zaki.instance"]

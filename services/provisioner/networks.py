@@ -196,6 +196,7 @@ class DockerNetworks:
         # The published port moves with the default route: to the user's network.
         self.client.networks.get(network_name(slot_id)).disconnect(c)
         c.rename(container_name(user_id))
+        c.update(cpu_shares=1024)  # a slot boots at a low weight (pool.py); its user's is the default
         self._remove_network(slot_id)
 
     async def hand_over(self, slot_id: str, user_id: str) -> None:

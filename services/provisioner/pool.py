@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -45,6 +46,8 @@ from shared.events import FailureReason
 from shared.gateway import POOL_PREFIX, container_name, is_pool_slot
 from shared.probe import AioProber, ProbeResult
 from shared.store import NoPortAvailable
+
+SLOT_CPU_SHARES = 256  # against Docker's default 1024: a refill boot yields to users' gateways
 
 
 @dataclass(frozen=True)
@@ -224,7 +227,8 @@ class Pooled(Lifecycle):
             dirs = self._dirs(slot.slot_id)
             await asyncio.to_thread(prepare_user_dirs, dirs)
             await asyncio.to_thread(write_config_atomically, dirs.config, render_openclaw_config(spec))
-            cspec = self._container_spec(doc)
+            # A slot boots at a fifth of a gateway's CPU weight: users' traffic first.
+            cspec = dataclasses.replace(self._container_spec(doc), cpu_shares=SLOT_CPU_SHARES)
             await self.runtime.create(cspec)
             await self.runtime.start(cspec.name)
             await self.wait_ready(slot.slot_id, doc["port"], cspec.name)

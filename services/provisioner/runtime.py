@@ -43,6 +43,7 @@ class ContainerSpec:
     cpus: float = 2.0
     pids_limit: int = 512
     read_only: bool = True
+    cpu_shares: int = 1024  # Docker's default weight; a pool slot boots at a lower one
 
     @property
     def name(self) -> str:
@@ -173,6 +174,7 @@ class DockerRuntime(DockerNetworks):
             mem_limit=spec.memory,
             memswap_limit=spec.memory,  # swap equal to the limit: no swap
             nano_cpus=int(spec.cpus * 1e9),
+            cpu_shares=spec.cpu_shares,
             pids_limit=spec.pids_limit,
             cap_drop=["ALL"],
             security_opt=["no-new-privileges:true"],
