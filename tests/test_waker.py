@@ -17,12 +17,21 @@ import httpx
 import pytest
 
 from services.waker import cron
+from services.waker.asks import SUSPEND, WAKE, PendingAsks
 from services.waker.idle import MIN_SLEEP_S, decide, due_wakes, effective_idle_s
 from services.waker.poller import TelegramWakePoller, backoff_s, retry_after_s
 from services.waker.service import Waker
 from shared import activity, subjects
+from shared.bus import to_json
 from shared.crypto import KeyRing, instance_secret_context
-from shared.events import InstanceSuspend, InstanceWake, WakeReason
+from shared.events import (
+    InstanceSuspend,
+    InstanceSuspended,
+    InstanceUpdate,
+    InstanceWake,
+    InstanceWoken,
+    WakeReason,
+)
 from shared.settings import ZakiSettings
 from shared.state import InstanceState
 from tests.conftest import new_bot_token, new_user
@@ -67,6 +76,44 @@ def test_scheduled_work_rule():
     # An overdue job (missed while something else happened): stay up.
     assert not decide(NOW, 600, ago(700), None, ago(5), lead_s=60).suspend
     assert due_wakes(NOW, {"a": ago(1), "b": NOW + timedelta(seconds=1), "c": None}) == ["a"]
+
+
+# --- asks in flight -----------------------------------------------------------------------------------
+
+
+def test_an_ask_is_pending_until_its_outcome_and_at_most_reask_s():
+    asks = PendingAsks(reask_s=60)
+    asks.asked("u", SUSPEND, "r1", now=0)
+    assert asks.pending("u", SUSPEND, 1) and not asks.pending("u", WAKE, 1)
+    assert asks.outcome(subjects.INSTANCE_SUSPENDED, "u", "r1") == [SUSPEND]
+    assert not asks.pending("u", SUSPEND, 2)  # the next suspend goes out at once
+    # Declined (answered "ready") or failed: answered all the same.
+    asks.asked("u", SUSPEND, "r2", now=2)
+    assert asks.outcome(subjects.INSTANCE_READY, "u", "r2") == [SUSPEND]
+    asks.asked("u", WAKE, "r3", now=3)
+    assert asks.outcome(subjects.INSTANCE_FAILED, "u", "r3") == [WAKE]
+    # Another command's outcome: a wake by someone else, a stop, a delete end the ask too...
+    asks.asked("u", WAKE, "r4", now=4)
+    assert asks.outcome(subjects.INSTANCE_READY, "other-user", "r4") == []
+    assert asks.outcome(subjects.INSTANCE_WOKEN, "u", "proxy-request") == [WAKE]
+    # ...but not a suspend published just after the waker saw the sleeper asleep and asked.
+    asks.asked("u", WAKE, "r5", now=5)
+    assert asks.outcome(subjects.INSTANCE_SUSPENDED, "u", "earlier-suspend") == []
+    assert asks.outcome("zaki.instance.health.u", "u", "r5") == []  # not an outcome
+    assert asks.pending("u", WAKE, 64.9)
+    # The outcome was lost (a provisioner crash): asked again after reask_s, not never.
+    assert not asks.pending("u", WAKE, 65) and len(asks) == 0
+    asks.asked("u", SUSPEND, "r8", now=66)  # a suspend: not ended by a start that found it running
+    assert asks.outcome(subjects.INSTANCE_READY, "u", "a-start") == []
+    assert asks.outcome(subjects.INSTANCE_STOPPED, "u", "a-stop") == [SUSPEND]  # a stop does
+    asks.asked("gone", SUSPEND, "r6", now=70)
+    asks.prune(129)
+    assert len(asks) == 1
+    asks.prune(130)
+    assert len(asks) == 0
+    asks.asked("u", WAKE, "r7", now=0)
+    asks.forget("u", WAKE)  # never sent
+    assert not asks.pending("u", WAKE, 1)
 
 
 # --- the gateway's scheduled jobs, from its state database -----------------------------------------
@@ -382,6 +429,11 @@ async def test_waker_polls_sleepers_and_asks_for_one_wake(tg, store, keyring_spe
         await store.instances.update_one({"_id": user}, {"$set": {"asleep": True}})
         await waker.sync_suspended()
         assert waker.poller.watching() == {user}
+        # The provisioner releases the bot before it changes a sleeper (here: an update that leaves
+        # it asleep). That is no wake: the next sync polls the bot again.
+        assert await waker.release(user) and waker.poller.watching() == set()
+        await waker.sync_suspended()
+        assert waker.poller.watching() == {user}
         tg.inject_message(token, "are you there?")
         await _until(lambda: sent)
         await waker.sync_suspended()  # a sync right after the wake does not poll the bot again
@@ -397,10 +449,14 @@ async def test_waker_polls_sleepers_and_asks_for_one_wake(tg, store, keyring_spe
         )
         assert tg.conflicts_for(token) == 0 and len(tg.unconfirmed(token)) == 1
         assert user in await activity.last_active(store.db, [user])
-        # A due scheduled job wakes it too.
-        sent.clear()
-        waker._asked.clear()
+        # Until the provisioner answers, that wake is pending: a due job asks for none.
         await store.instances.update_one({"_id": user}, {"$set": {"wake_at": datetime.now(UTC)}})
+        await waker.sync_suspended()
+        assert len(sent) == 1
+        # Woken, then suspended again at once (the record as it was): its due job wakes it now.
+        woken = InstanceWoken(request_id=ev.request_id, user_id=user, instance_id="i1", reason=ev.cause)
+        assert waker.on_outcome(subjects.INSTANCE_WOKEN, to_json(woken)) == ["wake"]
+        sent.clear()
         await waker.sync_suspended()
         assert [(s, e.cause) for s, e in sent] == [(subjects.INSTANCE_WAKE, WakeReason.SCHEDULE)]
     finally:
@@ -440,6 +496,13 @@ async def test_waker_asks_to_suspend_only_idle_gateways(store, keyring_spec, tmp
         assert ev.user_id == users["idle"] and ev.idle_s >= 600
         assert ev.actor is not None and (ev.actor.kind, ev.actor.id) == ("platform", "waker")
         assert ev.actor.reason is not None and ev.actor.reason.startswith("idle ")
+        # Suspended, woken and idle again for its idle time (the record as it was): once the
+        # provisioner's answer is in, the next suspend is asked for at the next sweep.
+        done = InstanceSuspended(
+            request_id=ev.request_id, user_id=ev.user_id, instance_id="i1", reason=ev.cause
+        )
+        assert waker.on_outcome(subjects.INSTANCE_SUSPENDED, to_json(done)) == ["suspend"]
+        assert await waker.sweep_idle() == 1 and len(waker.asks) == 1
     finally:
         await waker.close()
 
@@ -495,3 +558,66 @@ async def test_a_model_call_through_the_broker_is_activity(
         )
 
     await eventually(recorded, timeout=15)  # flushed within ZAKI_ACTIVITY_FLUSH_S
+
+
+# --- the waker process on the real platform: each transition is asked for at once ---------------
+
+
+@pytest.fixture
+def waker_service(stack, service_env, provisioner):
+    """A waker process for one test (it would suspend other tests' idle gateways)."""
+    from tests.test_suspend import WAKER_ENV
+    from zaki.stack import free_port, wait_for_port
+
+    port = free_port()
+    p = stack.start_service("services.waker", {**service_env, **WAKER_ENV, "ZAKI_METRICS_PORT": str(port)})
+    wait_for_port("127.0.0.1", port, p.proc, "waker")
+    yield p
+    p.stop()
+
+
+async def test_a_sleeper_woken_and_suspended_within_a_minute_is_woken_again_by_telegram(
+    waker_service, platform, fakes, store
+):
+    """The waker used to keep every wake it asked for, and every release the provisioner asked
+    of it, for REASK_S (60 s) whatever happened next: a sleeper woken by Telegram and suspended
+    again, or a sleeper whose settings were updated, was not polled, so not woken, for up to a
+    minute. Now the ask ends with its outcome. No timing is measured: each wake only has to
+    happen before a deadline (30 s) well below those 60 s."""
+    from tests.conftest import eventually
+    from tests.test_suspend import events_for, make, suspend
+
+    user, token, _ = await make(platform, fakes)
+    tg = fakes.telegram
+    api = f"http://{fakes.host}:{fakes.tg_port}/bot{token}/getUpdates"
+
+    async def message_wakes_it(n: int) -> None:
+        """A message to the sleeper's bot wakes it (its *n*-th wake); the gateway (a stand-in
+        that does not poll Telegram) is then taken to have read it."""
+        uid = tg.inject_message(token, f"message {n}")
+        woken = await eventually(lambda: len(events_for(platform, subjects.INSTANCE_WOKEN, user)) == n, 30)
+        assert (
+            woken
+            and [w["reason"] for w in events_for(platform, subjects.INSTANCE_WOKEN, user)] == ["telegram"] * n
+        )
+        async with httpx.AsyncClient(timeout=10) as http:
+            assert (await http.post(api, json={"offset": uid + 1, "timeout": 0})).status_code == 200
+
+    try:
+        await suspend(platform, user)
+        await message_wakes_it(1)  # the waker asked for this wake, and the provisioner released the bot
+        await suspend(platform, user)  # within the minute
+        await message_wakes_it(2)
+        # An update of a sleeper: the provisioner releases the bot, changes the record and
+        # answers "suspended". The waker polls the bot again at once: a message still wakes it.
+        await suspend(platform, user)
+        subject, _ = await platform.call(
+            subjects.INSTANCE_UPDATE, InstanceUpdate(user_id=user, idle_suspend_s=0), timeout=30
+        )
+        assert subject == subjects.INSTANCE_SUSPENDED
+        await message_wakes_it(3)
+        assert tg.conflicts_for(token) == 0
+    finally:
+        from tests.test_suspend import delete
+
+        await delete(platform, user)

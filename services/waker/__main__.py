@@ -9,6 +9,7 @@ import logging
 
 import nats
 
+from services.waker.asks import OUTCOMES
 from services.waker.service import Waker
 from shared import subjects
 from shared.bus import ensure_streams, nats_servers, to_json
@@ -43,11 +44,14 @@ async def main(settings: ZakiSettings, stop: asyncio.Event) -> None:
         was = await waker.release(user_id)
         await msg.respond(json.dumps({"released": was}).encode())
 
-    async def on_suspended(msg) -> None:
-        kick.set()  # start polling the new sleeper's bot now, not at the next sweep
+    async def on_outcome(msg) -> None:
+        waker.on_outcome(msg.subject, msg.data)  # ends the asks it answers
+        if msg.subject == subjects.INSTANCE_SUSPENDED:
+            kick.set()  # start polling the new sleeper's bot now, not at the next sweep
 
     await nc.subscribe(subjects.WAKER_RELEASE, cb=on_release)
-    await nc.subscribe(subjects.INSTANCE_SUSPENDED, cb=on_suspended)
+    for subject in OUTCOMES:
+        await nc.subscribe(subject, cb=on_outcome)
 
     async def loop() -> None:
         while True:

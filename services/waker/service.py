@@ -8,13 +8,16 @@ Every ``ZAKI_WAKER_SWEEP_S`` (and at once when an instance is suspended) it
 - asks for a wake when a suspended gateway's scheduled job is due (``wake_at`` in its record,
   set by the provisioner at suspend time from ``cron.py``).
 It only ever *asks* (``instance.suspend`` / ``instance.wake`` commands); the provisioner acts
-and re-checks. Before the provisioner starts a suspended gateway it asks the waker to stop
+and re-checks. An ask is not repeated while it is pending, that is until the provisioner's
+outcome for that user arrives (``asks.py``; at most ``REASK_S`` when the outcome is lost).
+Before the provisioner starts or changes a suspended gateway it asks the waker to stop
 polling that bot (``zaki.waker.release``), which the waker answers once no poll is in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -25,6 +28,7 @@ from prometheus_client import Counter
 
 from services.provisioner.config import user_dirs
 from services.waker import cron
+from services.waker.asks import SUSPEND, WAKE, Kind, PendingAsks
 from services.waker.idle import decide, due_wakes, effective_idle_s
 from services.waker.poller import TelegramWakePoller
 from shared import activity, audit, subjects
@@ -42,8 +46,6 @@ for _r in WakeReason:
     WAKES.labels(_r.value)
 
 Publish = Callable[[str, Event], Awaitable[None]]
-# After asking for a suspend or a wake, do not ask again for this long (the provisioner is on it).
-REASK_S = 60.0
 SUSPENDED = InstanceState.SUSPENDED.value
 
 
@@ -67,17 +69,25 @@ class Waker:
             settings.waker_poll_timeout_s,
             settings.waker_concurrency,
         )
-        self._asked: dict[tuple[str, str], float] = {}  # (user, "suspend"|"wake") -> monotonic
+        self.asks = PendingAsks()
 
     async def close(self) -> None:
         await self.poller.close()
 
-    def _recently_asked(self, user_id: str, what: str) -> bool:
-        at = self._asked.get((user_id, what))
-        return at is not None and time.monotonic() - at < REASK_S
+    def _pending(self, user_id: str, kind: Kind) -> bool:
+        return self.asks.pending(user_id, kind, time.monotonic())
 
-    def _mark(self, user_id: str, what: str) -> None:
-        self._asked[(user_id, what)] = time.monotonic()
+    def on_outcome(self, subject: str, data: bytes) -> list[Kind]:
+        """An outcome event of the provisioner (NATS): ends the asks it answers."""
+        try:
+            body = json.loads(data)
+            user_id, request_id = body["user_id"], body.get("request_id")
+            if not isinstance(user_id, str) or not isinstance(request_id, str | None):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            log.warning("unreadable outcome event", extra={"subject": subject})
+            return []
+        return self.asks.outcome(subject, user_id, request_id)
 
     # --- the poller's callbacks ------------------------------------------------------------
 
@@ -93,40 +103,44 @@ class Waker:
         await self.wake(user_id, WakeReason.TELEGRAM)
 
     async def release(self, user_id: str) -> bool:
-        """The provisioner is about to start this gateway: no poll of its bot may remain."""
-        self._mark(user_id, "wake")  # and do not start polling it again at the next sync
+        """The provisioner is about to start or change this gateway: no poll of its bot may
+        remain. Not a wake ask: the next sync polls the bot again if it still sleeps (an update
+        of a sleeper), and a poll started once the wake began ends at its first check."""
         return await self.poller.release(user_id)
 
     # --- asking the provisioner -------------------------------------------------------------
 
+    async def _ask(self, subject: str, kind: Kind, cmd: InstanceWake | InstanceSuspend) -> None:
+        # Pending before it is sent: its outcome may arrive before publish() returns.
+        self.asks.asked(cmd.user_id, kind, cmd.request_id, time.monotonic())
+        try:
+            await self.publish(subject, cmd)
+        except BaseException:
+            self.asks.forget(cmd.user_id, kind)  # never sent: the next sweep asks again
+            raise
+
     async def wake(self, user_id: str, reason: WakeReason) -> None:
-        self._mark(user_id, "wake")
         WAKES.labels(reason.value).inc()
         log.info("asking for a wake", extra={"user_id": user_id, "reason": reason.value})
-        await self.publish(
-            subjects.INSTANCE_WAKE,
-            InstanceWake(
-                user_id=user_id,
-                cause=reason,
-                reason=f"waker: {reason.value}",
-                actor=audit.platform("waker", f"wake: {reason.value}"),
-            ),
+        cmd = InstanceWake(
+            user_id=user_id,
+            cause=reason,
+            reason=f"waker: {reason.value}",
+            actor=audit.platform("waker", f"wake: {reason.value}"),
         )
+        await self._ask(subjects.INSTANCE_WAKE, WAKE, cmd)
 
     async def suspend(self, user_id: str, idle_s: float) -> None:
-        self._mark(user_id, "suspend")
         SUSPENDS.inc()
         log.info("asking for a suspend", extra={"user_id": user_id, "idle_s": round(idle_s)})
-        await self.publish(
-            subjects.INSTANCE_SUSPEND,
-            InstanceSuspend(
-                user_id=user_id,
-                cause=SuspendReason.IDLE,
-                idle_s=round(idle_s, 1),
-                reason=f"idle {idle_s:.0f} s",
-                actor=audit.platform("waker", f"idle {idle_s:.0f} s"),
-            ),
+        cmd = InstanceSuspend(
+            user_id=user_id,
+            cause=SuspendReason.IDLE,
+            idle_s=round(idle_s, 1),
+            reason=f"idle {idle_s:.0f} s",
+            actor=audit.platform("waker", f"idle {idle_s:.0f} s"),
         )
+        await self._ask(subjects.INSTANCE_SUSPEND, SUSPEND, cmd)
 
     # --- the sweeps -------------------------------------------------------------------------
 
@@ -139,12 +153,12 @@ class Waker:
             await self.poller.release(user_id)
         wake_at = {u: _aware(d.get("wake_at")) for u, d in by_user.items()}
         for user_id in due_wakes(now, wake_at):
-            if not self._recently_asked(user_id, "wake"):
+            if not self._pending(user_id, WAKE):
                 await self.poller.release(user_id)
                 await self.wake(user_id, WakeReason.SCHEDULE)
         for user_id, doc in by_user.items():
-            if not _asleep(doc) or user_id in self.poller.watching() or self._recently_asked(user_id, "wake"):
-                continue
+            if not _asleep(doc) or user_id in self.poller.watching() or self._pending(user_id, WAKE):
+                continue  # (a wake is on its way: the provisioner releases the bot before it starts)
             token = self._token(doc)
             if token is not None:
                 self.poller.watch(user_id, token)
@@ -161,6 +175,7 @@ class Waker:
 
     async def sweep_idle(self) -> int:
         """Asks for a suspend of every running gateway idle for its idle time; returns how many."""
+        self.asks.prune(time.monotonic())
         docs = await self.store.list_instances(
             states=[InstanceState.RUNNING.value], docker_host=self.s.docker_host_id
         )
@@ -174,7 +189,7 @@ class Waker:
             )
             floor = _aware(doc.get("updated_at"))
             first = decide(now, idle_after, seen.get(user_id), floor)
-            if not first.suspend or self._recently_asked(user_id, "suspend"):
+            if not first.suspend or self._pending(user_id, SUSPEND):
                 continue  # (the cron file is read only for gateways that are idle already)
             try:
                 next_job = await asyncio.to_thread(
