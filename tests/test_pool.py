@@ -195,3 +195,25 @@ def test_a_slot_name_is_never_a_users_id() -> None:
         check_user_id(container_name("pool.abc").removeprefix(container_name("")))
     with pytest.raises(ValueError):
         InstanceRequested(request_id="r1", user_id="pool.abc", bot_token=new_bot_token())
+
+
+async def test_a_slot_whose_port_went_to_a_user_is_discarded(pp, docker_client) -> None:
+    """A claim stopped between the port's transfer and the hand-over (its provisioner killed
+    mid-way) leaves a running slot that holds a user's port, and perhaps the user's config (bot
+    token, broker credential) and network: once older than any claim lasts (the readiness
+    timeout), it is discarded; the pool is refilled meanwhile."""
+    p, _, store = pp
+    before = await full_pool(docker_client, p)
+    cid, c = next(iter(before.items()))
+    slot_id = c.name.removeprefix(container_name(""))
+    user = new_user("p")
+    assert await store.transfer_port("pool", slot_id, user)
+    try:
+        await eventually(lambda: cid not in slots(docker_client, p) or None, timeout=75)
+        after = await full_pool(docker_client, p)
+        assert cid not in after
+        assert not (p.data_root / "users" / slot_id).exists()
+        with pytest.raises(docker.errors.NotFound):
+            docker_client.networks.get(network_name(slot_id))
+    finally:
+        await store.release_port("pool", user)

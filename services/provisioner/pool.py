@@ -62,6 +62,7 @@ class Pooled(Lifecycle):
         super().__init__(*args, **kwargs)
         self._pool_ready: dict[str, Slot] = {}
         self._claims: dict[str, Slot] = {}  # user id -> the slot its request took
+        self._portless: dict[str, float] = {}  # slot id -> when first seen without its port
         self._pool_task: asyncio.Task | None = None
 
     # --- claiming -------------------------------------------------------------------------------
@@ -122,15 +123,18 @@ class Pooled(Lifecycle):
 
     async def _create_and_run(self, doc: dict[str, Any], request_id: str, timings: dict[str, float]) -> None:
         user_id = doc["_id"]
-        slot = self._claims.pop(user_id, None)
+        slot = self._claims.get(user_id)
         if slot is None:
             return await super()._create_and_run(doc, request_id, timings)
         try:
             with Phase(timings, "claim"):
                 await self.runtime.hand_over(slot.slot_id, user_id)
+                # Claimed until renamed: maintenance must not take it for a surplus or stray slot.
+                self._claims.pop(user_id, None)
                 await self._wait_claimed(user_id, doc["port"])
             status = await self.runtime.status(container_name(user_id))
         except (RuntimeError_, ProvisionError, NotFound) as e:
+            self._claims.pop(user_id, None)
             log.warning("pool claim failed, starting cold", extra={"user_id": user_id, "error": str(e)})
             metrics.POOL_CLAIMS.labels("fallback").inc()
             await self.runtime.remove(container_name(user_id))
@@ -185,21 +189,32 @@ class Pooled(Lifecycle):
         """Discards dead, surplus and outdated slots, adopts ready ones (after a restart of this
         provisioner), starts new ones up to ZAKI_POOL_SIZE, and removes leftovers."""
         containers = await self.runtime.list_managed()
-        claimed = {s.slot_id for s in self._claims.values()}
         alive = 0
+        portless: dict[str, float] = {}
         for c in containers:
-            if not is_pool_slot(c.user_id) or c.user_id in claimed:
+            # Claims are read afresh for each slot: one may be taken while this pass awaits.
+            if not is_pool_slot(c.user_id) or c.user_id in {s.slot_id for s in self._claims.values()}:
                 continue
             slot = Slot(c.user_id or "", c.instance_id or "", c.image or "")
             if not c.running or alive >= self.s.pool_size or c.image != self.s.gateway_image:
                 self._pool_ready.pop(slot.slot_id, None)
                 await self._discard(slot)
                 continue
+            port = await self.store.port_of(self.runtime.host_id, slot.slot_id)
+            if port is None:
+                # Its port went to a user but it was never handed over (a provisioner stopped
+                # mid-claim): it holds the user's port, maybe the user's config and network.
+                # Discarded once older than any claim lasts (another replica's may be under way).
+                self._pool_ready.pop(slot.slot_id, None)
+                portless[slot.slot_id] = self._portless.get(slot.slot_id, time.monotonic())
+                if time.monotonic() - portless[slot.slot_id] >= self.s.readiness_timeout_s:
+                    log.warning("discarding a slot whose claim never finished", extra={"slot": slot.slot_id})
+                    await self._discard(slot)
+                continue
             alive += 1
-            if slot.slot_id not in self._pool_ready:
-                port = await self.store.port_of(self.runtime.host_id, slot.slot_id)
-                if port and (await self._probe(port, slot.slot_id, "/readyz")).ok:
-                    self._pool_ready[slot.slot_id] = slot
+            if slot.slot_id not in self._pool_ready and (await self._probe(port, slot.slot_id, "/readyz")).ok:
+                self._pool_ready[slot.slot_id] = slot
+        self._portless = portless
         metrics.POOL_READY.set(len(self._pool_ready))
         await self._remove_leftovers(containers)
         for _ in range(self.s.pool_size - alive):
