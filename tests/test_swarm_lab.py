@@ -5,15 +5,26 @@ node_ip:port, and a tenant's task cannot reach another tenant's, on another node
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
+import json
+import os
 import shutil
 import subprocess
+import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
 from services.provisioner.egress import EgressPolicy
+from services.provisioner.networks import RuntimeError_
+from services.provisioner.runtime import ContainerSpec
+from services.provisioner.swarm_runtime import NODE_LABEL, SwarmRuntime
+from shared.gateway import CONTAINER_STATE_DIR, identity_headers, network_name
 from tests.conftest import STANDIN_IMAGE, require_tool
 from zaki import swarm_lab
 from zaki.stack import ensure_images
@@ -37,11 +48,23 @@ def http_status(url: str) -> int | None:
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[swarm_lab.Lab]:
+def data_root() -> Iterator[Path]:
+    """A host folder every node mounts at the same path: the users' data folders (bind mounts)."""
+    d = Path(tempfile.mkdtemp(prefix="zlab-data-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def lab(data_root: Path) -> Iterator[swarm_lab.Lab]:
     if subprocess.run(["docker", "image", "inspect", STANDIN_IMAGE], capture_output=True).returncode:
         ensure_images(which="standin")
     t0 = time.monotonic()
-    made = swarm_lab.up(3, images=[STANDIN_IMAGE])
+    made = swarm_lab.up(
+        3, images=[STANDIN_IMAGE], shared_dirs=[str(data_root)], dockerd_args=["--no-new-privileges"]
+    )
     made.timings["up_total"] = time.monotonic() - t0
     assert made.id in swarm_lab.labs()
     # The host engine itself is never part of the swarm.
@@ -131,3 +154,122 @@ def test_a_gateway_on_each_node_is_reached_from_the_host_and_tenants_cannot_cros
         print(f"\nswarm lab {lab.id}: {times} s; 4 services reachable in {placed:.1f} s; "
               f"isolation checked in {time.monotonic() - t0 - placed:.1f} s; engine RSS MB {mem}")  # fmt: skip
         print(f"attacks from gw-b after the egress chains: {after}")
+
+
+N_PER_NODE = 10  # instances a node's memory holds: 30 need all three nodes, the 31st none
+
+
+def spec_for(lab: swarm_lab.Lab, data_root: Path, i: int, memory: str) -> ContainerSpec:
+    user = f"s{i}"
+    folder = data_root / user
+    folder.mkdir(exist_ok=True)
+    os.chown(folder, 1000, 1000)
+    return ContainerSpec(
+        user_id=user, instance_id=f"i{i}", image=STANDIN_IMAGE, host_port=31000 + i,
+        publish_ip="0.0.0.0", network=network_name(user), binds={str(folder): CONTAINER_STATE_DIR},
+        memory=memory, cpus=0.5, pids_limit=256,
+    )  # fmt: skip
+
+
+def subnet_for(lab: swarm_lab.Lab, spec: ContainerSpec) -> str:
+    """Tenant overlays in the top /20 of the lab's /16 (the swarm's pool allocates from its bottom)."""
+    base = ipaddress.ip_network(lab.subnet).network_address + 240 * 256
+    return f"{base + 16 * int(spec.user_id[1:])}/28"
+
+
+def ready(url: str, user: str) -> int | None:
+    try:
+        return httpx.get(url, headers=identity_headers(user), timeout=2, trust_env=False).status_code
+    except httpx.HTTPError:
+        return None
+
+
+def test_swarm_runtime_spreads_30_refuses_the_31st_and_round_trips(
+    lab: swarm_lab.Lab, data_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    t0 = time.monotonic()
+    host_ip = str(ipaddress.ip_network(lab.subnet).network_address + 1)  # the proxy, seen by nodes
+    rt = SwarmRuntime(swarm_lab.api_url(lab, lab.manager), proxy_address=host_ip, admission_s=3)
+    nodes = rt.client.api.nodes()
+    node_mem = {n["ID"]: int(n["Description"]["Resources"]["MemoryBytes"]) for n in nodes}
+    # Memory reserved per instance: ten fit on a node (the earlier test's 64 MiB ones too), eleven
+    # do not. Every nested engine reports the host's memory, so this is what makes spreading needed.
+    memory_mb = (min(node_mem.values()) - 256 * 2**20) // N_PER_NODE // 2**20
+    specs = [spec_for(lab, data_root, i, f"{memory_mb}m") for i in range(3 * N_PER_NODE + 1)]
+    sem = asyncio.Semaphore(6)
+
+    async def provision(spec: ContainerSpec) -> None:
+        async with sem:
+            assert await rt.ensure_network(spec.user_id, subnet_for(lab, spec)) == host_ip
+            await rt.create(spec)
+            assert (await rt.status(spec.name)).state == "created"
+            await rt.start(spec.name)
+
+    async def scenario() -> dict[str, float]:
+        times: dict[str, float] = {}
+        await asyncio.gather(*(provision(s) for s in specs[:-1]))
+        urls = {s.user_id: f"http://{await rt.address(s.name)}:{s.host_port}/readyz" for s in specs[:-1]}
+        deadline = time.monotonic() + 60
+        while waiting := [u for u, url in urls.items() if ready(url, u) != 200]:
+            assert time.monotonic() < deadline, waiting
+            await asyncio.sleep(0.3)
+        times["30 answering"] = time.monotonic() - t0
+        spread = Counter(url.split("/")[2].split(":")[0] for url in urls.values())
+        assert sorted(spread.values()) == [N_PER_NODE] * 3, spread
+        # The 31st: no node has room; refused, not queued, nobody overcommitted.
+        t1 = time.monotonic()
+        with pytest.raises(RuntimeError_, match="no_capacity"):
+            await provision(specs[-1])
+        times["refusal"] = time.monotonic() - t1
+        assert (await rt.status(specs[-1].name)).state != "running"
+        await rt.remove(specs[-1].name)
+        await rt.remove_network(specs[-1].user_id)
+        reserved: Counter[str] = Counter()
+        for t in rt.client.api.tasks(filters={"desired-state": "running"}):
+            reserved[t["NodeID"]] += (
+                (t["Spec"].get("Resources") or {}).get("Reservations", {}).get("MemoryBytes", 0)
+            )
+        assert all(reserved[n] <= node_mem[n] for n in reserved), (reserved, node_mem)
+        managed = await rt.list_managed()
+        assert len(managed) == 30 and all(m.running for m in managed)
+        # The hardening carries over to the task's container, and the placement is pinned.
+        svc = rt.client.api.inspect_service(specs[1].name)
+        node_id = svc["Spec"]["Labels"][NODE_LABEL]
+        assert svc["Spec"]["TaskTemplate"]["Placement"]["Constraints"] == [f"node.id=={node_id}"]
+        host = rt.client.api.inspect_node(node_id)["Description"]["Hostname"]
+        c = json.loads(swarm_lab.nd(host, "inspect", (await rt.status(specs[1].name)).container_id))[0]
+        hc = c["HostConfig"]
+        assert (hc["ReadonlyRootfs"], hc["PidsLimit"], hc["CapDrop"], c["Config"]["User"]) == (
+            True, 256, ["ALL"], "1000:1000"
+        )  # fmt: skip
+        # The reservation is the scheduler's accounting (counted above), not a cgroup setting.
+        assert hc["Memory"] == memory_mb * 2**20
+        # stop / start / remove: a stopped one is "exited", starts again on its node (its data).
+        s, url = specs[0], urls[specs[0].user_id]
+        t1 = time.monotonic()
+        await rt.stop(s.name, timeout=1)
+        st = await rt.status(s.name)
+        assert st.exists and st.state == "exited" and not st.running, st
+        assert ready(url, s.user_id) is None
+        await rt.start(s.name)
+        assert f"http://{await rt.address(s.name)}:{s.host_port}/readyz" == url
+        while ready(url, s.user_id) != 200:
+            assert time.monotonic() - t1 < 30
+            await asyncio.sleep(0.2)
+        st = await rt.status(s.name)
+        assert st.running and st.user_id == s.user_id and st.bind_sources == (str(data_root / s.user_id),)
+        assert isinstance(await rt.logs(s.name), list)
+        assert not await rt.port_is_free(s.host_port) and await rt.port_is_free(32999)
+        for unsupported in (rt.freeze(s.name, 0, 1), rt.thaw(s.name, 1), rt.hand_over("pool.x", "u")):
+            with pytest.raises(RuntimeError_, match="not supported on Swarm"):
+                await unsupported
+        await rt.remove(s.name)
+        await rt.remove_network(s.user_id)
+        assert not (await rt.status(s.name)).exists
+        times["round trip"] = time.monotonic() - t1
+        return times
+
+    times = asyncio.run(scenario())
+    with capsys.disabled():
+        shown = ", ".join(f"{k} {v:.1f} s" for k, v in times.items())
+        print(f"\nSwarmRuntime: {shown}; test {time.monotonic() - t0:.1f} s ({memory_mb} MiB reserved each)")

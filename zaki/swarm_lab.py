@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import shutil
 import subprocess
 import tempfile
 import time
@@ -100,8 +101,24 @@ def _wait_engine(node: Node, timeout: float = 60) -> None:
     raise StackError(f"{node.name}: nested dockerd did not answer within {timeout:.0f} s")
 
 
-def _start_node(lab: Lab, i: int, image: str, dockerd_args: Sequence[str]) -> Node:
+def api_dir(lab_id: str) -> Path:
+    """Host folder with a folder per node holding that node's API socket (no TCP listener)."""
+    return Path(tempfile.gettempdir()) / f"zlab-{lab_id}-api"
+
+
+def api_url(lab: Lab, node: Node) -> str:
+    """A node's Docker API from the host, e.g. for the docker SDK's ``base_url``."""
+    return f"unix://{api_dir(lab.id) / node.name / 'docker.sock'}"
+
+
+def _start_node(
+    lab: Lab, i: int, image: str, dockerd_args: Sequence[str], shared_dirs: Sequence[str]
+) -> Node:
     name = f"zlab-{lab.id}-n{i}"
+    sock_dir = api_dir(lab.id) / name
+    sock_dir.mkdir(parents=True, exist_ok=True)
+    # Host folders every node sees at the same path (bind mounts of services, e.g. data folders).
+    shared = [a for d in shared_dirs for a in ("-v", f"{d}:{d}:rw")]
     net = ipaddress.ip_network(lab.subnet)
     # Nested bridges (docker0, docker_gwbridge) in 10.N.64.0/18: inside the lab's /16, so no
     # nested address shadows a host network; each node has its own netns, so they may repeat.
@@ -114,7 +131,8 @@ def _start_node(lab: Lab, i: int, image: str, dockerd_args: Sequence[str]) -> No
         "-e", "DOCKER_SERVICE_PREFER_OFFLINE_IMAGE=1",
         *NODE_SECURITY,
         "-v", f"{CGROUP_ROOT}:{CGROUP_ROOT}:rw", "-v", f"{name}-docker:/var/lib/docker",
-        image,
+        "-v", f"{sock_dir}:/run/zlab-api", *shared,
+        image, "-H", "unix:///run/zlab-api/docker.sock",  # besides the entrypoint's own
         f"--cgroup-parent=/{name}", "--storage-driver=overlay2",
         f"--default-address-pool=base={local_pool},size=24",
         "--log-driver=json-file", "--log-opt=max-size=1m", *dockerd_args,
@@ -135,10 +153,13 @@ def up(
     lab_id: str | None = None,
     progress: Callable[[str], None] = print,
     dockerd_args: Sequence[str] = (),
+    shared_dirs: Sequence[str] = (),
 ) -> Lab:
     """Starts *n* nodes, makes a swarm of them (node 1 manages) and loads *images* onto each.
     *dockerd_args* go to every nested dockerd: e.g. ``--node-generic-resource=mem_mb=2048``, a
     capacity the scheduler counts down (every node here sees the host's whole memory).
+    *shared_dirs*: host folders mounted at the same path in every node. Each node's API is
+    also a socket on the host (``api_url``).
     On any failure everything made so far is removed."""
     lab_id = lab_id or uuid.uuid4().hex[:6]
     image = node_image(progress)
@@ -153,7 +174,7 @@ def up(
         # fallback to 8.8.8.8) can send a packet past this machine; the host still reaches nodes.
         run("docker", "network", "create", "--internal", "--label", f"{LABEL}={lab_id}",
             "--subnet", nodes_net, "--gateway", gw, lab.network)  # fmt: skip
-        lab.nodes = [_start_node(lab, i, image, dockerd_args) for i in range(1, n + 1)]
+        lab.nodes = [_start_node(lab, i, image, dockerd_args, shared_dirs) for i in range(1, n + 1)]
         for node in lab.nodes:
             _wait_engine(node)
         lab.timings["engines"] = time.monotonic() - t0
@@ -278,6 +299,7 @@ def down(lab_id: str) -> None:
         run("docker", "volume", "rm", "-f", vol, check=False)
     for net in run("docker", "network", "ls", "-q", "--filter", sel, check=False).split():
         run("docker", "network", "rm", net, check=False)
+    shutil.rmtree(api_dir(lab_id), ignore_errors=True)
     left = _remove_cgroups(f"zlab-{lab_id}-")
     if left:
         raise StackError(f"swarm lab {lab_id}: cgroups still populated: {left[:5]}")
