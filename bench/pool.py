@@ -44,7 +44,7 @@ async def pool_ready(p: BenchPlatform, http: httpx.AsyncClient, timeout: float =
 
 
 async def new_user(
-    p: BenchPlatform, http: httpx.AsyncClient, image: str, telegram: bool
+    p: BenchPlatform, http: httpx.AsyncClient, image: str, telegram: bool, settle: float
 ) -> dict[str, float | str]:
     bot = token()
     p.telegram.add_bot(bot, f"b{uuid.uuid4().hex[:6]}")
@@ -56,6 +56,7 @@ async def new_user(
     assert subject == subjects.INSTANCE_READY, ready
     to_ready = time.perf_counter() - t0
     doc = await p.store.get_instance(ev.user_id)
+    await asyncio.sleep(settle)
     body = {"model": "openclaw", "messages": [{"role": "user", "content": "hi"}]}
     t1 = time.perf_counter()
     r = await http.post(
@@ -85,6 +86,7 @@ async def new_user(
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--settle", type=float, default=0, help="seconds between ready and the first chat")
     ap.add_argument("--standin", action="store_true", help="the stand-in image (a quick check of the bench)")
     args = ap.parse_args()
     image = STANDIN if args.standin else REAL
@@ -113,12 +115,12 @@ async def main() -> None:
             for _ in range(args.rounds):
                 await pool_ready(p, http)
                 await asyncio.sleep(5)  # let the refill's boot settle
-                cold = await new_user(p, http, COLD_TAG, not args.standin)
+                cold = await new_user(p, http, COLD_TAG, not args.standin, args.settle)
                 assert cold["path"] == "cold", cold
                 rows["cold"].append(cold)
                 await pool_ready(p, http)
                 await asyncio.sleep(5)
-                claimed = await new_user(p, http, image, not args.standin)
+                claimed = await new_user(p, http, image, not args.standin, args.settle)
                 assert claimed["path"] == "claim", claimed
                 rows["claim"].append(claimed)
     finally:

@@ -46,6 +46,8 @@ class ZakiSettings(BaseSettings):
     # gateway is one of them, claimed by a config hot reload instead of a cold boot. Each costs a
     # running gateway's memory (0.7-1 GiB real) all the time; 0: none.
     pool_size: int = Field(default=0, ge=0, le=64)
+    # A claim's refill waits this long: a slot's boot (~13 CPU-s) would slow the new user's first turns.
+    pool_refill_delay_s: float = Field(default=20.0, ge=0)
     # How a suspended gateway sleeps (issue 16): "stop" (the container stops; a wake is a full
     # boot) or "swap" (frozen and pushed to the host's swap down to suspend_swap_floor; a wake
     # thaws it in a few seconds). "swap" needs swap space on the Docker host, about a running

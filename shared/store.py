@@ -278,6 +278,19 @@ class Store:
             return port
         raise NoPortAvailable(f"no free port in {start}-{end} on {docker_host}")
 
+    async def hold_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Takes or renews the exclusive lease *name* for *ttl_s*; False while another holds it."""
+        now = utcnow()
+        try:
+            await self.leases.update_one(
+                {"_id": name, "$or": [{"holder": holder}, {"expires_at": {"$lt": now}}]},
+                {"$set": {"holder": holder, "expires_at": now + timedelta(seconds=ttl_s)}},
+                upsert=True,
+            )
+        except DuplicateKeyError:
+            return False
+        return True
+
     async def port_of(self, docker_host: str, owner: str) -> int | None:
         doc = await self.ports.find_one({"docker_host": docker_host, "user_id": owner})
         return int(doc["port"]) if doc else None

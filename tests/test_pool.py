@@ -8,6 +8,7 @@ tests/test_suspend_real.py, whose sleeper is a claimed slot."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -24,7 +25,7 @@ from shared.store import Store
 from shared.validation import InvalidInput, check_user_id
 from tests.conftest import STANDIN_IMAGE, assert_metrics, eventually, new_bot_token, new_user
 from tests.test_self_healing import PrivatePlatform, start_private_platform
-from zaki.stack import free_network_pool
+from zaki.stack import free_network_pool, free_port, wait_for_port
 
 POOL_SIZE = 2
 
@@ -39,6 +40,7 @@ def pool_platform(tmp_path_factory, service_env: dict[str, str], docker_client) 
         ZAKI_GATEWAY_IMAGE=STANDIN_IMAGE,
         ZAKI_ALLOWED_IMAGES="zaki/standin-gateway:canary",
         ZAKI_POOL_SIZE=str(POOL_SIZE),
+        ZAKI_POOL_REFILL_DELAY_S="3",  # the refill waits after a claim: checked below
         ZAKI_READINESS_TIMEOUT_S="30",
     )
     yield p
@@ -95,6 +97,7 @@ async def test_a_new_user_gets_a_pre_started_gateway(pp, fakes, docker_client) -
     before = await full_pool(docker_client, p)
     user, ready = await request(client, fakes)
     assert "claim" in ready.timings and "create" not in ready.timings, ready.timings
+    assert len(slots(docker_client, p)) == POOL_SIZE - 1, "no refill right after a claim"
     c = docker_client.containers.get(container_name(user))
     assert c.id in before, "the user's gateway is one of the slots that were ready"
     # A slot boots at a low CPU weight (a refill yields to users); the user's has the default.
@@ -212,8 +215,29 @@ async def test_a_slot_whose_port_went_to_a_user_is_discarded(pp, docker_client) 
         await eventually(lambda: cid not in slots(docker_client, p) or None, timeout=75)
         after = await full_pool(docker_client, p)
         assert cid not in after
-        assert not (p.data_root / "users" / slot_id).exists()
+        # The discard goes on after the container (network, port, folder).
+        await eventually(lambda: not (p.data_root / "users" / slot_id).exists() or None, timeout=15)
         with pytest.raises(docker.errors.NotFound):
             docker_client.networks.get(network_name(slot_id))
     finally:
         await store.release_port("pool", user)
+
+
+async def test_one_provisioner_per_docker_host_keeps_the_pool(pp, docker_client) -> None:
+    """A second provisioner replica on the same Docker host neither starts slots of its own nor
+    discards the first one's: the pool is kept by the holder of the host's pool lease."""
+    p, _, _ = pp
+    before = await full_pool(docker_client, p)
+    mport = free_port()
+    second = p.stack.start_service(
+        "services.provisioner", {**p.env, "ZAKI_REPLICA_ID": "second", "ZAKI_METRICS_PORT": str(mport)}
+    )
+    try:
+        wait_for_port("127.0.0.1", mport, second.proc, "second provisioner")
+        await asyncio.sleep(5)  # five of the first's reconcile passes, and the second's
+        assert set(slots(docker_client, p)) == set(before)
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(f"http://127.0.0.1:{mport}/metrics")).text
+        assert "zaki_pool_slots_ready 0.0" in text
+    finally:
+        second.stop()

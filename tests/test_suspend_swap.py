@@ -128,6 +128,11 @@ async def test_a_users_stop_of_a_frozen_sleeper_stops_it(sp, fakes, docker_clien
             "/v1/chat/completions", json=chat("no"), headers={"Authorization": f"Bearer {key}"}
         )
     assert r.status_code == 503 and r.json()["state"] == "stopped", r.text
+    # Stopped while squeezed: its next start runs with the gateway's memory, not the floor.
+    subject, body = await client.call(subjects.INSTANCE_START, InstanceCommand(user_id=user), timeout=60)
+    assert subject == subjects.INSTANCE_READY, body
+    host = docker_client.containers.get(container_name(user)).attrs["HostConfig"]
+    assert host["Memory"] == host["MemorySwap"] == 1 << 30, host
 
 
 async def test_without_swap_a_sleeper_is_stopped_and_still_wakes(sp, fakes, docker_client, swap) -> None:
@@ -151,11 +156,17 @@ async def test_without_swap_a_sleeper_is_stopped_and_still_wakes(sp, fakes, dock
 
 
 async def test_a_frozen_sleeper_running_again_is_stopped_by_reconcile(sp, fakes, docker_client) -> None:
-    p, _, client, store = sp
-    user, _ = await sleeper(p, client, store, fakes)
+    p, proxy, client, store = sp
+    user, key = await sleeper(p, client, store, fakes)
     await suspend(client, user)
     docker_client.containers.get(container_name(user)).unpause()  # as after a host reboot
     await eventually(
         lambda: docker_client.containers.get(container_name(user)).status == "exited" or None, timeout=30
     )
     assert (await store.get_instance(user))["state"] == "suspended"
+    # Its wake starts it with its memory limit back (it was stopped while squeezed).
+    async with httpx.AsyncClient(base_url=proxy, timeout=60) as http:
+        r = await http.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 200, r.text
+    host = docker_client.containers.get(container_name(user)).attrs["HostConfig"]
+    assert host["Memory"] == host["MemorySwap"] == 1 << 30, host

@@ -80,7 +80,7 @@ class Commands(Pooled):
                 ev, doc, image, token, bot_username, slot.instance_id if slot else None
             )
         finally:
-            self.give_back(ev.user_id)  # a slot not used by now goes back to the pool
+            await self.give_back(ev.user_id)  # a slot not used by now is discarded
 
     async def _requested_provision(
         self,

@@ -14,7 +14,7 @@ import docker
 from docker.errors import APIError, NotFound
 
 from services.provisioner.egress import EgressConfigError, EgressError, TenantEgress
-from shared.gateway import container_name, network_name
+from shared.gateway import container_name, network_name, user_of_container
 
 log = logging.getLogger("zaki.provisioner")
 
@@ -124,7 +124,8 @@ class DockerNetworks:
         containers on it: the provisioner creates the container again right after."""
         for c in self.client.containers.list(all=True, filters={"network": net.name}):
             labels = c.labels or {}
-            if labels.get(MANAGED_LABEL) != self.platform_id or labels.get(USER_LABEL) != user_id:
+            owner = user_of_container(c.name, labels.get(USER_LABEL))  # a claimed slot keeps its labels
+            if labels.get(MANAGED_LABEL) != self.platform_id or owner != user_id:
                 raise RuntimeError_(f"network {net.name} is in use by {c.name}: not removing it")
         for c in self.client.containers.list(all=True, filters={"network": net.name}):
             c.remove(force=True)

@@ -64,6 +64,7 @@ class Pooled(Lifecycle):
         self._claims: dict[str, Slot] = {}  # user id -> the slot its request took
         self._portless: dict[str, float] = {}  # slot id -> when first seen without its port
         self._pool_task: asyncio.Task | None = None
+        self._refill_after = 0.0  # monotonic time before which no new slot starts
 
     # --- claiming -------------------------------------------------------------------------------
 
@@ -78,10 +79,12 @@ class Pooled(Lifecycle):
         self._claims[user_id] = slot
         return slot
 
-    def give_back(self, user_id: str) -> None:
-        """The request did not get as far as using its slot: the next maintenance pass finds it
-        running and ready again."""
-        self._claims.pop(user_id, None)
+    async def give_back(self, user_id: str) -> None:
+        """The request did not get as far as using its slot. The slot is discarded, not given
+        back: a record may already carry its instance id."""
+        slot = self._claims.pop(user_id, None)
+        if slot is not None:
+            await self._discard(slot)
 
     async def _provision_and_start(self, doc: dict[str, Any], request_id: str, heal: bool = False) -> None:
         user_id = doc["_id"]
@@ -141,6 +144,8 @@ class Pooled(Lifecycle):
             await self._discard(slot)
             return await super()._create_and_run(doc, request_id, timings)
         metrics.POOL_CLAIMS.labels("claimed").inc()
+        self._refill_after = time.monotonic() + self.s.pool_refill_delay_s
+        asyncio.get_running_loop().call_later(self.s.pool_refill_delay_s, self.kick_pool)
         log.info("claimed a pool slot", extra={"user_id": user_id, "slot": slot.slot_id})
         await self._mark_running(doc, request_id, status.container_id or "", slot.image)
 
@@ -188,6 +193,13 @@ class Pooled(Lifecycle):
     async def maintain_pool(self) -> None:
         """Discards dead, surplus and outdated slots, adopts ready ones (after a restart of this
         provisioner), starts new ones up to ZAKI_POOL_SIZE, and removes leftovers."""
+        # One maintainer per Docker host (several provisioner replicas may share it): the others
+        # hold no ready slots, so their new users start cold.
+        ttl = max(3 * self.s.reconcile_interval_s, 30.0)
+        if not await self.store.hold_lease(f"pool:{self.runtime.host_id}", self.s.replica_id, ttl):
+            self._pool_ready.clear()
+            metrics.POOL_READY.set(0)
+            return
         containers = await self.runtime.list_managed()
         alive = 0
         portless: dict[str, float] = {}
@@ -218,6 +230,8 @@ class Pooled(Lifecycle):
         metrics.POOL_READY.set(len(self._pool_ready))
         await self._remove_leftovers(containers)
         for _ in range(self.s.pool_size - alive):
+            if time.monotonic() < self._refill_after:
+                break  # right after a claim: the new user's first turns come first
             await self._start_slot()
             metrics.POOL_READY.set(len(self._pool_ready))
 

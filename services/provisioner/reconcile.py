@@ -88,6 +88,8 @@ class Reconciler(Commands):
                 fresh = await self.store.get_instance(doc["_id"])
                 if fresh is None or fresh["state"] != S.SUSPENDED or not fresh.get("asleep"):
                     continue
+                if (await self.runtime.status(c.name)).state != "running":
+                    continue  # frozen (or stopped) since the list was taken
                 log.warning("stopping a sleeper that runs again", extra={"user_id": doc["_id"]})
                 with contextlib.suppress(RuntimeError_):
                     await self.runtime.stop(c.name, self.s.stop_timeout_s)

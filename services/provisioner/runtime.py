@@ -14,6 +14,7 @@ from typing import Protocol
 
 import docker
 from docker.errors import APIError, NotFound
+from docker.utils import parse_bytes
 
 from services.provisioner.egress import TenantEgress, docker_host_gateway
 from services.provisioner.networks import (
@@ -116,16 +117,22 @@ def _resident(c) -> int:
 
 
 def _matches(c, spec: ContainerSpec) -> bool:
-    """Whether an existing container runs *spec*'s image on its folders and port: a claimed
-    pool slot still mounts the slot's folder paths, so its first restart re-creates it."""
+    """Whether an existing container runs *spec*'s image on its folders and port, with its
+    memory limits: a claimed pool slot still mounts the slot's folder paths, so its first
+    restart re-creates it; so is a swap sleeper stopped while its limit was lowered."""
     binds = {
         m.get("Source"): m.get("Destination") for m in c.attrs.get("Mounts") or [] if m.get("Type") == "bind"
     }
     ports = (c.attrs.get("HostConfig", {}).get("PortBindings") or {}).get(f"{GATEWAY_PORT}/tcp") or [{}]
+    host = c.attrs.get("HostConfig", {})
+    memory = parse_bytes(spec.memory)
     return (
         c.attrs.get("Config", {}).get("Image") == spec.image
         and binds == spec.binds
         and str(ports[0].get("HostPort")) == str(spec.host_port)
+        # A swap sleeper stopped while squeezed keeps its lowered limit (docker update lasts).
+        and host.get("Memory") == memory
+        and host.get("MemorySwap") == memory
     )
 
 
@@ -260,8 +267,9 @@ class DockerRuntime(DockerNetworks):
     def _list_managed(self) -> list[ContainerStatus]:
         return [
             _status(c)
+            # ignore_removed: a container removed while listed (a discarded pool slot) is skipped.
             for c in self.client.containers.list(
-                all=True, filters={"label": f"{MANAGED_LABEL}={self.platform_id}"}
+                all=True, filters={"label": f"{MANAGED_LABEL}={self.platform_id}"}, ignore_removed=True
             )
         ]
 

@@ -278,6 +278,9 @@ class Suspension(Lifecycle):
                         await self.runtime.thaw(name, _bytes(self.s.gateway_memory))
                 else:
                     with Phase(timings, "wake_start"):
+                        # A swap sleeper stopped while squeezed (a user's stop, reconcile) gets
+                        # its memory limit back before it runs.
+                        await self.runtime.thaw(name, _bytes(self.s.gateway_memory))
                         await self.runtime.start(name)
                 with Phase(timings, "wake_ready"):
                     await self.wait_ready(cmd.user_id, doc["port"], name)
