@@ -23,7 +23,7 @@ import pytest
 from services.gateway_proxy import keys
 from shared import subjects
 from shared.client import PlatformClient
-from shared.events import InstanceRequested
+from shared.events import InstanceCommand, InstanceRequested
 from shared.gateway import container_name, identity_headers
 from shared.store import Store
 from tests.conftest import REAL_IMAGE, eventually, new_user, outside_world_env, swap_space
@@ -181,3 +181,35 @@ async def test_an_http_chat_thaws_the_real_gateway(claimed, fast, docker_client)
     assert [w["reason"] for w in woken] == ["request"], woken
     print(f"\nreal gateway thawed by an HTTP chat: answered after {took:.1f} s, {woken[0]['timings']}")
     assert events_for(claimed.platform, subjects.INSTANCE_WOKEN, claimed.user)
+
+
+async def test_a_storm_of_requests_thaws_the_real_gateway_once(claimed, fast, docker_client) -> None:
+    """20 requests at once for the frozen gateway: one wake, every request answered."""
+    await suspend(claimed.platform, claimed.user)
+    since = len(claimed.platform.seen)
+    auth = {"Authorization": f"Bearer {claimed.key}"}
+    async with httpx.AsyncClient(base_url=fast.proxy, timeout=300) as http:
+        answers = await asyncio.gather(*(http.get("/v1/models", headers=auth) for _ in range(20)))
+    assert [r.status_code for r in answers] == [200] * 20
+    woken = [
+        b
+        for s, b in claimed.platform.seen[since:]
+        if s == subjects.INSTANCE_WOKEN and b["user_id"] == claimed.user
+    ]
+    assert len(woken) == 1, woken
+
+
+async def test_a_users_stop_is_never_woken_by_traffic(claimed, fast, docker_client) -> None:
+    subject, body = await claimed.platform.call(
+        subjects.INSTANCE_STOP, InstanceCommand(user_id=claimed.user), timeout=120
+    )
+    assert subject == subjects.INSTANCE_STOPPED, body
+    auth = {"Authorization": f"Bearer {claimed.key}"}
+    async with httpx.AsyncClient(base_url=fast.proxy, timeout=30) as http:
+        t0 = time.monotonic()
+        r = await http.post("/v1/chat/completions", json=chat("are you there"), headers=auth)
+    assert r.status_code == 503 and r.json()["state"] == "stopped", r.text
+    assert time.monotonic() - t0 < 5, "answered at once, not held for a wake"
+    await asyncio.sleep(2)
+    assert docker_client.containers.get(container_name(claimed.user)).status == "exited"
+    assert (await claimed.store.get_instance(claimed.user))["state"] == "stopped"
