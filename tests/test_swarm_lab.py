@@ -6,6 +6,7 @@ node_ip:port, and a tenant's task cannot reach another tenant's, on another node
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import os
@@ -263,6 +264,13 @@ def test_swarm_runtime_spreads_30_refuses_the_31st_and_round_trips(
         for unsupported in (rt.freeze(s.name, 0, 1), rt.thaw(s.name, 1), rt.hand_over("pool.x", "u")):
             with pytest.raises(RuntimeError_, match="not supported on Swarm"):
                 await unsupported
+        # A new instance of a placed user (another image or instance id) stays on its node.
+        moved = dataclasses.replace(specs[1], instance_id="i1b")
+        before = await rt.address(moved.name)
+        await rt.create(moved)
+        await rt.start(moved.name)
+        assert (await rt.status(moved.name)).instance_id == "i1b"
+        assert await rt.address(moved.name) == before
         await rt.remove(s.name)
         await rt.remove_network(s.user_id)
         assert not (await rt.status(s.name)).exists

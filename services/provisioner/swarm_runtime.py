@@ -20,6 +20,7 @@ from docker.types import (
     DriverConfig,
     EndpointSpec,
     Mount,
+    Placement,
     Resources,
     RestartPolicy,
     ServiceMode,
@@ -126,7 +127,9 @@ class SwarmRuntime(SwarmNetworks):
                 )
             if have.get(INSTANCE_LABEL) == spec.instance_id and _matches(old, spec):
                 return old["ID"]
-            self.client.api.remove_service(old["ID"])
+            self._remove(spec.name)  # waits for its task: it holds memory and the port
+            if have.get(NODE_LABEL):  # its data folder is on that node: the new one goes there too
+                labels[NODE_LABEL] = have[NODE_LABEL]
         except NotFound:
             pass
         memory = parse_bytes(spec.memory)
@@ -153,6 +156,7 @@ class SwarmRuntime(SwarmNetworks):
             restart_policy=RestartPolicy(condition="any", delay=1_000_000_000),
             log_driver=DriverConfig("json-file", {"max-size": "10m", "max-file": "3"}),
             networks=[spec.network],
+            placement=Placement([f"node.id=={labels[NODE_LABEL]}"]) if NODE_LABEL in labels else None,
         )
         svc = self.client.api.create_service(
             template,
@@ -265,6 +269,8 @@ class SwarmRuntime(SwarmNetworks):
             svc = self._service(name)
         except NotFound:
             return
+        # Like ``docker rm -f``: no grace period (its task would hold its memory and port for it).
+        self._scale(name, 0, grace_s=0)  # with no replica, this update starts nothing
         self.client.api.remove_service(svc["ID"])
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and any(
