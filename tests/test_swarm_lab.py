@@ -206,7 +206,7 @@ def test_swarm_runtime_spreads_30_refuses_the_31st_and_round_trips(
             assert (await rt.status(spec.name)).state == "created"
             await rt.start(spec.name)
 
-    async def scenario() -> dict[str, float]:
+    async def scenario() -> tuple[dict[str, float], dict[str, tuple[int, int, int]]]:
         times: dict[str, float] = {}
         await asyncio.gather(*(provision(s) for s in specs[:-1]))
         urls = {s.user_id: f"http://{await rt.address(s.name)}:{s.host_port}/readyz" for s in specs[:-1]}
@@ -231,6 +231,12 @@ def test_swarm_runtime_spreads_30_refuses_the_31st_and_round_trips(
                 (t["Spec"].get("Resources") or {}).get("Reservations", {}).get("MemoryBytes", 0)
             )
         assert all(reserved[n] <= node_mem[n] for n in reserved), (reserved, node_mem)
+        names = {n["ID"]: n["Description"]["Hostname"] for n in nodes}
+        used = {x.name: swarm_lab.node_memory_mb(x)["containers_rss"] for x in lab.nodes}
+        per_node = {
+            names[n][-2:]: (r // 2**20, node_mem[n] // 2**20, round(used[names[n]]))
+            for n, r in reserved.items()
+        }
         managed = await rt.list_managed()
         assert len(managed) == 30 and all(m.running for m in managed)
         # The hardening carries over to the task's container, and the placement is pinned.
@@ -275,9 +281,10 @@ def test_swarm_runtime_spreads_30_refuses_the_31st_and_round_trips(
         await rt.remove_network(s.user_id)
         assert not (await rt.status(s.name)).exists
         times["round trip"] = time.monotonic() - t1
-        return times
+        return times, per_node
 
-    times = asyncio.run(scenario())
+    times, per_node = asyncio.run(scenario())
     with capsys.disabled():
         shown = ", ".join(f"{k} {v:.1f} s" for k, v in times.items())
         print(f"\nSwarmRuntime: {shown}; test {time.monotonic() - t0:.1f} s ({memory_mb} MiB reserved each)")
+        print(f"per node, MiB: (reserved, capacity, containers' RSS) {per_node}")
