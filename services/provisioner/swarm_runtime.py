@@ -71,7 +71,7 @@ def _status(svc: dict[str, Any], tasks: list[dict[str, Any]]) -> ContainerStatus
         exists=True,
         state=state,
         exit_code=cs.get("ExitCode"),
-        restart_count=max(0, sum(1 for t in tasks if t["Status"]["State"] in ("failed", "rejected"))),
+        restart_count=sum(1 for t in tasks if t["Status"]["State"] in ("failed", "rejected")),
         user_id=user_of_container(spec["Name"], labels.get(USER_LABEL)),
         instance_id=labels.get(INSTANCE_LABEL),
         container_id=cs.get("ContainerID"),
