@@ -41,7 +41,7 @@ def pool_platform(tmp_path_factory, service_env: dict[str, str], docker_client) 
         ZAKI_ALLOWED_IMAGES="zaki/standin-gateway:canary",
         ZAKI_POOL_SIZE=str(POOL_SIZE),
         ZAKI_POOL_REFILL_DELAY_S="3",  # the refill waits after a claim: checked below
-        ZAKI_READINESS_TIMEOUT_S="30",
+        ZAKI_READINESS_TIMEOUT_S="10",  # stand-ins are ready in under a second; a stray slot waits this long
     )
     yield p
     p.stack.stop()
