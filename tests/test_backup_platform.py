@@ -267,6 +267,7 @@ async def test_the_backup_service_schedules_publishes_and_exports_aggregates(
         seen.append({"subject": msg.subject, **json.loads(msg.data)})
 
     await nc.subscribe("zaki.backup.>", cb=on)
+    await nc.flush()  # the subscription is on the server before the service can publish
     port = free_port()
     p = stack.start_service(
         "services.backup",
@@ -286,6 +287,9 @@ async def test_the_backup_service_schedules_publishes_and_exports_aggregates(
             lambda: any(e["user_id"] == user and e["subject"] == subjects.BACKUP_COMPLETED for e in seen)
         )
         assert core.list_backups(backups.target, quiet) == []
+        # A sweep that did work logs its counts ("created" once crashed the logging call).
+        await eventually(lambda: "backup sweep" in p.log_path.read_text(), 10)
+        assert "backup sweep failed" not in p.log_path.read_text()
 
         def metrics() -> str:
             return httpx.get(f"http://127.0.0.1:{port}/metrics").text

@@ -44,12 +44,7 @@ def pool_platform(tmp_path_factory, service_env: dict[str, str], docker_client) 
         ZAKI_READINESS_TIMEOUT_S="10",  # stand-ins are ready in under a second; a stray slot waits this long
     )
     yield p
-    p.stack.stop()
-    label = f"zaki.managed={p.env['ZAKI_PLATFORM_ID']}"
-    for c in docker_client.containers.list(all=True, filters={"label": label}):
-        c.remove(force=True)
-    for n in docker_client.networks.list(filters={"label": label}):
-        n.remove()
+    p.stop()
 
 
 @pytest.fixture

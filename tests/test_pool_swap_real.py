@@ -66,12 +66,7 @@ def fast(tmp_path_factory, service_env, fakes, docker_client) -> Iterator[Any]:
             proxy = start_proxy(p.stack, env, fastpath=True, ZAKI_WAKE_TIMEOUT_S="300")
             yield SimpleNamespace(env=env, metrics=p.metrics, proxy=f"http://{proxy.address}")
         finally:
-            p.stack.stop()
-            label = f"zaki.managed={p.env['ZAKI_PLATFORM_ID']}"
-            for c in docker_client.containers.list(all=True, filters={"label": label}):
-                c.remove(force=True)
-            for n in docker_client.networks.list(filters={"label": label}):
-                n.remove()
+            p.stop()
 
 
 @pytest.fixture(scope="module")

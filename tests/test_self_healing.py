@@ -42,6 +42,16 @@ class PrivatePlatform:
     def data_root(self) -> Path:
         return Path(self.env["ZAKI_DATA_ROOT"])
 
+    def stop(self) -> None:
+        """Its processes, then what it left on Docker (gateways, pool slots, networks)."""
+        self.stack.stop()
+        client = docker.from_env()
+        label = f"zaki.managed={self.env['ZAKI_PLATFORM_ID']}"
+        for c in client.containers.list(all=True, filters={"label": label}, ignore_removed=True):
+            c.remove(force=True)
+        for n in client.networks.list(filters={"label": label}):
+            n.remove()
+
 
 def start_private_platform(root: Path, service_env: dict[str, str], name: str, pool: str, **extra: str):
     """NATS, FerretDB and one provisioner of their own, so that settings (backoffs, limits) can

@@ -54,12 +54,7 @@ def swap_platform(tmp_path_factory, service_env, docker_client, swap) -> Iterato
     env = {k: v for k, v in p.env.items() if k != "ZAKI_METRICS_PORT"}
     proxy = start_proxy(p.stack, env, fastpath=True, ZAKI_WAKE_TIMEOUT_S="60")
     yield p, f"http://{proxy.address}"
-    p.stack.stop()
-    label = f"zaki.managed={p.env['ZAKI_PLATFORM_ID']}"
-    for c in docker_client.containers.list(all=True, filters={"label": label}):
-        c.remove(force=True)
-    for n in docker_client.networks.list(filters={"label": label}):
-        n.remove()
+    p.stop()
 
 
 @pytest.fixture
@@ -109,7 +104,7 @@ async def test_a_sleeper_is_frozen_in_swap_and_a_request_thaws_it(sp, fakes, doc
     c = docker_client.containers.get(container_name(user))
     assert c.status == "running" and c.id == before.id, "thawed, not booted again"
     assert c.attrs["HostConfig"]["Memory"] == 1 << 30 and c.attrs["HostConfig"]["MemorySwap"] == 1 << 30
-    [woken] = events_for(client, subjects.INSTANCE_WOKEN, user)
+    [woken] = await eventually(lambda: events_for(client, subjects.INSTANCE_WOKEN, user), timeout=10)
     assert woken["reason"] == "request" and "wake_thaw" in woken["timings"], woken
     config = json.loads((p.data_root / "users" / user / ".openclaw" / "openclaw.json").read_text())
     assert config["channels"]["telegram"]["enabled"] is True
@@ -151,7 +146,8 @@ async def test_without_swap_a_sleeper_is_stopped_and_still_wakes(sp, fakes, dock
             "/v1/chat/completions", json=chat("wake"), headers={"Authorization": f"Bearer {key}"}
         )
     assert r.status_code == 200, r.text
-    [woken] = events_for(client, subjects.INSTANCE_WOKEN, user)
+    # instance.woken follows instance.ready, which the proxy waited for: it may come just after.
+    [woken] = await eventually(lambda: events_for(client, subjects.INSTANCE_WOKEN, user), timeout=10)
     assert "wake_start" in woken["timings"], woken
 
 

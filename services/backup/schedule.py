@@ -111,7 +111,8 @@ class Scheduler:
             try:
                 result = await self.sweep()
                 if any(result.values()):
-                    log.info("backup sweep", extra=result)
+                    # Prefixed: "created" is a LogRecord attribute (logging raises on it).
+                    log.info("backup sweep", extra={f"sweep_{k}": v for k, v in result.items()})
             except Exception:
                 log.exception("backup sweep failed")
             with contextlib.suppress(TimeoutError):
