@@ -12,8 +12,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -30,11 +32,13 @@ from tests.conftest import REAL_IMAGE, eventually, new_user, outside_world_env, 
 from tests.proxy_support import start_proxy
 from tests.test_self_healing import start_private_platform
 from tests.test_suspend import WAKER_ENV, chat, delete, events_for, suspend
+from tests.test_suspend_real import events_since, gateway_rpc
 from zaki.stack import free_network_pool, free_port, wait_for_port
 
 pytestmark = [pytest.mark.gateway, pytest.mark.timeout(600)]
 
 MIB = 1 << 20
+LEAD_S = 8  # ZAKI_WAKE_LEAD_S here: a thaw, not a boot, has to fit in it
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +55,7 @@ def fast(tmp_path_factory, service_env, fakes, docker_client) -> Iterator[Any]:
             ZAKI_SUSPEND_MODE="swap",
             ZAKI_READINESS_TIMEOUT_S="300",
             ZAKI_RECONCILE_INTERVAL_S="5",
+            ZAKI_WAKE_LEAD_S=str(LEAD_S),
         )
         env = {k: v for k, v in p.env.items() if k != "ZAKI_METRICS_PORT"}
         try:
@@ -60,7 +65,8 @@ def fast(tmp_path_factory, service_env, fakes, docker_client) -> Iterator[Any]:
             wait_for_port(fakes.host, broker_port, broker.proc, "llm broker")
             wport = free_port()
             waker = p.stack.start_service(
-                "services.waker", {**env, **WAKER_ENV, "ZAKI_METRICS_PORT": str(wport)}
+                "services.waker",
+                {**env, **WAKER_ENV, "ZAKI_WAKE_LEAD_S": str(LEAD_S), "ZAKI_METRICS_PORT": str(wport)},
             )
             wait_for_port("127.0.0.1", wport, waker.proc, "waker")
             proxy = start_proxy(p.stack, env, fastpath=True, ZAKI_WAKE_TIMEOUT_S="300")
@@ -192,6 +198,53 @@ async def test_a_storm_of_requests_thaws_the_real_gateway_once(claimed, fast, do
         if s == subjects.INSTANCE_WOKEN and b["user_id"] == claimed.user
     ]
     assert len(woken) == 1, woken
+
+
+async def test_a_cron_job_set_through_rpc_thaws_it_in_time(claimed, fast, fakes, docker_client) -> None:
+    """cron.add on the gateway; suspended (frozen); the wake, reason schedule, begins
+    ZAKI_WAKE_LEAD_S before the job (short here: a thaw takes about a second), and the thawed
+    gateway runs the job itself. (Stop mode: the same decision, on stand-ins in test_suspend.py.)"""
+    user = claimed.user
+    job_at = datetime.now(UTC) + timedelta(seconds=LEAD_S + 12)
+    job = {
+        "name": "wake-test",
+        "schedule": {"kind": "at", "at": job_at.isoformat().replace("+00:00", "Z")},
+        "sessionTarget": "isolated",
+        "wakeMode": "now",
+        "payload": {"kind": "agentTurn", "message": "scheduled hello"},
+        "deleteAfterRun": False,
+    }
+    added = await asyncio.to_thread(gateway_rpc, docker_client, user, "cron.add", job)
+    job_id = added.get("id") or added["job"]["id"]
+    since = len(claimed.platform.seen)
+    ev = await suspend(claimed.platform, user)
+    assert docker_client.containers.get(container_name(user)).status == "paused"
+    expected = job_at - timedelta(seconds=LEAD_S)
+    assert ev["next_wake_at"] is not None, ev  # read from the gateway's own state database
+    assert abs((ev["next_wake_at"] - expected).total_seconds()) < 1.5, (ev["next_wake_at"], expected)
+    woken = await eventually(
+        lambda: events_since(claimed.platform, since, subjects.INSTANCE_WOKEN, user), timeout=LEAD_S + 120
+    )
+    assert [w["reason"] for w in woken] == ["schedule"] and "wake_thaw" in woken[0]["timings"], woken
+    ready_at = datetime.fromisoformat(woken[0]["occurred_at"])
+    began = ready_at - timedelta(seconds=woken[0]["timings"]["total"])
+    assert expected - timedelta(seconds=1) <= began < job_at  # not early, and before the job
+
+    def ran() -> bool:
+        jobs = gateway_rpc(docker_client, user, "cron.list", {"includeDisabled": True})["jobs"]
+        last = [
+            j.get("lastRunAtMs") or j.get("state", {}).get("lastRunAtMs") for j in jobs if j["id"] == job_id
+        ]
+        return any(last) or any("scheduled hello" in json.dumps(c) for c in fakes.llm.calls)
+
+    async def ran_async() -> bool:
+        return await asyncio.to_thread(ran)
+
+    await eventually(ran_async, timeout=(job_at - datetime.now(UTC)).total_seconds() + 90, interval=2)
+    print(
+        f"\nreal gateway (swap): the wake for a cron job began {(job_at - began).total_seconds():.1f} s before "
+        f"the job (ZAKI_WAKE_LEAD_S {LEAD_S}), ready {(job_at - ready_at).total_seconds():.1f} s before it; it ran"
+    )
 
 
 async def test_a_users_stop_is_never_woken_by_traffic(claimed, fast, docker_client) -> None:

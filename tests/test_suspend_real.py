@@ -2,8 +2,8 @@
 whole module (~1 GiB, ~20 s a boot). A Telegram message sent while it sleeps wakes it and the
 gateway itself answers that very update once; an HTTP chat, an SSE stream and a WebSocket RPC
 call through the proxy each wake it after an idle suspend and are answered by the gateway
-itself; a cron job set through the gateway's own ``cron.add`` RPC wakes it in time for the
-job, which then runs. Each test brings the sleeper to the state it needs (awake or not, its
+itself (stop mode: each wake is a boot). The cron wake on the real gateway is in
+test_pool_swap_real.py (swap mode: a thaw fits a short lead time, so the test waits less). Each test brings the sleeper to the state it needs (awake or not, its
 idle time) and starts a waker with no memory of the test before: the waker does not ask for
 a suspend or a wake of a user again within a minute (REASK_S), which made each test wait on
 the one before. (test_suspend.py covers the same on stand-ins.)"""
@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -312,59 +311,3 @@ def gateway_rpc(docker_client: docker.DockerClient, user: str, method: str, para
     answer = json.loads(out.decode().strip().splitlines()[-1])
     assert code == 0 and answer.get("ok"), answer
     return answer["payload"]
-
-
-async def test_a_cron_job_set_through_rpc_wakes_the_real_gateway_in_time(
-    sleeper, own, platform, docker_client, fakes
-):
-    """cron.add on the gateway; suspended (as an operator would: an idle suspend declines when
-    the next job is under 2 min away, see services/waker/idle.py); the wake, reason schedule,
-    begins ZAKI_WAKE_LEAD_S before the job, and the woken gateway runs the job itself."""
-    user = sleeper["user"]
-    await prepare(sleeper, own, platform, 0, awake=True)  # awake, whatever it was
-    job_at = datetime.now(UTC) + timedelta(seconds=LEAD_S + 12)
-    job = {
-        "name": "wake-test",
-        "schedule": {"kind": "at", "at": job_at.isoformat().replace("+00:00", "Z")},
-        "sessionTarget": "isolated",
-        "wakeMode": "now",
-        "payload": {"kind": "agentTurn", "message": "scheduled hello"},
-        "deleteAfterRun": False,
-    }
-    added = await asyncio.to_thread(gateway_rpc, docker_client, user, "cron.add", job)
-    job_id = added.get("id") or added["job"]["id"]
-    since = len(platform.seen)
-    ev = await suspend(platform, user)
-    expected = job_at - timedelta(seconds=LEAD_S)
-    assert ev["next_wake_at"] is not None, ev  # read from the gateway's own state database
-    assert abs((ev["next_wake_at"] - expected).total_seconds()) < 1.5, (ev["next_wake_at"], expected)
-    woken = await eventually(
-        lambda: events_since(platform, since, subjects.INSTANCE_WOKEN, user), timeout=LEAD_S + 200
-    )
-    assert [w["reason"] for w in woken] == ["schedule"]
-    # instance.woken is said once the gateway is ready; the wake itself began timings.total earlier.
-    ready_at = datetime.fromisoformat(woken[0]["occurred_at"])
-    began = ready_at - timedelta(seconds=woken[0]["timings"]["total"])
-    assert expected - timedelta(seconds=1) <= began < job_at  # not early, and before the job
-
-    seen: list[dict] = []
-
-    def ran() -> bool:
-        jobs = gateway_rpc(docker_client, user, "cron.list", {"includeDisabled": True})["jobs"]
-        seen[:] = [j for j in jobs if j["id"] == job_id]
-        last = [j.get("lastRunAtMs") or j.get("state", {}).get("lastRunAtMs") for j in seen]
-        return any(last) or any("scheduled hello" in json.dumps(c) for c in fakes.llm.calls)
-
-    async def ran_async() -> bool:
-        return await asyncio.to_thread(ran)
-
-    wait = (job_at - datetime.now(UTC)).total_seconds() + 90
-    try:  # the woken gateway runs the job itself (its agent turn reaches the model)
-        await eventually(ran_async, timeout=wait, interval=3)
-    except AssertionError:
-        raise AssertionError(f"the job did not run: {seen}") from None
-    print(
-        f"\nreal gateway: the wake for a cron job began {(job_at - began).total_seconds():.1f} s before "
-        f"the job (ZAKI_WAKE_LEAD_S {LEAD_S:.0f}), ready "
-        f"{(job_at - ready_at).total_seconds():.1f} s before it; the job ran"
-    )

@@ -48,6 +48,7 @@ from shared.events import (
     WakeReason,
 )
 from shared.gateway import container_name
+from shared.logging import redact
 from shared.state import IllegalTransition, InstanceState
 
 log = logging.getLogger("zaki.provisioner")
@@ -200,14 +201,26 @@ class Suspension(Lifecycle):
         return False
 
     async def _await_reload(self, name: str, since: float, timeout: float = 10.0) -> None:
-        """Until the gateway logs that it applied the config written at *since*."""
+        """Until the gateway logs that it applied the config written at *since*. A reload of an
+        earlier write still pending (deferred while a request ran: the wake's "Telegram on")
+        is superseded by ours, which then changes nothing the gateway runs and logs nothing:
+        "superseded" and a quiet second after it count as done."""
         deadline = time.monotonic() + timeout
+        superseded_at = None
         while time.monotonic() < deadline:
             lines = await self.runtime.logs(name, tail=50, since=since - 1)
             if any("hot reload applied" in line for line in lines):
                 return
+            if superseded_at is None and any("reload superseded" in line for line in lines):
+                superseded_at = time.monotonic()
+            if superseded_at is not None and time.monotonic() - superseded_at >= 1.0:
+                return
             await asyncio.sleep(0.1)
-        log.warning("no config reload seen before freezing", extra={"container": name})
+        recent = await self.runtime.logs(name, tail=8, since=since - 1)
+        log.warning(
+            "no config reload seen before freezing",
+            extra={"container": name, "recent": [redact(line)[:200] for line in recent]},
+        )
 
     async def _publish_suspended(
         self, cmd: InstanceSuspend, doc: dict[str, Any], idle_s: float | None
