@@ -123,3 +123,20 @@ async def test_websocket_bytes_before_the_gateways_101_are_bounded(fast, service
         await store.close()
         assert gateway.server is not None
         gateway.server.close()
+
+
+async def test_a_refused_head_is_answered_even_while_the_client_keeps_sending(fast):
+    """The proxy answers 431 and lingers (reads and drops what still comes, briefly) instead of
+    closing with the client's bytes unread: such a close sends a reset, which destroys the
+    answer in the client's receive buffer before it is read."""
+    host, port = fast.address.split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 40_000)
+    await writer.drain()
+    await asyncio.sleep(0.5)  # the proxy has answered 431 by now
+    writer.write(b"b" * 256 * 1024)  # and the client, not reading yet, sends more
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    data = await asyncio.wait_for(reader.read(65536), 10)
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 431"), data[:80]

@@ -35,6 +35,9 @@ MAX_HEADER_BYTES = 32 * 1024
 # Bytes a request head may take on the wire (URL and headers) before it is refused: counted
 # as they arrive, since llhttp's bindings keep a header value in memory until it ends.
 MAX_HEAD_BYTES = MAX_TARGET + MAX_HEADER_BYTES
+# Lingering close after an error answer (nginx's lingering_close): read and drop what the client
+# still sends, this long and this much at most, so it reads the answer instead of a reset.
+LINGER_S, LINGER_MAX_BYTES = 2.0, 1 << 20
 
 
 class _TooLarge(Exception):
@@ -127,6 +130,7 @@ class ClientConnection(asyncio.Protocol):
         self.in_head = True  # between requests or inside a request's head: bytes are counted
         self.head_bytes = 0
         self.too_large = 0  # 414 or 431 once a limit is passed
+        self.linger_bytes = -1  # >= 0 while lingering after an error answer
         self.remote = ""
         self.last_active = self.req_started = time.monotonic()
 
@@ -139,6 +143,11 @@ class ClientConnection(asyncio.Protocol):
         self.server.clients.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.linger_bytes >= 0:
+            self.linger_bytes += len(data)
+            if self.linger_bytes > LINGER_MAX_BYTES:
+                self.transport.close()
+            return
         if self.ws is not None:
             self.ws.from_client(data)
             return
@@ -391,5 +400,12 @@ class ClientConnection(asyncio.Protocol):
     def _error_and_close(self, status: int, code: str, message: str, req: RawRequest | None = None) -> None:
         path = req.path if req is not None else "/"
         self.transport.write(error_bytes(status, path, code, message, next_request_id(), close=True))
-        self.transport.close()
         self.closed = True
+        if self.transport.can_write_eof():
+            # FIN after the answer; closing with the client's bytes unread would send a reset,
+            # which can destroy the answer before the client reads it.
+            self.transport.write_eof()
+            self.linger_bytes = 0
+            asyncio.get_running_loop().call_later(LINGER_S, self.transport.close)
+        else:
+            self.transport.close()
