@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from http import HTTPStatus
 from typing import Any
@@ -73,3 +74,27 @@ def not_running_response(request: web.Request, state: str | None) -> web.Respons
     REJECTED.labels("instance_not_running").inc()
     message, extra, headers = not_running(state)
     return error_response(request, 503, "instance_not_running", message, extra, **headers)
+
+
+# Lingering close after an error answer (nginx's lingering_close): the client's further bytes are
+# read and dropped, this long and this much at most. Closing with its bytes unread would send a
+# reset, which can destroy the answer in the client's receive buffer before it reads it.
+LINGER_S, LINGER_MAX_BYTES = 2.0, 1 << 20
+
+
+def linger(transport: Any) -> int:
+    """After the answer is written: FIN, then close within LINGER_S. Returns the bytes dropped
+    so far (0), or -1 when the transport cannot half-close (closed at once)."""
+    if not transport.can_write_eof():
+        transport.close()
+        return -1
+    transport.write_eof()
+    asyncio.get_running_loop().call_later(LINGER_S, transport.close)
+    return 0
+
+
+def linger_more(transport: Any, dropped: int, n: int) -> int:
+    """*n* more bytes dropped while lingering; closes past LINGER_MAX_BYTES."""
+    if dropped + n > LINGER_MAX_BYTES:
+        transport.close()
+    return dropped + n

@@ -23,7 +23,7 @@ import httptools
 
 from services.gateway_proxy.auth import Tenant
 from services.gateway_proxy.decision import MAX_TARGET, Kind, decide
-from services.gateway_proxy.errors import error_bytes
+from services.gateway_proxy.errors import error_bytes, linger, linger_more
 from services.gateway_proxy.exchange import Exchange
 from services.gateway_proxy.observe import REJECTED, REQUESTS, child, flush_relayed, next_request_id
 from services.gateway_proxy.raw_request import RawRequest
@@ -35,9 +35,6 @@ MAX_HEADER_BYTES = 32 * 1024
 # Bytes a request head may take on the wire (URL and headers) before it is refused: counted
 # as they arrive, since llhttp's bindings keep a header value in memory until it ends.
 MAX_HEAD_BYTES = MAX_TARGET + MAX_HEADER_BYTES
-# Lingering close after an error answer (nginx's lingering_close): read and drop what the client
-# still sends, this long and this much at most, so it reads the answer instead of a reset.
-LINGER_S, LINGER_MAX_BYTES = 2.0, 1 << 20
 
 
 class _TooLarge(Exception):
@@ -143,10 +140,8 @@ class ClientConnection(asyncio.Protocol):
         self.server.clients.add(self)
 
     def data_received(self, data: bytes) -> None:
-        if self.linger_bytes >= 0:
-            self.linger_bytes += len(data)
-            if self.linger_bytes > LINGER_MAX_BYTES:
-                self.transport.close()
+        if self.linger_bytes >= 0:  # after an error answer (errors.linger)
+            self.linger_bytes = linger_more(self.transport, self.linger_bytes, len(data))
             return
         if self.ws is not None:
             self.ws.from_client(data)
@@ -401,11 +396,4 @@ class ClientConnection(asyncio.Protocol):
         path = req.path if req is not None else "/"
         self.transport.write(error_bytes(status, path, code, message, next_request_id(), close=True))
         self.closed = True
-        if self.transport.can_write_eof():
-            # FIN after the answer; closing with the client's bytes unread would send a reset,
-            # which can destroy the answer before the client reads it.
-            self.transport.write_eof()
-            self.linger_bytes = 0
-            asyncio.get_running_loop().call_later(LINGER_S, self.transport.close)
-        else:
-            self.transport.close()
+        self.linger_bytes = linger(self.transport)
