@@ -32,7 +32,7 @@ from shared.crypto import credential_hash, new_broker_credential
 from shared.events import FailureReason, ProviderSettings
 from shared.gateway import CONTAINER_STATE_DIR, CONTAINER_WORKSPACE, container_name, network_name
 from shared.logging import redact
-from shared.probe import AioProber
+from shared.probe import AioProber, ProbeResult
 from shared.state import IllegalTransition
 from shared.store import NoPortAvailable, utcnow
 
@@ -238,14 +238,18 @@ class Lifecycle(ProvisionerBase):
             )
         )
 
+    async def _probe(self, port: int, user_id: str, path: str) -> ProbeResult:
+        """One probe of a gateway on this host, as *user_id* (the prober is made on first use)."""
+        if self.prober is None:
+            self.prober = AioProber(concurrency=64)
+        return await self.prober.probe(self.s.gateway_publish_ip, port, user_id, path, timeout=2.0)
+
     async def wait_ready(self, user_id: str, port: int, name: str) -> None:
         deadline = time.monotonic() + self.s.readiness_timeout_s
         delay = 0.25
         first = await self.runtime.status(name)
         while True:
-            if self.prober is None:
-                self.prober = AioProber(concurrency=64)
-            result = await self.prober.probe(self.s.gateway_publish_ip, port, user_id, "/readyz", timeout=2.0)
+            result = await self._probe(port, user_id, "/readyz")
             if result.ok:
                 return
             status = await self.runtime.status(name)

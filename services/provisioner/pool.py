@@ -44,7 +44,6 @@ from services.provisioner.lifecycle import Lifecycle
 from services.provisioner.runtime import ContainerStatus, RuntimeError_
 from shared.events import FailureReason
 from shared.gateway import POOL_PREFIX, container_name, is_pool_slot
-from shared.probe import AioProber, ProbeResult
 from shared.store import NoPortAvailable
 
 SLOT_CPU_SHARES = 256  # against Docker's default 1024: a refill boot yields to users' gateways
@@ -164,11 +163,6 @@ class Pooled(Lifecycle):
         raise ProvisionError(
             FailureReason.GATEWAY_NOT_READY, f"claimed gateway not serving its user (last probe: {last})"
         )
-
-    async def _probe(self, port: int, user_id: str, path: str) -> ProbeResult:
-        if self.prober is None:
-            self.prober = AioProber(concurrency=64)
-        return await self.prober.probe(self.s.gateway_publish_ip, port, user_id, path, timeout=2.0)
 
     # --- keeping the pool full ------------------------------------------------------------------
 
