@@ -286,14 +286,12 @@ class Suspension(Lifecycle):
             try:
                 # Telegram back on (a frozen sleeper had it off); the same config otherwise.
                 await self._write_config(doc, doc["gateway_ip"])
-                if status.state == "paused":
-                    with Phase(timings, "wake_thaw"):
-                        await self.runtime.thaw(name, _bytes(self.s.gateway_memory))
-                else:
-                    with Phase(timings, "wake_start"):
-                        # A swap sleeper stopped while squeezed (a user's stop, reconcile) gets
-                        # its memory limit back before it runs.
-                        await self.runtime.thaw(name, _bytes(self.s.gateway_memory))
+                frozen = status.state == "paused"
+                with Phase(timings, "wake_thaw" if frozen else "wake_start"):
+                    # The memory limit back first: a swap sleeper may also have been stopped while
+                    # squeezed (a user's stop, reconcile). The thaw unpauses a frozen one.
+                    await self.runtime.thaw(name, _bytes(self.s.gateway_memory))
+                    if not frozen:
                         await self.runtime.start(name)
                 with Phase(timings, "wake_ready"):
                     await self.wait_ready(cmd.user_id, doc["port"], name)
