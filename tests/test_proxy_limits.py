@@ -8,6 +8,7 @@ handshake. Bounds are in bytes and in the proxy process's memory, never in secon
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 from pathlib import Path
 
@@ -35,26 +36,30 @@ def fast(stack, service_env):
     p.stop()
 
 
+def _flood(address: str, head: bytes, filler: bytes) -> tuple[bytes, int]:
+    host, port = address.split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        s.sendall(head)
+        sent = len(head)
+        while sent < TRY_UP_TO:
+            readable, _, _ = select.select([s], [s], [], 60)
+            if readable:
+                break  # the answer: stop sending, as a client reading its socket would
+            try:
+                sent += s.send(filler)
+            except (ConnectionResetError, BrokenPipeError):
+                break  # the proxy answered and closed while we were still sending
+        # The answer stays readable after a reset: the kernel keeps what arrived before it.
+        return s.recv(65536), sent
+
+
 async def flood(address: str, head: bytes, filler: bytes) -> tuple[bytes, int]:
     """Sends *head*, then *filler* over and over until the proxy answers (or TRY_UP_TO).
-    Returns the answer and how many bytes had been sent when it came."""
-    host, port = address.split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
-    answer = asyncio.ensure_future(reader.read(65536))
-    sent = 0
-    try:
-        writer.write(head)
-        sent += len(head)
-        while not answer.done() and sent < TRY_UP_TO:
-            writer.write(filler)
-            sent += len(filler)
-            await writer.drain()
-    except (ConnectionResetError, BrokenPipeError):
-        pass  # the proxy answered and closed while we were still sending
-    data = await asyncio.wait_for(answer, 60)
-    writer.close()
-    return data, sent
+    Returns the answer and how many bytes had been sent when it came. A plain socket, not
+    asyncio's streams: those drop unread received bytes when a write fails, and stop noticing
+    the answer while their write buffer drains."""
+    return await asyncio.to_thread(_flood, address, head, filler)
 
 
 @pytest.mark.parametrize(

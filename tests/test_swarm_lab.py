@@ -288,3 +288,18 @@ def test_swarm_runtime_spreads_30_refuses_the_31st_and_round_trips(
         shown = ", ".join(f"{k} {v:.1f} s" for k, v in times.items())
         print(f"\nSwarmRuntime: {shown}; test {time.monotonic() - t0:.1f} s ({memory_mb} MiB reserved each)")
         print(f"per node, MiB: (reserved, capacity, containers' RSS) {per_node}")
+
+
+def test_a_stopped_service_whose_tasks_were_reaped_reads_exited_not_created() -> None:
+    """Swarm drops the tasks of a service scaled to 0: with none left, a service that was once
+    placed (pinned to its node) is a stopped gateway, one never placed is a created one."""
+    from services.provisioner.swarm_runtime import _status
+
+    def svc(labels: dict[str, str]) -> dict:
+        spec = {"ContainerSpec": {"Image": "zaki/gw:1", "Mounts": []}}
+        mode = {"Replicated": {"Replicas": 0}}
+        return {"Spec": {"Name": "zaki-user-u", "Labels": labels, "TaskTemplate": spec, "Mode": mode}}
+
+    assert _status(svc({}), []).state == "created"
+    stopped = _status(svc({NODE_LABEL: "n1"}), [])
+    assert (stopped.exists, stopped.state, stopped.running) == (True, "exited", False)

@@ -61,7 +61,10 @@ def _status(svc: dict[str, Any], tasks: list[dict[str, Any]]) -> ContainerStatus
     task, want = _newest(tasks), _replicas(svc)
     ts = (task or {}).get("Status") or {}
     cs = ts.get("ContainerStatus") or {}
-    state = "created" if task is None else _TASK_STATES.get(ts.get("State", ""), "unknown")
+    if task is None:  # never started, or stopped and its tasks reaped (swarm drops them at 0)
+        state = "exited" if labels.get(NODE_LABEL) else "created"  # pinned: it was placed once
+    else:
+        state = _TASK_STATES.get(ts.get("State", ""), "unknown")
     if task is not None and ts.get("State") == "failed":
         state = "restarting" if want else "exited"
     if task is not None and want == 0 and state in ("created", "running"):
