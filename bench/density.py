@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import random
 import statistics
@@ -44,6 +43,7 @@ from shared.client import PlatformClient
 from shared.crypto import KeyRing
 from shared.events import InstanceDelete, InstanceRequested, InstanceSuspend
 from shared.store import Store
+from zaki.cleanup import remove_managed
 from zaki.fake_world import fake_world_env
 from zaki.fakes import FakeLLM, FakeTelegram, bound_port, serve
 from zaki.stack import Process, Stack, docker_bridge_ip, free_network_pool, free_port, wait_for_port
@@ -338,12 +338,7 @@ async def main() -> None:
         stack.stop()
         await lr.cleanup()
         await tr.cleanup()
-        client = docker.from_env()
-        for c in client.containers.list(all=True, filters={"label": f"zaki.managed={label}"}):
-            c.remove(force=True)
-        for net in client.networks.list(filters={"label": f"zaki.managed={label}"}):
-            with contextlib.suppress(docker.errors.APIError):
-                net.remove()
+        remove_managed(label)
 
 
 if __name__ == "__main__":

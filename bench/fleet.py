@@ -43,6 +43,7 @@ from shared.client import PlatformClient
 from shared.crypto import KeyRing
 from shared.events import InstanceDelete, InstanceRequested, InstanceUpgrade
 from shared.store import Store
+from zaki.cleanup import remove_managed
 from zaki.fake_world import fake_world_env
 from zaki.fakes import FakeLLM, FakeTelegram, bound_port, serve
 from zaki.stack import Stack, docker_bridge_ip, free_network_pool, free_port, wait_for_port
@@ -345,11 +346,7 @@ async def main() -> None:
         stack.stop()
         await lr.cleanup()
         await tr.cleanup()
-        for c in dk.containers.list(all=True, filters={"label": f"zaki.managed={label}"}):
-            c.remove(force=True)
-        for net in dk.networks.list(filters={"label": f"zaki.managed={label}"}):
-            with contextlib.suppress(docker.errors.APIError):
-                net.remove()
+        remove_managed(label, dk)
         for tag in (NEXT_A, NEXT_B, NEVER):
             with contextlib.suppress(docker.errors.APIError):
                 dk.images.remove(tag)

@@ -11,11 +11,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import docker
-
 from shared.client import PlatformClient
 from shared.crypto import KeyRing
 from shared.store import Store
+from zaki.cleanup import remove_managed
 from zaki.fake_world import fake_world_env
 from zaki.fakes import FakeLLM, FakeTelegram, bound_port, serve
 from zaki.stack import Stack, docker_bridge_ip, free_network_pool, free_port, wait_for_port
@@ -80,10 +79,4 @@ async def bench_platform(
         stack.stop()
         await lr.cleanup()
         await tr.cleanup()
-        client = docker.from_env()
-        label = f"zaki.managed={platform_id}"
-        for c in client.containers.list(all=True, filters={"label": label}):
-            c.remove(force=True)
-        for n in client.networks.list(filters={"label": label}):
-            with contextlib.suppress(docker.errors.APIError):
-                n.remove()
+        remove_managed(platform_id)

@@ -31,6 +31,7 @@ from shared.client import PlatformClient
 from shared.crypto import KeyRing
 from shared.events import InstanceCommand, InstanceDelete, InstanceRequested
 from shared.gateway import identity_headers
+from zaki.cleanup import remove_managed
 from zaki.fake_world import fake_world_env
 from zaki.fakes import FakeLLM, FakeTelegram, bound_port, serve
 from zaki.stack import Stack, docker_bridge_ip, free_network_pool, free_port, wait_for_port
@@ -198,9 +199,7 @@ async def main() -> None:
         stack.stop()
         await lr.cleanup()
         await tr.cleanup()
-        client = docker.from_env()
-        for c in client.containers.list(all=True, filters={"label": f"zaki.managed={platform_id}"}):
-            c.remove(force=True)
+        remove_managed(platform_id)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from shared.crypto import credential_hash, new_broker_credential
 from shared.events import InstanceDelete, InstanceRequested
 from shared.store import Store
 from tests.conftest import STANDIN_IMAGE, _wait_consumers, new_bot_token, new_user, outside_world_env
+from zaki.cleanup import remove_managed
 from zaki.stack import REPO, Process, Stack, free_network_pool, free_port, wait_for_port
 
 SERVICES = ("services.provisioner", "services.monitor", "services.gateway_proxy", "services.llm_broker")
@@ -125,12 +126,7 @@ class FaultPlatform:
     async def close(self, docker_client: docker.DockerClient) -> None:
         await self.store.close()
         self.stack.stop()
-        for c in docker_client.containers.list(
-            all=True, filters={"label": f"zaki.managed={self.platform_id}"}
-        ):
-            c.remove(force=True)
-        for n in docker_client.networks.list(filters={"label": f"zaki.managed={self.platform_id}"}):
-            n.remove()
+        remove_managed(self.platform_id, docker_client)
 
     @property
     def broker_url(self) -> str:

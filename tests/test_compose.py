@@ -20,6 +20,7 @@ from shared.events import InstanceDelete, InstanceRequested
 from shared.store import Store
 from tests.conftest import STANDIN_IMAGE, new_user, require_tool
 from tests.test_broker import call_from_container
+from zaki.cleanup import remove_managed
 from zaki.stack import free_network_pool, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,10 +113,7 @@ def compose_stack(docker_client, fakes):
         )
         print(logs.stdout[-6000:])
         subprocess.run([*base, "down", "-v"], env=env, capture_output=True, timeout=120)
-        for c in docker_client.containers.list(all=True, filters={"label": f"zaki.managed={project}"}):
-            c.remove(force=True)
-        for n in docker_client.networks.list(filters={"label": f"zaki.managed={project}"}):
-            n.remove()
+        remove_managed(project, docker_client)
         shutil.rmtree(data_root, ignore_errors=True)
         prom_config.unlink(missing_ok=True)
 

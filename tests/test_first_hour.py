@@ -25,6 +25,7 @@ import pytest
 import websockets
 
 from tests.conftest import SESSION, eventually, new_bot_token, operator_connect
+from zaki.cleanup import remove_managed
 from zaki.cli.up import SERVICES
 from zaki.stack import free_network_pool, free_port
 
@@ -259,10 +260,7 @@ async def test_a_new_operators_first_hour(tmp_path, docker_client):
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
         out, _ = await asyncio.to_thread(proc.communicate, timeout=60)
-        for c in docker_client.containers.list(all=True, filters={"label": f"zaki.managed={platform_id}"}):
-            c.remove(force=True)
-        for n in docker_client.networks.list(filters={"label": f"zaki.managed={platform_id}"}):
-            n.remove()
+        remove_managed(platform_id, docker_client)
     assert proc.returncode == 0, out
     assert "stopped." in out
     await asyncio.sleep(1)

@@ -27,6 +27,7 @@ from shared.settings import ZakiSettings
 from shared.state import InstanceState
 from shared.store import Store
 from tests.conftest import SESSION, STANDIN_IMAGE, _wait_consumers, eventually, new_user
+from zaki.cleanup import remove_managed
 from zaki.stack import Stack, free_network_pool, free_port, wait_for_port
 
 NEVER_READY_IMAGE = "zaki/standin-gateway:never-ready"
@@ -45,12 +46,7 @@ class PrivatePlatform:
     def stop(self) -> None:
         """Its processes, then what it left on Docker (gateways, pool slots, networks)."""
         self.stack.stop()
-        client = docker.from_env()
-        label = f"zaki.managed={self.env['ZAKI_PLATFORM_ID']}"
-        for c in client.containers.list(all=True, filters={"label": label}, ignore_removed=True):
-            c.remove(force=True)
-        for n in client.networks.list(filters={"label": label}):
-            n.remove()
+        remove_managed(self.env["ZAKI_PLATFORM_ID"])
 
 
 def start_private_platform(root: Path, service_env: dict[str, str], name: str, pool: str, **extra: str):

@@ -198,9 +198,25 @@ class Stack:
     def start_service(self, module: str, env: dict[str, str]) -> Process:
         return self.spawn(module.rsplit(".", 1)[-1], [sys.executable, "-m", module], env)
 
-    def stop(self) -> None:
-        for p in reversed(self.processes):
-            p.stop()
+    def stop(self, timeout: float = 10) -> None:
+        """The services first, then what they use (NATS, FerretDB), so they can finish cleanly;
+        each group is signalled at once and waited for together (a hung one costs *timeout*
+        once, not once per process)."""
+        infra = ("nats", "ferretdb")
+        for group in (
+            [p for p in self.processes if p.name not in infra],
+            [p for p in self.processes if p.name in infra],
+        ):
+            running = [p for p in group if p.proc.poll() is None]
+            for p in running:
+                p.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            for p in running:
+                try:
+                    p.proc.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.proc.kill()
+                    p.proc.wait(5)
         self.processes.clear()
 
 
