@@ -305,9 +305,9 @@ async def test_a_scheduled_job_wakes_it_in_time(waker, platform, fakes, settings
 
 async def test_a_long_stream_keeps_it_awake(waker, proxy, platform, fakes, store):
     """A request in flight (here an SSE stream longer than the idle time) is activity until it ends."""
-    user, _, _ = await make(platform, fakes, idle_s=8)
+    user, _, _ = await make(platform, fakes, idle_s=5)
     _, key = await keys.create_key(store, user, {"chat"})
-    body = chat("slow", stream=True, standin_chunks=24, standin_delay_ms=700)  # ~17 s
+    body = chat("slow", stream=True, standin_chunks=15, standin_delay_ms=700)  # ~10.5 s, twice the idle time
     try:
         async with httpx.AsyncClient(base_url=proxy.address, timeout=90) as http:
             async with http.stream(
