@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -27,6 +27,14 @@ class ZakiSettings(BaseSettings):
     # Docker host this provisioner drives; recorded on every instance so several hosts can share one store.
     docker_host_id: str = "local"
     docker_url: str | None = None  # None: DOCKER_HOST or the local socket
+    # Where gateways run (issue 18, docs/swarm.md): "docker", the engine at docker_url; "swarm",
+    # one service per user on the Docker Swarm whose manager's API is swarm_manager_url.
+    runtime: Literal["docker", "swarm"] = "docker"
+    swarm_manager_url: str | None = None
+    # Where the proxy reaches a node's published ports when not at its swarm address:
+    # "hostname=address,..."; and the address gateways see the proxy come from (trustedProxies).
+    swarm_node_addresses: str = Field(default="", pattern=r"^([^=,\s]+=[^=,\s]+(,[^=,\s]+=[^=,\s]+)*)?$")
+    swarm_proxy_address: str | None = None
     data_root: Path = Path("/var/lib/zaki")
     gateway_image: str = "zaki/openclaw-gateway:2026.9.6"
     # Other images a request or an upgrade may name (comma-separated), e.g. a canary build.
@@ -279,6 +287,21 @@ class ZakiSettings(BaseSettings):
     delete_grace_days: float = Field(default=30.0, ge=0)  # a deleted user's backups are kept this long
 
     replica_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    @model_validator(mode="after")
+    def _swarm_runtime_is_complete(self) -> ZakiSettings:
+        """A Swarm runtime needs its manager; swap suspend and the pool need one engine's
+        pause/update/network-connect on the gateway's own container, which a Swarm service
+        replaces instead (services/provisioner/swarm_runtime.py)."""
+        if self.runtime == "swarm":
+            if not self.swarm_manager_url:
+                raise ValueError("ZAKI_RUNTIME=swarm needs ZAKI_SWARM_MANAGER_URL")
+            if self.suspend_mode != "stop" or self.pool_size:
+                raise ValueError("ZAKI_RUNTIME=swarm supports ZAKI_SUSPEND_MODE=stop and no pool")
+        return self
+
+    def swarm_nodes(self) -> dict[str, str]:
+        return dict(pair.split("=", 1) for pair in self.swarm_node_addresses.split(",") if pair)
 
     def images(self) -> list[str]:
         return [self.gateway_image, *(i.strip() for i in self.allowed_images.split(",") if i.strip())]

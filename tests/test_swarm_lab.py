@@ -21,12 +21,19 @@ from pathlib import Path
 import httpx
 import pytest
 
+from services.gateway_proxy import keys
 from services.provisioner.egress import EgressPolicy
 from services.provisioner.networks import RuntimeError_
 from services.provisioner.runtime import ContainerSpec
 from services.provisioner.swarm_runtime import NODE_LABEL, SwarmRuntime
-from shared.gateway import CONTAINER_STATE_DIR, identity_headers, network_name
-from tests.conftest import STANDIN_IMAGE, require_tool
+from shared import subjects
+from shared.client import PlatformClient
+from shared.events import InstanceDelete, InstanceRequested
+from shared.gateway import CONTAINER_STATE_DIR, container_name, identity_headers, network_name
+from shared.store import Store
+from tests.conftest import STANDIN_IMAGE, new_user, require_tool
+from tests.proxy_support import start_proxy
+from tests.test_self_healing import start_private_platform
 from zaki import swarm_lab
 from zaki.stack import ensure_images
 
@@ -155,6 +162,82 @@ def test_a_gateway_on_each_node_is_reached_from_the_host_and_tenants_cannot_cros
         print(f"\nswarm lab {lab.id}: {times} s; 4 services reachable in {placed:.1f} s; "
               f"isolation checked in {time.monotonic() - t0 - placed:.1f} s; engine RSS MB {mem}")  # fmt: skip
         print(f"attacks from gw-b after the egress chains: {after}")
+    for t in TENANTS:  # the swarm is empty again for the platform's own placements below
+        swarm_lab.nd(m, "service", "rm", f"gw-{t}")
+    deadline = time.monotonic() + 30
+    while (
+        swarm_lab.nd(m, "network", "rm", *(f"tenant-{t}" for t in TENANTS), check=False).count("tenant-") < 4
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+
+
+def test_the_platform_on_swarm_serves_a_chat_through_the_proxy_on_each_node(
+    lab: swarm_lab.Lab, data_root: Path, tmp_path_factory, service_env: dict[str, str], fakes
+) -> None:
+    """ZAKI_RUNTIME=swarm end to end: the provisioner places three users' gateways (one per node,
+    the swarm spreads them), records each one's node as its address, and the proxy on the host
+    reaches each there; the gateway trusts the proxy's address as the nodes see it."""
+    t0 = time.monotonic()
+    net = ipaddress.ip_network(lab.subnet).network_address
+    host_ip = str(net + 1)
+    p = start_private_platform(
+        tmp_path_factory.mktemp("onswarm"), service_env, "onswarm", f"{net + 224 * 256}/24",
+        ZAKI_RUNTIME="swarm", ZAKI_SWARM_MANAGER_URL=swarm_lab.api_url(lab, lab.manager),
+        ZAKI_SWARM_PROXY_ADDRESS=host_ip, ZAKI_DATA_ROOT=str(data_root / "platform"),
+        ZAKI_GATEWAY_IMAGE=STANDIN_IMAGE, ZAKI_NETWORK_PREFIX="28", ZAKI_GATEWAY_MEMORY="64m",
+        ZAKI_GATEWAY_CPUS="0.5",
+    )  # fmt: skip
+    try:
+        proxy = start_proxy(p.stack, p.env, fastpath=True)
+        rt = SwarmRuntime(swarm_lab.api_url(lab, lab.manager))
+
+        async def scenario() -> dict[str, str]:
+            platform = await PlatformClient.connect(p.env["ZAKI_NATS_URL"])
+            store = Store(p.env["ZAKI_MONGO_URL"], p.env["ZAKI_MONGO_DB"])
+            placed: dict[str, str] = {}
+            try:
+                for _ in range(3):  # one after another: each goes to the node with fewest tasks
+                    ev = InstanceRequested(
+                        request_id=new_user("req"), user_id=new_user("w"), bot_token=fakes.bot(),
+                        image=STANDIN_IMAGE,
+                    )  # fmt: skip
+                    subject, body = await platform.call(subjects.INSTANCE_REQUESTED, ev, timeout=120)
+                    assert subject == subjects.INSTANCE_READY, body
+                    doc = await store.get_instance(ev.user_id)
+                    assert doc is not None and doc["host"] == await rt.address(container_name(ev.user_id))
+                    placed[ev.user_id] = doc["host"]
+                    _, key = await keys.create_key(store, ev.user_id, {"chat"})
+                    async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
+                        r = await http.post(
+                            f"http://{proxy.address}/v1/chat/completions",
+                            headers={"Authorization": f"Bearer {key}"},
+                            json={"model": "openclaw", "messages": [{"role": "user", "content": "hi"}]},
+                        )
+                    assert r.status_code == 200, r.text
+                    # Answered by this user's task: the stand-in names its container's hostname.
+                    cid = (await rt.status(container_name(ev.user_id))).container_id
+                    assert cid and r.json()["system_fingerprint"] == cid[:12], r.json()
+                    assert r.json()["choices"][0]["message"]["content"] == "echo: hi"
+                assert sorted(placed.values()) == sorted(n.ip for n in lab.nodes), placed
+                for user in placed:  # and gone again, from the swarm too
+                    subject, body = await platform.call(
+                        subjects.INSTANCE_DELETE, InstanceDelete(request_id=new_user("req"), user_id=user),
+                        timeout=60,
+                    )  # fmt: skip
+                    assert subject == subjects.INSTANCE_DELETED, body
+                    assert not (await rt.status(container_name(user))).exists
+                return placed
+            finally:
+                await platform.close()
+                await store.close()
+
+        placed = asyncio.run(scenario())
+        print(
+            f"\nthree users on swarm, placed, chatted and deleted in {time.monotonic() - t0:.1f} s: {placed}"
+        )
+    finally:
+        p.stop()
 
 
 N_PER_NODE = 10  # instances a node's memory holds: 30 need all three nodes, the 31st none

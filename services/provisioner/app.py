@@ -21,7 +21,7 @@ from nats.aio.msg import Msg
 from prometheus_client import REGISTRY
 
 from services.provisioner import metrics
-from services.provisioner.runtime import DockerRuntime
+from services.provisioner.runtime import DockerRuntime, GatewayRuntime
 from services.provisioner.service import Provisioner, ProvisionError, Retry
 from services.provisioner.telegram import TelegramClient
 from shared import audit, subjects
@@ -157,7 +157,7 @@ class ProvisionerApp:
         self.service = Provisioner(
             s,
             self.store,
-            DockerRuntime(s.docker_host_id, s.docker_url, s.platform_id),
+            make_runtime(s),
             KeyRing.from_spec(s.secret_keys.get_secret_value()),
             TelegramClient(s.telegram_api_base, s.telegram_timeout_s),
             self.publish,
@@ -218,6 +218,18 @@ class ProvisionerApp:
             await self.store.close()
         if getattr(self, "audit_nc", None) is not None:
             await self.audit_nc.close()
+
+
+def make_runtime(s: ZakiSettings) -> GatewayRuntime:
+    """The runtime ZAKI_RUNTIME names: this Docker engine, or services on a Docker Swarm."""
+    if s.runtime == "swarm":
+        from services.provisioner.swarm_runtime import SwarmRuntime
+
+        assert s.swarm_manager_url is not None  # the settings refuse a swarm without it
+        return SwarmRuntime(
+            s.swarm_manager_url, s.docker_host_id, s.platform_id, s.swarm_nodes(), s.swarm_proxy_address
+        )
+    return DockerRuntime(s.docker_host_id, s.docker_url, s.platform_id, settings=s)
 
 
 def build_app(settings: ZakiSettings) -> ProvisionerApp:

@@ -230,6 +230,8 @@ class Lifecycle(ProvisionerBase):
                 # The image that got ready is what an upgrade rolls back to.
                 {
                     "container_id": cid,
+                    # Where it answers: this engine's publish address, or its Swarm node.
+                    "host": await self.runtime.address(container_name(doc["_id"])),
                     "last_error": None,
                     "last_good_image": image,
                     "stop_reason": None,
@@ -242,7 +244,8 @@ class Lifecycle(ProvisionerBase):
         """One probe of a gateway on this host, as *user_id* (the prober is made on first use)."""
         if self.prober is None:
             self.prober = AioProber(concurrency=64)
-        return await self.prober.probe(self.s.gateway_publish_ip, port, user_id, path, timeout=2.0)
+        host = await self.runtime.address(container_name(user_id))
+        return await self.prober.probe(host, port, user_id, path, timeout=2.0)
 
     async def wait_ready(self, user_id: str, port: int, name: str) -> None:
         deadline = time.monotonic() + self.s.readiness_timeout_s

@@ -88,6 +88,9 @@ class GatewayRuntime(Protocol):
     async def list_managed(self) -> list[ContainerStatus]: ...
     async def port_is_free(self, port: int) -> bool: ...
     async def memory_total(self) -> int: ...
+    # Where the proxy, the monitor and the provisioner's probes reach *name*'s published port:
+    # one address per Docker host; on a Swarm, the node its task runs on.
+    async def address(self, name: str) -> str: ...
 
 
 def _status(c) -> ContainerStatus:
@@ -147,8 +150,10 @@ class DockerRuntime(DockerNetworks):
         self.host_id = host_id
         self.platform_id = platform_id
         self.client = docker.DockerClient(base_url=base_url) if base_url else docker.from_env()
+        settings = settings or get_settings()
+        self.publish_ip = settings.gateway_publish_ip
         # The egress policy comes from the settings (ZAKI_EGRESS_*); enforced unless "off".
-        self.egress = TenantEgress(settings or get_settings(), docker_host_gateway(self.client))
+        self.egress = TenantEgress(settings, docker_host_gateway(self.client))
 
     def _create(self, spec: ContainerSpec) -> str:
         try:
@@ -279,6 +284,9 @@ class DockerRuntime(DockerNetworks):
     async def memory_total(self) -> int:
         info = await self._run(self.client.info)
         return int(info.get("MemTotal", 0))
+
+    async def address(self, name: str) -> str:
+        return self.publish_ip  # every container of this engine publishes on it
 
     async def port_is_free(self, port: int) -> bool:
         """Whether nothing on this host listens on *port* (another program may hold one in our range)."""
