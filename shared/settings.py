@@ -298,6 +298,11 @@ class ZakiSettings(BaseSettings):
                 raise ValueError("ZAKI_RUNTIME=swarm needs ZAKI_SWARM_MANAGER_URL")
             if self.suspend_mode != "stop" or self.pool_size:
                 raise ValueError("ZAKI_RUNTIME=swarm supports ZAKI_SUSPEND_MODE=stop and no pool")
+            if self.egress_policy != "off":  # an operator must know their tenants are not fenced in
+                raise ValueError(
+                    "ZAKI_RUNTIME=swarm does not install the tenant egress rules on its nodes yet "
+                    "(docs/swarm.md); apply them on every node and set ZAKI_EGRESS_POLICY=off"
+                )
         return self
 
     def swarm_nodes(self) -> dict[str, str]:

@@ -185,7 +185,8 @@ async def test_the_platform_on_swarm_serves_a_chat_through_the_proxy_on_each_nod
     p = await asyncio.to_thread(
         start_private_platform,
         tmp_path_factory.mktemp("onswarm"), service_env, "onswarm", f"{net + 224 * 256}/24",
-        ZAKI_RUNTIME="swarm", ZAKI_SWARM_MANAGER_URL=swarm_lab.api_url(lab, lab.manager),
+        ZAKI_RUNTIME="swarm",
+        ZAKI_EGRESS_POLICY="off",  # the lab's nodes got the egress chains in the test above ZAKI_SWARM_MANAGER_URL=swarm_lab.api_url(lab, lab.manager),
         ZAKI_SWARM_PROXY_ADDRESS=host_ip, ZAKI_DATA_ROOT=str(data_root / "platform"),
         ZAKI_GATEWAY_IMAGE=STANDIN_IMAGE, ZAKI_NETWORK_PREFIX="28", ZAKI_GATEWAY_MEMORY="64m",
         ZAKI_GATEWAY_CPUS="0.5",
@@ -400,13 +401,25 @@ def test_the_swarm_runtime_setting_refuses_what_it_cannot_run() -> None:
     from shared.settings import ZakiSettings
 
     for bad, named in (
-        ({}, "ZAKI_SWARM_MANAGER_URL"),
-        ({"swarm_manager_url": "tcp://m:2375", "suspend_mode": "swap"}, "ZAKI_SUSPEND_MODE"),
-        ({"swarm_manager_url": "tcp://m:2375", "pool_size": 2}, "no pool"),
-        ({"swarm_manager_url": "tcp://m:2375", "swarm_node_addresses": "n1"}, "swarm_node_addresses"),
+        ({"egress_policy": "off"}, "ZAKI_SWARM_MANAGER_URL"),
+        ({"swarm_manager_url": "tcp://m:2375"}, "ZAKI_EGRESS_POLICY=off"),
+        (
+            {"swarm_manager_url": "tcp://m:2375", "egress_policy": "off", "suspend_mode": "swap"},
+            "ZAKI_SUSPEND_MODE",
+        ),
+        ({"swarm_manager_url": "tcp://m:2375", "egress_policy": "off", "pool_size": 2}, "no pool"),
+        (
+            {"swarm_manager_url": "tcp://m:2375", "egress_policy": "off", "swarm_node_addresses": "n1"},
+            "swarm_node_addresses",
+        ),
     ):
         with pytest.raises(ValidationError, match=named):
             ZakiSettings(runtime="swarm", **bad)
-    s = ZakiSettings(runtime="swarm", swarm_manager_url="tcp://m:2375", swarm_node_addresses="n1=10.0.0.1")
+    s = ZakiSettings(
+        runtime="swarm",
+        swarm_manager_url="tcp://m:2375",
+        swarm_node_addresses="n1=10.0.0.1",
+        egress_policy="off",
+    )
     assert s.swarm_nodes() == {"n1": "10.0.0.1"}  # make_runtime with it: the end-to-end test above
     assert isinstance(make_runtime(ZakiSettings()), DockerRuntime)
