@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from docker.utils import parse_bytes
+
 from services.provisioner import metrics
 from services.provisioner.config import UserDirs, user_dirs
 from services.provisioner.runtime import GatewayRuntime
@@ -79,10 +81,8 @@ class Phase:
 
 
 def _bytes(size: str) -> int:
-    """Docker-style sizes: 2g, 1536m, 512k or bytes."""
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    size = size.strip().lower()
-    return int(float(size[:-1]) * units[size[-1]]) if size[-1:] in units else int(size)
+    """Docker-style sizes (2g, 1536m, 512k or bytes), read as the runtimes read them."""
+    return parse_bytes(size.strip())
 
 
 _ctx = instance_secret_context
