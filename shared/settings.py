@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -287,6 +287,20 @@ class ZakiSettings(BaseSettings):
     delete_grace_days: float = Field(default=30.0, ge=0)  # a deleted user's backups are kept this long
 
     replica_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    @field_validator("gateway_memory", "suspend_swap_floor")
+    @classmethod
+    def _docker_size(cls, v: str) -> str:
+        """A size Docker reads (2g, 1536m, 512k, bytes): a typo fails at start, not at a user's
+        first provisioning or suspend."""
+        from docker.utils import parse_bytes  # the parser both runtimes use
+
+        try:
+            if parse_bytes(v.strip()) <= 0:
+                raise ValueError
+        except Exception:
+            raise ValueError(f"not a Docker memory size (like 2g or 1536m): {v!r}") from None
+        return v.strip()
 
     @model_validator(mode="after")
     def _swarm_runtime_is_complete(self) -> ZakiSettings:

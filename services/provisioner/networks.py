@@ -8,7 +8,8 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import docker
 from docker.errors import APIError, NotFound
@@ -27,6 +28,36 @@ class RuntimeError_(Exception):
     """A runtime call failed; the message is safe to publish."""
 
 
+T = TypeVar("T")
+
+
+def require_ours(
+    kind: str, name: str, labels: Mapping[str, str] | None, platform_id: str, user_id: str | None = None
+) -> None:
+    """Refuses to touch a container, service or network of that name that this platform (and,
+    when given, this user) does not own: never adopt or remove someone else's."""
+    labels = labels or {}
+    if labels.get(MANAGED_LABEL) != platform_id or (
+        user_id is not None and labels.get(USER_LABEL) != user_id
+    ):
+        raise RuntimeError_(f"{kind} name {name} is taken by something this platform does not manage")
+
+
+class EngineCalls:
+    """The docker SDK's blocking calls, run off the event loop; an API error becomes a
+    ``RuntimeError_`` whose message is safe to publish. *engine* names the API in it."""
+
+    engine = "docker"
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except NotFound:
+            raise
+        except APIError as e:
+            raise RuntimeError_(f"{self.engine}: {e.explanation or e}") from e
+
+
 def _subnet(net) -> str | None:
     """The network's IPv4 subnet, normalised."""
     for cfg in (net.attrs.get("IPAM") or {}).get("Config") or []:
@@ -37,18 +68,10 @@ def _subnet(net) -> str | None:
     return None
 
 
-class DockerNetworks:
+class DockerNetworks(EngineCalls):
     client: docker.DockerClient
     egress: TenantEgress
     platform_id: str
-
-    async def _run(self, fn, *args, **kwargs):
-        try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
-        except NotFound:
-            raise
-        except APIError as e:
-            raise RuntimeError_(f"docker: {e.explanation or e}") from e
 
     # Networks: one bridge per user, so tenants cannot reach each other's containers.
     # The network must have the subnet the record names: the broker honours an instance's
@@ -60,11 +83,7 @@ class DockerNetworks:
         except NotFound:
             net = None
         if net is not None:
-            labels = net.attrs.get("Labels") or {}
-            if labels.get(MANAGED_LABEL) != self.platform_id or labels.get(USER_LABEL) != user_id:
-                raise RuntimeError_(
-                    f"network name {name} is taken by something this platform does not manage"
-                )
+            require_ours("network", name, net.attrs.get("Labels"), self.platform_id, user_id)
             actual = _subnet(net)
             if subnet and actual != str(ipaddress.ip_network(subnet)):
                 # Left by a failed provisioning or an older platform state: adopting it would

@@ -23,6 +23,7 @@ from services.provisioner.networks import (
     USER_LABEL,
     DockerNetworks,
     RuntimeError_,
+    require_ours,
 )
 from shared.gateway import GATEWAY_PORT, container_name, user_of_container
 from shared.settings import ZakiSettings, get_settings
@@ -159,10 +160,7 @@ class DockerRuntime(DockerNetworks):
         try:
             existing = self.client.containers.get(spec.name)
             labels = existing.labels or {}
-            if labels.get(MANAGED_LABEL) != self.platform_id:
-                raise RuntimeError_(
-                    f"container name {spec.name} is taken by something this platform does not manage"
-                )
+            require_ours("container", spec.name, labels, self.platform_id)
             if labels.get(INSTANCE_LABEL) == spec.instance_id and _matches(existing, spec):
                 return existing.id
             existing.remove(force=True)

@@ -4,17 +4,16 @@ Tenant egress rules belong inside every node, on ``docker_gwbridge`` (docs/swarm
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import docker
 from docker.errors import APIError, NotFound
 from docker.types import IPAMConfig, IPAMPool
 
-from services.provisioner.networks import MANAGED_LABEL, USER_LABEL, RuntimeError_
+from services.provisioner.networks import MANAGED_LABEL, USER_LABEL, EngineCalls, RuntimeError_, require_ours
 from shared.gateway import network_name
 
 T = TypeVar("T")
@@ -31,18 +30,11 @@ def _subnet(attrs: Mapping[str, Any]) -> str | None:
     return None
 
 
-class SwarmNetworks:
+class SwarmNetworks(EngineCalls):
     client: docker.DockerClient
     platform_id: str
     proxy_address: str | None
-
-    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
-        except NotFound:
-            raise
-        except APIError as e:
-            raise RuntimeError_(f"docker swarm: {e.explanation or e}") from e
+    engine = "docker swarm"
 
     # Networks: one overlay per user (a /28 of the swarm's pool or the record's subnet).
     # Tenant egress rules belong inside every node on docker_gwbridge (docs/swarm.md), not here.
@@ -50,11 +42,7 @@ class SwarmNetworks:
         name = network_name(user_id)
         try:
             net = self.client.networks.get(name)
-            labels = net.attrs.get("Labels") or {}
-            if labels.get(MANAGED_LABEL) != self.platform_id or labels.get(USER_LABEL) != user_id:
-                raise RuntimeError_(
-                    f"network name {name} is taken by something this platform does not manage"
-                )
+            require_ours("network", name, net.attrs.get("Labels"), self.platform_id, user_id)
             if subnet and _subnet(net.attrs) != str(ipaddress.ip_network(subnet)):
                 net.remove()  # a stale one: the record (and so the broker) expects *subnet*
                 raise NotFound("stale")

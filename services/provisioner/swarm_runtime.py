@@ -28,7 +28,13 @@ from docker.types import (
 )
 from docker.utils import parse_bytes
 
-from services.provisioner.networks import INSTANCE_LABEL, MANAGED_LABEL, USER_LABEL, RuntimeError_
+from services.provisioner.networks import (
+    INSTANCE_LABEL,
+    MANAGED_LABEL,
+    USER_LABEL,
+    RuntimeError_,
+    require_ours,
+)
 from services.provisioner.runtime import ContainerSpec, ContainerStatus
 from services.provisioner.swarm_networks import SwarmNetworks
 from shared.gateway import GATEWAY_PORT, user_of_container
@@ -124,10 +130,7 @@ class SwarmRuntime(SwarmNetworks):
         try:
             old = self._service(spec.name)
             have = old["Spec"].get("Labels") or {}
-            if have.get(MANAGED_LABEL) != self.platform_id:
-                raise RuntimeError_(
-                    f"service name {spec.name} is taken by something this platform does not manage"
-                )
+            require_ours("service", spec.name, have, self.platform_id)
             if have.get(INSTANCE_LABEL) == spec.instance_id and _matches(old, spec):
                 return old["ID"]
             self._remove(spec.name)  # waits for its task: it holds memory and the port
