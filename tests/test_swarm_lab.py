@@ -186,7 +186,8 @@ async def test_the_platform_on_swarm_serves_a_chat_through_the_proxy_on_each_nod
         start_private_platform,
         tmp_path_factory.mktemp("onswarm"), service_env, "onswarm", f"{net + 224 * 256}/24",
         ZAKI_RUNTIME="swarm",
-        ZAKI_EGRESS_POLICY="off",  # the lab's nodes got the egress chains in the test above ZAKI_SWARM_MANAGER_URL=swarm_lab.api_url(lab, lab.manager),
+        ZAKI_EGRESS_POLICY="off",  # the lab's nodes got the egress chains in the test above
+        ZAKI_SWARM_MANAGER_URL=swarm_lab.api_url(lab, lab.manager),
         ZAKI_SWARM_PROXY_ADDRESS=host_ip, ZAKI_DATA_ROOT=str(data_root / "platform"),
         ZAKI_GATEWAY_IMAGE=STANDIN_IMAGE, ZAKI_NETWORK_PREFIX="28", ZAKI_GATEWAY_MEMORY="64m",
         ZAKI_GATEWAY_CPUS="0.5",
