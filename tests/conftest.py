@@ -22,6 +22,7 @@ from shared.client import PlatformClient
 from shared.crypto import KeyRing
 from shared.settings import ZakiSettings
 from shared.store import Store
+from zaki.cleanup import remove_managed
 from zaki.fake_world import fake_world_env
 from zaki.fakes import FakeLLM, FakeTelegram, bound_port, serve
 from zaki.stack import (
@@ -93,6 +94,10 @@ def stack(state_dir: Path) -> Iterator[Stack]:
     s.mongo = s.start_ferretdb()  # type: ignore[attr-defined]
     yield s
     s.stop()
+    # The session's provisioner may have (re)started a gateway after docker_client's cleanup ran
+    # (its reconcile heals until the process stops): what the session platform left goes now.
+    with contextlib.suppress(docker.errors.DockerException):
+        remove_managed(PLATFORM_ID)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import stat
 import subprocess
 import time
@@ -16,7 +17,16 @@ import httpx
 import pytest
 
 from tests.conftest import Fakes, eventually, new_bot_token
-from tests.test_dashboard_api import ORIGIN, PASSWORD, PROXY_ORIGIN, Browser, shared_dashboard, signed_up
+from tests.test_dashboard_api import (
+    ORIGIN,
+    PASSWORD,
+    PROXY_ORIGIN,
+    Browser,
+    shared_dashboard,
+    signed_up,
+    start_dashboard,
+)
+from tests.test_suspend import delete
 from zaki.stack import Process
 
 pytestmark = pytest.mark.timeout(600)
@@ -307,3 +317,27 @@ async def _chat_relay(a: Browser, b: Browser, proxy: Process, dashboard: Process
     # The dashboard's origin is not the proxy's: the proxy refuses the cookie from it.
     r = await a.http.post(f"{proxy.address}/v1/chat/completions", json=body)
     assert r.status_code == 403, r.text
+
+
+async def test_an_open_event_stream_does_not_hold_the_dashboard_at_shutdown(
+    stack, service_env, provisioner, platform, fakes: Fakes
+) -> None:
+    """SIGTERM with a page's live stream open: the dashboard ends it and exits (aiohttp's default
+    would wait 60 s for the stream, and the stack kills what is still running after 10 s)."""
+    own = start_dashboard(stack, service_env)
+    b = await signed_up(own.address)
+    try:
+        async with b:
+            r = await b.http.post("/api/agent", json={"bot_token": fakes.bot()})
+            assert r.status_code == 202, r.text
+            async with b.http.stream("GET", "/api/agent/events", timeout=None) as stream:
+                assert stream.status_code == 200
+                lines = stream.aiter_lines()
+                assert (await anext(lines)).startswith("event: ")  # the stream is live
+                own.proc.send_signal(signal.SIGTERM)
+                code = await asyncio.to_thread(own.proc.wait, 8)  # raises if still running
+                assert code == 0
+    finally:
+        own.stop()
+        if b.user:  # its agent goes with it
+            await delete(platform, b.user["id"])

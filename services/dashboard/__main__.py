@@ -17,6 +17,8 @@ from shared.store import Store
 
 log = logging.getLogger("zaki.dashboard")
 
+SHUTDOWN_GRACE_S = 3.0
+
 
 async def main(s: ZakiSettings, stop: asyncio.Event) -> None:
     store = Store(s.mongo_url, s.mongo_db)
@@ -30,7 +32,10 @@ async def main(s: ZakiSettings, stop: asyncio.Event) -> None:
     await deps.hub.start(deps.nc)
     shared_audit.install(deps.nc, s.audit_retention_days, s.stream_replicas)  # issue 17.4
     app = build_app(deps)
-    runner = web.AppRunner(app, access_log=None)
+    # At shutdown, requests in flight get SHUTDOWN_GRACE_S; the live agent streams (SSE) never end
+    # by themselves and would hold the process for aiohttp's default 60 s: they are cut, and the
+    # pages' EventSource reconnects (to another replica, or to this one restarted).
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
     await web.TCPSite(runner, s.dashboard_host, s.dashboard_port).start()
     log.info("listening", extra={"host": s.dashboard_host, "port": s.dashboard_port})

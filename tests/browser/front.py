@@ -27,7 +27,7 @@ class Front:
         self.http = ClientSession(cookie_jar=DummyCookieJar(), auto_decompress=False)
         app = web.Application(client_max_size=4 << 20)
         app.router.add_route("*", "/{tail:.*}", self.relay)
-        self.runner = web.AppRunner(app, access_log=None)
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)  # open SSE relays
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", port).start()
         return f"http://127.0.0.1:{port}"
