@@ -39,9 +39,11 @@ async def fp(tmp_path, fakes, keyring_spec, docker_client):
     await p.close(docker_client)
 
 
-async def burst_under_fault(fp: FaultPlatform, docker_client, fault, label: str, n: int = 20) -> dict:
-    """20 instance requests, 200 proxied requests and 100 brokered model calls; *fault* strikes
-    half a second in. Returns what happened, for the fault table."""
+async def burst_under_fault(fp: FaultPlatform, docker_client, fault, label: str, n: int = 12) -> dict:
+    """12 instance requests, 200 proxied requests and 100 brokered model calls; *fault* strikes
+    half a second in. Returns what happened, for the fault table. (Each request is a container
+    and a network: 20 cost a test ~10 s more to create and remove, and a dozen in flight is load
+    enough for every fault here.)"""
     platform = await PlatformClient.connect(fp.nats.address)
     try:
         tenant, key, caller, credential = await fp.tenant(platform)

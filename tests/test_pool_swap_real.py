@@ -52,6 +52,9 @@ def fast(tmp_path_factory, service_env, fakes, docker_client) -> Iterator[Any]:
             free_network_pool(),
             ZAKI_GATEWAY_IMAGE=REAL_IMAGE,
             ZAKI_POOL_SIZE="1",
+            # No refill during this module: it would boot a second real gateway (~13 CPU-s, ~0.9 GiB)
+            # beside the thaw tests; refilling is tests/test_pool.py's (stand-ins).
+            ZAKI_POOL_REFILL_DELAY_S="3600",
             ZAKI_SUSPEND_MODE="swap",
             ZAKI_READINESS_TIMEOUT_S="300",
             ZAKI_RECONCILE_INTERVAL_S="5",

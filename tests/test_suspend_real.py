@@ -72,12 +72,6 @@ def own(tmp_path_factory, service_env, fakes) -> Any:
         broker = p.stack.start_service("services.llm_broker", {**env, "ZAKI_METRICS_PORT": str(free_port())})
         wait_for_port(fakes.host, broker_port, broker.proc, "llm broker")
         own = SimpleNamespace(env=env, data_root=p.data_root, waker=start_waker(p.stack, env))
-
-        def fresh_waker() -> None:
-            own.waker.stop()
-            own.waker = start_waker(p.stack, env)
-
-        own.fresh_waker = fresh_waker
         own.proxy = start_proxy(p.stack, env, fastpath=True, ZAKI_WAKE_TIMEOUT_S="300")
         own.proxy.address = f"http://{own.proxy.address}"
         yield own
@@ -123,8 +117,8 @@ async def sleeper(own, fakes) -> Any:
 
 async def prepare(sleeper: dict, own: Any, platform: PlatformClient, idle_s: int, awake: bool) -> int:
     """Whatever the test before left: the sleeper's idle time is *idle_s*; it is awake when
-    *awake* (else awake or suspended for being idle); then a waker without memory of earlier
-    asks (REASK_S) starts, so that the test waits on nothing the test before did. Returns
+    *awake* (else awake or suspended for being idle). The waker keeps an ask only until its
+    outcome (services/waker/asks.py), so nothing the test before asked delays this one. Returns
     how many events *platform* had seen by then: the test's own come after."""
     store, user = sleeper["store"], sleeper["user"]
     if (await store.get_instance(user)).get("idle_suspend_s") != idle_s:
@@ -135,7 +129,6 @@ async def prepare(sleeper: dict, own: Any, platform: PlatformClient, idle_s: int
         async with httpx.AsyncClient(base_url=own.proxy.address, timeout=360) as http:  # wakes a sleeper
             r = await http.get("/v1/models", headers={"Authorization": f"Bearer {sleeper['key']}"})
             assert r.status_code == 200, r.text
-    await asyncio.to_thread(own.fresh_waker)
     return len(platform.seen)
 
 
