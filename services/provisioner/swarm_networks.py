@@ -7,7 +7,7 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any
 
 import docker
 from docker.errors import APIError, NotFound
@@ -15,8 +15,6 @@ from docker.types import IPAMConfig, IPAMPool
 
 from services.provisioner.networks import MANAGED_LABEL, USER_LABEL, EngineCalls, RuntimeError_, require_ours
 from shared.gateway import network_name
-
-T = TypeVar("T")
 
 
 def _subnet(attrs: Mapping[str, Any]) -> str | None:
