@@ -22,7 +22,7 @@ fi
 runs="$(mktemp -d /tmp/zaki-test-runs.XXXXXX)"
 echo "[test] pytest, phase 1 of 2: two lanes (pytest-xdist)" >&2
 first=0
-"${pytest[@]}" -n 2 --dist loadscope -m "not exclusive" --basetemp "$runs/lanes" || first=$?
+"${pytest[@]}" -n 2 --dist loadgroup -m "not exclusive" --basetemp "$runs/lanes" || first=$?
 echo "[test] pytest, phase 2 of 2: the exclusive modules, alone" >&2
 second=0
 ZAKI_TEST_EARLIER_RUNS="$runs/lanes" "${pytest[@]}" -m exclusive --basetemp "$runs/alone" || second=$?

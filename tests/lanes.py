@@ -15,7 +15,6 @@ The rule lives here only: the marks below are what scripts/test.sh selects on.""
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import pytest
 
@@ -27,26 +26,10 @@ EXCLUSIVE = {
     "test_egress": "removes the host's DOCKER-USER jump to see the provisioner put it back",
     "test_zz_no_secrets_in_logs": "reads the logs of every earlier run, so it runs after them",
 }
-# Modules one worker runs one after another: those that boot a real gateway (the `gateway`
-# mark; collection fails if one is missing here) and those that use host-wide things.
-SERIAL = {
-    **dict.fromkeys(
-        (
-            "test_backup_platform",
-            "test_broker",
-            "test_dashboard_browser",
-            "test_dashboard_pairing",
-            "test_first_hour",
-            "test_gateway_image",
-            "test_pool_swap_real",
-            "test_provisioner",
-            "test_provisioner_more",
-            "test_proxy",
-            "test_suspend_real",
-        ),
-        "boots a real gateway: two at once on two cores slowed both past their timeouts",
-    ),
+# Modules kept on one worker beside those that boot a real gateway (the `gateway` mark).
+HOST_WIDE = {
     "test_suspend_swap": "turns its swap file off and on: another lane's swap would make it lie",
+    "test_pool_swap_real": "adds swap to the host",
     "test_cli_up": "runs `zaki up` the way test_first_hour does",
 }
 SERIAL_GROUP = "one-at-a-time"
@@ -66,14 +49,8 @@ def my_share(choices: range) -> list[int]:
     return [c for c in choices if c % count == index]
 
 
-def module_of(nodeid: str) -> str:
-    return nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
-
-
-def lane_group(nodeid: str) -> str:
-    """What one worker runs as a whole: the serial group, else the test's module (its
-    module-scoped fixtures are made once)."""
-    return SERIAL_GROUP if module_of(nodeid) in SERIAL else nodeid.split("::", 1)[0]
+def module_of(item: pytest.Item) -> str:
+    return item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -81,24 +58,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    serial = {module_of(i) for i in items if i.get_closest_marker("gateway")} | set(HOST_WIDE)
     for item in items:
-        module = module_of(item.nodeid)
-        if item.get_closest_marker("gateway") and module not in SERIAL and module not in EXCLUSIVE:
-            raise pytest.UsageError(f"{module} boots a real gateway: add it to SERIAL in tests/lanes.py")
+        module = module_of(item)
         if module in EXCLUSIVE:
             item.add_marker(pytest.mark.exclusive)
-
-
-def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """``--dist loadscope`` with the lanes' groups as its scopes (xdist's own ``loadgroup``
-    marks do not reach the scheduler under pytest 9: it rewrites a private node id field).
-    Groups go out largest first, so the serial group starts at once on one worker."""
-    if config.getvalue("dist") != "loadscope":
-        return None
-    from xdist.scheduler import LoadScopeScheduling
-
-    class LaneScheduling(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return lane_group(nodeid)
-
-    return LaneScheduling(config, log)
+        # --dist loadgroup sends each group to one worker as a whole: a module's fixtures are
+        # made once, and the serial group's real boots never overlap.
+        item.add_marker(pytest.mark.xdist_group(SERIAL_GROUP if module in serial else module))
