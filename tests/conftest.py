@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import subprocess
 import uuid
@@ -23,14 +22,12 @@ from shared.client import PlatformClient
 from shared.crypto import KeyRing
 from shared.settings import ZakiSettings
 from shared.store import Store
-from tests.lanes import my_share
 from zaki.cleanup import remove_managed
 from zaki.fake_world import fake_world_env
 from zaki.fakes import FakeLLM, FakeTelegram, bound_port, serve
 from zaki.stack import (
     Process,
     Stack,
-    claim_network_pools,
     docker_bridge_ip,
     ensure_docker,
     free_network_pool,
@@ -42,10 +39,8 @@ REAL_IMAGE = "zaki/openclaw-gateway:2026.9.6"
 STANDIN_IMAGE = "zaki/standin-gateway:latest"
 SESSION = uuid.uuid4().hex[:6]
 # The proxy tests' shared fixtures (recorder, plane) live with their helpers.
-pytest_plugins = ["tests.proxy_support", "tests.lanes"]
+pytest_plugins = ["tests.proxy_support"]
 PLATFORM_ID = f"test-{SESSION}"
-# Two lanes never pick the same network pool (tests/lanes.py): the other lane's octets count as taken.
-claim_network_pools(set(range(100, 250)) - set(my_share(range(100, 250))))
 
 
 def on_ci() -> bool:
@@ -161,11 +156,10 @@ def outside_world_env(fakes: Fakes, broker_port: int) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def service_env(stack: Stack, fakes: Fakes, keyring_spec: str, state_dir: Path) -> Iterator[dict[str, str]]:
-    blocks = my_share(range(40))  # this lane's blocks of 100 ports
-    port0 = 23000 + blocks[int(SESSION, 16) % len(blocks)] * 100
+def service_env(stack: Stack, fakes: Fakes, keyring_spec: str, state_dir: Path) -> dict[str, str]:
+    port0 = 23000 + (int(SESSION, 16) % 40) * 100
     broker_port = free_port(fakes.host)
-    env = {
+    return {
         "ZAKI_NATS_URL": stack.nats.address,  # type: ignore[attr-defined]
         "ZAKI_MONGO_URL": stack.mongo.address,  # type: ignore[attr-defined]
         "ZAKI_MONGO_DB": "zaki",
@@ -182,10 +176,6 @@ def service_env(stack: Stack, fakes: Fakes, keyring_spec: str, state_dir: Path) 
         "ZAKI_RECONCILE_INTERVAL_S": "5",
         "ZAKI_STOP_TIMEOUT_S": "5",
     }
-    yield env
-    # For test_zz_no_secrets_in_logs in the suite's second phase, which reads this run's logs.
-    secrets = [*fakes.telegram.bots, env["ZAKI_LLM_API_KEY"], keyring_spec.split(":", 1)[1]]
-    (state_dir / SECRETS_RECORD).write_text(json.dumps(secrets))
 
 
 @pytest.fixture
@@ -284,9 +274,6 @@ async def assert_metrics(url: str, *names: str) -> None:
         text = (await http.get(url)).text
     missing = [n for n in names if n not in text]
     assert not missing, missing
-
-
-SECRETS_RECORD = "session-secrets.json"  # beside the session's logs: what must never be in them
 
 
 def all_log_text(state_dir: Path) -> str:

@@ -268,11 +268,6 @@ def docker_bridge_ip() -> str:
 _CLAIMED_POOLS: set[int] = set()
 
 
-def claim_network_pools(octets: set[int]) -> None:
-    """Never hands out 10.N.0.0/16 for these N in this process (another test lane's share)."""
-    _CLAIMED_POOLS.update(octets)
-
-
 def free_network_pool(avoid: tuple[int, ...] = (197,)) -> str:
     """A 10.N.0.0/16 that no Docker network on this host overlaps and that this process has
     not handed out before: test platforms and benchmarks share one Docker daemon with whatever
