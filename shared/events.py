@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, SecretStr, f
 
 from shared import subjects
 from shared.provider_url import check_provider_url
-from shared.validation import ModelRef, RequestId, UserId, check_bot_token
+from shared.validation import ModelRef, NodeRef, RequestId, UserId, check_bot_token
 
 # A secret on the wire: hidden in repr/str and logs, revealed only in the JSON sent to NATS.
 WireSecret = Annotated[SecretStr, PlainSerializer(lambda s: s.get_secret_value(), when_used="json")]
@@ -161,6 +161,13 @@ class InstanceUpgrade(InstanceCommand):
     image: ImageRef
 
 
+class InstanceMove(InstanceCommand):
+    """Onto another node (``ZAKI_RUNTIME=swarm``): backed up, stopped, unpinned from its node
+    and started wherever the swarm has room but *away_from* (default: the node it is on)."""
+
+    away_from: NodeRef | None = None
+
+
 class SuspendReason(StrEnum):
     IDLE = "idle"  # no traffic, WebSocket, model call or Telegram update for the idle time
     COMMAND = "command"  # an operator or another system asked
@@ -287,7 +294,7 @@ class BackupCompleted(Event):
     user_id: str
     instance_id: str | None = None
     backup_id: str
-    reason: str  # scheduled, manual, pre_upgrade, pre_delete
+    reason: str  # scheduled, manual, pre_upgrade, pre_delete, pre_move
     target: str  # local or s3
     stored_bytes: int
     seconds: float
@@ -366,6 +373,7 @@ COMMAND_MODELS: dict[str, type[Event]] = {
     subjects.INSTANCE_UPGRADE: InstanceUpgrade,
     subjects.INSTANCE_SUSPEND: InstanceSuspend,
     subjects.INSTANCE_WAKE: InstanceWake,
+    subjects.INSTANCE_MOVE: InstanceMove,
 }
 
 OUTCOME_MODELS: dict[str, type[Event]] = {

@@ -35,6 +35,10 @@ class ZakiSettings(BaseSettings):
     # "hostname=address,..."; and the address gateways see the proxy come from (trustedProxies).
     swarm_node_addresses: str = Field(default="", pattern=r"^([^=,\s]+=[^=,\s]+(,[^=,\s]+=[^=,\s]+)*)?$")
     swarm_proxy_address: str | None = None
+    # The image of the node guard the provisioner runs on every node (the platform's services
+    # image, services/node_guard): it keeps the tenants' egress chains in each node's kernel.
+    swarm_guard_image: str | None = None
+    node_guard_interval_s: float = Field(default=10.0, gt=0)
     data_root: Path = Path("/var/lib/zaki")
     gateway_image: str = "zaki/openclaw-gateway:2026.9.6"
     # Other images a request or an upgrade may name (comma-separated), e.g. a canary build.
@@ -312,10 +316,10 @@ class ZakiSettings(BaseSettings):
                 raise ValueError("ZAKI_RUNTIME=swarm needs ZAKI_SWARM_MANAGER_URL")
             if self.suspend_mode != "stop" or self.pool_size:
                 raise ValueError("ZAKI_RUNTIME=swarm supports ZAKI_SUSPEND_MODE=stop and no pool")
-            if self.egress_policy != "off":  # an operator must know their tenants are not fenced in
+            if self.egress_policy != "off" and not self.swarm_guard_image:
                 raise ValueError(
-                    "ZAKI_RUNTIME=swarm does not install the tenant egress rules on its nodes yet "
-                    "(docs/swarm.md); apply them on every node and set ZAKI_EGRESS_POLICY=off"
+                    "ZAKI_RUNTIME=swarm fences tenants in with a node guard on every node: set "
+                    "ZAKI_SWARM_GUARD_IMAGE to the platform's services image (docs/swarm.md)"
                 )
         return self
 

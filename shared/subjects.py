@@ -15,6 +15,8 @@ INSTANCE_UPGRADE = f"{PREFIX}.instance.upgrade"
 # Idle suspend and wake (issue 16): sent by the waker (idle, Telegram, schedule) and the proxy (traffic).
 INSTANCE_SUSPEND = f"{PREFIX}.instance.suspend"
 INSTANCE_WAKE = f"{PREFIX}.instance.wake"
+# Onto another node of a Swarm (issue 18): a drain, or a node that is gone.
+INSTANCE_MOVE = f"{PREFIX}.instance.move"
 COMMANDS = (
     INSTANCE_REQUESTED,
     INSTANCE_STOP,
@@ -25,6 +27,7 @@ COMMANDS = (
     INSTANCE_UPGRADE,
     INSTANCE_SUSPEND,
     INSTANCE_WAKE,
+    INSTANCE_MOVE,
 )
 
 # Outcomes the platform publishes.

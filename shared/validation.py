@@ -14,6 +14,7 @@ USER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 BOT_TOKEN_RE = re.compile(r"[0-9]{5,16}:[A-Za-z0-9_-]{30,64}")
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 MODEL_REF_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/@-]{0,127}")
+NODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # a Swarm node's id or hostname
 
 
 class InvalidInput(ValueError):
@@ -50,3 +51,4 @@ def _pattern(regex: re.Pattern[str], what: str):
 UserId = Annotated[str, AfterValidator(check_user_id)]
 RequestId = Annotated[str, AfterValidator(_pattern(REQUEST_ID_RE, "request id"))]
 ModelRef = Annotated[str, AfterValidator(_pattern(MODEL_REF_RE, "model"))]
+NodeRef = Annotated[str, AfterValidator(_pattern(NODE_RE, "node"))]

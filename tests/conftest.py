@@ -319,11 +319,11 @@ MONITOR_ENV = {
 }
 
 
-def start_monitor(stack: Stack, service_env: dict[str, str], replica: str) -> Process:
+def start_monitor(stack: Stack, service_env: dict[str, str], replica: str, **extra: str) -> Process:
     port = free_port()
     p = stack.start_service(
         "services.monitor",
-        {**service_env, **MONITOR_ENV, "ZAKI_REPLICA_ID": replica, "ZAKI_METRICS_PORT": str(port)},
+        {**service_env, **MONITOR_ENV, **extra, "ZAKI_REPLICA_ID": replica, "ZAKI_METRICS_PORT": str(port)},
     )
     wait_for_port("127.0.0.1", port, p.proc, "monitor")
     p.address = f"http://127.0.0.1:{port}/metrics"

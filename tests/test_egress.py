@@ -93,6 +93,9 @@ def test_tenant_rules_allow_dns_the_broker_and_the_internet_only():
     assert verdict(lines, inp, src, "172.17.0.1", "tcp", 8090) == "RETURN"
     for dst, port in (("172.17.0.1", 4222), ("10.250.0.9", 9101), ("192.0.2.2", 8090), ("10.250.0.9", 8090)):
         assert verdict(lines, inp, src, dst, "tcp", port) == "REJECT", (dst, port)
+    # Forwarded to the broker on another host (a Swarm node's tenants): its port only.
+    assert verdict(lines, fwd, src, "172.17.0.1", "tcp", 8090) == "RETURN"
+    assert verdict(lines, fwd, src, "172.17.0.1", "tcp", 4222) == "REJECT"
     # A forged source address never passes.
     assert verdict(lines, fwd, "10.250.0.99", "1.1.1.1", "tcp", 443) == "DROP"
     # The broker on 0.0.0.0: its port on any host address.
@@ -111,6 +114,8 @@ def test_egress_settings_are_parsed_or_refused_with_a_clear_error():
             parse_allow(bad)
     with pytest.raises(EgressConfigError):
         chains_for("docker0")  # never touches a bridge that is not a tenant's
+    # A Swarm node's way out for every overlay task: chains of the same shape, a stable tag.
+    assert chains_for("docker_gwbridge") == ("ZKF-f5889a2ac818", "ZKI-f5889a2ac818")
 
 
 def test_the_policy_follows_the_settings():

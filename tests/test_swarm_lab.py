@@ -17,28 +17,38 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import docker
 import httpx
 import pytest
 
+from services.backup.core import list_backups, make_target
 from services.gateway_proxy import keys
-from services.provisioner.egress import EgressPolicy
 from services.provisioner.networks import RuntimeError_
 from services.provisioner.runtime import ContainerSpec
+from services.provisioner.swarm_guard import GuardSpec, ensure_guard, guard_name, label_guarded_nodes
 from services.provisioner.swarm_runtime import NODE_LABEL, SwarmRuntime
 from shared import subjects
 from shared.client import PlatformClient
 from shared.events import InstanceDelete, InstanceRequested
 from shared.gateway import CONTAINER_STATE_DIR, container_name, identity_headers, network_name
+from shared.settings import ZakiSettings
 from shared.store import Store
-from tests.conftest import STANDIN_IMAGE, new_user, require_tool
+from tests.conftest import STANDIN_IMAGE, eventually, new_user, require_tool, start_monitor
 from tests.proxy_support import start_proxy
 from tests.test_self_healing import start_private_platform
 from zaki import swarm_lab
-from zaki.stack import ensure_images
+from zaki.stack import REPO, ensure_images
 
 pytestmark = require_tool(shutil.which("docker"), "docker")
 
+SERVICES_IMAGE = "zaki/services:latest"  # the node guard's image (scripts/setup.sh builds it)
+GUARD_PLATFORM = "lab"
+# The guard the first test runs by hand: what guard_spec() makes of ZAKI_EGRESS_POLICY=enforce.
+GUARD = GuardSpec(
+    SERVICES_IMAGE, {"ZAKI_BROKER_PORT": "8090", "ZAKI_NODE_GUARD_INTERVAL_S": "1", "ZAKI_METRICS_PORT": "0"}
+)
 PORT = 18789  # the gateway's port in its container
 # tenant -> (node, published port on that node)
 TENANTS = {"a": (1, 30001), "b": (2, 30002), "c": (3, 30003), "d": (2, 30004)}
@@ -71,7 +81,10 @@ def lab(data_root: Path) -> Iterator[swarm_lab.Lab]:
         ensure_images(which="standin")
     t0 = time.monotonic()
     made = swarm_lab.up(
-        3, images=[STANDIN_IMAGE], shared_dirs=[str(data_root)], dockerd_args=["--no-new-privileges"]
+        3,
+        images=[STANDIN_IMAGE, SERVICES_IMAGE],
+        shared_dirs=[str(data_root)],
+        dockerd_args=["--no-new-privileges"],
     )
     made.timings["up_total"] = time.monotonic() - t0
     assert made.id in swarm_lab.labs()
@@ -143,25 +156,42 @@ def test_a_gateway_on_each_node_is_reached_from_the_host_and_tenants_cannot_cros
     # Without the egress chains a published port is open to every tenant: what they close.
     assert before[urls["c"]] == "OK 200", before
 
-    policy = EgressPolicy(broker_port=8090)
-    for node in lab.nodes:
-        gw = swarm_lab.nd(
-            node, "network", "inspect", "docker_gwbridge", "-f", "{{(index .IPAM.Config 0).Subnet}}"
-        )
-        swarm_lab.apply_egress(node, "docker_gwbridge", gw, policy)
+    # The platform's node guard (services/node_guard) on every node: what the provisioner runs
+    # with ZAKI_EGRESS_POLICY=enforce. Each node is labelled once its guard is healthy.
+    client = docker.DockerClient(base_url=swarm_lab.api_url(lab, m), timeout=60)
+    t_guard = time.monotonic()
+    ensure_guard(client, GUARD, GUARD_PLATFORM)
+    deadline = time.monotonic() + 90
+    while len(label_guarded_nodes(client, GUARD_PLATFORM)) < len(lab.nodes):
+        assert time.monotonic() < deadline, swarm_lab.nd(m, "service", "ps", guard_name(GUARD_PLATFORM))
+        time.sleep(0.5)
+    guarded_in = time.monotonic() - t_guard
     after = probe(lab, 2, "gw-b", own, *attacks)
     assert after[own] == "OK 200", after
     for url in attacks:
         assert after[url].startswith("ERR"), (url, after)
     for t, u in urls.items():  # the proxy's path still works
         assert http_status(u) == 200, t
+    # A tenant (or a mistake) flushes the jump on node 2: open again, until the guard's next round.
+    t_tamper = time.monotonic()
+    swarm_lab.run(
+        "docker", "exec", lab.node(2).name, "iptables", "-w", "-D", "DOCKER-USER", "-j", "ZAKI-EGRESS"
+    )
+    assert probe(lab, 2, "gw-b", urls["c"])[urls["c"]] == "OK 200"  # the tampering took effect
+    deadline = time.monotonic() + 30
+    while not probe(lab, 2, "gw-b", urls["c"])[urls["c"]].startswith("ERR"):
+        assert time.monotonic() < deadline, "the guard did not put the jump back"
+        time.sleep(0.5)
+    repaired_in = time.monotonic() - t_tamper
+    client.api.remove_service(guard_name(GUARD_PLATFORM))  # the platform test below runs its own
 
     mem = {x.name[-2:]: round(swarm_lab.node_memory_mb(x)["engine_rss"]) for x in lab.nodes}
     with capsys.disabled():
         times = {k: round(v, 1) for k, v in lab.timings.items()}
         print(f"\nswarm lab {lab.id}: {times} s; 4 services reachable in {placed:.1f} s; "
-              f"isolation checked in {time.monotonic() - t0 - placed:.1f} s; engine RSS MB {mem}")  # fmt: skip
-        print(f"attacks from gw-b after the egress chains: {after}")
+              f"guards healthy on 3 nodes in {guarded_in:.1f} s; a deleted jump back in {repaired_in:.1f} s; "
+              f"engine RSS MB {mem}")  # fmt: skip
+        print(f"attacks from gw-b with the node guards: {after}")
     for t in TENANTS:  # the swarm is empty again for the platform's own placements below
         swarm_lab.nd(m, "service", "rm", f"gw-{t}")
     deadline = time.monotonic() + 30
@@ -170,77 +200,6 @@ def test_a_gateway_on_each_node_is_reached_from_the_host_and_tenants_cannot_cros
     ):
         assert time.monotonic() < deadline
         time.sleep(0.5)
-
-
-async def test_the_platform_on_swarm_serves_a_chat_through_the_proxy_on_each_node(
-    lab: swarm_lab.Lab, data_root: Path, tmp_path_factory, service_env: dict[str, str], fakes
-) -> None:
-    """ZAKI_RUNTIME=swarm end to end: the provisioner places three users' gateways (one per node,
-    the swarm spreads them), records each one's node as its address, and the proxy on the host
-    reaches each there; the gateway trusts the proxy's address as the nodes see it."""
-    t0 = time.monotonic()
-    net = ipaddress.ip_network(lab.subnet).network_address
-    host_ip = str(net + 1)
-    # In a thread: the fake Telegram answers from this event loop (the provisioner checks the token).
-    p = await asyncio.to_thread(
-        start_private_platform,
-        tmp_path_factory.mktemp("onswarm"), service_env, "onswarm", f"{net + 224 * 256}/24",
-        ZAKI_RUNTIME="swarm",
-        ZAKI_EGRESS_POLICY="off",  # the lab's nodes got the egress chains in the test above
-        ZAKI_SWARM_MANAGER_URL=swarm_lab.api_url(lab, lab.manager),
-        ZAKI_SWARM_PROXY_ADDRESS=host_ip, ZAKI_DATA_ROOT=str(data_root / "platform"),
-        ZAKI_GATEWAY_IMAGE=STANDIN_IMAGE, ZAKI_NETWORK_PREFIX="28", ZAKI_GATEWAY_MEMORY="64m",
-        ZAKI_GATEWAY_CPUS="0.5",
-    )  # fmt: skip
-    try:
-        proxy = await asyncio.to_thread(start_proxy, p.stack, p.env, True)
-        rt = SwarmRuntime(swarm_lab.api_url(lab, lab.manager))
-
-        async def scenario() -> dict[str, str]:
-            platform = await PlatformClient.connect(p.env["ZAKI_NATS_URL"])
-            store = Store(p.env["ZAKI_MONGO_URL"], p.env["ZAKI_MONGO_DB"])
-            placed: dict[str, str] = {}
-            try:
-                for _ in range(3):  # one after another: each goes to the node with fewest tasks
-                    ev = InstanceRequested(
-                        request_id=new_user("req"), user_id=new_user("w"), bot_token=fakes.bot(),
-                        image=STANDIN_IMAGE,
-                    )  # fmt: skip
-                    subject, body = await platform.call(subjects.INSTANCE_REQUESTED, ev, timeout=120)
-                    assert subject == subjects.INSTANCE_READY, body
-                    doc = await store.get_instance(ev.user_id)
-                    assert doc is not None and doc["host"] == await rt.address(container_name(ev.user_id))
-                    placed[ev.user_id] = doc["host"]
-                    _, key = await keys.create_key(store, ev.user_id, {"chat"})
-                    async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
-                        r = await http.post(
-                            f"http://{proxy.address}/v1/chat/completions",
-                            headers={"Authorization": f"Bearer {key}"},
-                            json={"model": "openclaw", "messages": [{"role": "user", "content": "hi"}]},
-                        )
-                    assert r.status_code == 200, r.text
-                    # Answered by this user's gateway (the stand-in names its hostname), on that node.
-                    assert r.json()["system_fingerprint"] == f"zaki-{ev.user_id}", r.json()
-                    assert r.json()["choices"][0]["message"]["content"] == "echo: hi"
-                assert sorted(placed.values()) == sorted(n.ip for n in lab.nodes), placed
-                for user in placed:  # and gone again, from the swarm too
-                    subject, body = await platform.call(
-                        subjects.INSTANCE_DELETE, InstanceDelete(request_id=new_user("req"), user_id=user),
-                        timeout=60,
-                    )  # fmt: skip
-                    assert subject == subjects.INSTANCE_DELETED, body
-                    assert not (await rt.status(container_name(user))).exists
-                return placed
-            finally:
-                await platform.close()
-                await store.close()
-
-        placed = await scenario()
-        print(
-            f"\nthree users on swarm, placed, chatted and deleted in {time.monotonic() - t0:.1f} s: {placed}"
-        )
-    finally:
-        await asyncio.to_thread(p.stop)
 
 
 N_PER_NODE = 10  # instances a node's memory holds: 30 need all three nodes, the 31st none
@@ -376,6 +335,179 @@ def test_swarm_runtime_spreads_30_refuses_the_31st_and_round_trips(
         print(f"per node, MiB: (reserved, capacity, containers' RSS) {per_node}")
 
 
+async def test_the_platform_on_swarm_serves_a_chat_through_the_proxy_on_each_node(
+    lab: swarm_lab.Lab, data_root: Path, tmp_path_factory, service_env: dict[str, str], fakes
+) -> None:
+    """ZAKI_RUNTIME=swarm end to end: the provisioner places three users' gateways (one per node,
+    the swarm spreads them), records each one's node as its address, and the proxy on the host
+    reaches each there; the gateway trusts the proxy's address as the nodes see it."""
+    t0 = time.monotonic()
+    net = ipaddress.ip_network(lab.subnet).network_address
+    host_ip = str(net + 1)
+    # In a thread: the fake Telegram answers from this event loop (the provisioner checks the token).
+    p = await asyncio.to_thread(
+        start_private_platform,
+        tmp_path_factory.mktemp("onswarm"), service_env, "onswarm", f"{net + 224 * 256}/24",
+        ZAKI_RUNTIME="swarm",
+        ZAKI_SWARM_GUARD_IMAGE=SERVICES_IMAGE, ZAKI_NODE_GUARD_INTERVAL_S="2",
+        ZAKI_SWARM_MANAGER_URL=swarm_lab.api_url(lab, lab.manager),
+        ZAKI_SWARM_PROXY_ADDRESS=host_ip, ZAKI_DATA_ROOT=str(data_root / "platform"),
+        ZAKI_GATEWAY_IMAGE=STANDIN_IMAGE, ZAKI_NETWORK_PREFIX="28", ZAKI_GATEWAY_MEMORY="64m",
+        ZAKI_GATEWAY_CPUS="0.5",
+    )  # fmt: skip
+    try:
+        proxy = await asyncio.to_thread(start_proxy, p.stack, p.env, True)
+        # The manager marks a node down after missing heartbeats: every 1 s here (default 5 s), so
+        # it knows before the monitor gives up on a gateway (4 probes, 2 s apart).
+        swarm_lab.nd(lab.manager, "swarm", "update", "--dispatcher-heartbeat", "1s")
+        await asyncio.to_thread(
+            start_monitor, p.stack, p.env, "swarm-mon", ZAKI_PROBE_INTERVAL_S="2", ZAKI_UNHEALTHY_AFTER="4"
+        )  # it follows the swarm's nodes
+        rt = SwarmRuntime(swarm_lab.api_url(lab, lab.manager))
+
+        async def scenario() -> dict[str, str]:
+            platform = await PlatformClient.connect(p.env["ZAKI_NATS_URL"])
+            store = Store(p.env["ZAKI_MONGO_URL"], p.env["ZAKI_MONGO_DB"])
+            placed: dict[str, str] = {}
+            keys_of: dict[str, str] = {}
+            try:
+                for _ in range(3):  # one after another: each goes to the node with fewest tasks
+                    ev = InstanceRequested(
+                        request_id=new_user("req"), user_id=new_user("w"), bot_token=fakes.bot(),
+                        image=STANDIN_IMAGE,
+                    )  # fmt: skip
+                    subject, body = await platform.call(subjects.INSTANCE_REQUESTED, ev, timeout=120)
+                    assert subject == subjects.INSTANCE_READY, body
+                    doc = await store.get_instance(ev.user_id)
+                    assert doc is not None and doc["host"] == await rt.address(container_name(ev.user_id))
+                    placed[ev.user_id] = doc["host"]
+                    _, keys_of[ev.user_id] = await keys.create_key(store, ev.user_id, {"chat"})
+                    await chat_through(proxy, ev.user_id, keys_of[ev.user_id])
+                assert sorted(placed.values()) == sorted(n.ip for n in lab.nodes), placed
+                # Only on nodes the platform's own guard fenced in (it runs with the policy on).
+                label = f"node.label=zaki.egress.{p.env['ZAKI_PLATFORM_ID']}=guarded"
+                guarded = swarm_lab.nd(lab.manager, "node", "ls", "-f", label, "--format", "{{.Hostname}}")
+                assert set(guarded.split()) == {n.name for n in lab.nodes}
+                placed.update(await drain_and_chat(lab, p, proxy, store, placed, keys_of))
+                placed.update(await lose_node_3(lab, platform, proxy, store, placed, keys_of))
+                for user in placed:  # and gone again, from the swarm too
+                    subject, body = await platform.call(
+                        subjects.INSTANCE_DELETE, InstanceDelete(request_id=new_user("req"), user_id=user),
+                        timeout=60,
+                    )  # fmt: skip
+                    assert subject == subjects.INSTANCE_DELETED, body
+                    assert not (await rt.status(container_name(user))).exists
+                return placed
+            finally:
+                await platform.close()
+                await store.close()
+
+        placed = await scenario()
+        print(
+            f"\nthree users on swarm, placed, chatted and deleted in {time.monotonic() - t0:.1f} s: {placed}"
+        )
+    finally:
+        await asyncio.to_thread(p.stop)
+
+
+async def lose_node_3(
+    lab: swarm_lab.Lab,
+    platform: PlatformClient,
+    proxy: Any,
+    store: Store,
+    placed: dict[str, str],
+    keys_of: dict[str, str],
+) -> dict[str, str]:
+    """Node 3's engine is killed: the monitor reports its users ``node_down`` and moves them
+    (``instance.move``, not a restart: they are pinned to a node that may never return); each
+    answers again from node 1 or 2 with its folder; the others are not touched."""
+    node3 = lab.node(3)
+    lost = sorted(u for u, host in placed.items() if host == node3.ip)
+    assert lost, placed
+    before = {u: (await store.get_instance(u))["instance_id"] for u in placed}
+    since = len(platform.seen)
+    t0 = time.monotonic()
+    await asyncio.to_thread(swarm_lab.run, "docker", "kill", node3.name)
+
+    async def back() -> dict[str, str] | None:
+        docs = {u: await store.get_instance(u) for u in lost}
+        if all(d["state"] == "running" and d["host"] != node3.ip for d in docs.values()):
+            return {u: d["host"] for u, d in docs.items()}
+        return None
+
+    moved = await eventually(back, timeout=180, interval=1)
+    took = time.monotonic() - t0
+    for user in lost:
+        await chat_through(proxy, user, keys_of[user])
+    seen = platform.seen[since:]
+    down = {
+        b["user_id"]
+        for s, b in seen
+        if s.startswith(subjects.INSTANCE_HEALTH) and b.get("reason") == "node_down"
+    }
+    assert down == set(lost), seen
+    touched = {b.get("user_id") for s, b in seen if s in (subjects.INSTANCE_RESTART, subjects.INSTANCE_MOVE)}
+    assert touched == set(lost), touched  # moves for the lost users, nothing for the others
+    for other, host in placed.items():
+        if other not in lost:
+            d = await store.get_instance(other)
+            assert (d["host"], d["instance_id"], d["state"]) == (host, before[other], "running")
+            await chat_through(proxy, other, keys_of[other])
+    print(f"\nnode 3 killed: {lost} reported node_down and answering from {moved} after {took:.1f} s")
+    return moved
+
+
+async def chat_through(proxy: Any, user: str, key: str) -> None:
+    """A chat through the proxy, answered by *user*'s own gateway (the stand-in names its host)."""
+    async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
+        r = await http.post(
+            f"http://{proxy.address}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"model": "openclaw", "messages": [{"role": "user", "content": "hi"}]},
+        )
+    assert r.status_code == 200, r.text
+    assert r.json()["system_fingerprint"] == f"zaki-{user}", r.json()
+    assert r.json()["choices"][0]["message"]["content"] == "echo: hi"
+
+
+async def drain_and_chat(
+    lab: swarm_lab.Lab, p: Any, proxy: Any, store: Store, placed: dict[str, str], keys_of: dict[str, str]
+) -> dict[str, str]:
+    """`zaki swarm drain` on node 2 (the CLI, as an operator runs it): its user is backed up,
+    moved to node 1 or 3 with its folder as it was, and answers there through the proxy; the
+    others are not touched. Node 2 is made active again for the tests after this one."""
+    node2 = lab.node(2)
+    (user,) = [u for u, host in placed.items() if host == node2.ip]
+    marker = Path(p.env["ZAKI_DATA_ROOT"]) / user / "workspace" / "MOVED.md"
+    marker.write_text("written before the move\n")
+    before = {u: (await store.get_instance(u))["instance_id"] for u in placed}
+    t0 = time.monotonic()
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [str(REPO / ".venv/bin/zaki"), "--state-dir", str(Path(p.env["ZAKI_DATA_ROOT"]).parent), "swarm", "drain", node2.name],
+        env={**os.environ, **p.env}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    took = time.monotonic() - t0
+    try:
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert f"{user}: ready" in out.stdout, out.stdout
+        doc = await store.get_instance(user)
+        assert doc["state"] == "running" and doc["host"] in {lab.node(1).ip, lab.node(3).ip}, doc
+        assert marker.read_text() == "written before the move\n"  # the folder came along
+        await chat_through(proxy, user, keys_of[user])  # the proxy follows the record
+        for other, host in placed.items():  # the others stayed where they were, untouched
+            if other != user:
+                d = await store.get_instance(other)
+                assert (d["host"], d["instance_id"], d["state"]) == (host, before[other], "running")
+                await chat_through(proxy, other, keys_of[other])
+        target = make_target(ZakiSettings(**{k.removeprefix("ZAKI_").lower(): v for k, v in p.env.items()}))
+        assert [m.reason for m in list_backups(target, user)] == ["pre_move"]  # taken before the move
+        print(f"\ndrained {node2.name}: {user} moved to {doc['host']} in {took:.1f} s (CLI, incl. backup)")
+        return {user: doc["host"]}
+    finally:
+        swarm_lab.nd(lab.manager, "node", "update", "--availability", "active", node2.name)
+
+
 def test_a_stopped_service_whose_tasks_were_reaped_reads_exited_not_created() -> None:
     """Swarm drops the tasks of a service scaled to 0: with none left, a service that was once
     placed (pinned to its node) is a stopped gateway, one never placed is a created one."""
@@ -403,7 +535,7 @@ def test_the_swarm_runtime_setting_refuses_what_it_cannot_run() -> None:
 
     for bad, named in (
         ({"egress_policy": "off"}, "ZAKI_SWARM_MANAGER_URL"),
-        ({"swarm_manager_url": "tcp://m:2375"}, "ZAKI_EGRESS_POLICY=off"),
+        ({"swarm_manager_url": "tcp://m:2375"}, "ZAKI_SWARM_GUARD_IMAGE"),
         (
             {"swarm_manager_url": "tcp://m:2375", "egress_policy": "off", "suspend_mode": "swap"},
             "ZAKI_SUSPEND_MODE",
@@ -424,3 +556,75 @@ def test_the_swarm_runtime_setting_refuses_what_it_cannot_run() -> None:
     )
     assert s.swarm_nodes() == {"n1": "10.0.0.1"}  # make_runtime with it: the end-to-end test above
     assert isinstance(make_runtime(ZakiSettings()), DockerRuntime)
+
+
+def test_the_node_guard_gets_the_policy_settings_and_no_secret() -> None:
+    """With the egress policy on, the swarm runtime runs the node guard from the settings'
+    image with only what the policy is made of (never a key, a password or a database URL),
+    and places tenants only on nodes whose guard was healthy; with it off, neither."""
+    from services.provisioner.app import make_runtime
+    from services.provisioner.swarm_guard import (
+        POLICY_SETTINGS,
+        guard_spec,
+        guarded_constraint,
+        guarded_nodes,
+    )
+    from shared.settings import ZakiSettings
+
+    secrets = {"secret_keys": "k1:" + "A" * 43, "llm_api_key": "sk-provider", "jwt_secret": "jwt-" + "s" * 28}
+    s = ZakiSettings(
+        runtime="swarm", swarm_manager_url="tcp://m:2375", swarm_guard_image="zaki/services:x",
+        mongo_url="mongodb://user:pw@db:27017/", platform_id="p1", broker_port=8123, **secrets,
+    )  # fmt: skip
+    rt = make_runtime(s)
+    assert isinstance(rt, SwarmRuntime) and rt.guard == guard_spec(s)
+    env = rt.guard.env
+    assert set(env) == {f"ZAKI_{k.upper()}" for k in POLICY_SETTINGS} | {"ZAKI_METRICS_PORT"}
+    assert (env["ZAKI_EGRESS_POLICY"], env["ZAKI_BROKER_PORT"], rt.guard.image) == (
+        "enforce",
+        "8123",
+        "zaki/services:x",
+    )
+    for value in (*secrets.values(), "pw@db"):
+        assert not any(value in v for v in env.values())
+    assert rt._constraints(None) == [guarded_constraint("p1")]
+    assert rt._constraints("n1") == ["node.id==n1", guarded_constraint("p1")]  # pinned, and guarded
+    off = make_runtime(s.model_copy(update={"egress_policy": "off"}))
+    assert isinstance(off, SwarmRuntime) and off.guard is None and off._constraints(None) == []
+
+    def task(node: str, state: str, desired: str = "running") -> dict:
+        return {"NodeID": node, "DesiredState": desired, "Status": {"State": state}}
+
+    # "starting": its health check has not passed yet; a task on its way out does not count.
+    tasks = [
+        task("a", "running"),
+        task("b", "starting"),
+        task("c", "running", "shutdown"),
+        task("d", "failed"),
+    ]
+    assert guarded_nodes(tasks) == {"a"}
+
+
+async def test_a_move_on_one_docker_engine_is_refused_and_changes_nothing(
+    provisioner, platform, fakes, store
+):
+    """instance.move needs other nodes: on one engine it fails with a typed error before
+    anything stops; a node name that is not one is refused by the event's own type."""
+    from pydantic import ValidationError
+
+    from shared.events import InstanceMove
+
+    ev = InstanceRequested(
+        request_id=new_user("req"), user_id=new_user("mv"), bot_token=fakes.bot(), image=STANDIN_IMAGE
+    )
+    subject, body = await platform.call(subjects.INSTANCE_REQUESTED, ev, timeout=120)
+    assert subject == subjects.INSTANCE_READY, body
+    subject, body = await platform.call(subjects.INSTANCE_MOVE, InstanceMove(user_id=ev.user_id), timeout=30)
+    assert subject == subjects.INSTANCE_FAILED and body["reason"] == "invalid_request", body
+    assert "ZAKI_RUNTIME=swarm" in body["message"]
+    doc = await store.get_instance(ev.user_id)
+    assert doc["state"] == "running", doc  # nothing was stopped
+    for bad in ("../etc", "node 2", "", "n" * 64):
+        with pytest.raises(ValidationError, match="away_from"):
+            InstanceMove(user_id=ev.user_id, away_from=bad)
+    await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=ev.user_id, purge=True), timeout=60)

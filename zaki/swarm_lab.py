@@ -12,7 +12,6 @@ Everything is labelled ``zaki.swarm-lab=<id>``; ``down(id)`` removes it all.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import shutil
 import subprocess
@@ -24,14 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.provisioner.egress import (
-    DOCKER_USER,
-    FORWARD_CHAIN,
-    INPUT_CHAIN,
-    EgressPolicy,
-    chains_for,
-    tenant_rules,
-)
 from zaki.stack import REPO, StackError, free_network_pool
 
 LABEL = "zaki.swarm-lab"
@@ -220,33 +211,6 @@ def load_images(lab: Lab, images: Sequence[str]) -> dict[str, float]:
             list(pool.map(load, lab.nodes))
     t2 = time.monotonic()
     return {"image_save": t1 - t0, "image_load": t2 - t1, "images": t2 - t0}
-
-
-def apply_egress(node: Node, iface: str, subnet: str, policy: EgressPolicy) -> None:
-    """The provisioner's tenant egress chains (services/provisioner/egress.py ``tenant_rules``)
-    inside a node, for traffic entering from *iface* with sources in *subnet*. Tasks on overlay
-    networks leave their node through the shared ``docker_gwbridge``, so one pair of chains
-    keyed on it covers every tenant there: no private address (other nodes, the host, other
-    tenants' published ports) and, on the node itself, only the broker's port."""
-    tag = hashlib.sha256(iface.encode()).hexdigest()[:12]  # chains are named after a br-<hex>
-    lines = tenant_rules(f"br-{tag}", subnet, policy)
-    fwd, inp = chains_for(f"br-{tag}")
-    chains = [x for x in lines if x.startswith(":")]
-    rules = [x for x in lines if not x.startswith(":")]
-    script = "\n".join(["*filter", *chains, *rules, "COMMIT", ""]).encode()
-    run("docker", "exec", "-i", node.name, "iptables-restore", "-w", "--noflush", input=script)
-    for chain, parent, sub in ((FORWARD_CHAIN, DOCKER_USER, fwd), (INPUT_CHAIN, "INPUT", inp)):
-        ipt = ("docker", "exec", node.name, "iptables", "-w")
-        run(*ipt, "-N", chain, check=False)
-        if not _has(node, parent, f"-j {chain}"):
-            run(*ipt, "-I", parent, "1", "-j", chain)
-        if not _has(node, chain, f"-i {iface} -j {sub}"):
-            run(*ipt, "-A", chain, "-i", iface, "-j", sub)
-
-
-def _has(node: Node, chain: str, rule: str) -> bool:
-    listing = run("docker", "exec", node.name, "iptables", "-w", "-S", chain, check=False)
-    return any(line.endswith(rule) for line in listing.splitlines())
 
 
 def node_memory_mb(node: Node) -> dict[str, float]:

@@ -28,7 +28,7 @@ from shared.settings import ZakiSettings
 from shared.validation import USER_ID_RE
 
 BACKUP_ID_RE = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{6}")
-REASONS = ("scheduled", "manual", "pre_upgrade", "pre_delete")
+REASONS = ("scheduled", "manual", "pre_upgrade", "pre_delete", "pre_move")
 PARTIAL_AGE_S = 3600.0  # a temporary object older than this is a dead writer's
 
 

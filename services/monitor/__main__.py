@@ -28,6 +28,11 @@ async def main(settings: ZakiSettings, stop: asyncio.Event) -> None:
 
     store = Store(settings.mongo_url, settings.mongo_db)
     monitor = Monitor(settings, store, publish)
+    if settings.runtime == "swarm":  # gateways on other nodes: follow which nodes are gone
+        from services.monitor.nodes import NodeWatch
+        from services.provisioner.app import make_runtime
+
+        monitor.nodes = NodeWatch(make_runtime(settings))
     monitor.start_docker_events(asyncio.get_running_loop())
     memory = MemoryGuard(monitor)  # restarts before memory runs out (issue 17.3)
 

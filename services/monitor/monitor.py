@@ -18,8 +18,9 @@ from pymongo.errors import DuplicateKeyError
 
 from services.monitor import model_path
 from services.monitor.health import HealthTracker, RestartPolicy, jitter_offset, owner
+from services.monitor.nodes import NODE_DOWN, NodeWatch
 from shared import audit, subjects
-from shared.events import HealthState, HealthSummary, InstanceCommand, InstanceHealthChanged
+from shared.events import HealthState, HealthSummary, InstanceCommand, InstanceHealthChanged, InstanceMove
 from shared.gateway import container_name, user_of_container
 from shared.probe import AioProber, ProbeResult
 from shared.settings import ZakiSettings
@@ -88,6 +89,7 @@ class Monitor:
         self.prober: AioProber | None = None
         self.sem = asyncio.Semaphore(settings.probe_concurrency)
         self.replicas: list[str] = [self.replica_id]
+        self.nodes: NodeWatch | None = None  # on a Swarm: which nodes are gone (nodes.py)
 
     # --- replicas ------------------------------------------------------------------------------
 
@@ -161,6 +163,8 @@ class Monitor:
     async def sweep(self) -> float:
         t0 = time.perf_counter()
         due = await self.refresh()
+        if self.nodes is not None:
+            await self.nodes.refresh()
         await asyncio.gather(
             *(
                 self._probe_one(w, jitter_offset(w.user_id, self.s.probe_interval_s, self.s.probe_spread))
@@ -187,6 +191,8 @@ class Monitor:
             PROBE_FAILURES.labels(result.error).inc()
         w.last_probe, w.last_probe_at = result, time.time()
         ok, error = result.ok, result.error
+        if not ok and self.nodes is not None and self.nodes.node_down(w.host):
+            error = NODE_DOWN  # not the gateway's fault: it is moved, not restarted
         if ok and w.model_path:
             ok, error = False, model_path.REASON  # answers, but cannot call a model
         changed = w.tracker.observe(ok, result.latency_s, error)
@@ -287,12 +293,17 @@ class Monitor:
         w.policy.record(time.monotonic())
         w.pending_restart = True
         RESTARTS.labels(reason).inc()
+        actor = audit.platform("monitor", reason)
+        gone = self.nodes.node_down(w.host) if self.nodes is not None else None
+        if gone:
+            log.warning("moving off a node that is down", extra={"user_id": w.user_id, "node": gone})
+            move = InstanceMove(user_id=w.user_id, reason=f"monitor: {reason}", actor=actor, away_from=gone)
+            await self.publish(subjects.INSTANCE_MOVE, move)
+            return
         log.warning("requesting a restart", extra={"user_id": w.user_id, "reason": reason})
         await self.publish(
             subjects.INSTANCE_RESTART,
-            InstanceCommand(
-                user_id=w.user_id, reason=f"monitor: {reason}", actor=audit.platform("monitor", reason)
-            ),
+            InstanceCommand(user_id=w.user_id, reason=f"monitor: {reason}", actor=actor),
         )
 
     async def _crashloop(self, w: Watch) -> None:

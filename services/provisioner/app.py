@@ -223,11 +223,17 @@ class ProvisionerApp:
 def make_runtime(s: ZakiSettings) -> GatewayRuntime:
     """The runtime ZAKI_RUNTIME names: this Docker engine, or services on a Docker Swarm."""
     if s.runtime == "swarm":
+        from services.provisioner.swarm_guard import guard_spec
         from services.provisioner.swarm_runtime import SwarmRuntime
 
         assert s.swarm_manager_url is not None  # the settings refuse a swarm without it
         return SwarmRuntime(
-            s.swarm_manager_url, s.docker_host_id, s.platform_id, s.swarm_nodes(), s.swarm_proxy_address
+            s.swarm_manager_url,
+            s.docker_host_id,
+            s.platform_id,
+            s.swarm_nodes(),
+            s.swarm_proxy_address,
+            guard=guard_spec(s),
         )
     return DockerRuntime(s.docker_host_id, s.docker_url, s.platform_id, settings=s)
 

@@ -21,6 +21,7 @@ from shared.events import (
     InstanceCommand,
     InstanceDelete,
     InstanceDeleted,
+    InstanceMove,
     InstanceRequested,
     InstanceStopped,
     InstanceUpdate,
@@ -137,6 +138,7 @@ class Commands(Pooled):
             "delete": self._delete,
             "update": self._update,
             "upgrade": self._upgrade,
+            "move": self._move,
         }[kind]
         async with self._locks[cmd.user_id]:
             try:
@@ -278,6 +280,40 @@ class Commands(Pooled):
             if current is None or current["state"] != S.FAILED:
                 raise  # it failed before the new container was tried: nothing to roll back
             await self._roll_back(cmd, doc["instance_id"], good, e)
+
+    async def _move(self, cmd: InstanceCommand) -> None:
+        """Onto another node (a drain, a node gone): a backup first (nothing moves if it fails),
+        stopped, unpinned, and started again wherever the swarm places it; the record names
+        the new node (``host``), which the proxy and the monitor follow. A stopped instance
+        only loses its pin: it lands elsewhere at its next start."""
+        assert isinstance(cmd, InstanceMove)
+        if not self.runtime.has_nodes:  # refused before anything stops
+            raise ProvisionError(
+                FailureReason.INVALID_REQUEST, "moving to another node needs ZAKI_RUNTIME=swarm"
+            )
+        doc = await self._existing(cmd)
+        name = container_name(cmd.user_id)
+        await before_change(self, doc, "pre_move")
+        was_running = doc["state"] in (S.RUNNING, S.STARTING)
+        try:
+            if was_running:
+                doc = await self._transition(cmd.request_id, cmd.user_id, S.STARTING)
+                await self.runtime.stop(name, self.s.stop_timeout_s)
+            await self.runtime.unpin(name, cmd.away_from)
+        except RuntimeError_ as e:
+            raise ProvisionError(FailureReason.DOCKER, str(e)) from None
+        log.info("moving", extra={"user_id": cmd.user_id, "away_from": cmd.away_from or doc.get("host", "")})
+        if was_running:
+            await self._provision_and_start(doc, cmd.request_id)
+        elif doc["state"] == S.STOPPED:
+            await self.publish(
+                subjects.INSTANCE_STOPPED,
+                InstanceStopped(
+                    request_id=cmd.request_id, user_id=cmd.user_id, instance_id=doc["instance_id"]
+                ),
+            )
+        else:
+            await self._answer_current(cmd.request_id, doc)
 
     async def _roll_back(
         self, cmd: InstanceUpgrade, instance_id: str, good: str, err: ProvisionError

@@ -20,6 +20,7 @@ reads the host's state, applies, removes and garbage-collects. Needs root (CAP_N
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
 import logging
 import re
@@ -59,7 +60,11 @@ FORWARD_CHAIN = "ZAKI-EGRESS"  # jumped to from DOCKER-USER
 INPUT_CHAIN = "ZAKI-INPUT"  # jumped to from INPUT
 DOCKER_USER = "DOCKER-USER"
 REJECT = "-j REJECT --reject-with icmp-admin-prohibited"  # fails fast, and says why
-_BRIDGE = re.compile(r"^br-([0-9a-f]{12})$")
+# A tenant network's bridge, or a Swarm node's docker_gwbridge (every overlay task's way out:
+# one pair of chains there fences in every tenant on the node; services/node_guard).
+GWBRIDGE = "docker_gwbridge"
+_BRIDGE_NAME = rf"br-[0-9a-f]{{12}}|{GWBRIDGE}"
+_BRIDGE = re.compile(rf"^(?:{_BRIDGE_NAME})$")
 _ALLOW = re.compile(r"^(?P<net>[0-9./]+)(?::(?:(?P<proto>tcp|udp)/)?(?P<port>\d{1,5}))?$")
 
 
@@ -120,11 +125,12 @@ class EgressPolicy:
 
 
 def chains_for(bridge: str) -> tuple[str, str]:
-    """The tenant's FORWARD and INPUT chains (named after its bridge, ``br-<12 hex>``)."""
-    m = _BRIDGE.match(bridge)
-    if m is None:
+    """The tenant's FORWARD and INPUT chains, named after its bridge (``br-<12 hex>``; the
+    first 12 hex digits of docker_gwbridge's SHA-256 for a Swarm node's)."""
+    if _BRIDGE.match(bridge) is None:
         raise EgressConfigError(f"not a tenant bridge name: {bridge!r}")
-    return f"ZKF-{m[1]}", f"ZKI-{m[1]}"
+    tag = bridge[3:] if bridge.startswith("br-") else hashlib.sha256(bridge.encode()).hexdigest()[:12]
+    return f"ZKF-{tag}", f"ZKI-{tag}"
 
 
 def tenant_rules(bridge: str, subnet: str, policy: EgressPolicy) -> list[str]:
@@ -142,6 +148,8 @@ def tenant_rules(bridge: str, subnet: str, policy: EgressPolicy) -> list[str]:
             lines += [f"-A {chain} -d {ip}/32 -p {p} -m {p} --dport 53 -j RETURN" for p in ("udp", "tcp")]
     broker = f"-d {policy.broker_ip}/32 " if policy.broker_ip else ""
     lines.append(f"-A {inp} {broker}-p tcp -m tcp --dport {policy.broker_port} -j RETURN")
+    if policy.broker_ip:  # a broker on another host (a Swarm node's tenants reach the manager's)
+        lines.append(f"-A {fwd} {broker}-p tcp -m tcp --dport {policy.broker_port} -j RETURN")
     lines.append(f"-A {inp} {REJECT}")  # anything else to the host itself
     for net in (*BLOCKED, *policy.host_nets):
         lines.append(f"-A {fwd} -d {net} {REJECT}")
@@ -333,8 +341,18 @@ class TenantEgress:
         """(shared chain, bridge) of every jump to a tenant chain."""
         found = set()
         for parent in (FORWARD_CHAIN, INPUT_CHAIN):
-            found |= {(parent, b) for b in re.findall(r"-i (br-[0-9a-f]{12}) ", self._list(parent))}
+            found |= {(parent, b) for b in re.findall(rf"-i ({_BRIDGE_NAME}) ", self._list(parent))}
         return found
+
+    def in_place(self, bridge: str) -> bool:
+        """Whether the jumps to *bridge*'s chains are in the kernel now (a node guard's health)."""
+        return (
+            all(
+                self._run("-C", parent, "-j", chain, check=False)
+                for chain, parent in ((FORWARD_CHAIN, DOCKER_USER), (INPUT_CHAIN, "INPUT"))
+            )
+            and {(FORWARD_CHAIN, bridge), (INPUT_CHAIN, bridge)} <= self._jumps()
+        )
 
     def remove(self, bridge: str) -> None:
         if self.enabled:
@@ -347,7 +365,7 @@ class TenantEgress:
         lines = []
         for parent in (FORWARD_CHAIN, INPUT_CHAIN):
             for bridge, chain in re.findall(
-                r"-i (br-[0-9a-f]{12}) -j (ZK[FI]-[0-9a-f]{12})", self._list(parent)
+                rf"-i ({_BRIDGE_NAME}) -j (ZK[FI]-[0-9a-f]{{12}})", self._list(parent)
             ):
                 if bridge in wanted:  # every copy: racing replicas may have added it twice
                     lines.append(f"-D {parent} -i {bridge} -j {chain}")

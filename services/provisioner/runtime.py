@@ -92,6 +92,11 @@ class GatewayRuntime(Protocol):
     # Where the proxy, the monitor and the provisioner's probes reach *name*'s published port:
     # one address per Docker host; on a Swarm, the node its task runs on.
     async def address(self, name: str) -> str: ...
+    # Lets *name* go to another node than *away_from* (None: the one it is on) at its next
+    # start; the runtime says where it went (``address``). Only a Swarm has other nodes.
+    async def unpin(self, name: str, away_from: str | None = None) -> None: ...
+
+    has_nodes: bool  # whether unpin can do anything: only a Swarm has other nodes
 
 
 def _status(c) -> ContainerStatus:
@@ -285,6 +290,11 @@ class DockerRuntime(DockerNetworks):
 
     async def address(self, name: str) -> str:
         return self.publish_ip  # every container of this engine publishes on it
+
+    has_nodes = False
+
+    async def unpin(self, name: str, away_from: str | None = None) -> None:
+        raise RuntimeError_("moving a gateway to another node needs ZAKI_RUNTIME=swarm")
 
     async def port_is_free(self, port: int) -> bool:
         """Whether nothing on this host listens on *port* (another program may hold one in our range)."""

@@ -1,6 +1,6 @@
 """A gateway's network on a Docker Swarm: one overlay per user, on the subnet its record names
 (not attachable: only the user's service joins it). Part of ``SwarmRuntime`` (swarm_runtime.py).
-Tenant egress rules belong inside every node, on ``docker_gwbridge`` (docs/swarm.md), not here."""
+Tenant egress rules live inside every node, on ``docker_gwbridge``: the node guard (swarm_guard.py)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ class SwarmNetworks(EngineCalls):
     engine = "docker swarm"
 
     # Networks: one overlay per user (a /28 of the swarm's pool or the record's subnet).
-    # Tenant egress rules belong inside every node on docker_gwbridge (docs/swarm.md), not here.
+    # Tenant egress rules: inside every node on docker_gwbridge, by the node guard (swarm_guard.py).
     def _ensure_network(self, user_id: str, subnet: str | None) -> str:
         name = network_name(user_id)
         try:
@@ -82,7 +82,10 @@ class SwarmNetworks(EngineCalls):
     async def remove_network(self, user_id: str) -> None:
         await self._run(self._remove_network, user_id)
 
+    def _guard_nodes(self) -> None: ...  # SwarmRuntime: the node guard (swarm_guard.py)
+
     def _reconcile_networks(self, expected: Mapping[str, str | None]) -> list[str]:
+        self._guard_nodes()  # the tenants' egress chains on every node (a new node, a changed setting)
         differ = []
         for net in self.client.api.networks(filters={"label": f"{MANAGED_LABEL}={self.platform_id}"}):
             want = expected.get((net.get("Labels") or {}).get(USER_LABEL, ""))
@@ -91,5 +94,6 @@ class SwarmNetworks(EngineCalls):
         return sorted(differ)
 
     async def reconcile_networks(self, expected: Mapping[str, str | None]) -> list[str]:
-        """The users in *expected* whose overlay has another subnet than their record's."""
+        """Keeps the node guard in place; the users in *expected* whose overlay has another
+        subnet than their record's."""
         return await self._run(self._reconcile_networks, expected)

@@ -36,6 +36,7 @@ from services.provisioner.networks import (
     require_ours,
 )
 from services.provisioner.runtime import ContainerSpec, ContainerStatus
+from services.provisioner.swarm_guard import GuardSpec, ensure_guard, guarded_constraint, label_guarded_nodes
 from services.provisioner.swarm_networks import SwarmNetworks
 from shared.gateway import GATEWAY_PORT, user_of_container
 
@@ -97,6 +98,8 @@ class SwarmRuntime(SwarmNetworks):
     *admission_s*: how long a task may stay pending for lack of resources before ``start`` says
     ``no_capacity``; *start_timeout_s*: how long ``start`` waits for a running task."""
 
+    has_nodes = True
+
     def __init__(
         self,
         base_url: str,
@@ -106,14 +109,18 @@ class SwarmRuntime(SwarmNetworks):
         proxy_address: str | None = None,
         admission_s: float = 3.0,
         start_timeout_s: float = 60.0,
+        guard: GuardSpec | None = None,
     ) -> None:
         self.host_id = host_id
         self.platform_id = platform_id
-        self.client = docker.DockerClient(base_url=base_url, timeout=60)
+        # A fixed API version (1.41: Docker 20.10, the first with a service's pids limit and
+        # capabilities): no round trip to the manager at construction, which may be down then.
+        self.client = docker.DockerClient(base_url=base_url, version="1.41", timeout=60)
         self.node_addresses = dict(node_addresses or {})
         self.proxy_address = proxy_address
         self.admission_s = admission_s
         self.start_timeout_s = start_timeout_s
+        self.guard = guard  # None: egress policy off, tenants go on any node
 
     # Services
     def _service(self, name: str) -> dict[str, Any]:
@@ -162,7 +169,7 @@ class SwarmRuntime(SwarmNetworks):
             restart_policy=RestartPolicy(condition="any", delay=1_000_000_000),
             log_driver=DriverConfig("json-file", {"max-size": "10m", "max-file": "3"}),
             networks=[spec.network],
-            placement=Placement([f"node.id=={labels[NODE_LABEL]}"]) if NODE_LABEL in labels else None,
+            placement=Placement(self._constraints(labels.get(NODE_LABEL))),
         )
         svc = self.client.api.create_service(
             template,
@@ -203,6 +210,7 @@ class SwarmRuntime(SwarmNetworks):
         self._update(name, edit)
 
     def _start(self, name: str) -> None:
+        self._guard_nodes()  # a node whose guard just got healthy can take it
         self._scale(name, 1)
         deadline, starved = time.monotonic() + self.start_timeout_s, None
         while True:
@@ -228,6 +236,19 @@ class SwarmRuntime(SwarmNetworks):
                 )
             time.sleep(0.25)
 
+    def _constraints(self, node_id: str | None) -> list[str]:
+        """Its node once placed; only nodes whose guard fenced their tenants in, with a guard."""
+        return [
+            *([f"node.id=={node_id}"] if node_id else []),
+            *([guarded_constraint(self.platform_id)] if self.guard else []),
+        ]
+
+    def _guard_nodes(self) -> None:
+        """The guard service as the settings say, and every node where it runs healthy labelled."""
+        if self.guard:
+            ensure_guard(self.client, self.guard, self.platform_id)
+            label_guarded_nodes(self.client, self.platform_id)
+
     def _pinned_to(self, svc: dict[str, Any]) -> str | None:
         return (svc["Spec"].get("Labels") or {}).get(NODE_LABEL)
 
@@ -237,9 +258,48 @@ class SwarmRuntime(SwarmNetworks):
 
         def edit(spec: dict[str, Any]) -> None:
             spec.setdefault("Labels", {})[NODE_LABEL] = node_id
-            spec["TaskTemplate"]["Placement"] = {"Constraints": [f"node.id=={node_id}"]}
+            spec["TaskTemplate"]["Placement"] = {"Constraints": self._constraints(node_id)}
 
         self._update(name, edit)
+
+    def _node_id(self, node: str) -> str:
+        for n in self.client.api.nodes():
+            if node in (n["ID"], n["Description"]["Hostname"]):
+                return n["ID"]
+        raise RuntimeError_(f"no node {node!r} in this swarm")
+
+    def _unpin(self, name: str, away_from: str | None) -> None:
+        node = away_from or self._pinned_to(self._service(name))
+        node_id = self._node_id(node) if node else None
+
+        def edit(spec: dict[str, Any]) -> None:
+            spec.setdefault("Labels", {}).pop(NODE_LABEL, None)
+            away = [f"node.id!={node_id}"] if node_id else []
+            spec["TaskTemplate"]["Placement"] = {"Constraints": away + self._constraints(None)}
+
+        self._update(name, edit)
+
+    def _drain(self, node: str) -> list[str]:
+        node_id = self._node_id(node)
+        n = self.client.api.inspect_node(node_id)
+        spec = {**n["Spec"], "Availability": "drain"}
+        self.client.api.update_node(node_id, n["Version"]["Index"], spec)
+        svcs = self.client.api.services(filters={"label": f"{MANAGED_LABEL}={self.platform_id}"})
+        return sorted(
+            user_of_container(s["Spec"]["Name"], s["Spec"]["Labels"].get(USER_LABEL))
+            for s in svcs
+            if (s["Spec"].get("Labels") or {}).get(NODE_LABEL) == node_id
+        )
+
+    async def drain(self, node: str) -> list[str]:
+        """Marks *node* (id or hostname) drained, so the swarm places nothing there and stops
+        what runs there; returns the users pinned to it, each to be moved (``instance.move``)."""
+        return await self._run(self._drain, node)
+
+    async def unpin(self, name: str, away_from: str | None = None) -> None:
+        """Lets a stopped service go anywhere but *away_from* (a node id or hostname; default:
+        the node it is pinned to) at its next start, which pins it where it lands."""
+        await self._run(self._unpin, name, away_from)
 
     async def start(self, name: str) -> None:
         """Scales to one replica and waits until its task runs; ``no_capacity`` when it stays
@@ -351,12 +411,24 @@ class SwarmRuntime(SwarmNetworks):
             node_id = running[0]["NodeID"]
         if node_id is None:
             raise RuntimeError_(f"{name} is not placed on a node")
-        node = self.client.api.inspect_node(node_id)
+        return self._node_address(self.client.api.inspect_node(node_id))
+
+    def _node_address(self, node: dict[str, Any]) -> str:
         host = node["Description"]["Hostname"]
         addr = node["Status"].get("Addr", "")
         if addr in ("", "0.0.0.0"):  # a manager may report this; its manager address is right
             addr = (node.get("ManagerStatus") or {}).get("Addr", "").rsplit(":", 1)[0]
         return self.node_addresses.get(host, addr)
+
+    def _down_nodes(self) -> dict[str, str]:
+        return {
+            self._node_address(n): n["ID"] for n in self.client.api.nodes() if n["Status"]["State"] != "ready"
+        }
+
+    async def down_nodes(self) -> dict[str, str]:
+        """Nodes the manager does not see as ready (down, unknown, disconnected): their address
+        as records name it (``host``) -> their id. The monitor moves their users away."""
+        return await self._run(self._down_nodes)
 
     async def address(self, name: str) -> str:
         """The address of the node that runs (or last ran) *name*: the proxy and the monitor

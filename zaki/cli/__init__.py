@@ -12,6 +12,7 @@ zaki admin create|disable|enable|reset|list   dashboard accounts (operators)
 zaki backup create|list|restore|verify USER [ID]   backups of users' data folders
 zaki audit [--user U] [--since 2h] [--actor cli]   who asked for what, and what came of it
 zaki fleet upgrade|status|resume|abort   fleet upgrades in canary waves
+zaki swarm drain NODE       move every user off a Swarm node (ZAKI_RUNTIME=swarm)
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import argparse
 import os
 from pathlib import Path
 
-from zaki.cli import admin, audit, backup, doctor, fleet, health, instance, keys, providers, up, usage
+from zaki.cli import admin, audit, backup, doctor, fleet, health, instance, keys, providers, swarm, up, usage
 from zaki.cli.common import DEFAULT_STATE, load_env, say
 
 # One module per command group, in the order `zaki --help` lists them.
-GROUPS = (up, doctor, instance, keys, health, providers, usage, admin, backup, audit, fleet)
+GROUPS = (up, doctor, instance, keys, health, providers, usage, admin, backup, audit, fleet, swarm)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""``zaki instance create|list|show|stop|start|restart|delete|update|upgrade|logs``."""
+"""``zaki instance create|list|show|stop|start|restart|delete|update|upgrade|move|logs``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,19 @@ from typing import Any
 from zaki.cli.audit import cli_actor
 from zaki.cli.common import print_outcome, progress, with_platform, with_store
 
-ACTIONS = ["create", "list", "show", "stop", "start", "restart", "delete", "update", "upgrade", "logs"]
+ACTIONS = [
+    "create",
+    "list",
+    "show",
+    "stop",
+    "start",
+    "restart",
+    "delete",
+    "update",
+    "upgrade",
+    "move",
+    "logs",
+]
 
 
 def register(sub: Any) -> None:
@@ -24,6 +36,7 @@ def register(sub: Any) -> None:
     inst.add_argument("--model")
     inst.add_argument("--image")
     inst.add_argument("--purge", action="store_true", help="with delete: also remove the workspace")
+    inst.add_argument("--away-from", help="with move: the Swarm node to leave (default: its own)")
     inst.add_argument("--tail", type=int, default=100)
     inst.add_argument("--timeout", type=float, default=300)
     inst.set_defaults(fn=run, needs_user=lambda a: a.action != "list")
@@ -34,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from shared.events import (
         InstanceCommand,
         InstanceDelete,
+        InstanceMove,
         InstanceRequested,
         InstanceUpdate,
         InstanceUpgrade,
@@ -71,6 +85,11 @@ def run(args: argparse.Namespace) -> int:
         event, subject = (
             InstanceUpgrade(request_id=rid, user_id=args.user, image=args.image, actor=actor),
             subjects.INSTANCE_UPGRADE,
+        )
+    elif action == "move":
+        event, subject = (
+            InstanceMove(request_id=rid, user_id=args.user, away_from=args.away_from, actor=actor),
+            subjects.INSTANCE_MOVE,
         )
     else:
         event = InstanceCommand(request_id=rid, user_id=args.user, reason="zaki cli", actor=actor)
