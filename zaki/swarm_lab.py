@@ -122,7 +122,8 @@ def _start_node(
         "-e", "DOCKER_SERVICE_PREFER_OFFLINE_IMAGE=1",
         *NODE_SECURITY,
         "-v", f"{CGROUP_ROOT}:{CGROUP_ROOT}:rw", "-v", f"{name}-docker:/var/lib/docker",
-        "-v", f"{sock_dir}:/run/zlab-api", *shared,
+        # /run on tmpfs: a killed node starts again without its engine's stale pid files.
+        "--tmpfs", "/run", "-v", f"{sock_dir}:/run/zlab-api", *shared,
         image, "-H", "unix:///run/zlab-api/docker.sock",  # besides the entrypoint's own
         f"--cgroup-parent=/{name}", "--storage-driver=overlay2",
         f"--default-address-pool=base={local_pool},size=24",

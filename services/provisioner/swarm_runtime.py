@@ -222,6 +222,8 @@ class SwarmRuntime(SwarmNetworks):
                 self._pin(name, task["NodeID"])
             if state in ("starting", "running"):  # the container runs (not yet healthy: see above)
                 return
+            if state == "pending" and self.guard and "constraints not satisfied" in err:
+                label_guarded_nodes(self.client, self.platform_id)  # a guard may have got healthy since
             if state == "pending" and "insufficient resources" in err:
                 starved = starved or time.monotonic()
                 if time.monotonic() - starved >= self.admission_s:

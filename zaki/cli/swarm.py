@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
                 subject, outcome = await client.call(subjects.INSTANCE_MOVE, event, timeout=args.timeout)
             ok = subject in (subjects.INSTANCE_READY, subjects.INSTANCE_STOPPED, subjects.INSTANCE_SUSPENDED)
             failed += not ok
-            where = outcome.get("host") or outcome.get("reason") or ""
+            where = getattr(outcome, "host", "") or getattr(outcome, "message", "")
             print(f"{user}: {subject.rsplit('.', 1)[-1]} {where} in {time.monotonic() - t0:.1f} s")
 
         await asyncio.gather(*(move(u) for u in users))
