@@ -173,16 +173,17 @@ def test_a_gateway_on_each_node_is_reached_from_the_host_and_tenants_cannot_cros
         assert after[url].startswith("ERR"), (url, after)
     for t, u in urls.items():  # the proxy's path still works
         assert http_status(u) == 200, t
-    # A tenant (or a mistake) flushes the jump on node 2: open again, until the guard's next round.
+    # A tenant (or a mistake) flushes the jump on node 2: the guard's next round puts it back
+    # (the attack above shows what the jump stops; a probe could not see the gap reliably:
+    # the guard's round is 1 s here).
+    ipt = ("docker", "exec", lab.node(2).name, "iptables", "-w")
     t_tamper = time.monotonic()
-    swarm_lab.run(
-        "docker", "exec", lab.node(2).name, "iptables", "-w", "-D", "DOCKER-USER", "-j", "ZAKI-EGRESS"
-    )
-    assert probe(lab, 2, "gw-b", urls["c"])[urls["c"]] == "OK 200"  # the tampering took effect
+    swarm_lab.run(*ipt, "-D", "DOCKER-USER", "-j", "ZAKI-EGRESS")
     deadline = time.monotonic() + 30
-    while not probe(lab, 2, "gw-b", urls["c"])[urls["c"]].startswith("ERR"):
+    while subprocess.run([*ipt, "-C", "DOCKER-USER", "-j", "ZAKI-EGRESS"], capture_output=True).returncode:
         assert time.monotonic() < deadline, "the guard did not put the jump back"
-        time.sleep(0.5)
+        time.sleep(0.1)
+    assert probe(lab, 2, "gw-b", urls["c"])[urls["c"]].startswith("ERR")  # closed again
     repaired_in = time.monotonic() - t_tamper
     client.api.remove_service(guard_name(GUARD_PLATFORM))  # the platform test below runs its own
 

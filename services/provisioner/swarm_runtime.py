@@ -316,7 +316,12 @@ class SwarmRuntime(SwarmNetworks):
         deadline = time.monotonic() + timeout + 15
         while time.monotonic() < deadline:
             svc = self._service(name)
-            if all(t["Status"]["State"] not in ("running", "starting") for t in self._tasks(svc)):
+            # A task on a node that is down never reports its end: nothing there to wait for.
+            gone = set(self._down_nodes().values())
+            if all(
+                t["Status"]["State"] not in ("running", "starting") or t.get("NodeID") in gone
+                for t in self._tasks(svc)
+            ):
                 return
             time.sleep(0.25)
 
