@@ -39,6 +39,8 @@ class ZakiSettings(BaseSettings):
     # image, services/node_guard): it keeps the tenants' egress chains in each node's kernel.
     swarm_guard_image: str | None = None
     node_guard_interval_s: float = Field(default=10.0, gt=0)
+    # Set by the provisioner on the guard: every node's address, blocked for tenants (swarm_guard.py).
+    node_guard_peers: str = Field(default="", pattern=r"^[0-9.,]*$")
     data_root: Path = Path("/var/lib/zaki")
     gateway_image: str = "zaki/openclaw-gateway:2026.9.6"
     # Other images a request or an upgrade may name (comma-separated), e.g. a canary build.

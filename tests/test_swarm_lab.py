@@ -32,7 +32,7 @@ from services.provisioner.swarm_guard import GuardSpec, ensure_guard, guard_name
 from services.provisioner.swarm_runtime import NODE_LABEL, SwarmRuntime
 from shared import subjects
 from shared.client import PlatformClient
-from shared.events import InstanceDelete, InstanceRequested
+from shared.events import InstanceDelete, InstanceMove, InstanceRequested
 from shared.gateway import CONTAINER_STATE_DIR, container_name, identity_headers, network_name
 from shared.settings import ZakiSettings
 from shared.store import Store
@@ -185,6 +185,8 @@ def test_a_gateway_on_each_node_is_reached_from_the_host_and_tenants_cannot_cros
         time.sleep(0.1)
     assert probe(lab, 2, "gw-b", urls["c"])[urls["c"]].startswith("ERR")  # closed again
     repaired_in = time.monotonic() - t_tamper
+    with pytest.raises(RuntimeError_, match="one platform per swarm"):  # two would fight over the chains
+        ensure_guard(client, GUARD, "another-platform")
     client.api.remove_service(guard_name(GUARD_PLATFORM))  # the platform test below runs its own
 
     mem = {x.name[-2:]: round(swarm_lab.node_memory_mb(x)["engine_rss"]) for x in lab.nodes}
@@ -257,8 +259,15 @@ async def test_the_platform_on_swarm_serves_a_chat_through_the_proxy_on_each_nod
                 label = f"node.label=zaki.egress.{p.env['ZAKI_PLATFORM_ID']}=guarded"
                 guarded = swarm_lab.nd(lab.manager, "node", "ls", "-f", label, "--format", "{{.Hostname}}")
                 assert set(guarded.split()) == {n.name for n in lab.nodes}
-                placed.update(await drain_and_chat(lab, p, proxy, store, placed, keys_of))
+                placed.update(await drain_and_chat(lab, p, platform, proxy, store, placed, keys_of))
                 placed.update(await lose_node_3(lab, platform, proxy, store, placed, keys_of))
+                # Reconcile ran all along (every second) and never took the guard for an orphan.
+                reconciles = (await asyncio.to_thread(httpx.get, p.metrics)).text
+                assert 'zaki_provisioner_reconcile_actions_total{action="removed_orphan"} 0.0' in reconciles
+                logs = "".join(f.read_text() for f in (p.stack.state_dir / "logs").glob("*.log"))
+                assert "reconcile failed" not in logs
+                guard = swarm_lab.nd(lab.manager, "service", "ls", "-q", "-f", "name=zaki-node-guard-")
+                assert len(guard.split()) == 1
                 for user in placed:  # and gone again, from the swarm too
                     subject, body = await platform.call(
                         subjects.INSTANCE_DELETE, InstanceDelete(request_id=new_user("req"), user_id=user),
@@ -348,7 +357,13 @@ async def chat_through(proxy: Any, user: str, key: str) -> None:
 
 
 async def drain_and_chat(
-    lab: swarm_lab.Lab, p: Any, proxy: Any, store: Store, placed: dict[str, str], keys_of: dict[str, str]
+    lab: swarm_lab.Lab,
+    p: Any,
+    platform: PlatformClient,
+    proxy: Any,
+    store: Store,
+    placed: dict[str, str],
+    keys_of: dict[str, str],
 ) -> dict[str, str]:
     """`zaki swarm drain` on node 2 (the CLI, as an operator runs it): its user is backed up,
     moved to node 1 or 3 with its folder as it was, and answers there through the proxy; the
@@ -372,6 +387,11 @@ async def drain_and_chat(
         assert doc["state"] == "running" and doc["host"] in {lab.node(1).ip, lab.node(3).ip}, doc
         assert marker.read_text() == "written before the move\n"  # the folder came along
         await chat_through(proxy, user, keys_of[user])  # the proxy follows the record
+        # A node that is not one is refused before anything stops.
+        bad = InstanceMove(user_id=user, away_from="no-such-node")
+        subject, body = await platform.call(subjects.INSTANCE_MOVE, bad, timeout=30)
+        assert subject == subjects.INSTANCE_FAILED and body.reason == "invalid_request", body
+        assert (await store.get_instance(user))["state"] == "running"
         for other, host in placed.items():  # the others stayed where they were, untouched
             if other != user:
                 d = await store.get_instance(other)

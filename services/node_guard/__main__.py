@@ -9,8 +9,13 @@ published ports, the LAN, metadata services), and on the node itself only the br
 The policy is computed here, from the node's own addresses and resolvers. Applied at start and
 again every ZAKI_NODE_GUARD_INTERVAL_S (a flushed DOCKER-USER or a dockerd restart is repaired).
 
-``--check`` (the service's health check) exits 0 only while the jumps are in the kernel: the
-provisioner places tenants only on nodes whose guard has been healthy (swarm_guard.py)."""
+Every node's address (``ZAKI_NODE_GUARD_PEERS``, from the provisioner) is blocked like the node's
+own: a node with a public address is no less another tenant's or the platform's.
+
+``--check`` (the service's health check) exits 0 only while the jumps are in the kernel and the
+last round that applied the chains is at most three intervals old (a policy that no longer
+applies is not healthy): the provisioner places tenants only on nodes whose guard has been
+healthy (swarm_guard.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +25,9 @@ import ipaddress
 import logging
 import subprocess
 import sys
+import time
+from dataclasses import replace
+from pathlib import Path
 
 from prometheus_client import Counter
 
@@ -43,12 +51,22 @@ def bridge_subnet(iface: str = GWBRIDGE) -> str | None:
     return None
 
 
+LAST_APPLIED = Path("/run/zaki-node-guard.applied")  # tmpfs: gone with the task
+
+
+def peers(spec: str) -> tuple[ipaddress.IPv4Network, ...]:
+    return tuple(ipaddress.IPv4Network(f"{a}/32") for a in spec.split(",") if a)
+
+
 def apply_once(egress: TenantEgress) -> bool:
     subnet = bridge_subnet()
     if subnet is None:
         log.warning("no docker_gwbridge on this node yet")
         return False
-    egress.apply(GWBRIDGE, subnet)
+    policy = egress.policy()
+    policy = replace(policy, host_nets=(*policy.host_nets, *peers(egress.settings.node_guard_peers)))
+    egress.apply(GWBRIDGE, subnet, policy)
+    LAST_APPLIED.touch()
     return True
 
 
@@ -66,7 +84,12 @@ async def main(settings: ZakiSettings, stop: asyncio.Event) -> None:
 
 
 def check() -> int:
-    return 0 if TenantEgress(get_settings()).in_place(GWBRIDGE) else 1
+    s = get_settings()
+    try:
+        fresh = time.time() - LAST_APPLIED.stat().st_mtime <= 3 * s.node_guard_interval_s
+    except OSError:
+        fresh = False
+    return 0 if fresh and TenantEgress(s).in_place(GWBRIDGE) else 1
 
 
 if __name__ == "__main__":

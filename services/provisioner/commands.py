@@ -293,6 +293,11 @@ class Commands(Pooled):
             )
         doc = await self._existing(cmd)
         name = container_name(cmd.user_id)
+        try:
+            if cmd.away_from:  # a node that is not one is refused before anything stops
+                await self.runtime.node_id(cmd.away_from)
+        except RuntimeError_ as e:
+            raise ProvisionError(FailureReason.INVALID_REQUEST, str(e)) from None
         await before_change(self, doc, "pre_move")
         was_running = doc["state"] in (S.RUNNING, S.STARTING)
         try:

@@ -96,6 +96,8 @@ class GatewayRuntime(Protocol):
     # start; the runtime says where it went (``address``). Only a Swarm has other nodes.
     async def unpin(self, name: str, away_from: str | None = None) -> None: ...
 
+    async def node_id(self, node: str) -> str: ...  # the node an id or hostname names
+
     has_nodes: bool  # whether unpin can do anything: only a Swarm has other nodes
 
 
@@ -295,6 +297,9 @@ class DockerRuntime(DockerNetworks):
 
     async def unpin(self, name: str, away_from: str | None = None) -> None:
         raise RuntimeError_("moving a gateway to another node needs ZAKI_RUNTIME=swarm")
+
+    async def node_id(self, node: str) -> str:
+        raise RuntimeError_("nodes are a Swarm's: ZAKI_RUNTIME=swarm")
 
     async def port_is_free(self, port: int) -> bool:
         """Whether nothing on this host listens on *port* (another program may hold one in our range)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import docker
@@ -24,10 +24,13 @@ from docker.types import (
     TaskTemplate,
 )
 
-from services.provisioner.networks import MANAGED_LABEL, require_ours
+from services.provisioner.networks import RuntimeError_
 from shared.settings import ZakiSettings
 
 GUARDED = "guarded"
+# Who runs a guard service. Not the managed label: reconcile would take the guard for a user's
+# orphaned gateway.
+GUARD_OWNER = "zaki.guard"
 
 
 def guard_label(platform_id: str) -> str:
@@ -52,6 +55,7 @@ POLICY_SETTINGS = (
     "telegram_api_base_for_gateways",
     "node_guard_interval_s",
 )
+PEERS_ENV = "ZAKI_NODE_GUARD_PEERS"  # every node's address: blocked for tenants like their own node's
 _S = 10**9  # nanoseconds
 
 
@@ -60,6 +64,11 @@ class GuardSpec:
     image: str
     env: dict[str, str] = field(default_factory=dict)
     health_interval_s: float = 2.0
+
+    def with_peers(self, addresses: list[str]) -> GuardSpec:
+        """The spec with every node's address: a node with a public address is no less another
+        tenant's (its published ports) or the platform's than a private one."""
+        return replace(self, env={**self.env, PEERS_ENV: ",".join(sorted(set(addresses)))})
 
     @property
     def digest(self) -> str:
@@ -90,7 +99,7 @@ def guard_template(spec: GuardSpec, platform_id: str) -> TaskTemplate:
         args=["services.node_guard"],
         env=spec.env,
         user="0:0",
-        labels={MANAGED_LABEL: platform_id},
+        labels={GUARD_OWNER: platform_id},
         read_only=True,
         cap_drop=["ALL"],
         cap_add=["NET_ADMIN", "NET_RAW"],
@@ -114,7 +123,15 @@ def guard_template(spec: GuardSpec, platform_id: str) -> TaskTemplate:
 def ensure_guard(client: docker.DockerClient, spec: GuardSpec, platform_id: str) -> None:
     """Creates the global guard service, or updates it when its image or settings changed."""
     name = guard_name(platform_id)
-    labels = {MANAGED_LABEL: platform_id, SPEC_LABEL: spec.digest}
+    labels = {GUARD_OWNER: platform_id, SPEC_LABEL: spec.digest}
+    others = {
+        (s["Spec"].get("Labels") or {}).get(GUARD_OWNER)
+        for s in client.api.services(filters={"label": GUARD_OWNER})
+    } - {platform_id}
+    if others:  # two guards would rebuild the same chains with their own policies, in turns
+        raise RuntimeError_(
+            f"the node guard of platform {sorted(others)[0]} runs on this swarm: one platform per swarm"
+        )
     try:
         svc = client.api.inspect_service(name)
     except NotFound:
@@ -123,7 +140,8 @@ def ensure_guard(client: docker.DockerClient, spec: GuardSpec, platform_id: str)
         )
         return
     have = svc["Spec"].get("Labels") or {}
-    require_ours("service", name, have, platform_id)
+    if have.get(GUARD_OWNER) != platform_id:
+        raise RuntimeError_(f"service name {name} is taken by something this platform does not manage")
     if have.get(SPEC_LABEL) != spec.digest:
         client.api.update_service(
             svc["ID"],

@@ -188,6 +188,7 @@ class SwarmRuntime(SwarmNetworks):
         for _ in range(5):  # another writer bumped the version: read again
             svc = self._service(name)
             spec = svc["Spec"]
+            require_ours("service", name, spec.get("Labels"), self.platform_id)
             edit(spec)
             try:
                 self.client.api.update_service(
@@ -248,7 +249,8 @@ class SwarmRuntime(SwarmNetworks):
     def _guard_nodes(self) -> None:
         """The guard service as the settings say, and every node where it runs healthy labelled."""
         if self.guard:
-            ensure_guard(self.client, self.guard, self.platform_id)
+            peers = [self._node_address(n) for n in self.client.api.nodes()]
+            ensure_guard(self.client, self.guard.with_peers(peers), self.platform_id)
             label_guarded_nodes(self.client, self.platform_id)
 
     def _pinned_to(self, svc: dict[str, Any]) -> str | None:
@@ -265,10 +267,16 @@ class SwarmRuntime(SwarmNetworks):
         self._update(name, edit)
 
     def _node_id(self, node: str) -> str:
-        for n in self.client.api.nodes():
-            if node in (n["ID"], n["Description"]["Hostname"]):
-                return n["ID"]
-        raise RuntimeError_(f"no node {node!r} in this swarm")
+        found = [n for n in self.client.api.nodes() if node in (n["ID"], n["Description"]["Hostname"])]
+        if len(found) > 1:  # a node that left and joined again is listed twice under its hostname
+            found = [n for n in found if n["Status"]["State"] != "down"] or found
+        if len(found) != 1:
+            raise RuntimeError_(f"{'no node' if not found else 'more than one node'} {node!r} in this swarm")
+        return found[0]["ID"]
+
+    async def node_id(self, node: str) -> str:
+        """The id of the node *node* (an id or a hostname) names; refused when none or several."""
+        return await self._run(self._node_id, node)
 
     def _unpin(self, name: str, away_from: str | None) -> None:
         node = away_from or self._pinned_to(self._service(name))
@@ -428,12 +436,20 @@ class SwarmRuntime(SwarmNetworks):
         return self.node_addresses.get(host, addr)
 
     def _down_nodes(self) -> dict[str, str]:
+        """Only "down": "unknown" follows every change of leader and "disconnected" may be a
+        node cut off from the manager but still running its tasks (a move would run a second
+        gateway on the same bot and folder). An address a ready node also has (a node that left
+        and joined again) is not down."""
+        nodes = self.client.api.nodes()
+        ready = {self._node_address(n) for n in nodes if n["Status"]["State"] == "ready"}
         return {
-            self._node_address(n): n["ID"] for n in self.client.api.nodes() if n["Status"]["State"] != "ready"
+            addr: n["ID"]
+            for n in nodes
+            if n["Status"]["State"] == "down" and (addr := self._node_address(n)) not in ready
         }
 
     async def down_nodes(self) -> dict[str, str]:
-        """Nodes the manager does not see as ready (down, unknown, disconnected): their address
+        """Nodes the manager sees as down: their address
         as records name it (``host``) -> their id. The monitor moves their users away."""
         return await self._run(self._down_nodes)
 
