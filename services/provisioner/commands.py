@@ -242,15 +242,7 @@ class Commands(Pooled):
             fields["backup_interval_s"] = cmd.backup_interval_s
         await self.store.update_instance(cmd.user_id, fields, doc["instance_id"])
         if not gateway_changed:
-            if doc["state"] == S.STOPPED:
-                await self.publish(
-                    subjects.INSTANCE_STOPPED,
-                    InstanceStopped(
-                        request_id=cmd.request_id, user_id=cmd.user_id, instance_id=doc["instance_id"]
-                    ),
-                )
-            else:
-                await self._answer_current(cmd.request_id, {**doc, **fields})
+            await self._answer_unchanged(cmd.request_id, {**doc, **fields})
             return
         if doc["state"] in (S.RUNNING, S.STARTING, *GIVEN_UP):
             await self._restart(cmd)
@@ -310,15 +302,16 @@ class Commands(Pooled):
         log.info("moving", extra={"user_id": cmd.user_id, "away_from": cmd.away_from or doc.get("host", "")})
         if was_running:
             await self._provision_and_start(doc, cmd.request_id)
-        elif doc["state"] == S.STOPPED:
-            await self.publish(
-                subjects.INSTANCE_STOPPED,
-                InstanceStopped(
-                    request_id=cmd.request_id, user_id=cmd.user_id, instance_id=doc["instance_id"]
-                ),
-            )
         else:
-            await self._answer_current(cmd.request_id, doc)
+            await self._answer_unchanged(cmd.request_id, doc)
+
+    async def _answer_unchanged(self, request_id: str, doc: dict[str, Any]) -> None:
+        """The outcome of a command that left the gateway as it was: stopped, or as it is."""
+        if doc["state"] == S.STOPPED:
+            event = InstanceStopped(request_id=request_id, user_id=doc["_id"], instance_id=doc["instance_id"])
+            await self.publish(subjects.INSTANCE_STOPPED, event)
+        else:
+            await self._answer_current(request_id, doc)
 
     async def _roll_back(
         self, cmd: InstanceUpgrade, instance_id: str, good: str, err: ProvisionError
