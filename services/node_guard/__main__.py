@@ -31,7 +31,13 @@ from pathlib import Path
 
 from prometheus_client import Counter
 
-from services.provisioner.egress import GWBRIDGE, EgressConfigError, EgressError, TenantEgress
+from services.provisioner.egress import (
+    GWBRIDGE,
+    EgressConfigError,
+    EgressError,
+    TenantEgress,
+    interface_addresses,
+)
 from shared.runner import run_service
 from shared.settings import ZakiSettings, get_settings
 
@@ -41,14 +47,7 @@ APPLIED = Counter("zaki_node_guard_applied_total", "Egress chains (re)applied on
 
 def bridge_subnet(iface: str = GWBRIDGE) -> str | None:
     """The IPv4 network of *iface* on this node (None until the engine has made it)."""
-    out = subprocess.run(
-        ["ip", "-4", "-o", "addr", "show", "dev", iface], capture_output=True, text=True, timeout=10
-    ).stdout
-    for word in out.split():
-        with contextlib.suppress(ValueError):
-            if "/" in word:
-                return str(ipaddress.IPv4Interface(word).network)
-    return None
+    return next((str(a.network) for a in interface_addresses(iface)), None)
 
 
 LAST_APPLIED = Path("/run/zaki-node-guard.applied")  # tmpfs: gone with the task

@@ -60,6 +60,8 @@ FORWARD_CHAIN = "ZAKI-EGRESS"  # jumped to from DOCKER-USER
 INPUT_CHAIN = "ZAKI-INPUT"  # jumped to from INPUT
 DOCKER_USER = "DOCKER-USER"
 REJECT = "-j REJECT --reject-with icmp-admin-prohibited"  # fails fast, and says why
+# (shared chain, the built-in chain that jumps to it)
+_BASE_JUMPS = ((FORWARD_CHAIN, DOCKER_USER), (INPUT_CHAIN, "INPUT"))
 # A tenant network's bridge, or a Swarm node's docker_gwbridge (every overlay task's way out:
 # one pair of chains there fences in every tenant on the node; services/node_guard).
 GWBRIDGE = "docker_gwbridge"
@@ -163,19 +165,26 @@ def _blocked(net: IPv4Net) -> bool:
     return any(net.subnet_of(b) for b in BLOCKED)
 
 
+def interface_addresses(dev: str | None = None) -> list[ipaddress.IPv4Interface]:
+    """The IPv4 addresses (with their prefix) of *dev*, or of every interface: ``ip -4 -o addr``."""
+    cmd = ["ip", "-4", "-o", "addr", "show", *(["dev", dev] if dev else [])]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
+    found = []
+    for word in out.split():
+        if "/" in word and word[0].isdigit():
+            with contextlib.suppress(ValueError):
+                found.append(ipaddress.IPv4Interface(word))
+    return found
+
+
 def host_networks() -> tuple[IPv4Net, ...]:
     """The host's own IPv4 addresses and connected subnets that BLOCKED does not cover
     (a public address and its LAN)."""
-    out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, timeout=10)
     found: list[IPv4Net] = []
-    for word in out.stdout.split():
-        if "/" not in word or not word[0].isdigit():
-            continue
-        with contextlib.suppress(ValueError):
-            iface = ipaddress.IPv4Interface(word)
-            for net in (iface.network, ipaddress.IPv4Network(f"{iface.ip}/32")):
-                if not _blocked(net) and net not in found:
-                    found.append(net)
+    for iface in interface_addresses():
+        for net in (iface.network, ipaddress.IPv4Network(f"{iface.ip}/32")):
+            if not _blocked(net) and net not in found:
+                found.append(net)
     return tuple(found)
 
 
@@ -256,12 +265,8 @@ def docker_host_gateway(client) -> Callable[[], str | None]:
                     return cfg["Gateway"]
         # Docker often leaves the default bridge's gateway out of IPAM: docker0's address.
         with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(
-                ["ip", "-4", "-o", "addr", "show", "docker0"], capture_output=True, text=True, timeout=10
-            ).stdout
-            for word in out.split():
-                if "/" in word and word[0].isdigit():
-                    return word.split("/")[0]
+            for iface in interface_addresses("docker0"):
+                return str(iface.ip)
         return None
 
     return read
@@ -310,7 +315,7 @@ class TenantEgress:
                 f"{e} (the egress policy needs root or CAP_NET_ADMIN, and dockerd managing iptables; "
                 "ZAKI_EGRESS_POLICY=off runs tenants without it)"
             ) from None
-        for chain, parent in ((FORWARD_CHAIN, DOCKER_USER), (INPUT_CHAIN, "INPUT")):
+        for chain, parent in _BASE_JUMPS:
             if not self._run("-S", chain, check=False):
                 self._run("-N", chain, check=False)  # a racing replica may have made it
             if not self._run("-C", parent, "-j", chain, check=False):
@@ -347,10 +352,7 @@ class TenantEgress:
     def in_place(self, bridge: str) -> bool:
         """Whether the jumps to *bridge*'s chains are in the kernel now (a node guard's health)."""
         return (
-            all(
-                self._run("-C", parent, "-j", chain, check=False)
-                for chain, parent in ((FORWARD_CHAIN, DOCKER_USER), (INPUT_CHAIN, "INPUT"))
-            )
+            all(self._run("-C", parent, "-j", chain, check=False) for chain, parent in _BASE_JUMPS)
             and {(FORWARD_CHAIN, bridge), (INPUT_CHAIN, bridge)} <= self._jumps()
         )
 

@@ -32,14 +32,18 @@ T = TypeVar("T")
 
 
 def require_ours(
-    kind: str, name: str, labels: Mapping[str, str] | None, platform_id: str, user_id: str | None = None
+    kind: str,
+    name: str,
+    labels: Mapping[str, str] | None,
+    platform_id: str,
+    user_id: str | None = None,
+    owner_label: str = MANAGED_LABEL,
 ) -> None:
     """Refuses to touch a container, service or network of that name that this platform (and,
-    when given, this user) does not own: never adopt or remove someone else's."""
+    when given, this user) does not own: never adopt or remove someone else's. *owner_label*:
+    the label that names the owning platform (the node guard has its own)."""
     labels = labels or {}
-    if labels.get(MANAGED_LABEL) != platform_id or (
-        user_id is not None and labels.get(USER_LABEL) != user_id
-    ):
+    if labels.get(owner_label) != platform_id or (user_id is not None and labels.get(USER_LABEL) != user_id):
         raise RuntimeError_(f"{kind} name {name} is taken by something this platform does not manage")
 
 

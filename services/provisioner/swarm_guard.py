@@ -1,8 +1,8 @@
 """The node guard on a Docker Swarm (issue 18): one global service of the platform's own image
 (services/node_guard) that keeps the tenants' egress chains in every node's kernel, and the
 node label that says a node's guard has been healthy. Tenants are placed only on labelled
-nodes (``guarded_constraint``), so no gateway runs on a node before its tenants are fenced in. The label
-is only ever added: the chains stay in the kernel while a guard restarts, and swarm would stop
+nodes (``guarded_constraint``), so no gateway runs on a node before its tenants are fenced in.
+The label is only ever added: the chains stay in the kernel while a guard restarts, and swarm would stop
 every task on a node whose label went away (its constraint enforcer)."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from docker.types import (
     TaskTemplate,
 )
 
-from services.provisioner.networks import RuntimeError_
+from services.provisioner.networks import RuntimeError_, require_ours
 from shared.settings import ZakiSettings
 
 GUARDED = "guarded"
@@ -140,8 +140,7 @@ def ensure_guard(client: docker.DockerClient, spec: GuardSpec, platform_id: str)
         )
         return
     have = svc["Spec"].get("Labels") or {}
-    if have.get(GUARD_OWNER) != platform_id:
-        raise RuntimeError_(f"service name {name} is taken by something this platform does not manage")
+    require_ours("service", name, have, platform_id, owner_label=GUARD_OWNER)
     if have.get(SPEC_LABEL) != spec.digest:
         client.api.update_service(
             svc["ID"],

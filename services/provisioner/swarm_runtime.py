@@ -324,12 +324,10 @@ class SwarmRuntime(SwarmNetworks):
         deadline = time.monotonic() + timeout + 15
         while time.monotonic() < deadline:
             svc = self._service(name)
+            running = [t for t in self._tasks(svc) if t["Status"]["State"] in ("running", "starting")]
             # A task on a node that is down never reports its end: nothing there to wait for.
-            gone = set(self._down_nodes().values())
-            if all(
-                t["Status"]["State"] not in ("running", "starting") or t.get("NodeID") in gone
-                for t in self._tasks(svc)
-            ):
+            # (The node list is read only while something still runs.)
+            if not running or {t.get("NodeID") for t in running} <= set(self._down_nodes().values()):
                 return
             time.sleep(0.25)
 
