@@ -20,7 +20,7 @@ from services.provisioner.config import (
 from services.provisioner.runtime import ContainerSpec, DockerRuntime
 from shared.gateway import CONTAINER_STATE_DIR, CONTAINER_WORKSPACE, identity_headers, network_name
 from shared.settings import ZakiSettings
-from tests.conftest import REAL_IMAGE, eventually, new_user
+from tests.conftest import REAL_IMAGE, STANDIN_IMAGE, eventually, new_user
 from zaki.stack import free_port
 
 pytestmark = pytest.mark.gateway
@@ -179,3 +179,60 @@ def test_rendered_config_turns_dreaming_off_and_allows_only_the_listed_plugins()
     # OpenClaw's defaults when the settings ask for them: no plugins block at all.
     default = dataclasses.replace(spec, plugins=(), dreaming=True)
     assert "plugins" not in render_openclaw_config(default)
+
+
+def _image_healthcheck(docker_client, image: str) -> dict:
+    return docker_client.images.get(image).attrs["Config"]["Healthcheck"]
+
+
+async def test_the_real_gateway_passes_its_images_own_cheap_health_check(real_gateway, docker_client):
+    """Docker's check is bash's /dev/tcp every 30 s, not a Node start every 10 s (~0.15 CPU-s each,
+    bench/healthcheck_cost.py); run inside the real gateway, it passes."""
+    name = real_gateway[3]
+    check = _image_healthcheck(docker_client, REAL_IMAGE)
+    assert check["Test"][:3] == ["CMD", "bash", "-c"] and "node" not in " ".join(check["Test"])
+    assert check["Interval"] == 30 * 10**9
+    container = docker_client.containers.get(name)
+
+    async def passes() -> bool:
+        return (await asyncio.to_thread(container.exec_run, check["Test"][1:])).exit_code == 0
+
+    await eventually(passes, timeout=120, interval=1)  # /healthz answers once the gateway listens
+
+
+async def test_the_stand_ins_health_check_fails_a_gateway_that_stops_answering(docker_client):
+    """The same command (the image's own) turns a hung gateway unhealthy: the monitor acts on
+    Docker's `health_status: unhealthy`. Interval and timeout shortened here, the command kept."""
+    check = _image_healthcheck(docker_client, STANDIN_IMAGE)
+    assert check["Test"] == _image_healthcheck(docker_client, REAL_IMAGE)["Test"]
+    fast = {"test": check["Test"], "interval": 10**9, "timeout": 10**9, "retries": 2}
+    containers = {
+        hang: docker_client.containers.run(
+            STANDIN_IMAGE,
+            detach=True,
+            name=f"zaki-hc-{new_user('h')}",
+            healthcheck=fast,
+            environment={"STANDIN_HANG_AFTER_MS": "4000"} if hang else {},
+            labels={"zaki.test": "healthcheck"},
+        )
+        for hang in (False, True)
+    }
+    try:
+
+        def status(c) -> str:
+            c.reload()
+            return c.attrs["State"]["Health"]["Status"]
+
+        async def both_healthy() -> bool:
+            return all(status(c) == "healthy" for c in containers.values())
+
+        await eventually(both_healthy, timeout=30, interval=0.5)
+
+        async def hung_is_unhealthy() -> bool:
+            return status(containers[True]) == "unhealthy"
+
+        await eventually(hung_is_unhealthy, timeout=30, interval=0.5)
+        assert status(containers[False]) == "healthy"
+    finally:
+        for c in containers.values():
+            c.remove(force=True)
