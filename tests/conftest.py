@@ -18,6 +18,7 @@ import nats.js.errors
 import pytest
 
 from shared import subjects
+from shared.bus import nats_servers
 from shared.client import PlatformClient
 from shared.crypto import KeyRing
 from shared.settings import ZakiSettings
@@ -220,7 +221,7 @@ def provisioner(
 
 async def _wait_consumers(url: str, n: int, timeout: float = 30) -> None:
     """Waits until the service's durable consumers exist (it is then ready for commands)."""
-    nc = await nats.connect(url)
+    nc = await nats.connect(nats_servers(url))
     try:
         js = nc.jetstream()
         deadline = asyncio.get_running_loop().time() + timeout

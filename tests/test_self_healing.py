@@ -49,31 +49,37 @@ class PrivatePlatform:
         remove_managed(self.env["ZAKI_PLATFORM_ID"])
 
 
-def start_private_platform(root: Path, service_env: dict[str, str], name: str, pool: str, **extra: str):
-    """NATS, FerretDB and one provisioner of their own, so that settings (backoffs, limits) can
-    be short without touching the session's platform."""
-    stack = Stack(root / "stack")
-    nats_p, mongo_p = stack.start_nats(), stack.start_ferretdb()
+def platform_env(
+    service_env: dict[str, str], root: Path, name: str, pool: str, nats_url: str, mongo_url: str, **extra: str
+) -> dict[str, str]:
+    """A private platform's settings: its own NATS and FerretDB, data folder, ports and ids."""
     port0 = 27000 + (free_port() % 60) * 16  # below the ephemeral range (32768+): see tests/faults.py
-    mport = free_port()
-    env = {
+    return {
         **service_env,
-        "ZAKI_NATS_URL": nats_p.address,
-        "ZAKI_MONGO_URL": mongo_p.address,
+        "ZAKI_NATS_URL": nats_url,
+        "ZAKI_MONGO_URL": mongo_url,
         "ZAKI_DATA_ROOT": str(root / "data"),
         "ZAKI_PORT_RANGE_START": str(port0),
         "ZAKI_PORT_RANGE_END": str(port0 + 15),
         "ZAKI_DOCKER_HOST_ID": name,
         "ZAKI_PLATFORM_ID": f"{name}-{SESSION}",
         "ZAKI_NETWORK_POOL": pool,
-        "ZAKI_METRICS_PORT": str(mport),
+        "ZAKI_METRICS_PORT": str(free_port()),
         "ZAKI_RECONCILE_INTERVAL_S": "1",
         **extra,
     }
+
+
+def start_private_platform(root: Path, service_env: dict[str, str], name: str, pool: str, **extra: str):
+    """NATS, FerretDB and one provisioner of their own, so that settings (backoffs, limits) can
+    be short without touching the session's platform."""
+    stack = Stack(root / "stack")
+    nats_p, mongo_p = stack.start_nats(), stack.start_ferretdb()
+    env = platform_env(service_env, root, name, pool, nats_p.address, mongo_p.address, **extra)
     p = stack.start_service("services.provisioner", env)
-    wait_for_port("127.0.0.1", mport, p.proc, f"{name} provisioner")
+    wait_for_port("127.0.0.1", int(env["ZAKI_METRICS_PORT"]), p.proc, f"{name} provisioner")
     asyncio.run(_wait_consumers(nats_p.address, len(subjects.COMMANDS)))
-    return PrivatePlatform(stack, env, f"http://127.0.0.1:{mport}/metrics")
+    return PrivatePlatform(stack, env, f"http://127.0.0.1:{env['ZAKI_METRICS_PORT']}/metrics")
 
 
 @pytest.fixture(scope="session")

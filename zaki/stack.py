@@ -137,6 +137,7 @@ class Process:
     proc: subprocess.Popen
     log_path: Path
     address: str = ""
+    argv: list[str] = field(default_factory=list)
 
     def stop(self, timeout: float = 10) -> None:
         if self.proc.poll() is not None:
@@ -169,7 +170,7 @@ class Stack:
             start_new_session=True,
             cwd=REPO,
         )
-        p = Process(name, proc, log_path)
+        p = Process(name, proc, log_path, argv=argv)
         self.processes.append(p)
         return p
 
@@ -183,6 +184,35 @@ class Stack:
         wait_for_port("127.0.0.1", port, p.proc, "nats-server")
         p.address = f"nats://127.0.0.1:{port}"
         return p
+
+    def start_nats_cluster(self, n: int = 3) -> list[Process]:
+        """*n* JetStream servers routed to each other (cluster ``zaki``), each with its own store:
+        what deploy/compose.nats-cluster.yaml runs, as processes. Each Process has its own
+        ``address``; the platform's ZAKI_NATS_URL is all of them, comma-separated."""
+        ports = [(free_port(), free_port()) for _ in range(n)]
+        procs = [self._spawn_cluster_member(i, ports) for i in range(n)]
+        for p, (client, _) in zip(procs, ports, strict=True):
+            wait_for_port("127.0.0.1", client, p.proc, p.name)
+            p.address = f"nats://127.0.0.1:{client}"
+        return procs
+
+    def restart_nats_member(self, member: Process) -> Process:
+        """A killed cluster member started again on its ports and store (it rejoins)."""
+        self.processes.remove(member)
+        p = self.spawn(member.name, member.argv)
+        p.address = member.address
+        wait_for_port("127.0.0.1", int(member.address.rsplit(":", 1)[1]), p.proc, p.name)
+        return p
+
+    def _spawn_cluster_member(self, i: int, ports: list[tuple[int, int]]) -> Process:
+        client, route = ports[i]
+        store = self.state_dir / f"nats-{i + 1}"
+        store.mkdir(exist_ok=True)
+        routes = ",".join(f"nats://127.0.0.1:{r}" for j, (_, r) in enumerate(ports) if j != i)
+        argv = [nats_server_bin(), "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(client)]
+        argv += ["--server_name", f"nats-{i + 1}", "--cluster_name", "zaki"]
+        argv += ["--cluster", f"nats://127.0.0.1:{route}", "--routes", routes]
+        return self.spawn(f"nats-{i + 1}", argv)
 
     def start_ferretdb(self, port: int = 0) -> Process:
         binary = build_ferretdb()
@@ -202,10 +232,13 @@ class Stack:
         """The services first, then what they use (NATS, FerretDB), so they can finish cleanly;
         each group is signalled at once and waited for together (a hung one costs *timeout*
         once, not once per process)."""
-        infra = ("nats", "ferretdb")
+
+        def infra(p: Process) -> bool:
+            return p.name.startswith("nats") or p.name == "ferretdb"
+
         for group in (
-            [p for p in self.processes if p.name not in infra],
-            [p for p in self.processes if p.name in infra],
+            [p for p in self.processes if not infra(p)],
+            [p for p in self.processes if infra(p)],
         ):
             running = [p for p in group if p.proc.poll() is None]
             for p in running:
