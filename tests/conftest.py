@@ -277,6 +277,18 @@ async def assert_metrics(url: str, *names: str) -> None:
     assert not missing, missing
 
 
+def node_series(text: str) -> dict[str, dict[str, float]]:
+    """The provisioner's capacity per node (zaki_node_*) in a /metrics text: by series, then node."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("zaki_node_"):
+                out.setdefault(sample.name, {})[sample.labels["node"]] = sample.value
+    return out
+
+
 def all_log_text(state_dir: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in (state_dir / "stack" / "logs").glob("*.log"))
 

@@ -21,7 +21,15 @@ from shared.client import PlatformClient
 from shared.crypto import KeyRing
 from shared.events import InstanceDelete, InstanceRequested, InstanceUpgrade
 from shared.store import Store
-from tests.conftest import REAL_IMAGE, STANDIN_IMAGE, assert_metrics, eventually, new_user, require_tool
+from tests.conftest import (
+    REAL_IMAGE,
+    STANDIN_IMAGE,
+    assert_metrics,
+    eventually,
+    new_user,
+    node_series,
+    require_tool,
+)
 from zaki.stack import Stack, free_network_pool, free_port, wait_for_port
 
 OPENCLAW = (
@@ -189,6 +197,36 @@ async def test_metrics_are_exposed(provisioner):
         'zaki_instances{state="running"}',
         "faststream_received_messages_total",
     )
+
+
+async def test_capacity_per_node_follows_the_engines_running_gateways(
+    provisioner, platform, fakes, docker_client, service_env
+):
+    """One engine is one node (ZAKI_DOCKER_HOST_ID): its memory, its running gateways and the
+    memory limits they reserve, as Docker reports them (the Swarm lab reads each node's)."""
+    ev = InstanceRequested(
+        request_id=new_user("req"), user_id=new_user("cap"), bot_token=fakes.bot(), image=STANDIN_IMAGE
+    )
+    subject, _ = await platform.call(subjects.INSTANCE_REQUESTED, ev, timeout=120)
+    assert subject == subjects.INSTANCE_READY
+    label = {"label": f"zaki.managed={service_env['ZAKI_PLATFORM_ID']}"}
+    seen: dict = {}
+
+    async def matches_docker() -> bool:
+        async with httpx.AsyncClient() as http:
+            seen.update(node_series((await http.get(provisioner.address)).text))
+        running = docker_client.containers.list(filters=label)
+        reserved = sum(int(c.attrs["HostConfig"]["Memory"]) for c in running)
+        return seen.get("zaki_node_gateways") == {"local": len(running)} and seen.get(
+            "zaki_node_memory_reserved_bytes"
+        ) == {"local": reserved}
+
+    try:
+        await eventually(matches_docker, timeout=30, interval=0.5)
+        assert seen["zaki_node_gateways"]["local"] >= 1 and seen["zaki_node_ready"] == {"local": 1}
+        assert seen["zaki_node_memory_bytes"]["local"] > seen["zaki_node_memory_reserved_bytes"]["local"] > 0
+    finally:
+        await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=ev.user_id, purge=True))
 
 
 @pytest.mark.gateway

@@ -36,7 +36,7 @@ from shared.events import InstanceDelete, InstanceMove, InstanceRequested
 from shared.gateway import CONTAINER_STATE_DIR, container_name, identity_headers, network_name
 from shared.settings import ZakiSettings
 from shared.store import Store
-from tests.conftest import STANDIN_IMAGE, eventually, new_user, require_tool, start_monitor
+from tests.conftest import STANDIN_IMAGE, eventually, new_user, node_series, require_tool, start_monitor
 from tests.proxy_support import start_proxy
 from tests.test_self_healing import start_private_platform
 from zaki import swarm_lab
@@ -259,6 +259,8 @@ async def test_the_platform_on_swarm_serves_a_chat_through_the_proxy_on_each_nod
                 label = f"node.label=zaki.egress.{p.env['ZAKI_PLATFORM_ID']}=guarded"
                 guarded = swarm_lab.nd(lab.manager, "node", "ls", "-f", label, "--format", "{{.Hostname}}")
                 assert set(guarded.split()) == {n.name for n in lab.nodes}
+                # Capacity per node on the provisioner's metrics: one gateway and its reservation each.
+                await eventually(lambda: one_gateway_per_node(p.metrics, lab), timeout=20, interval=0.5)
                 placed.update(await drain_and_chat(lab, p, platform, proxy, store, placed, keys_of))
                 placed.update(await lose_node_3(lab, platform, proxy, store, placed, keys_of))
                 # Reconcile ran all along (every second) and never took the guard for an orphan.
@@ -286,6 +288,19 @@ async def test_the_platform_on_swarm_serves_a_chat_through_the_proxy_on_each_nod
         )
     finally:
         await asyncio.to_thread(p.stop)
+
+
+async def one_gateway_per_node(metrics_url: str, lab: swarm_lab.Lab) -> bool:
+    """The provisioner's zaki_node_* series: every node ready, holding one 64 MiB gateway."""
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(metrics_url)).text
+    series = node_series(text)
+    names = {n.name for n in lab.nodes}
+    return (
+        series.get("zaki_node_gateways") == dict.fromkeys(names, 1)
+        and series.get("zaki_node_memory_reserved_bytes") == dict.fromkeys(names, 64 << 20)
+        and series.get("zaki_node_ready") == dict.fromkeys(names, 1)
+    )
 
 
 async def lose_node_3(

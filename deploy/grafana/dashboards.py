@@ -255,6 +255,26 @@ INFRA = [
             ("sum(zaki_docker_host_memory_bytes)", "host memory"),
         ],
     ),
+    (
+        "Docker host capacity",
+        "ts",
+        "Memory reserved per node (share of the node)",
+        "percentunit",
+        # Every provisioner replica reports the nodes it sees: max, not sum, per node.
+        [
+            (
+                "max by (node) (zaki_node_memory_reserved_bytes) / max by (node) (zaki_node_memory_bytes)",
+                "{{node}}",
+            )
+        ],
+    ),
+    (
+        "Docker host capacity",
+        "ts",
+        "Gateways per node",
+        "short",
+        [("max by (node) (zaki_node_gateways)", "{{node}}")],
+    ),
     ("MongoDB", "ts", "Store ping round trip", "s", [("max(zaki_store_ping_seconds)", "ping")]),
     (
         "Monitor",

@@ -22,6 +22,14 @@ HOST_MEMORY = Gauge("zaki_docker_host_memory_bytes", "Memory of this Docker host
 MEMORY_RESERVED = Gauge(
     "zaki_docker_host_memory_reserved_bytes", "Sum of the memory limits of this host's gateways"
 )
+# Per node (one engine: one node; a Swarm: each of the manager's nodes), set by reconcile.
+NODE_MEMORY = Gauge("zaki_node_memory_bytes", "Memory of each node gateways run on", ["node"])
+NODE_RESERVED = Gauge(
+    "zaki_node_memory_reserved_bytes", "Memory the platform's gateways reserve on each node", ["node"]
+)
+NODE_GATEWAYS = Gauge("zaki_node_gateways", "The platform's gateways placed on each node", ["node"])
+NODE_READY = Gauge("zaki_node_ready", "1 when the node takes new gateways (ready and active)", ["node"])
+NODE_GAUGES = (NODE_MEMORY, NODE_RESERVED, NODE_GATEWAYS, NODE_READY)
 STORE_PING = Gauge("zaki_store_ping_seconds", "Round trip of a ping to MongoDB")
 DISK_SCAN_SECONDS = Gauge(
     "zaki_provisioner_disk_scan_seconds", "Wall time of the last walk of the tenants' data folders"

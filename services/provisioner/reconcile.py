@@ -12,6 +12,7 @@ from typing import Any
 
 from services.provisioner import healing, metrics
 from services.provisioner.base import ProvisionError, S, _bytes, log
+from services.provisioner.capacity import NodeCapacity
 from services.provisioner.commands import Commands
 from services.provisioner.runtime import RuntimeError_
 from shared import audit, subjects
@@ -227,6 +228,17 @@ class Reconciler(Commands):
                 actions["over_quota"] += 1
         metrics.DISK_SCAN_SECONDS.set(time.perf_counter() - t0)
 
+    @staticmethod
+    def _node_metrics(nodes: list[NodeCapacity]) -> None:
+        """A node that left the swarm leaves the dashboard too: the series are replaced."""
+        for gauge in metrics.NODE_GAUGES:
+            gauge.clear()
+        for n in nodes:
+            metrics.NODE_MEMORY.labels(n.node).set(n.memory_bytes)
+            metrics.NODE_RESERVED.labels(n.node).set(n.reserved_bytes)
+            metrics.NODE_GATEWAYS.labels(n.node).set(n.gateways)
+            metrics.NODE_READY.labels(n.node).set(int(n.ready))
+
     async def _capacity_metrics(self, instances: int) -> None:
         """Docker host capacity (ports, memory) and store latency, for the infrastructure dashboard."""
         metrics.PORTS_CAPACITY.set(self.s.port_range_end - self.s.port_range_start + 1)
@@ -234,6 +246,10 @@ class Reconciler(Commands):
         with contextlib.suppress(Exception):
             metrics.HOST_MEMORY.set(await self.runtime.memory_total())
         metrics.MEMORY_RESERVED.set(instances * _bytes(self.s.gateway_memory))
+        try:
+            self._node_metrics(await self.runtime.node_capacity())
+        except Exception as e:  # the engine or manager away: the last figures stay
+            log.warning("cannot read the nodes' capacity", extra={"error": str(e)})
         t0 = time.perf_counter()
         await self.store.ping()
         metrics.STORE_PING.set(time.perf_counter() - t0)

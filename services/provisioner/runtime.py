@@ -16,6 +16,7 @@ import docker
 from docker.errors import APIError, NotFound
 from docker.utils import parse_bytes
 
+from services.provisioner.capacity import NodeCapacity, engine_capacity
 from services.provisioner.egress import TenantEgress, docker_host_gateway
 from services.provisioner.networks import (
     INSTANCE_LABEL,
@@ -89,6 +90,7 @@ class GatewayRuntime(Protocol):
     async def list_managed(self) -> list[ContainerStatus]: ...
     async def port_is_free(self, port: int) -> bool: ...
     async def memory_total(self) -> int: ...
+    async def node_capacity(self) -> list[NodeCapacity]: ...  # each node's memory and reservations
     # Where the proxy, the monitor and the provisioner's probes reach *name*'s published port:
     # one address per Docker host; on a Swarm, the node its task runs on.
     async def address(self, name: str) -> str: ...
@@ -289,6 +291,15 @@ class DockerRuntime(DockerNetworks):
     async def memory_total(self) -> int:
         info = await self._run(self.client.info)
         return int(info.get("MemTotal", 0))
+
+    def _node_capacity(self) -> list[NodeCapacity]:
+        label = {"label": f"{MANAGED_LABEL}={self.platform_id}"}
+        containers = [c.attrs for c in self.client.containers.list(filters=label, ignore_removed=True)]
+        memory = int(self.client.info().get("MemTotal", 0))
+        return [engine_capacity(self.host_id, memory, containers)]
+
+    async def node_capacity(self) -> list[NodeCapacity]:
+        return await self._run(self._node_capacity)
 
     async def address(self, name: str) -> str:
         return self.publish_ip  # every container of this engine publishes on it

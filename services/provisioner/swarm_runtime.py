@@ -28,6 +28,7 @@ from docker.types import (
 )
 from docker.utils import parse_bytes
 
+from services.provisioner.capacity import NodeCapacity, swarm_capacity
 from services.provisioner.networks import (
     INSTANCE_LABEL,
     MANAGED_LABEL,
@@ -415,6 +416,14 @@ class SwarmRuntime(SwarmNetworks):
         """All ready, active nodes' memory (what the scheduler places reservations against)."""
         nodes = await self._run(self._ready_nodes)
         return sum(int(n["Description"]["Resources"]["MemoryBytes"]) for n in nodes)
+
+    def _node_capacity(self) -> list[NodeCapacity]:
+        api = self.client.api
+        svcs = api.services(filters={"label": f"{MANAGED_LABEL}={self.platform_id}"})
+        return swarm_capacity(api.nodes(), svcs, api.tasks(filters={"desired-state": "running"}))
+
+    async def node_capacity(self) -> list[NodeCapacity]:
+        return await self._run(self._node_capacity)
 
     def _address(self, name: str) -> str:
         svc = self._service(name)
