@@ -25,7 +25,7 @@ STREAMS = [
     # Commands carry bot tokens: a work queue deletes each message once it is acked.
     StreamConfig(
         name=subjects.COMMAND_STREAM,
-        subjects=list(subjects.COMMANDS),
+        subjects=[*subjects.COMMANDS, subjects.NODE_COMMANDS],
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
         max_age=7 * DAY,

@@ -10,6 +10,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# A swarm node's name where it becomes a NATS subject token and a consumer name: a DNS label.
+NODE_NAME_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"
+
 
 class ZakiSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ZAKI_", env_file=None, extra="ignore")
@@ -35,6 +38,9 @@ class ZakiSettings(BaseSettings):
     # "hostname=address,..."; and the address gateways see the proxy come from (trustedProxies).
     swarm_node_addresses: str = Field(default="", pattern=r"^([^=,\s]+=[^=,\s]+(,[^=,\s]+=[^=,\s]+)*)?$")
     swarm_proxy_address: str | None = None
+    # This replica's node (its hostname in the swarm) when one provisioner runs on each node: it
+    # alone acts on the gateways pinned there and forwards the others' commands (routing.py).
+    swarm_node: str | None = Field(default=None, pattern=NODE_NAME_PATTERN)
     # The image of the node guard the provisioner runs on every node (the platform's services
     # image, services/node_guard): it keeps the tenants' egress chains in each node's kernel.
     swarm_guard_image: str | None = None
@@ -323,6 +329,10 @@ class ZakiSettings(BaseSettings):
                     "ZAKI_RUNTIME=swarm fences tenants in with a node guard on every node: set "
                     "ZAKI_SWARM_GUARD_IMAGE to the platform's services image (docs/swarm.md)"
                 )
+        elif self.swarm_node:
+            raise ValueError(
+                "ZAKI_SWARM_NODE routes commands between a swarm's nodes: it needs ZAKI_RUNTIME=swarm"
+            )
         return self
 
     def swarm_nodes(self) -> dict[str, str]:

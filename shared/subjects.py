@@ -29,6 +29,9 @@ COMMANDS = (
     INSTANCE_WAKE,
     INSTANCE_MOVE,
 )
+# One provisioner per swarm node (ZAKI_SWARM_NODE): a command for a user on another node is
+# forwarded to that node's zaki.node.<node>.<verb>, in the same stream (provisioner/routing.py).
+NODE_COMMANDS = f"{PREFIX}.node.*.*"
 
 # Outcomes the platform publishes.
 INSTANCE_READY = f"{PREFIX}.instance.ready"

@@ -357,13 +357,16 @@ async def test_ten_sleepers_woken_together_boot_once_each(waker, proxy, platform
 async def test_gateways_keep_nodes_compile_cache_in_their_state_folder(
     provisioner, platform, fakes, settings, docker_client
 ):
-    """A wake starts the same container: Node's compile cache from the first boot is reused."""
+    """A wake starts the same container: Node's compile cache from the first boot is reused. Node
+    writes it when the process ends: here at the suspend (until the images' health check stopped
+    starting a Node process every 10 s, that process's own exit wrote it)."""
     user, _, _ = await make(platform, fakes)
     try:
         c = docker_client.containers.get(f"zaki-user-{user}")
         env = dict(e.split("=", 1) for e in c.attrs["Config"]["Env"])
         assert env["NODE_COMPILE_CACHE"] == "/home/node/.openclaw/cache/node-compile"
         cache = settings.data_root / "users" / user / ".openclaw" / "cache" / "node-compile"
+        await suspend(platform, user)
         await eventually(lambda: cache.is_dir() and any(p.is_file() for p in cache.rglob("*")), timeout=20)
     finally:
         await delete(platform, user)

@@ -21,26 +21,41 @@ from typing import Any
 
 import docker
 import httpx
+import nats
 import pytest
 
-from services.backup.core import list_backups, make_target
 from services.gateway_proxy import keys
 from services.provisioner.config import user_dirs
 from services.provisioner.networks import RuntimeError_
+from services.provisioner.routing import node_subject
 from services.provisioner.runtime import ContainerSpec
 from services.provisioner.swarm_guard import GuardSpec, ensure_guard, guard_name, label_guarded_nodes
 from services.provisioner.swarm_runtime import NODE_LABEL, SwarmRuntime
 from shared import subjects
 from shared.client import PlatformClient
-from shared.events import InstanceDelete, InstanceMove, InstanceRequested
+from shared.events import InstanceCommand, InstanceDelete, InstanceMove, InstanceRequested
 from shared.gateway import CONTAINER_STATE_DIR, container_name, identity_headers, network_name
-from shared.settings import ZakiSettings
 from shared.store import Store
-from tests.conftest import STANDIN_IMAGE, eventually, new_user, node_series, require_tool, start_monitor
+from tests.conftest import (
+    STANDIN_IMAGE,
+    _wait_consumers,
+    eventually,
+    new_user,
+    require_tool,
+    start_monitor,
+)
 from tests.proxy_support import start_proxy
+from tests.swarm_support import (
+    chat_through,
+    drain_and_chat,
+    executed,
+    lose_node_3,
+    one_gateway_per_node,
+    per_node_platform,
+)
 from tests.test_self_healing import start_private_platform
 from zaki import swarm_lab
-from zaki.stack import REPO, ensure_images
+from zaki.stack import ensure_images
 
 pytestmark = require_tool(shutil.which("docker"), "docker")
 
@@ -77,7 +92,18 @@ def data_root() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def lab(data_root: Path) -> Iterator[swarm_lab.Lab]:
+def node_disks() -> Iterator[list[Path]]:
+    """A host folder per node, mounted in that node only: its own disk (one provisioner each)."""
+    disks = [Path(tempfile.mkdtemp(prefix=f"zlab-disk{i}-")) for i in (1, 2, 3)]
+    try:
+        yield disks
+    finally:
+        for d in disks:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def lab(data_root: Path, node_disks: list[Path]) -> Iterator[swarm_lab.Lab]:
     if subprocess.run(["docker", "image", "inspect", STANDIN_IMAGE], capture_output=True).returncode:
         ensure_images(which="standin")
     t0 = time.monotonic()
@@ -85,6 +111,7 @@ def lab(data_root: Path) -> Iterator[swarm_lab.Lab]:
         3,
         images=[STANDIN_IMAGE, SERVICES_IMAGE],
         shared_dirs=[str(data_root)],
+        node_dirs=[str(d) for d in node_disks],
         dockerd_args=["--no-new-privileges"],
     )
     made.timings["up_total"] = time.monotonic() - t0
@@ -290,136 +317,6 @@ async def test_the_platform_on_swarm_serves_a_chat_through_the_proxy_on_each_nod
         await asyncio.to_thread(p.stop)
 
 
-async def one_gateway_per_node(metrics_url: str, lab: swarm_lab.Lab) -> bool:
-    """The provisioner's zaki_node_* series: every node ready, holding one 64 MiB gateway."""
-    async with httpx.AsyncClient() as http:
-        text = (await http.get(metrics_url)).text
-    series = node_series(text)
-    names = {n.name for n in lab.nodes}
-    return (
-        series.get("zaki_node_gateways") == dict.fromkeys(names, 1)
-        and series.get("zaki_node_memory_reserved_bytes") == dict.fromkeys(names, 64 << 20)
-        and series.get("zaki_node_ready") == dict.fromkeys(names, 1)
-    )
-
-
-async def lose_node_3(
-    lab: swarm_lab.Lab,
-    platform: PlatformClient,
-    proxy: Any,
-    store: Store,
-    placed: dict[str, str],
-    keys_of: dict[str, str],
-) -> dict[str, str]:
-    """Node 3's engine is killed: the monitor reports its users ``node_down`` and moves them
-    (``instance.move``, not a restart: they are pinned to a node that may never return); each
-    answers again from node 1 or 2 with its folder; the others are not touched."""
-    node3 = lab.node(3)
-    lost = sorted(u for u, host in placed.items() if host == node3.ip)
-    assert lost, placed
-    before = {u: (await store.get_instance(u))["instance_id"] for u in placed}
-    since = len(platform.seen)
-    t0 = time.monotonic()
-    await asyncio.to_thread(swarm_lab.run, "docker", "kill", node3.name)
-
-    async def back() -> dict[str, str] | None:
-        docs = {u: await store.get_instance(u) for u in lost}
-        if all(d["state"] == "running" and d["host"] != node3.ip for d in docs.values()):
-            return {u: d["host"] for u, d in docs.items()}
-        return None
-
-    moved = await eventually(back, timeout=180, interval=1)
-    took = time.monotonic() - t0
-    for user in lost:
-        await chat_through(proxy, user, keys_of[user])
-    seen = platform.seen[since:]
-    down = {
-        b["user_id"]
-        for s, b in seen
-        if s.startswith(subjects.INSTANCE_HEALTH) and b.get("reason") == "node_down"
-    }
-    assert down == set(lost), seen
-    touched = {b.get("user_id") for s, b in seen if s in (subjects.INSTANCE_RESTART, subjects.INSTANCE_MOVE)}
-    assert touched == set(lost), touched  # moves for the lost users, nothing for the others
-    for other, host in placed.items():
-        if other not in lost:
-            d = await store.get_instance(other)
-            assert (d["host"], d["instance_id"], d["state"]) == (host, before[other], "running")
-            await chat_through(proxy, other, keys_of[other])
-    print(f"\nnode 3 killed: {lost} reported node_down and answering from {moved} after {took:.1f} s")
-    # Node 3 comes back (its engine and its swarm state are on its volume) for the tests below.
-    await asyncio.to_thread(swarm_lab.run, "docker", "start", node3.name)
-
-    def ready_again() -> bool:
-        states = swarm_lab.nd(lab.manager, "node", "ls", "--format", "{{.Hostname}} {{.Status}}")
-        return f"{node3.name} Ready" in states
-
-    await eventually(lambda: asyncio.to_thread(ready_again), timeout=90, interval=1)
-    return moved
-
-
-async def chat_through(proxy: Any, user: str, key: str) -> None:
-    """A chat through the proxy, answered by *user*'s own gateway (the stand-in names its host)."""
-    async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
-        r = await http.post(
-            f"http://{proxy.address}/v1/chat/completions",
-            headers={"Authorization": f"Bearer {key}"},
-            json={"model": "openclaw", "messages": [{"role": "user", "content": "hi"}]},
-        )
-    assert r.status_code == 200, r.text
-    assert r.json()["system_fingerprint"] == f"zaki-{user}", r.json()
-    assert r.json()["choices"][0]["message"]["content"] == "echo: hi"
-
-
-async def drain_and_chat(
-    lab: swarm_lab.Lab,
-    p: Any,
-    platform: PlatformClient,
-    proxy: Any,
-    store: Store,
-    placed: dict[str, str],
-    keys_of: dict[str, str],
-) -> dict[str, str]:
-    """`zaki swarm drain` on node 2 (the CLI, as an operator runs it): its user is backed up,
-    moved to node 1 or 3 with its folder as it was, and answers there through the proxy; the
-    others are not touched. Node 2 is made active again for the tests after this one."""
-    node2 = lab.node(2)
-    (user,) = [u for u, host in placed.items() if host == node2.ip]
-    marker = user_dirs(Path(p.env["ZAKI_DATA_ROOT"]), user).workspace / "MOVED.md"
-    marker.write_text("written before the move\n")
-    before = {u: (await store.get_instance(u))["instance_id"] for u in placed}
-    t0 = time.monotonic()
-    out = await asyncio.to_thread(
-        subprocess.run,
-        [str(REPO / ".venv/bin/zaki"), "--state-dir", str(Path(p.env["ZAKI_DATA_ROOT"]).parent), "swarm", "drain", node2.name],
-        env={**os.environ, **p.env}, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    took = time.monotonic() - t0
-    try:
-        assert out.returncode == 0, out.stdout + out.stderr
-        assert f"{user}: ready" in out.stdout, out.stdout
-        doc = await store.get_instance(user)
-        assert doc["state"] == "running" and doc["host"] in {lab.node(1).ip, lab.node(3).ip}, doc
-        assert marker.read_text() == "written before the move\n"  # the folder came along
-        await chat_through(proxy, user, keys_of[user])  # the proxy follows the record
-        # A node that is not one is refused before anything stops.
-        bad = InstanceMove(user_id=user, away_from="no-such-node")
-        subject, body = await platform.call(subjects.INSTANCE_MOVE, bad, timeout=30)
-        assert subject == subjects.INSTANCE_FAILED and body.reason == "invalid_request", body
-        assert (await store.get_instance(user))["state"] == "running"
-        for other, host in placed.items():  # the others stayed where they were, untouched
-            if other != user:
-                d = await store.get_instance(other)
-                assert (d["host"], d["instance_id"], d["state"]) == (host, before[other], "running")
-                await chat_through(proxy, other, keys_of[other])
-        target = make_target(ZakiSettings(**{k.removeprefix("ZAKI_").lower(): v for k, v in p.env.items()}))
-        assert [m.reason for m in list_backups(target, user)] == ["pre_move"]  # taken before the move
-        print(f"\ndrained {node2.name}: {user} moved to {doc['host']} in {took:.1f} s (CLI, incl. backup)")
-        return {user: doc["host"]}
-    finally:
-        swarm_lab.nd(lab.manager, "node", "update", "--availability", "active", node2.name)
-
-
 N_PER_NODE = 10  # instances a node's memory holds: 30 need all three nodes, the 31st none
 
 
@@ -553,111 +450,12 @@ def test_swarm_runtime_spreads_30_refuses_the_31st_and_round_trips(
         print(f"per node, MiB: (reserved, capacity, containers' RSS) {per_node}")
 
 
-def test_a_stopped_service_whose_tasks_were_reaped_reads_exited_not_created() -> None:
-    """Swarm drops the tasks of a service scaled to 0: with none left, a service that was once
-    placed (pinned to its node) is a stopped gateway, one never placed is a created one."""
-    from services.provisioner.swarm_runtime import _status
-
-    def svc(labels: dict[str, str]) -> dict:
-        spec = {"ContainerSpec": {"Image": "zaki/gw:1", "Mounts": []}}
-        mode = {"Replicated": {"Replicas": 0}}
-        return {"Spec": {"Name": "zaki-user-u", "Labels": labels, "TaskTemplate": spec, "Mode": mode}}
-
-    assert _status(svc({}), []).state == "created"
-    stopped = _status(svc({NODE_LABEL: "n1"}), [])
-    assert (stopped.exists, stopped.state, stopped.running) == (True, "exited", False)
-
-
-def test_the_swarm_runtime_setting_refuses_what_it_cannot_run() -> None:
-    """ZAKI_RUNTIME=swarm without its manager, or with swap suspend or the pool (both need one
-    engine's pause/update/network-connect on the gateway's own container), fails at start with
-    a typed error naming the setting, instead of at a user's first suspend or claim."""
-    from pydantic import ValidationError
-
-    from services.provisioner.app import make_runtime
-    from services.provisioner.runtime import DockerRuntime
-    from shared.settings import ZakiSettings
-
-    for bad, named in (
-        ({"egress_policy": "off"}, "ZAKI_SWARM_MANAGER_URL"),
-        ({"swarm_manager_url": "tcp://m:2375"}, "ZAKI_SWARM_GUARD_IMAGE"),
-        (
-            {"swarm_manager_url": "tcp://m:2375", "egress_policy": "off", "suspend_mode": "swap"},
-            "ZAKI_SUSPEND_MODE",
-        ),
-        ({"swarm_manager_url": "tcp://m:2375", "egress_policy": "off", "pool_size": 2}, "no pool"),
-        (
-            {"swarm_manager_url": "tcp://m:2375", "egress_policy": "off", "swarm_node_addresses": "n1"},
-            "swarm_node_addresses",
-        ),
-    ):
-        with pytest.raises(ValidationError, match=named):
-            ZakiSettings(runtime="swarm", **bad)
-    s = ZakiSettings(
-        runtime="swarm",
-        swarm_manager_url="tcp://m:2375",
-        swarm_node_addresses="n1=10.0.0.1",
-        egress_policy="off",
-    )
-    assert s.swarm_nodes() == {"n1": "10.0.0.1"}  # make_runtime with it: the end-to-end test above
-    assert isinstance(make_runtime(ZakiSettings()), DockerRuntime)
-
-
-def test_the_node_guard_gets_the_policy_settings_and_no_secret() -> None:
-    """With the egress policy on, the swarm runtime runs the node guard from the settings'
-    image with only what the policy is made of (never a key, a password or a database URL),
-    and places tenants only on nodes whose guard was healthy; with it off, neither."""
-    from services.provisioner.app import make_runtime
-    from services.provisioner.swarm_guard import (
-        POLICY_SETTINGS,
-        guard_spec,
-        guarded_constraint,
-        guarded_nodes,
-    )
-    from shared.settings import ZakiSettings
-
-    secrets = {"secret_keys": "k1:" + "A" * 43, "llm_api_key": "sk-provider", "jwt_secret": "jwt-" + "s" * 28}
-    s = ZakiSettings(
-        runtime="swarm", swarm_manager_url="tcp://m:2375", swarm_guard_image="zaki/services:x",
-        mongo_url="mongodb://user:pw@db:27017/", platform_id="p1", broker_port=8123, **secrets,
-    )  # fmt: skip
-    rt = make_runtime(s)
-    assert isinstance(rt, SwarmRuntime) and rt.guard == guard_spec(s)
-    env = rt.guard.env
-    assert set(env) == {f"ZAKI_{k.upper()}" for k in POLICY_SETTINGS} | {"ZAKI_METRICS_PORT"}
-    assert (env["ZAKI_EGRESS_POLICY"], env["ZAKI_BROKER_PORT"], rt.guard.image) == (
-        "enforce",
-        "8123",
-        "zaki/services:x",
-    )
-    for value in (*secrets.values(), "pw@db"):
-        assert not any(value in v for v in env.values())
-    assert rt._constraints(None) == [guarded_constraint("p1")]
-    assert rt._constraints("n1") == ["node.id==n1", guarded_constraint("p1")]  # pinned, and guarded
-    off = make_runtime(s.model_copy(update={"egress_policy": "off"}))
-    assert isinstance(off, SwarmRuntime) and off.guard is None and off._constraints(None) == []
-
-    def task(node: str, state: str, desired: str = "running") -> dict:
-        return {"NodeID": node, "DesiredState": desired, "Status": {"State": state}}
-
-    # "starting": its health check has not passed yet; a task on its way out does not count.
-    tasks = [
-        task("a", "running"),
-        task("b", "starting"),
-        task("c", "running", "shutdown"),
-        task("d", "failed"),
-    ]
-    assert guarded_nodes(tasks) == {"a"}
-
-
 async def test_a_move_on_one_docker_engine_is_refused_and_changes_nothing(
     provisioner, platform, fakes, store
 ):
     """instance.move needs other nodes: on one engine it fails with a typed error before
     anything stops; a node name that is not one is refused by the event's own type."""
     from pydantic import ValidationError
-
-    from shared.events import InstanceMove
 
     ev = InstanceRequested(
         request_id=new_user("req"), user_id=new_user("mv"), bot_token=fakes.bot(), image=STANDIN_IMAGE
@@ -673,3 +471,80 @@ async def test_a_move_on_one_docker_engine_is_refused_and_changes_nothing(
         with pytest.raises(ValidationError, match="away_from"):
             InstanceMove(user_id=ev.user_id, away_from=bad)
     await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=ev.user_id, purge=True), timeout=60)
+
+
+async def test_one_provisioner_per_node_runs_only_the_commands_of_its_nodes_gateways(
+    lab: swarm_lab.Lab, node_disks: list[Path], tmp_path_factory, service_env: dict[str, str], fakes
+) -> None:
+    """ZAKI_SWARM_NODE: one provisioner per node, each writing data folders on its node's own disk
+    (a host folder no other node mounts). Commands published on the shared subjects, taken by any
+    replica: three new users land one per node, each folder on its node's disk only; a stop and a
+    start of each run on its node's replica alone (a wrong one would write the config on a disk
+    the gateway's node does not have); a stop published straight to the wrong node's subject is
+    sent on to the right one."""
+    stack, env, metrics_of = await asyncio.to_thread(
+        per_node_platform, lab, node_disks, tmp_path_factory.mktemp("pernode"), service_env
+    )
+    disk_of = {n.name: d for n, d in zip(lab.nodes, node_disks, strict=True)}
+    node_of_ip = {n.ip: n.name for n in lab.nodes}
+    platform = await PlatformClient.connect(env["ZAKI_NATS_URL"])
+    store = Store(env["ZAKI_MONGO_URL"], env["ZAKI_MONGO_DB"])
+    users: dict[str, str] = {}  # user -> node
+    try:
+        await _wait_consumers(env["ZAKI_NATS_URL"], len(subjects.COMMANDS) + len(lab.nodes))
+
+        async def call(subject: str, event: Any, want: str) -> None:
+            got, body = await platform.call(subject, event, timeout=120)
+            assert got == want, body
+
+        for _ in lab.nodes:  # one after another: each goes where the most memory is left
+            ev = InstanceRequested(
+                request_id=new_user("req"), user_id=new_user("pn"), bot_token=fakes.bot(), image=STANDIN_IMAGE
+            )
+            await call(subjects.INSTANCE_REQUESTED, ev, subjects.INSTANCE_READY)
+            users[ev.user_id] = node_of_ip[(await store.get_instance(ev.user_id))["host"]]
+        assert sorted(users.values()) == sorted(n.name for n in lab.nodes), users
+        for user, node in users.items():  # the folder on its node's disk, on no other
+            assert [n for n, d in disk_of.items() if user_dirs(d, user).config.exists()] == [node]
+            for subject, want in ((subjects.INSTANCE_STOP, subjects.INSTANCE_STOPPED),
+                                  (subjects.INSTANCE_START, subjects.INSTANCE_READY)):  # fmt: skip
+                await call(subject, InstanceCommand(request_id=new_user("req"), user_id=user), want)
+        # Published to the wrong node's subject (a stale forward, or a mistake): sent on.
+        first, first_node = next(iter(users.items()))
+        wrong = next(n.name for n in lab.nodes if n.name != first_node)
+        stop = InstanceCommand(request_id=new_user("req"), user_id=first)
+        ack = await platform.js.publish(
+            node_subject(wrong, subjects.INSTANCE_STOP), stop.model_dump_json().encode()
+        )
+        assert ack.stream == subjects.COMMAND_STREAM
+
+        async def stopped() -> bool:
+            return (await store.get_instance(first))["state"] == "stopped"
+
+        await eventually(stopped, timeout=60, interval=0.5)
+        # A node subject takes any last token: one that is no command is dead-lettered, not retried.
+        await platform.js.publish(node_subject(first_node, f"{subjects.PREFIX}.instance.bogus"), b"{}")
+
+        async def dead_lettered() -> bool:
+            dead = subjects.dead_letter_subject(f"{subjects.PREFIX}.instance.bogus")
+            try:
+                return bool(await platform.js.get_last_msg(subjects.DEAD_LETTER_STREAM, dead))
+            except nats.js.errors.NotFoundError:
+                return False
+
+        await eventually(dead_lettered, timeout=30, interval=0.5)
+        async with httpx.AsyncClient() as http:
+            ran = {n: executed((await http.get(url)).text) for n, url in metrics_of.items()}
+        # "requested": gateways this replica made ready (its user's request, then its start).
+        want = {node: Counter(requested=2, stop=1, start=1) for node in users.values()}
+        want[first_node]["stop"] += 1
+        assert ran == want, ran
+        print(f"\none provisioner per node: {users}; each ran only its own: {ran}")
+    finally:
+        for user in users:
+            await platform.call(
+                subjects.INSTANCE_DELETE, InstanceDelete(user_id=user, purge=True), timeout=60
+            )
+        await platform.close()
+        await store.close()
+        await asyncio.to_thread(stack.stop)

@@ -103,13 +103,15 @@ def api_url(lab: Lab, node: Node) -> str:
 
 
 def _start_node(
-    lab: Lab, i: int, image: str, dockerd_args: Sequence[str], shared_dirs: Sequence[str]
+    lab: Lab, i: int, image: str, dockerd_args: Sequence[str], shared_dirs: Sequence[str], own_dir: str | None
 ) -> Node:
     name = f"zlab-{lab.id}-n{i}"
     sock_dir = api_dir(lab.id) / name
     sock_dir.mkdir(parents=True, exist_ok=True)
     # Host folders every node sees at the same path (bind mounts of services, e.g. data folders).
     shared = [a for d in shared_dirs for a in ("-v", f"{d}:{d}:rw")]
+    if own_dir:  # this node's own disk: no other node sees it
+        shared += ["-v", f"{own_dir}:{own_dir}:rw"]
     net = ipaddress.ip_network(lab.subnet)
     # Nested bridges (docker0, docker_gwbridge) in 10.N.64.0/18: inside the lab's /16, so no
     # nested address shadows a host network; each node has its own netns, so they may repeat.
@@ -146,11 +148,13 @@ def up(
     progress: Callable[[str], None] = print,
     dockerd_args: Sequence[str] = (),
     shared_dirs: Sequence[str] = (),
+    node_dirs: Sequence[str] = (),
 ) -> Lab:
     """Starts *n* nodes, makes a swarm of them (node 1 manages) and loads *images* onto each.
     *dockerd_args* go to every nested dockerd: e.g. ``--node-generic-resource=mem_mb=2048``, a
     capacity the scheduler counts down (every node here sees the host's whole memory).
-    *shared_dirs*: host folders mounted at the same path in every node. Each node's API is
+    *shared_dirs*: host folders mounted at the same path in every node; *node_dirs*: one host
+    folder per node, mounted (same path) in that node only, as its own disk. Each node's API is
     also a socket on the host (``api_url``).
     On any failure everything made so far is removed."""
     lab_id = lab_id or uuid.uuid4().hex[:6]
@@ -166,7 +170,10 @@ def up(
         # fallback to 8.8.8.8) can send a packet past this machine; the host still reaches nodes.
         run("docker", "network", "create", "--internal", "--label", f"{LABEL}={lab_id}",
             "--subnet", nodes_net, "--gateway", gw, lab.network)  # fmt: skip
-        lab.nodes = [_start_node(lab, i, image, dockerd_args, shared_dirs) for i in range(1, n + 1)]
+        own = [*node_dirs, *[None] * n][:n]
+        lab.nodes = [
+            _start_node(lab, i, image, dockerd_args, shared_dirs, own[i - 1]) for i in range(1, n + 1)
+        ]
         for node in lab.nodes:
             _wait_engine(node)
         lab.timings["engines"] = time.monotonic() - t0

@@ -21,6 +21,8 @@ from nats.aio.msg import Msg
 from prometheus_client import REGISTRY
 
 from services.provisioner import metrics
+from services.provisioner.node_router import HOPS_HEADER, MAX_HOPS, NodeRouter
+from services.provisioner.routing import command_of, durable_for, node_subject
 from services.provisioner.runtime import DockerRuntime, GatewayRuntime
 from services.provisioner.service import Provisioner, ProvisionError, Retry
 from services.provisioner.telegram import TelegramClient
@@ -52,6 +54,7 @@ class ProvisionerApp:
     app: FastStream
     service: Provisioner | None = None
     store: Store | None = None
+    router: NodeRouter | None = None  # one provisioner per swarm node (ZAKI_SWARM_NODE)
     tasks: list[asyncio.Task] = field(default_factory=list)
 
     async def publish(self, subject: str, event: Event) -> None:
@@ -98,17 +101,29 @@ class ProvisionerApp:
             ),
         )
 
-    async def handle(self, subject: str, msg: NatsMessage) -> None:
-        model = COMMAND_MODELS[subject]
+    async def handle(self, subject: str, msg: NatsMessage, forwarded: bool = False) -> None:
+        """*forwarded*: taken from this replica's node subject, where another replica sent it (its
+        audit entry is written). It runs here unless the user's gateway is on another node (a
+        wrong or stale forward): then it goes there, at most MAX_HOPS times in all."""
         try:
-            event = decode_event(model, msg.body)
+            if subject not in COMMAND_MODELS:  # a node subject may carry any last token
+                raise MalformedEvent("unknown_command", f"no command {subject.rsplit('.', 1)[-1]!r}")
+            event = decode_event(COMMAND_MODELS[subject], msg.body)
         except MalformedEvent as err:
             await self.dead_letter(subject, msg.body, err)
             await msg.ack()
             return
         assert self.service is not None
-        if (msg.raw_message.metadata.num_delivered or 1) == 1:
+        meta = msg.raw_message.metadata
+        if (meta.num_delivered or 1) == 1 and not forwarded:
             await audit.command(subject, event)  # who asked, once per command (issue 17.4)
+        if self.router is not None:
+            hops = int((msg.headers or {}).get(HOPS_HEADER, "0"))
+            node = await self.router.target(subject, event.user_id, placed_already=forwarded)
+            if node != self.router.here and hops < MAX_HOPS:
+                await self.router.forward(node, subject, msg.body, meta.sequence.stream, hops + 1)
+                await msg.ack()
+                return
         beat = asyncio.create_task(self._heartbeat(msg))
         attempt = msg.raw_message.metadata.num_delivered or 1
         try:
@@ -154,10 +169,14 @@ class ProvisionerApp:
         audit.install(self.audit_nc, s.audit_retention_days, s.stream_replicas)
         self.store = Store(s.mongo_url, s.mongo_db)
         await self.store.ensure_indexes()
+        runtime = make_runtime(s)
+        if s.swarm_node:
+            js = self.audit_nc.jetstream()
+            self.router = NodeRouter(s.swarm_node, self.store, runtime, js, s.gateway_memory)
         self.service = Provisioner(
             s,
             self.store,
-            make_runtime(s),
+            runtime,
             KeyRing.from_spec(s.secret_keys.get_secret_value()),
             TelegramClient(s.telegram_api_base, s.telegram_timeout_s),
             self.publish,
@@ -234,6 +253,7 @@ def make_runtime(s: ZakiSettings) -> GatewayRuntime:
             s.swarm_nodes(),
             s.swarm_proxy_address,
             guard=guard_spec(s),
+            node=s.swarm_node,
         )
     return DockerRuntime(s.docker_host_id, s.docker_url, s.platform_id, settings=s)
 
@@ -269,6 +289,24 @@ def build_app(settings: ZakiSettings) -> ProvisionerApp:
             title=f"provisioner:{kind}",
             description=f"Handles {subject} commands.",
         )(handler_for(subject))
+
+    if settings.swarm_node:  # what the other replicas forward to this node
+        node = settings.swarm_node
+
+        async def node_handler(msg: NatsMessage) -> None:
+            await pa.handle(command_of(msg.raw_message.subject), msg, forwarded=True)
+
+        broker.subscriber(
+            node_subject(node, "*"),
+            stream=JStream(name=subjects.COMMAND_STREAM, declare=False),
+            durable=durable_for(node),
+            queue=durable_for(node),
+            config=ConsumerConfig(ack_wait=20, max_ack_pending=256),
+            ack_policy=AckPolicy.MANUAL,
+            max_workers=8,
+            title=f"provisioner:node:{node}",
+            description=f"Commands for the gateways on node {node}.",
+        )(node_handler)
 
     app.on_startup(pa.start)
     app.after_startup(pa.after_start)

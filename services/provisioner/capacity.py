@@ -5,7 +5,7 @@ over what the Docker API returns; the runtimes fetch, these count."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,20 +20,24 @@ class NodeCapacity:
     memory_bytes: int
     reserved_bytes: int  # the memory the platform's gateways on it reserve
     gateways: int  # the platform's gateways placed on it
+    address: str = ""  # where its gateways' published ports are reached (records' ``host``)
 
 
-def engine_capacity(host_id: str, memory_bytes: int, containers: Iterable[Mapping[str, Any]]) -> NodeCapacity:
+def engine_capacity(
+    host_id: str, memory_bytes: int, containers: Iterable[Mapping[str, Any]], address: str = ""
+) -> NodeCapacity:
     """One Docker engine: *containers* are the platform's (``docker inspect`` dicts); a running
     one reserves its memory limit."""
     running = [c for c in containers if (c.get("State") or {}).get("Running")]
     reserved = sum(int((c.get("HostConfig") or {}).get("Memory") or 0) for c in running)
-    return NodeCapacity(host_id, True, memory_bytes, reserved, len(running))
+    return NodeCapacity(host_id, True, memory_bytes, reserved, len(running), address)
 
 
 def swarm_capacity(
     nodes: Iterable[Mapping[str, Any]],
     services: Iterable[Mapping[str, Any]],
     tasks: Iterable[Mapping[str, Any]],
+    address_of: Callable[[Mapping[str, Any]], str] = lambda n: n["Status"].get("Addr", ""),
 ) -> list[NodeCapacity]:
     """Every node of the swarm, with the reservations of the tasks of *services* (the platform's)
     that hold a place on it; nodes sorted by hostname."""
@@ -61,6 +65,7 @@ def swarm_capacity(
             memory_bytes=int(n["Description"]["Resources"]["MemoryBytes"]),
             reserved_bytes=reserved.get(n["ID"], 0),
             gateways=placed.get(n["ID"], 0),
+            address=address_of(n),
         )
         for n in nodes
     ]

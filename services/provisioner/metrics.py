@@ -30,6 +30,9 @@ NODE_RESERVED = Gauge(
 NODE_GATEWAYS = Gauge("zaki_node_gateways", "The platform's gateways placed on each node", ["node"])
 NODE_READY = Gauge("zaki_node_ready", "1 when the node takes new gateways (ready and active)", ["node"])
 NODE_GAUGES = (NODE_MEMORY, NODE_RESERVED, NODE_GATEWAYS, NODE_READY)
+FORWARDED = Counter(
+    "zaki_provisioner_forwarded_total", "Commands forwarded to the replica of the user's node", ["node"]
+)
 STORE_PING = Gauge("zaki_store_ping_seconds", "Round trip of a ping to MongoDB")
 DISK_SCAN_SECONDS = Gauge(
     "zaki_provisioner_disk_scan_seconds", "Wall time of the last walk of the tenants' data folders"

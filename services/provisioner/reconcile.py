@@ -30,17 +30,18 @@ class Reconciler(Commands):
     async def reconcile(self) -> dict[str, int]:
         """Brings Docker in line with the records of this Docker host. Safe to run concurrently."""
         actions = dict.fromkeys(metrics.RECONCILE_ACTION_NAMES, 0)
-        records = {d["_id"]: d for d in await self.store.list_instances(docker_host=self.runtime.host_id)}
+        every = {d["_id"]: d for d in await self.store.list_instances(docker_host=self.runtime.host_id)}
         for c in await self.runtime.list_managed():
             if is_pool_slot(c.user_id):
                 continue  # the pool's own (pool.py)
-            doc = records.get(c.user_id or "")
+            doc = every.get(c.user_id or "")  # an orphan has no record on any node
             if doc is None or doc.get("instance_id") != c.instance_id or doc["state"] == S.DELETING:
                 if doc is not None and doc["state"] in (S.REQUESTED, S.PROVISIONING, S.STARTING):
                     continue  # being provisioned right now
                 log.info("removing orphan container", extra={"container": c.name})
                 await self.runtime.remove(c.name)
                 actions["removed_orphan"] += 1
+        records = await self._on_this_node(every)
         await self._recreate_missing(records, actions)
         await self._put_sleepers_back(records, actions)
         await self._reconcile_networks(records, actions)
@@ -57,6 +58,15 @@ class Reconciler(Commands):
         await self._capacity_metrics(sum(by_state.values()) - by_state[S.DELETED.value])
         self.kick_pool()
         return actions
+
+    async def _on_this_node(self, records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """With one provisioner per swarm node (ZAKI_SWARM_NODE), the records of the gateways on
+        this replica's node: it alone starts, heals and measures them (their folders are on its
+        disk). A record on no known node is left to the replica its next command goes to."""
+        if not self.s.swarm_node:
+            return records
+        node_at = {n.address: n.node for n in await self.runtime.node_capacity()}
+        return {u: d for u, d in records.items() if node_at.get(d.get("host", "")) == self.s.swarm_node}
 
     async def _recreate_missing(self, records: dict[str, dict[str, Any]], actions: dict[str, int]) -> None:
         containers = {c.name for c in await self.runtime.list_managed()}

@@ -296,7 +296,7 @@ class DockerRuntime(DockerNetworks):
         label = {"label": f"{MANAGED_LABEL}={self.platform_id}"}
         containers = [c.attrs for c in self.client.containers.list(filters=label, ignore_removed=True)]
         memory = int(self.client.info().get("MemTotal", 0))
-        return [engine_capacity(self.host_id, memory, containers)]
+        return [engine_capacity(self.host_id, memory, containers, self.publish_ip)]
 
     async def node_capacity(self) -> list[NodeCapacity]:
         return await self._run(self._node_capacity)

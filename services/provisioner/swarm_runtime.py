@@ -111,8 +111,10 @@ class SwarmRuntime(SwarmNetworks):
         admission_s: float = 3.0,
         start_timeout_s: float = 60.0,
         guard: GuardSpec | None = None,
+        node: str | None = None,
     ) -> None:
         self.host_id = host_id
+        self.node = node  # this replica's node (ZAKI_SWARM_NODE): new gateways go there
         self.platform_id = platform_id
         # A fixed API version (1.41: Docker 20.10, the first with a service's pids limit and
         # capabilities): no round trip to the manager at construction, which may be down then.
@@ -170,7 +172,7 @@ class SwarmRuntime(SwarmNetworks):
             restart_policy=RestartPolicy(condition="any", delay=1_000_000_000),
             log_driver=DriverConfig("json-file", {"max-size": "10m", "max-file": "3"}),
             networks=[spec.network],
-            placement=Placement(self._constraints(labels.get(NODE_LABEL))),
+            placement=Placement(self._constraints(labels.get(NODE_LABEL), new=True)),
         )
         svc = self.client.api.create_service(
             template,
@@ -240,10 +242,12 @@ class SwarmRuntime(SwarmNetworks):
                 )
             time.sleep(0.25)
 
-    def _constraints(self, node_id: str | None) -> list[str]:
-        """Its node once placed; only nodes whose guard fenced their tenants in, with a guard."""
+    def _constraints(self, node_id: str | None, new: bool = False) -> list[str]:
+        """Its node once placed; a new one on this replica's node, when it has one (its data
+        folder is made on this node's disk); only nodes whose guard fenced their tenants in."""
         return [
             *([f"node.id=={node_id}"] if node_id else []),
+            *([f"node.hostname=={self.node}"] if new and self.node and not node_id else []),
             *([guarded_constraint(self.platform_id)] if self.guard else []),
         ]
 
@@ -420,7 +424,8 @@ class SwarmRuntime(SwarmNetworks):
     def _node_capacity(self) -> list[NodeCapacity]:
         api = self.client.api
         svcs = api.services(filters={"label": f"{MANAGED_LABEL}={self.platform_id}"})
-        return swarm_capacity(api.nodes(), svcs, api.tasks(filters={"desired-state": "running"}))
+        tasks = api.tasks(filters={"desired-state": "running"})
+        return swarm_capacity(api.nodes(), svcs, tasks, self._node_address)
 
     async def node_capacity(self) -> list[NodeCapacity]:
         return await self._run(self._node_capacity)

@@ -1,0 +1,205 @@
+"""Helpers of the Swarm lab tests (tests/test_swarm_lab.py): the platform test's drain, node loss
+and capacity checks, and the platform of one provisioner per node."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.backup.core import list_backups, make_target
+from services.provisioner.config import user_dirs
+from shared import subjects
+from shared.client import PlatformClient
+from shared.events import InstanceMove
+from shared.settings import ZakiSettings
+from shared.store import Store
+from tests.conftest import (
+    STANDIN_IMAGE,
+    eventually,
+    node_series,
+)
+from tests.test_self_healing import platform_env
+from zaki import swarm_lab
+from zaki.stack import REPO, Stack, free_port, wait_for_port
+
+
+async def one_gateway_per_node(metrics_url: str, lab: swarm_lab.Lab) -> bool:
+    """The provisioner's zaki_node_* series: every node ready, holding one 64 MiB gateway."""
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(metrics_url)).text
+    series = node_series(text)
+    names = {n.name for n in lab.nodes}
+    return (
+        series.get("zaki_node_gateways") == dict.fromkeys(names, 1)
+        and series.get("zaki_node_memory_reserved_bytes") == dict.fromkeys(names, 64 << 20)
+        and series.get("zaki_node_ready") == dict.fromkeys(names, 1)
+    )
+
+
+async def lose_node_3(
+    lab: swarm_lab.Lab,
+    platform: PlatformClient,
+    proxy: Any,
+    store: Store,
+    placed: dict[str, str],
+    keys_of: dict[str, str],
+) -> dict[str, str]:
+    """Node 3's engine is killed: the monitor reports its users ``node_down`` and moves them
+    (``instance.move``, not a restart: they are pinned to a node that may never return); each
+    answers again from node 1 or 2 with its folder; the others are not touched."""
+    node3 = lab.node(3)
+    lost = sorted(u for u, host in placed.items() if host == node3.ip)
+    assert lost, placed
+    before = {u: (await store.get_instance(u))["instance_id"] for u in placed}
+    since = len(platform.seen)
+    t0 = time.monotonic()
+    await asyncio.to_thread(swarm_lab.run, "docker", "kill", node3.name)
+
+    async def back() -> dict[str, str] | None:
+        docs = {u: await store.get_instance(u) for u in lost}
+        if all(d["state"] == "running" and d["host"] != node3.ip for d in docs.values()):
+            return {u: d["host"] for u, d in docs.items()}
+        return None
+
+    moved = await eventually(back, timeout=180, interval=1)
+    took = time.monotonic() - t0
+    for user in lost:
+        await chat_through(proxy, user, keys_of[user])
+    seen = platform.seen[since:]
+    down = {
+        b["user_id"]
+        for s, b in seen
+        if s.startswith(subjects.INSTANCE_HEALTH) and b.get("reason") == "node_down"
+    }
+    assert down == set(lost), seen
+    touched = {b.get("user_id") for s, b in seen if s in (subjects.INSTANCE_RESTART, subjects.INSTANCE_MOVE)}
+    assert touched == set(lost), touched  # moves for the lost users, nothing for the others
+    for other, host in placed.items():
+        if other not in lost:
+            d = await store.get_instance(other)
+            assert (d["host"], d["instance_id"], d["state"]) == (host, before[other], "running")
+            await chat_through(proxy, other, keys_of[other])
+    print(f"\nnode 3 killed: {lost} reported node_down and answering from {moved} after {took:.1f} s")
+    # Node 3 comes back (its engine and its swarm state are on its volume) for the tests below.
+    await asyncio.to_thread(swarm_lab.run, "docker", "start", node3.name)
+
+    def ready_again() -> bool:
+        states = swarm_lab.nd(lab.manager, "node", "ls", "--format", "{{.Hostname}} {{.Status}}")
+        return f"{node3.name} Ready" in states
+
+    await eventually(lambda: asyncio.to_thread(ready_again), timeout=90, interval=1)
+    return moved
+
+
+async def chat_through(proxy: Any, user: str, key: str) -> None:
+    """A chat through the proxy, answered by *user*'s own gateway (the stand-in names its host)."""
+    async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
+        r = await http.post(
+            f"http://{proxy.address}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"model": "openclaw", "messages": [{"role": "user", "content": "hi"}]},
+        )
+    assert r.status_code == 200, r.text
+    assert r.json()["system_fingerprint"] == f"zaki-{user}", r.json()
+    assert r.json()["choices"][0]["message"]["content"] == "echo: hi"
+
+
+async def drain_and_chat(
+    lab: swarm_lab.Lab,
+    p: Any,
+    platform: PlatformClient,
+    proxy: Any,
+    store: Store,
+    placed: dict[str, str],
+    keys_of: dict[str, str],
+) -> dict[str, str]:
+    """`zaki swarm drain` on node 2 (the CLI, as an operator runs it): its user is backed up,
+    moved to node 1 or 3 with its folder as it was, and answers there through the proxy; the
+    others are not touched. Node 2 is made active again for the tests after this one."""
+    node2 = lab.node(2)
+    (user,) = [u for u, host in placed.items() if host == node2.ip]
+    marker = user_dirs(Path(p.env["ZAKI_DATA_ROOT"]), user).workspace / "MOVED.md"
+    marker.write_text("written before the move\n")
+    before = {u: (await store.get_instance(u))["instance_id"] for u in placed}
+    t0 = time.monotonic()
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [str(REPO / ".venv/bin/zaki"), "--state-dir", str(Path(p.env["ZAKI_DATA_ROOT"]).parent), "swarm", "drain", node2.name],
+        env={**os.environ, **p.env}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    took = time.monotonic() - t0
+    try:
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert f"{user}: ready" in out.stdout, out.stdout
+        doc = await store.get_instance(user)
+        assert doc["state"] == "running" and doc["host"] in {lab.node(1).ip, lab.node(3).ip}, doc
+        assert marker.read_text() == "written before the move\n"  # the folder came along
+        await chat_through(proxy, user, keys_of[user])  # the proxy follows the record
+        # A node that is not one is refused before anything stops.
+        bad = InstanceMove(user_id=user, away_from="no-such-node")
+        subject, body = await platform.call(subjects.INSTANCE_MOVE, bad, timeout=30)
+        assert subject == subjects.INSTANCE_FAILED and body.reason == "invalid_request", body
+        assert (await store.get_instance(user))["state"] == "running"
+        for other, host in placed.items():  # the others stayed where they were, untouched
+            if other != user:
+                d = await store.get_instance(other)
+                assert (d["host"], d["instance_id"], d["state"]) == (host, before[other], "running")
+                await chat_through(proxy, other, keys_of[other])
+        target = make_target(ZakiSettings(**{k.removeprefix("ZAKI_").lower(): v for k, v in p.env.items()}))
+        assert [m.reason for m in list_backups(target, user)] == ["pre_move"]  # taken before the move
+        print(f"\ndrained {node2.name}: {user} moved to {doc['host']} in {took:.1f} s (CLI, incl. backup)")
+        return {user: doc["host"]}
+    finally:
+        swarm_lab.nd(lab.manager, "node", "update", "--availability", "active", node2.name)
+
+
+def per_node_platform(
+    lab: swarm_lab.Lab, node_disks: list[Path], root: Path, service_env: dict[str, str]
+) -> tuple[Stack, dict[str, str], dict[str, str]]:
+    """NATS, FerretDB and a provisioner for each node (ZAKI_SWARM_NODE), each with its data root on
+    its node's own disk. Returns the stack, the shared env and each node's metrics URL."""
+    stack = Stack(root / "stack")
+    nats_p, mongo_p = stack.start_nats(), stack.start_ferretdb()
+    net = ipaddress.ip_network(lab.subnet).network_address
+    env = platform_env(
+        service_env, root, "pernode", f"{net + 225 * 256}/24", nats_p.address, mongo_p.address,
+        ZAKI_RUNTIME="swarm", ZAKI_EGRESS_POLICY="off",  # the guard is the platform test's
+        ZAKI_SWARM_MANAGER_URL=swarm_lab.api_url(lab, lab.manager), ZAKI_SWARM_PROXY_ADDRESS=str(net + 1),
+        ZAKI_GATEWAY_IMAGE=STANDIN_IMAGE, ZAKI_NETWORK_PREFIX="28", ZAKI_GATEWAY_MEMORY="64m",
+        ZAKI_GATEWAY_CPUS="0.5",
+    )  # fmt: skip
+    metrics_of = {}
+    for node, disk in zip(lab.nodes, node_disks, strict=True):
+        port = free_port()
+        own = {
+            **env,
+            "ZAKI_SWARM_NODE": node.name,
+            "ZAKI_DATA_ROOT": str(disk),
+            "ZAKI_METRICS_PORT": str(port),
+        }
+        proc = stack.spawn(f"provisioner-{node.name}", [sys.executable, "-m", "services.provisioner"], own)
+        wait_for_port("127.0.0.1", port, proc.proc, f"provisioner of {node.name}")
+        metrics_of[node.name] = f"http://127.0.0.1:{port}/metrics"
+    return stack, env, metrics_of
+
+
+def executed(metrics_text: str) -> Counter[str]:
+    """What a provisioner ran itself: gateways it made ready and lifecycle commands it did."""
+    out: Counter[str] = Counter()
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == "zaki_provisioner_requests_total" and sample.labels["outcome"] == "ready":
+                out["requested"] += int(sample.value)
+            if sample.name == "zaki_provisioner_commands_total" and sample.labels["outcome"] == "ok":
+                out[sample.labels["command"]] += int(sample.value)
+    return +out
