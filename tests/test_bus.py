@@ -49,7 +49,8 @@ async def test_durable_delivery_redelivery_and_work_queue_retention(lone_nats):
 async def test_ensure_streams_is_idempotent(lone_nats):
     await ensure_streams(lone_nats.connected_url.geturl())
     info = await lone_nats.jetstream().stream_info(subjects.COMMAND_STREAM)
-    assert set(info.config.subjects) == set(subjects.COMMANDS)
+    # The commands, and the node subjects one provisioner per swarm node takes forwards from.
+    assert set(info.config.subjects) == {*subjects.COMMANDS, subjects.NODE_COMMANDS}
 
 
 async def test_malformed_events_go_to_dead_letter_with_reason(provisioner, platform):
