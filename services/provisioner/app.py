@@ -125,7 +125,7 @@ class ProvisionerApp:
                 await msg.ack()
                 return
         beat = asyncio.create_task(self._heartbeat(msg))
-        attempt = msg.raw_message.metadata.num_delivered or 1
+        attempt = meta.num_delivered or 1
         try:
             if isinstance(event, InstanceRequested):
                 await self.service.handle_requested(event)

@@ -11,7 +11,7 @@ from docker.utils import parse_bytes
 from nats.js import JetStreamContext
 
 from services.provisioner import metrics
-from services.provisioner.routing import choose_node, node_subject, nodes_with_a_replica, target_node
+from services.provisioner.routing import choose_node, node_at, node_subject, nodes_with_a_replica, target_node
 from shared import subjects
 from shared.store import Store
 
@@ -32,13 +32,13 @@ class NodeRouter:
         doc = await self.store.get_instance(user_id)
         host = (doc or {}).get("host")
         nodes = await self.runtime.node_capacity()
-        node_at = {n.address: n.node for n in nodes}
+        where = node_at(nodes)
         placed = None
-        if subject == subjects.INSTANCE_REQUESTED and host not in node_at and not placed_already:
+        if subject == subjects.INSTANCE_REQUESTED and host not in where and not placed_already:
             infos = await self.js.consumers_info(subjects.COMMAND_STREAM)
             replicas = nodes_with_a_replica((i.name or "", bool(i.push_bound)) for i in infos)
             placed = choose_node(nodes, replicas, self.need_bytes)
-        return target_node(host, node_at, placed, self.here)
+        return target_node(host, where, placed, self.here)
 
     async def forward(self, node: str, subject: str, data: bytes, stream_seq: int, hops: int) -> None:
         """Into *node*'s subject; the id makes a redelivered original forwarded twice count once

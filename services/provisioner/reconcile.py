@@ -14,6 +14,7 @@ from services.provisioner import healing, metrics
 from services.provisioner.base import ProvisionError, S, _bytes, log
 from services.provisioner.capacity import NodeCapacity
 from services.provisioner.commands import Commands
+from services.provisioner.routing import node_at
 from services.provisioner.runtime import RuntimeError_
 from shared import audit, subjects
 from shared.events import FailureReason, InstanceCommand, StopReason
@@ -41,7 +42,8 @@ class Reconciler(Commands):
                 log.info("removing orphan container", extra={"container": c.name})
                 await self.runtime.remove(c.name)
                 actions["removed_orphan"] += 1
-        records = await self._on_this_node(every)
+        nodes = await self._nodes()  # once a round: the routing and the metrics below
+        records = self._on_this_node(every, nodes)
         await self._recreate_missing(records, actions)
         await self._put_sleepers_back(records, actions)
         await self._reconcile_networks(records, actions)
@@ -55,18 +57,27 @@ class Reconciler(Commands):
             by_state[doc["state"]] = by_state.get(doc["state"], 0) + 1
         for state, n in by_state.items():
             metrics.INSTANCES.labels(state).set(n)
-        await self._capacity_metrics(sum(by_state.values()) - by_state[S.DELETED.value])
+        await self._capacity_metrics(sum(by_state.values()) - by_state[S.DELETED.value], nodes)
         self.kick_pool()
         return actions
 
-    async def _on_this_node(self, records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    async def _nodes(self) -> list[NodeCapacity] | None:
+        try:
+            return await self.runtime.node_capacity()
+        except Exception as e:  # the engine or manager away: the last figures stay
+            log.warning("cannot read the nodes' capacity", extra={"error": str(e)})
+            return None
+
+    def _on_this_node(
+        self, records: dict[str, dict[str, Any]], nodes: list[NodeCapacity] | None
+    ) -> dict[str, dict[str, Any]]:
         """With one provisioner per swarm node (ZAKI_SWARM_NODE), the records of the gateways on
         this replica's node: it alone starts, heals and measures them (their folders are on its
         disk). A record on no known node is left to the replica its next command goes to."""
         if not self.s.swarm_node:
             return records
-        node_at = {n.address: n.node for n in await self.runtime.node_capacity()}
-        return {u: d for u, d in records.items() if node_at.get(d.get("host", "")) == self.s.swarm_node}
+        where = node_at(nodes or [])  # the manager away: nothing is known to be this node's
+        return {u: d for u, d in records.items() if where.get(d.get("host", "")) == self.s.swarm_node}
 
     async def _recreate_missing(self, records: dict[str, dict[str, Any]], actions: dict[str, int]) -> None:
         containers = {c.name for c in await self.runtime.list_managed()}
@@ -249,17 +260,15 @@ class Reconciler(Commands):
             metrics.NODE_GATEWAYS.labels(n.node).set(n.gateways)
             metrics.NODE_READY.labels(n.node).set(int(n.ready))
 
-    async def _capacity_metrics(self, instances: int) -> None:
+    async def _capacity_metrics(self, instances: int, nodes: list[NodeCapacity] | None) -> None:
         """Docker host capacity (ports, memory) and store latency, for the infrastructure dashboard."""
         metrics.PORTS_CAPACITY.set(self.s.port_range_end - self.s.port_range_start + 1)
         metrics.PORTS_USED.set(await self.store.ports.count_documents({"docker_host": self.runtime.host_id}))
         with contextlib.suppress(Exception):
             metrics.HOST_MEMORY.set(await self.runtime.memory_total())
         metrics.MEMORY_RESERVED.set(instances * _bytes(self.s.gateway_memory))
-        try:
-            self._node_metrics(await self.runtime.node_capacity())
-        except Exception as e:  # the engine or manager away: the last figures stay
-            log.warning("cannot read the nodes' capacity", extra={"error": str(e)})
+        if nodes is not None:
+            self._node_metrics(nodes)
         t0 = time.perf_counter()
         await self.store.ping()
         metrics.STORE_PING.set(time.perf_counter() - t0)

@@ -54,6 +54,11 @@ def choose_node(nodes: Iterable[NodeCapacity], replicas: set[str], need_bytes: i
     return min(fits, key=lambda n: (n.reserved_bytes - n.memory_bytes, n.node)).node
 
 
+def node_at(nodes: Iterable[NodeCapacity]) -> dict[str, str]:
+    """Which node an address (a record's ``host``) is."""
+    return {n.address: n.node for n in nodes}
+
+
 def target_node(record_host: str | None, node_at: Mapping[str, str], placed: str | None, here: str) -> str:
     """The node that must run a command: the one the user's gateway is on (its record's ``host``
     is that node's address), else for a new user the chosen one, else this one (a command for
