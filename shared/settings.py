@@ -329,6 +329,11 @@ class ZakiSettings(BaseSettings):
                     "ZAKI_RUNTIME=swarm fences tenants in with a node guard on every node: set "
                     "ZAKI_SWARM_GUARD_IMAGE to the platform's services image (docs/swarm.md)"
                 )
+            if self.swarm_node and self.backup_target == "local" and self.backup_dir is None:
+                raise ValueError(  # a move carries the folder as a backup (services/provisioner/moves.py)
+                    "ZAKI_SWARM_NODE keeps data folders on each node's disk: backups must be where every "
+                    "node reaches them (ZAKI_BACKUP_TARGET=s3, or ZAKI_BACKUP_DIR on a shared mount)"
+                )
         elif self.swarm_node:
             raise ValueError(
                 "ZAKI_SWARM_NODE routes commands between a swarm's nodes: it needs ZAKI_RUNTIME=swarm"

@@ -20,7 +20,7 @@ from services.backup.core import list_backups, make_target
 from services.provisioner.config import user_dirs
 from shared import subjects
 from shared.client import PlatformClient
-from shared.events import InstanceMove
+from shared.events import InstanceCommand, InstanceMove
 from shared.settings import ZakiSettings
 from shared.store import Store
 from tests.conftest import (
@@ -185,6 +185,7 @@ def per_node_platform(
             **env,
             "ZAKI_SWARM_NODE": node.name,
             "ZAKI_DATA_ROOT": str(disk),
+            "ZAKI_BACKUP_DIR": str(root / "backups"),  # what every node reaches (S3 in production)
             "ZAKI_METRICS_PORT": str(port),
         }
         proc = stack.spawn(f"provisioner-{node.name}", [sys.executable, "-m", "services.provisioner"], own)
@@ -203,3 +204,59 @@ def executed(metrics_text: str) -> Counter[str]:
             if sample.name == "zaki_provisioner_commands_total" and sample.labels["outcome"] == "ok":
                 out[sample.labels["command"]] += int(sample.value)
     return +out
+
+
+async def move_across_disks(
+    platform: PlatformClient, store: Store, users: dict[str, str], disk_of: dict[str, Path],
+    node_of_ip: dict[str, str], metrics_of: dict[str, str],
+) -> dict[str, str]:  # fmt: skip
+    """Moves with per-node disks (services/provisioner/moves.py): a running user and a stopped one
+    (*users*: user -> node, the stopped one first) each leave their node; each folder goes with
+    it as a backup, to another node's disk, and the old one is kept aside. Returns where they went."""
+    async with httpx.AsyncClient() as http:
+        before = {n: executed((await http.get(url)).text) for n, url in metrics_of.items()}
+    stopped, running = list(users)[:2]
+    moved: dict[str, str] = {}
+    for user, outcome in ((running, subjects.INSTANCE_READY), (stopped, subjects.INSTANCE_STOPPED)):
+        src = users[user]
+        memory = user_dirs(disk_of[src], user).workspace / "MEMORY.md"
+        memory.write_text(f"remember {user} on {src}\n")
+        got, body = await platform.call(subjects.INSTANCE_MOVE, InstanceMove(user_id=user), timeout=120)
+        assert got == outcome, body
+        doc = await store.get_instance(user)
+        assert doc is not None and not doc.get("move"), doc
+        moved[user] = dst = node_of_ip[doc["host"]]
+        assert dst != src
+        assert (
+            user_dirs(disk_of[dst], user).workspace / "MEMORY.md"
+        ).read_text() == f"remember {user} on {src}\n"
+        assert not user_dirs(disk_of[src], user).root.exists()  # gone from the node it left...
+        kept = list((disk_of[src] / "users" / ".kept").glob(f"{user}-*"))  # ...but kept aside there
+        assert len(kept) == 1 and (kept[0] / "workspace" / "MEMORY.md").is_file()
+        assert not (kept[0] / ".openclaw" / "openclaw.json").exists()  # never its secrets
+    # The stopped one starts where it went: its next command is run by that node's replica.
+    got, body = await platform.call(subjects.INSTANCE_START, InstanceCommand(user_id=stopped), timeout=120)
+    assert got == subjects.INSTANCE_READY, body
+    assert node_of_ip[(await store.get_instance(stopped))["host"]] == moved[stopped]
+    async with httpx.AsyncClient() as http:
+        after = {n: executed((await http.get(url)).text) for n, url in metrics_of.items()}
+    ran = {n: after[n] - before[n] for n in metrics_of}
+    for user in (running, stopped):  # moved out by its old node's replica, in by its new one's
+        assert ran[users[user]]["move"] >= 1 and ran[moved[user]]["move"] >= 1, ran
+    return moved
+
+
+async def commands_wait_for_a_move(platform: PlatformClient, store: Store, user: str, to: str) -> None:
+    """While a user is moving (its record says where to), its commands go to that node, which
+    refuses them until it lands (a start there would run on an empty folder)."""
+    doc = await store.get_instance(user)
+    assert doc is not None
+    move = {"to": to, "from": "elsewhere", "backup_id": None, "state": doc["state"]}
+    assert await store.update_instance(user, {"move": move}, doc["instance_id"])
+    try:
+        got, body = await platform.call(subjects.INSTANCE_STOP, InstanceCommand(user_id=user), timeout=60)
+        assert got == subjects.INSTANCE_FAILED and body.reason == "restore_in_progress", body
+        assert "moving to another node" in body.message
+        assert (await store.get_instance(user))["state"] == doc["state"]  # nothing done
+    finally:
+        await store.update_instance(user, {"move": None}, doc["instance_id"])

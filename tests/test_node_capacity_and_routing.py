@@ -12,6 +12,7 @@ from services.provisioner.routing import (
     command_of,
     node_subject,
     nodes_with_a_replica,
+    placement_needed,
     target_node,
 )
 from shared import subjects
@@ -58,7 +59,7 @@ def test_swarm_capacity_counts_only_tasks_that_hold_a_place_of_the_platforms_ser
     assert swarm_capacity(nodes, services, tasks) == [
         NodeCapacity("a", True, 8 * GIB, 3 * GIB, 2),
         NodeCapacity("b", True, 8 * GIB, 0, 1),
-        NodeCapacity("c", False, 8 * GIB, 0, 0),
+        NodeCapacity("c", False, 8 * GIB, 0, 0, down=True),
         NodeCapacity("d", False, 8 * GIB, 0, 0),
     ]
 
@@ -88,11 +89,45 @@ def test_a_new_user_goes_to_the_node_with_a_replica_and_the_most_memory_left():
 
 
 def test_a_command_goes_to_the_node_its_gateway_is_on():
-    node_at = {"10.0.0.1": "n1", "10.0.0.2": "n2"}
-    assert target_node("10.0.0.2", node_at, None, here="n1") == "n2"
-    assert target_node("10.0.0.2", node_at, "n1", here="n1") == "n2"  # an existing user is never re-placed
-    assert target_node(None, node_at, "n2", here="n1") == "n2"  # a new user: the chosen node
-    assert target_node("127.0.0.1", node_at, None, here="n1") == "n1"  # on no known node: here
+    nodes = [cap("n1", 0), cap("n2", 0)]
+    on_n2 = {"host": "10.0.0.2"}
+    for subject in (subjects.INSTANCE_STOP, subjects.INSTANCE_MOVE, subjects.INSTANCE_REQUESTED):
+        assert target_node(subject, on_n2, nodes, None, here="n1") == "n2"
+        assert placement_needed(subject, on_n2, nodes, forwarded=False) is None  # never re-placed
+    new_user = placement_needed(subjects.INSTANCE_REQUESTED, None, nodes, forwarded=False)
+    assert new_user == frozenset()  # chosen among every node
+    assert target_node(subjects.INSTANCE_REQUESTED, None, nodes, "n2", here="n1") == "n2"
+    assert target_node(subjects.INSTANCE_STOP, {"host": "127.0.0.1"}, nodes, None, here="n1") == "n1"
+    # Forwarded: placed already, it stays where it was sent.
+    assert placement_needed(subjects.INSTANCE_REQUESTED, None, nodes, forwarded=True) is None
+
+
+def test_while_a_move_is_under_way_every_command_of_the_user_goes_where_it_lands():
+    nodes = [cap("n1", 0), cap("n2", 0)]
+    moving = {"host": "10.0.0.1", "move": {"to": "n2", "from": "n1", "backup_id": "b"}}
+    for subject in (subjects.INSTANCE_STOP, subjects.INSTANCE_MOVE, subjects.INSTANCE_DELETE):
+        assert placement_needed(subject, moving, nodes, forwarded=False) is None
+        assert target_node(subject, moving, nodes, None, here="n1") == "n2"
+
+
+def test_a_move_away_from_a_node_that_is_down_is_placed_elsewhere():
+    down = NodeCapacity("n1", False, 8 * GIB, 0, 1, "10.0.0.1", down=True)
+    drained = NodeCapacity("n1", False, 8 * GIB, 0, 1, "10.0.0.1")  # up: its replica moves it out
+    on_n1 = {"host": "10.0.0.1"}
+    assert placement_needed(subjects.INSTANCE_MOVE, on_n1, [down, cap("n2", 0)], False) == {"n1"}
+    assert target_node(subjects.INSTANCE_MOVE, on_n1, [down, cap("n2", 0)], "n2", here="n3") == "n2"
+    # Forwarded there: it stays (nothing chosen again); no node could take it: here.
+    assert placement_needed(subjects.INSTANCE_MOVE, on_n1, [down, cap("n2", 0)], True) is None
+    assert target_node(subjects.INSTANCE_MOVE, on_n1, [down, cap("n2", 0)], None, here="n3") == "n3"
+    # Other commands still wait for the node; a drained node runs its own move-out.
+    assert target_node(subjects.INSTANCE_STOP, on_n1, [down], None, here="n3") == "n1"
+    assert placement_needed(subjects.INSTANCE_MOVE, on_n1, [drained], False) is None
+    assert target_node(subjects.INSTANCE_MOVE, on_n1, [drained], None, here="n3") == "n1"
+
+
+def test_swarm_capacity_tells_a_node_that_is_down_from_one_drained():
+    caps = swarm_capacity([node("a", "n1", state="down"), node("b", "n2", availability="drain")], [], [])
+    assert [(c.node, c.ready, c.down) for c in caps] == [("n1", False, True), ("n2", False, False)]
 
 
 def test_only_connected_node_replicas_count():
@@ -113,9 +148,14 @@ def test_node_subjects_carry_the_command_and_refuse_what_is_not_a_node_name():
 
 
 def test_swarm_node_is_a_setting_of_the_swarm_runtime_only():
-    ok = ZakiSettings(runtime="swarm", swarm_manager_url="tcp://m:2375", egress_policy="off", swarm_node="n1")
+    swarm = {"runtime": "swarm", "swarm_manager_url": "tcp://m:2375", "egress_policy": "off"}
+    ok = ZakiSettings(**swarm, swarm_node="n1", backup_dir="/mnt/shared/backups")
     assert ok.swarm_node == "n1"
+    assert ZakiSettings(**swarm, swarm_node="n1", backup_target="s3").swarm_node == "n1"
     with pytest.raises(ValidationError, match="ZAKI_SWARM_NODE"):
         ZakiSettings(swarm_node="n1")
     with pytest.raises(ValidationError):
-        ZakiSettings(runtime="swarm", swarm_manager_url="tcp://m:2375", egress_policy="off", swarm_node="a.b")
+        ZakiSettings(**swarm, swarm_node="a.b", backup_dir="/b")
+    # Backups on each node's own disk could not carry a user to another node: refused at start.
+    with pytest.raises(ValidationError, match="ZAKI_BACKUP_DIR on a shared mount"):
+        ZakiSettings(**swarm, swarm_node="n1")

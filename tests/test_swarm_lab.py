@@ -47,9 +47,11 @@ from tests.conftest import (
 from tests.proxy_support import start_proxy
 from tests.swarm_support import (
     chat_through,
+    commands_wait_for_a_move,
     drain_and_chat,
     executed,
     lose_node_3,
+    move_across_disks,
     one_gateway_per_node,
     per_node_platform,
 )
@@ -481,7 +483,9 @@ async def test_one_provisioner_per_node_runs_only_the_commands_of_its_nodes_gate
     replica: three new users land one per node, each folder on its node's disk only; a stop and a
     start of each run on its node's replica alone (a wrong one would write the config on a disk
     the gateway's node does not have); a stop published straight to the wrong node's subject is
-    sent on to the right one."""
+    sent on to the right one. Then moves with per-node disks: a running and a stopped user each
+    leave their node with their folder (as a backup) and land on another node's disk; while a
+    user is moving, its commands wait."""
     stack, env, metrics_of = await asyncio.to_thread(
         per_node_platform, lab, node_disks, tmp_path_factory.mktemp("pernode"), service_env
     )
@@ -540,6 +544,11 @@ async def test_one_provisioner_per_node_runs_only_the_commands_of_its_nodes_gate
         want[first_node]["stop"] += 1
         assert ran == want, ran
         print(f"\none provisioner per node: {users}; each ran only its own: {ran}")
+        t0 = time.monotonic()
+        moved = await move_across_disks(platform, store, users, disk_of, node_of_ip, metrics_of)
+        print(f"moved with per-node disks in {time.monotonic() - t0:.1f} s: {moved}")
+        running = list(users)[1]
+        await commands_wait_for_a_move(platform, store, running, moved[running])
     finally:
         for user in users:
             await platform.call(

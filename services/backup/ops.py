@@ -144,6 +144,26 @@ class Backups:
         base.mkdir(mode=0o700, parents=True, exist_ok=True)
         return base / f"{name}-{uuid.uuid4().hex[:8]}"
 
+    async def put_in_place(self, user_id: str, backup_id: str | None) -> dict[str, Any]:
+        """*user_id*'s backup (default: the latest) becomes its data folder on this host in one
+        rename: a move onto this node with per-node disks, its gateway not running here."""
+        m = await asyncio.to_thread(core.get_manifest, self.target, user_id, backup_id)
+        staging = self._scratch(f"move-{user_id}")
+        try:
+            stats = await asyncio.to_thread(
+                core.unpack_backup, self.ring, self.target, m, staging, self.settings.tenant_disk_bytes
+            )
+            try:
+                await asyncio.to_thread(_swap_in, staging, core.user_folder(self.settings, user_id))
+            except OSError as e:
+                raise BackupError(
+                    f"cannot put the restored folder in place: {e.strerror}", "disk_error"
+                ) from None
+        finally:
+            await asyncio.to_thread(shutil.rmtree, staging, True)
+        RESTORES.labels("ok").inc()
+        return {"backup_id": m.backup_id, **stats}
+
     async def restore(
         self,
         user_id: str,

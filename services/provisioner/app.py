@@ -119,7 +119,7 @@ class ProvisionerApp:
             await audit.command(subject, event)  # who asked, once per command (issue 17.4)
         if self.router is not None:
             hops = int((msg.headers or {}).get(HOPS_HEADER, "0"))
-            node = await self.router.target(subject, event.user_id, placed_already=forwarded)
+            node = await self.router.target(subject, event.user_id, forwarded=forwarded)
             if node != self.router.here and hops < MAX_HOPS:
                 await self.router.forward(node, subject, msg.body, meta.sequence.stream, hops + 1)
                 await msg.ack()
@@ -182,6 +182,7 @@ class ProvisionerApp:
             self.publish,
             self.notify,
         )
+        self.service.nodes = self.router
 
     async def after_start(self) -> None:
         assert self.audit_nc is not None

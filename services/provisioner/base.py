@@ -201,9 +201,14 @@ class ProvisionerBase:
         """Called under the user's lock: a command that would start, change or delete the
         gateway while its folder is being swapped by a restore is refused (the restore's own
         stop goes through; it releases its claim before its own start)."""
-        if restore_blocks(kind, await self.store.get_instance(user_id), utcnow()):
+        doc = await self.store.get_instance(user_id)
+        if restore_blocks(kind, doc, utcnow()):
             raise ProvisionError(
                 FailureReason.RESTORING, "a restore of this agent's data is in progress; retry shortly"
+            )
+        if kind != "move" and doc is not None and doc.get("move"):  # its folder is a backup in transit
+            raise ProvisionError(
+                FailureReason.RESTORING, "this agent is moving to another node; retry shortly"
             )
 
     async def _existing(self, cmd: InstanceCommand) -> dict[str, Any]:

@@ -21,6 +21,7 @@ class NodeCapacity:
     reserved_bytes: int  # the memory the platform's gateways on it reserve
     gateways: int  # the platform's gateways placed on it
     address: str = ""  # where its gateways' published ports are reached (records' ``host``)
+    down: bool = False  # the manager sees it down (not merely drained or paused): nothing runs there
 
 
 def engine_capacity(
@@ -66,6 +67,7 @@ def swarm_capacity(
             reserved_bytes=reserved.get(n["ID"], 0),
             gateways=placed.get(n["ID"], 0),
             address=address_of(n),
+            down=n["Status"]["State"] == "down",
         )
         for n in nodes
     ]

@@ -12,7 +12,7 @@ from services.backup.hooks import before_change
 from services.provisioner import metrics
 from services.provisioner.base import ProvisionError, Retry, S, log
 from services.provisioner.healing import HEALABLE
-from services.provisioner.pool import Pooled
+from services.provisioner.moves import Moves
 from services.provisioner.runtime import RuntimeError_
 from services.provisioner.telegram import InvalidBotToken, TelegramUnavailable
 from shared import subjects
@@ -21,7 +21,6 @@ from shared.events import (
     InstanceCommand,
     InstanceDelete,
     InstanceDeleted,
-    InstanceMove,
     InstanceRequested,
     InstanceStopped,
     InstanceUpdate,
@@ -36,7 +35,7 @@ from shared.logging import redact
 GIVEN_UP = (S.FAILED, S.CRASHLOOPING)
 
 
-class Commands(Pooled):
+class Commands(Moves):
     async def handle_requested(self, ev: InstanceRequested) -> None:
         async with self._locks[ev.user_id]:
             try:
@@ -272,46 +271,6 @@ class Commands(Pooled):
             if current is None or current["state"] != S.FAILED:
                 raise  # it failed before the new container was tried: nothing to roll back
             await self._roll_back(cmd, doc["instance_id"], good, e)
-
-    async def _move(self, cmd: InstanceCommand) -> None:
-        """Onto another node (a drain, a node gone): a backup first (nothing moves if it fails),
-        stopped, unpinned, and started again wherever the swarm places it; the record names
-        the new node (``host``), which the proxy and the monitor follow. A stopped instance
-        only loses its pin: it lands elsewhere at its next start."""
-        assert isinstance(cmd, InstanceMove)
-        if not self.runtime.has_nodes:  # refused before anything stops
-            raise ProvisionError(
-                FailureReason.INVALID_REQUEST, "moving to another node needs ZAKI_RUNTIME=swarm"
-            )
-        doc = await self._existing(cmd)
-        name = container_name(cmd.user_id)
-        try:
-            if cmd.away_from:  # a node that is not one is refused before anything stops
-                await self.runtime.node_id(cmd.away_from)
-        except RuntimeError_ as e:
-            raise ProvisionError(FailureReason.INVALID_REQUEST, str(e)) from None
-        await before_change(self, doc, "pre_move")
-        was_running = doc["state"] in (S.RUNNING, S.STARTING)
-        try:
-            if was_running:
-                doc = await self._transition(cmd.request_id, cmd.user_id, S.STARTING)
-                await self.runtime.stop(name, self.s.stop_timeout_s)
-            await self.runtime.unpin(name, cmd.away_from)
-        except RuntimeError_ as e:
-            raise ProvisionError(FailureReason.DOCKER, str(e)) from None
-        log.info("moving", extra={"user_id": cmd.user_id, "away_from": cmd.away_from or doc.get("host", "")})
-        if was_running:
-            await self._provision_and_start(doc, cmd.request_id)
-        else:
-            await self._answer_unchanged(cmd.request_id, doc)
-
-    async def _answer_unchanged(self, request_id: str, doc: dict[str, Any]) -> None:
-        """The outcome of a command that left the gateway as it was: stopped, or as it is."""
-        if doc["state"] == S.STOPPED:
-            event = InstanceStopped(request_id=request_id, user_id=doc["_id"], instance_id=doc["instance_id"])
-            await self.publish(subjects.INSTANCE_STOPPED, event)
-        else:
-            await self._answer_current(request_id, doc)
 
     async def _roll_back(
         self, cmd: InstanceUpgrade, instance_id: str, good: str, err: ProvisionError

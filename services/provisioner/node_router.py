@@ -5,13 +5,22 @@ forwards it there. Its own replica's node subject is subscribed in app.py."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from docker.utils import parse_bytes
 from nats.js import JetStreamContext
+from pydantic import BaseModel
 
 from services.provisioner import metrics
-from services.provisioner.routing import choose_node, node_at, node_subject, nodes_with_a_replica, target_node
+from services.provisioner.capacity import NodeCapacity
+from services.provisioner.routing import (
+    choose_node,
+    node_subject,
+    nodes_with_a_replica,
+    placement_needed,
+    target_node,
+)
 from shared import subjects
 from shared.store import Store
 
@@ -26,28 +35,41 @@ class NodeRouter:
         self.store, self.runtime, self.js = store, runtime, js  # runtime: a SwarmRuntime
         self.need_bytes = parse_bytes(gateway_memory)
 
-    async def target(self, subject: str, user_id: str, placed_already: bool = False) -> str:
-        """The node whose replica must run *subject* for *user_id*; a new user's node is chosen
-        once (*placed_already*: a forwarded request stays where it was sent)."""
+    async def target(self, subject: str, user_id: str, forwarded: bool = False) -> str:
+        """The node whose replica must run *subject* for *user_id* (routing.py decides)."""
         doc = await self.store.get_instance(user_id)
-        host = (doc or {}).get("host")
         nodes = await self.runtime.node_capacity()
-        where = node_at(nodes)
         placed = None
-        if subject == subjects.INSTANCE_REQUESTED and host not in where and not placed_already:
-            infos = await self.js.consumers_info(subjects.COMMAND_STREAM)
-            replicas = nodes_with_a_replica((i.name or "", bool(i.push_bound)) for i in infos)
-            placed = choose_node(nodes, replicas, self.need_bytes)
-        return target_node(host, where, placed, self.here)
+        if (avoid := placement_needed(subject, doc, nodes, forwarded)) is not None:
+            placed = await self.choose(nodes, avoid)
+        return target_node(subject, doc, nodes, placed, self.here)
+
+    async def choose(self, nodes: list[NodeCapacity], avoid: Iterable[str]) -> str | None:
+        """The node a gateway goes to: a ready one with a connected replica and the most memory
+        left, none of *avoid*."""
+        infos = await self.js.consumers_info(subjects.COMMAND_STREAM)
+        replicas = nodes_with_a_replica((i.name or "", bool(i.push_bound)) for i in infos)
+        return choose_node(nodes, replicas - set(avoid), self.need_bytes)
+
+    async def address(self) -> str:
+        """This node's address: what the records of the gateways on it name as ``host``."""
+        return next((n.address for n in await self.runtime.node_capacity() if n.node == self.here), "")
+
+    async def send(self, node: str, subject: str, event: BaseModel, msg_id: str) -> None:
+        """A command this replica hands to *node*'s (a move's second half), once per *msg_id*."""
+        await self._publish(node, subject, event.model_dump_json().encode(), msg_id, 1)
 
     async def forward(self, node: str, subject: str, data: bytes, stream_seq: int, hops: int) -> None:
         """Into *node*'s subject; the id makes a redelivered original forwarded twice count once
         (the stream's duplicate window)."""
+        await self._publish(node, subject, data, f"fwd-{stream_seq}", hops)
+
+    async def _publish(self, node: str, subject: str, data: bytes, msg_id: str, hops: int) -> None:
         await self.js.publish(
             node_subject(node, subject),
             data,
             stream=subjects.COMMAND_STREAM,
-            headers={"Nats-Msg-Id": f"fwd-{stream_seq}", HOPS_HEADER: str(hops)},
+            headers={"Nats-Msg-Id": msg_id, HOPS_HEADER: str(hops)},
         )
         metrics.FORWARDED.labels(node).inc()
         log.info("forwarded a command to its node", extra={"subject": subject, "node": node})

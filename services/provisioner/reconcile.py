@@ -77,7 +77,11 @@ class Reconciler(Commands):
         if not self.s.swarm_node:
             return records
         where = node_at(nodes or [])  # the manager away: nothing is known to be this node's
-        return {u: d for u, d in records.items() if where.get(d.get("host", "")) == self.s.swarm_node}
+        # A moving record is nobody's until it lands (its folder is a backup in transit).
+        here = self.s.swarm_node
+        return {
+            u: d for u, d in records.items() if where.get(d.get("host", "")) == here and not d.get("move")
+        }
 
     async def _recreate_missing(self, records: dict[str, dict[str, Any]], actions: dict[str, int]) -> None:
         containers = {c.name for c in await self.runtime.list_managed()}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from services.provisioner.capacity import NodeCapacity
 from shared import subjects
@@ -59,10 +60,45 @@ def node_at(nodes: Iterable[NodeCapacity]) -> dict[str, str]:
     return {n.address: n.node for n in nodes}
 
 
-def target_node(record_host: str | None, node_at: Mapping[str, str], placed: str | None, here: str) -> str:
-    """The node that must run a command: the one the user's gateway is on (its record's ``host``
-    is that node's address), else for a new user the chosen one, else this one (a command for
-    no known node: the answer, e.g. ``not_found``, is the same from every replica)."""
-    if record_host and record_host in node_at:
-        return node_at[record_host]
-    return placed or here
+def _node_of(record: Mapping[str, Any], nodes: Iterable[NodeCapacity]) -> NodeCapacity | None:
+    host = record.get("host")
+    return next((n for n in nodes if host and n.address == host), None)
+
+
+def placement_needed(
+    subject: str, record: Mapping[str, Any] | None, nodes: Iterable[NodeCapacity], forwarded: bool
+) -> frozenset[str] | None:
+    """When a command's node is to be chosen now, the nodes it must not go to; else None. A new
+    user (no record on a known node) goes where there is room; a move whose node is down cannot
+    be carried out there (its data is restored elsewhere from its last backup). A forwarded
+    command was placed already: it stays where it was sent."""
+    record = record or {}
+    if forwarded or record.get("move"):
+        return None
+    node = _node_of(record, nodes)
+    if subject == subjects.INSTANCE_REQUESTED and node is None:
+        return frozenset()
+    if subject == subjects.INSTANCE_MOVE and node is not None and node.down:
+        return frozenset({node.node})
+    return None
+
+
+def target_node(
+    subject: str,
+    record: Mapping[str, Any] | None,
+    nodes: Iterable[NodeCapacity],
+    placed: str | None,
+    here: str,
+) -> str:
+    """The node that must run a command: while a move is under way, the node it goes to (every
+    command of that user waits there until it lands); else the one the user's gateway is on (its
+    record's ``host`` is that node's address), but a move away from a node that is down goes to
+    the chosen one; a new user goes to the chosen one; else this one (a command for no known
+    node: the answer, e.g. ``not_found``, is the same from every replica)."""
+    record = record or {}
+    if move := record.get("move"):
+        return str(move["to"])
+    node = _node_of(record, nodes)
+    if node is None or (subject == subjects.INSTANCE_MOVE and node.down):
+        return placed or here
+    return node.node
