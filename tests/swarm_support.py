@@ -17,6 +17,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.backup.core import list_backups, make_target
+from services.backup.ops import Backups
 from services.provisioner.config import user_dirs
 from shared import subjects
 from shared.client import PlatformClient
@@ -176,7 +177,7 @@ def per_node_platform(
         ZAKI_RUNTIME="swarm", ZAKI_EGRESS_POLICY="off",  # the guard is the platform test's
         ZAKI_SWARM_MANAGER_URL=swarm_lab.api_url(lab, lab.manager), ZAKI_SWARM_PROXY_ADDRESS=str(net + 1),
         ZAKI_GATEWAY_IMAGE=STANDIN_IMAGE, ZAKI_NETWORK_PREFIX="28", ZAKI_GATEWAY_MEMORY="64m",
-        ZAKI_GATEWAY_CPUS="0.5",
+        ZAKI_GATEWAY_CPUS="0.5", ZAKI_BACKUP_DIR=str(root / "backups"),  # every node reaches it (S3 in production)
     )  # fmt: skip
     metrics_of = {}
     for node, disk in zip(lab.nodes, node_disks, strict=True):
@@ -185,7 +186,6 @@ def per_node_platform(
             **env,
             "ZAKI_SWARM_NODE": node.name,
             "ZAKI_DATA_ROOT": str(disk),
-            "ZAKI_BACKUP_DIR": str(root / "backups"),  # what every node reaches (S3 in production)
             "ZAKI_METRICS_PORT": str(port),
         }
         proc = stack.spawn(f"provisioner-{node.name}", [sys.executable, "-m", "services.provisioner"], own)
@@ -260,3 +260,42 @@ async def commands_wait_for_a_move(platform: PlatformClient, store: Store, user:
         assert (await store.get_instance(user))["state"] == doc["state"]  # nothing done
     finally:
         await store.update_instance(user, {"move": None}, doc["instance_id"])
+
+
+async def lose_node_3_and_its_disk(
+    lab: swarm_lab.Lab, platform: PlatformClient, store: Store, disk_of: dict[str, Path],
+    node_of_ip: dict[str, str], env: dict[str, str],
+) -> str:  # fmt: skip
+    """Node 3's engine is killed with its disk out of reach: a move away from it (what the monitor
+    sends for a node that is down) is placed on another node, whose replica restores the user's
+    last backup there; what was written after that backup is lost with the node. Returns where it went."""
+    node3 = lab.node(3)
+    user = next(
+        u for u, ip in [(d["_id"], d.get("host")) for d in await store.list_instances()] if ip == node3.ip
+    )
+    memory = user_dirs(disk_of[node3.name], user).workspace / "MEMORY.md"
+    memory.write_text("in the last backup\n")
+    own = {**env, "ZAKI_DATA_ROOT": str(disk_of[node3.name]), "ZAKI_SWARM_NODE": node3.name}
+    settings = ZakiSettings(**{k.removeprefix("ZAKI_").lower(): v for k, v in own.items()})
+    doc = await store.get_instance(user)
+    await Backups.from_settings(settings).create(
+        user, doc["instance_id"], "scheduled"
+    )  # as services/backup does
+    memory.write_text("written after it\n")
+    swarm_lab.nd(lab.manager, "swarm", "update", "--dispatcher-heartbeat", "1s")
+    await asyncio.to_thread(swarm_lab.run, "docker", "kill", node3.name)
+
+    def down() -> bool:
+        states = swarm_lab.nd(lab.manager, "node", "ls", "--format", "{{.Hostname}} {{.Status}}")
+        return f"{node3.name} Down" in states
+
+    await eventually(lambda: asyncio.to_thread(down), timeout=60, interval=1)
+    t0 = time.monotonic()
+    move = InstanceMove(user_id=user, away_from=node3.name)
+    got, body = await platform.call(subjects.INSTANCE_MOVE, move, timeout=120)
+    assert got == subjects.INSTANCE_READY, body
+    where = node_of_ip[(await store.get_instance(user))["host"]]
+    assert where != node3.name
+    assert (user_dirs(disk_of[where], user).workspace / "MEMORY.md").read_text() == "in the last backup\n"
+    print(f"node 3 lost: {user} restored from its last backup on {where} in {time.monotonic() - t0:.1f} s")
+    return where

@@ -51,6 +51,7 @@ from tests.swarm_support import (
     drain_and_chat,
     executed,
     lose_node_3,
+    lose_node_3_and_its_disk,
     move_across_disks,
     one_gateway_per_node,
     per_node_platform,
@@ -485,7 +486,8 @@ async def test_one_provisioner_per_node_runs_only_the_commands_of_its_nodes_gate
     the gateway's node does not have); a stop published straight to the wrong node's subject is
     sent on to the right one. Then moves with per-node disks: a running and a stopped user each
     leave their node with their folder (as a backup) and land on another node's disk; while a
-    user is moving, its commands wait."""
+    user is moving, its commands wait; node 3 lost with its disk: its user comes back elsewhere
+    from its last backup."""
     stack, env, metrics_of = await asyncio.to_thread(
         per_node_platform, lab, node_disks, tmp_path_factory.mktemp("pernode"), service_env
     )
@@ -549,6 +551,7 @@ async def test_one_provisioner_per_node_runs_only_the_commands_of_its_nodes_gate
         print(f"moved with per-node disks in {time.monotonic() - t0:.1f} s: {moved}")
         running = list(users)[1]
         await commands_wait_for_a_move(platform, store, running, moved[running])
+        await lose_node_3_and_its_disk(lab, platform, store, disk_of, node_of_ip, env)
     finally:
         for user in users:
             await platform.call(
