@@ -165,20 +165,28 @@ async def drain_and_chat(
 
 
 def per_node_platform(
-    lab: swarm_lab.Lab, node_disks: list[Path], root: Path, service_env: dict[str, str]
+    lab: swarm_lab.Lab, node_disks: list[Path], root: Path, service_env: dict[str, str], **extra: str
 ) -> tuple[Stack, dict[str, str], dict[str, str]]:
     """NATS, FerretDB and a provisioner for each node (ZAKI_SWARM_NODE), each with its data root on
     its node's own disk. Returns the stack, the shared env and each node's metrics URL."""
     stack = Stack(root / "stack")
     nats_p, mongo_p = stack.start_nats(), stack.start_ferretdb()
     net = ipaddress.ip_network(lab.subnet).network_address
+    settings = {
+        "ZAKI_RUNTIME": "swarm", "ZAKI_EGRESS_POLICY": "off",  # the guard is the platform test's
+        "ZAKI_SWARM_MANAGER_URL": swarm_lab.api_url(lab, lab.manager), "ZAKI_SWARM_PROXY_ADDRESS": str(net + 1),
+        "ZAKI_GATEWAY_IMAGE": STANDIN_IMAGE, "ZAKI_NETWORK_PREFIX": "28", "ZAKI_GATEWAY_MEMORY": "64m",
+        "ZAKI_GATEWAY_CPUS": "0.5", "ZAKI_BACKUP_DIR": str(root / "backups"),  # every node reaches it (S3 in production)
+    }  # fmt: skip
     env = platform_env(
-        service_env, root, "pernode", f"{net + 225 * 256}/24", nats_p.address, mongo_p.address,
-        ZAKI_RUNTIME="swarm", ZAKI_EGRESS_POLICY="off",  # the guard is the platform test's
-        ZAKI_SWARM_MANAGER_URL=swarm_lab.api_url(lab, lab.manager), ZAKI_SWARM_PROXY_ADDRESS=str(net + 1),
-        ZAKI_GATEWAY_IMAGE=STANDIN_IMAGE, ZAKI_NETWORK_PREFIX="28", ZAKI_GATEWAY_MEMORY="64m",
-        ZAKI_GATEWAY_CPUS="0.5", ZAKI_BACKUP_DIR=str(root / "backups"),  # every node reaches it (S3 in production)
-    )  # fmt: skip
+        service_env,
+        root,
+        "pernode",
+        f"{net + 225 * 256}/24",
+        nats_p.address,
+        mongo_p.address,
+        **{**settings, **extra},
+    )
     metrics_of = {}
     for node, disk in zip(lab.nodes, node_disks, strict=True):
         port = free_port()

@@ -10,6 +10,7 @@ from services.provisioner.capacity import NodeCapacity, engine_capacity, swarm_c
 from services.provisioner.routing import (
     choose_node,
     command_of,
+    has_room,
     node_subject,
     nodes_with_a_replica,
     placement_needed,
@@ -159,3 +160,11 @@ def test_swarm_node_is_a_setting_of_the_swarm_runtime_only():
     # Backups on each node's own disk could not carry a user to another node: refused at start.
     with pytest.raises(ValidationError, match="ZAKI_BACKUP_DIR on a shared mount"):
         ZakiSettings(**swarm, swarm_node="n1")
+
+
+def test_a_node_counts_the_gateways_its_replica_is_placing_before_it_takes_one_more():
+    n = cap("n1", 5)  # 3 GiB left
+    assert has_room(n, 0, 3 * GIB)
+    assert not has_room(n, GIB, 3 * GIB)  # one being placed right now: not the manager's count yet
+    assert not has_room(cap("n1", 0, ready=False), 0, GIB)
+    assert not has_room(None, 0, GIB)  # a node the manager does not list

@@ -476,6 +476,49 @@ async def test_a_move_on_one_docker_engine_is_refused_and_changes_nothing(
     await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=ev.user_id, purge=True), timeout=60)
 
 
+async def test_new_users_sent_to_the_same_node_at_once_go_on_to_nodes_with_room(
+    lab: swarm_lab.Lab, node_disks: list[Path], tmp_path_factory, service_env: dict[str, str], fakes
+) -> None:
+    """One provisioner per node, each node's memory holding one gateway: three users asked for at
+    once are all placed on the same (emptiest) node by the replicas that take them; that node's
+    replica keeps one and sends the others on to nodes with room (it counts what it is placing
+    itself), so every request gets a gateway and none a false ``no_capacity``. A fourth does not fit."""
+    rt = SwarmRuntime(swarm_lab.api_url(lab, lab.manager))
+    memory = min(n.memory_bytes for n in await rt.node_capacity())
+    one_per_node = str(memory // 2 + (64 << 20))
+    stack, env, _ = await asyncio.to_thread(
+        per_node_platform, lab, node_disks, tmp_path_factory.mktemp("race"), service_env,
+        ZAKI_GATEWAY_MEMORY=one_per_node,
+    )  # fmt: skip
+    platform = await PlatformClient.connect(env["ZAKI_NATS_URL"])
+    store = Store(env["ZAKI_MONGO_URL"], env["ZAKI_MONGO_DB"])
+    users = [new_user("race") for _ in range(4)]
+    try:
+        await _wait_consumers(env["ZAKI_NATS_URL"], len(subjects.COMMANDS) + len(lab.nodes))
+
+        def request(user: str) -> InstanceRequested:
+            return InstanceRequested(
+                request_id=new_user("req"), user_id=user, bot_token=fakes.bot(), image=STANDIN_IMAGE
+            )
+
+        outcomes = await asyncio.gather(
+            *(platform.call(subjects.INSTANCE_REQUESTED, request(u), timeout=120) for u in users[:3])
+        )
+        assert [s for s, _ in outcomes] == [subjects.INSTANCE_READY] * 3, outcomes
+        hosts = {(await store.get_instance(u))["host"] for u in users[:3]}
+        assert hosts == {n.ip for n in lab.nodes}
+        got, body = await platform.call(subjects.INSTANCE_REQUESTED, request(users[3]), timeout=120)
+        assert got == subjects.INSTANCE_FAILED and "no_capacity" in body.message, body
+    finally:
+        for user in users:
+            await platform.call(
+                subjects.INSTANCE_DELETE, InstanceDelete(user_id=user, purge=True), timeout=60
+            )
+        await platform.close()
+        await store.close()
+        await asyncio.to_thread(stack.stop)
+
+
 async def test_one_provisioner_per_node_runs_only_the_commands_of_its_nodes_gateways(
     lab: swarm_lab.Lab, node_disks: list[Path], tmp_path_factory, service_env: dict[str, str], fakes
 ) -> None:

@@ -21,7 +21,7 @@ from nats.aio.msg import Msg
 from prometheus_client import REGISTRY
 
 from services.provisioner import metrics
-from services.provisioner.node_router import HOPS_HEADER, MAX_HOPS, NodeRouter
+from services.provisioner.node_router import HOPS_HEADER, MAX_HOPS, TRIED_HEADER, NodeRouter
 from services.provisioner.routing import command_of, durable_for, node_subject
 from services.provisioner.runtime import DockerRuntime, GatewayRuntime
 from services.provisioner.service import Provisioner, ProvisionError, Retry
@@ -117,15 +117,32 @@ class ProvisionerApp:
         meta = msg.raw_message.metadata
         if (meta.num_delivered or 1) == 1 and not forwarded:
             await audit.command(subject, event)  # who asked, once per command (issue 17.4)
+        admission: contextlib.AbstractAsyncContextManager[str | None] = contextlib.nullcontext()
         if self.router is not None:
             hops = int((msg.headers or {}).get(HOPS_HEADER, "0"))
-            node = await self.router.target(subject, event.user_id, forwarded=forwarded)
+            tried = {n for n in (msg.headers or {}).get(TRIED_HEADER, "").split(",") if n}
+            node, new = await self.router.target(subject, event.user_id, forwarded=forwarded)
             if node != self.router.here and hops < MAX_HOPS:
-                await self.router.forward(node, subject, msg.body, meta.sequence.stream, hops + 1)
+                await self.router.forward(node, subject, msg.body, meta.sequence.stream, hops + 1, tried)
                 await msg.ack()
                 return
+            if new and hops < MAX_HOPS:  # chosen here, perhaps by two replicas at once
+                admission = self.router.admit(tried)
+        async with admission as elsewhere:
+            if elsewhere is not None:
+                assert self.router is not None
+                here = self.router.here
+                await self.router.forward(
+                    elsewhere, subject, msg.body, meta.sequence.stream, hops + 1, tried | {here}
+                )
+                await msg.ack()
+                return
+            await self._run(subject, event, msg)
+
+    async def _run(self, subject: str, event: Event, msg: NatsMessage) -> None:
+        assert self.service is not None
         beat = asyncio.create_task(self._heartbeat(msg))
-        attempt = meta.num_delivered or 1
+        attempt = msg.raw_message.metadata.num_delivered or 1
         try:
             if isinstance(event, InstanceRequested):
                 await self.service.handle_requested(event)

@@ -60,7 +60,7 @@ def node_at(nodes: Iterable[NodeCapacity]) -> dict[str, str]:
     return {n.address: n.node for n in nodes}
 
 
-def _node_of(record: Mapping[str, Any], nodes: Iterable[NodeCapacity]) -> NodeCapacity | None:
+def node_of(record: Mapping[str, Any], nodes: Iterable[NodeCapacity]) -> NodeCapacity | None:
     host = record.get("host")
     return next((n for n in nodes if host and n.address == host), None)
 
@@ -75,7 +75,7 @@ def placement_needed(
     record = record or {}
     if forwarded or record.get("move"):
         return None
-    node = _node_of(record, nodes)
+    node = node_of(record, nodes)
     if subject == subjects.INSTANCE_REQUESTED and node is None:
         return frozenset()
     if subject == subjects.INSTANCE_MOVE and node is not None and node.down:
@@ -98,7 +98,18 @@ def target_node(
     record = record or {}
     if move := record.get("move"):
         return str(move["to"])
-    node = _node_of(record, nodes)
+    node = node_of(record, nodes)
     if node is None or (subject == subjects.INSTANCE_MOVE and node.down):
         return placed or here
     return node.node
+
+
+def has_room(node: NodeCapacity | None, pending_bytes: int, need_bytes: int) -> bool:
+    """Whether *node* takes one more gateway of *need_bytes*, counting the ones its replica is
+    placing right now (*pending_bytes*: not yet tasks the manager counts). Two replicas may choose
+    the same node at once; its replica checks again before it places."""
+    return (
+        node is not None
+        and node.ready
+        and node.memory_bytes - node.reserved_bytes - pending_bytes >= need_bytes
+    )
