@@ -235,6 +235,7 @@ class ZakiSettings(BaseSettings):
     summary_interval_s: float = 30.0
     probe_spread: float = 0.8  # share of the interval over which one sweep's probes are spread
     slow_probe_s: float = 1.0  # a readiness answer slower than this counts as degraded
+    swarm_task_poll_s: float = Field(default=2.0, gt=0)  # the monitor reads the swarm's tasks (tasks.py)
     die_grace_s: float = 3.0  # after a container dies, how long Docker's own restart policy gets
     health_write_interval_s: float = 30.0  # how often a healthy instance's last probe is persisted
     # Restart before memory runs out (issue 17.3; services/monitor/memory.py). An instance above

@@ -40,7 +40,7 @@ REAL_IMAGE = "zaki/openclaw-gateway:2026.9.6"
 STANDIN_IMAGE = "zaki/standin-gateway:latest"
 SESSION = uuid.uuid4().hex[:6]
 # The proxy tests' shared fixtures (recorder, plane) live with their helpers.
-pytest_plugins = ["tests.proxy_support"]
+pytest_plugins = ["tests.proxy_support", "tests.swarm_lab_fixtures"]
 PLATFORM_ID = f"test-{SESSION}"
 
 

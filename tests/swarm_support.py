@@ -18,7 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.backup.core import list_backups, make_target
 from services.backup.ops import Backups
+from services.backup.schedule import Scheduler
 from services.provisioner.config import user_dirs
+from services.provisioner.swarm_runtime import SwarmRuntime
 from shared import subjects
 from shared.client import PlatformClient
 from shared.events import InstanceCommand, InstanceMove
@@ -28,6 +30,7 @@ from tests.conftest import (
     STANDIN_IMAGE,
     eventually,
     node_series,
+    start_monitor,
 )
 from tests.test_self_healing import platform_env
 from zaki import swarm_lab
@@ -307,3 +310,65 @@ async def lose_node_3_and_its_disk(
     assert (user_dirs(disk_of[where], user).workspace / "MEMORY.md").read_text() == "in the last backup\n"
     print(f"node 3 lost: {user} restored from its last backup on {where} in {time.monotonic() - t0:.1f} s")
     return where
+
+
+async def a_crash_on_a_node_is_reported(
+    lab: swarm_lab.Lab, platform: PlatformClient, store: Store, stack: Stack, env: dict[str, str]
+) -> None:
+    """A monitor on the host, whose engine runs no gateway, probing only every 2 minutes: a
+    gateway SIGKILLed in node 3's engine is reported ``exited`` (exit 137) within seconds, from the
+    manager's task list (services/monitor/tasks.py); the swarm starts it again on its node."""
+    node3 = lab.node(3)
+    user = next(d["_id"] for d in await store.list_instances(states=["running"]) if d.get("host") == node3.ip)
+    mon = start_monitor(stack, env, "pernode-mon", ZAKI_PROBE_INTERVAL_S="120", ZAKI_SWARM_TASK_POLL_S="1")
+    try:
+        # Its first sweep makes the watches and its first task read marks older failures as
+        # history (both at start); a read after that one sees the crash below as news.
+        await asyncio.sleep(3)
+        since = len(platform.seen)
+        cid = swarm_lab.nd(node3, "ps", "-q", "--filter", f"label=zaki.user={user}").strip()
+        assert cid, f"no container of {user} on {node3.name}"
+        t0 = time.monotonic()
+        swarm_lab.nd(node3, "kill", cid)
+
+        def exited() -> dict[str, Any] | None:
+            for subject, body in platform.seen[since:]:
+                if subject.startswith(subjects.INSTANCE_HEALTH) and body.get("user_id") == user:
+                    return body
+            return None
+
+        body = await eventually(exited, timeout=30, interval=0.25)
+        took = time.monotonic() - t0
+        assert (body["state"], body["reason"], body["detail"]) == (
+            "unreachable",
+            "exited",
+            "exit code 137",
+        ), body
+
+        def running_again() -> bool:
+            out = swarm_lab.nd(node3, "ps", "-q", "--filter", f"label=zaki.user={user}").strip()
+            return bool(out) and out != cid
+
+        await eventually(lambda: asyncio.to_thread(running_again), timeout=60, interval=0.5)
+        print(
+            f"a gateway killed on {node3.name}: reported exited after {took:.1f} s, started again by the swarm"
+        )
+    finally:
+        mon.stop()
+
+
+async def one_backup_service_per_node(
+    lab: swarm_lab.Lab, store: Store, disk_of: dict[str, Path], env: dict[str, str]
+) -> None:
+    """With folders on each node's disk, a backup service per node (``ZAKI_SWARM_NODE``) backs up
+    the gateways on its node and no other (another node's user has no folder on its disk, or a
+    stale one left by a move): one sweep of each, every user's backup made once, none failed."""
+    rt = SwarmRuntime(swarm_lab.api_url(lab, lab.manager))
+    where = {n.address: n.node for n in await rt.node_capacity()}
+    per_node = Counter(where[d["host"]] for d in await store.list_instances(states=["running"]))
+    for node in lab.nodes:
+        own = {**env, "ZAKI_DATA_ROOT": str(disk_of[node.name]), "ZAKI_SWARM_NODE": node.name}
+        own["ZAKI_BACKUP_INTERVAL_S"] = "1"  # every user is due
+        s = ZakiSettings(**{k.removeprefix("ZAKI_").lower(): v for k, v in own.items()})
+        swept = await Scheduler(Backups.from_settings(s), store, rt.node_capacity).sweep()
+        assert (swept["created"], swept["failed"]) == (per_node[node.name], 0), (node.name, swept)

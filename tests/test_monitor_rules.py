@@ -1,7 +1,9 @@
-"""The monitor's pure rules: hysteresis, backoff, crash loops, partitioning, jitter."""
+"""The monitor's pure rules: hysteresis, backoff, crash loops, partitioning, jitter, a swarm task's death."""
 
 from services.monitor.health import HealthTracker, RestartPolicy, jitter_offset, owner
+from services.monitor.tasks import TaskWatch, task_deaths
 from shared.events import HealthState as H
+from shared.gateway import container_name
 
 
 def test_hysteresis_needs_n_failures_and_m_successes():
@@ -58,3 +60,48 @@ def test_jitter_is_stable_and_spread():
     assert offsets[0] == jitter_offset("u0", 10.0)
     assert min(offsets) >= 0 and max(offsets) <= 8.0
     assert len({int(o) for o in offsets}) == 8  # spread over the whole window
+
+
+def swarm_task(tid: str, state: str, user: str | None = "u1", platform: str = "p1", code: int = 1) -> dict:
+    labels = {"zaki.managed": platform, "zaki.instance": "i1", **({"zaki.user": user} if user else {})}
+    return {
+        "ID": tid,
+        "NodeID": "n2",
+        "Spec": {"ContainerSpec": {"Labels": labels}},
+        "Status": {"State": state, "ContainerStatus": {"ExitCode": code}},
+    }
+
+
+def test_a_swarm_task_that_failed_is_a_die_event_once():
+    tasks = [
+        swarm_task("t1", "failed", code=137),
+        swarm_task("t2", "running"),  # its replacement
+        swarm_task("t3", "shutdown"),  # stopped by the provisioner: not a death
+        swarm_task("t4", "failed", platform="other"),  # another platform's
+        swarm_task("t5", "failed", user=None),  # not a gateway (no user)
+    ]
+    events, seen = task_deaths(tasks, set(), "p1")
+    assert [e["Action"] for e in events] == ["die"]
+    attrs = events[0]["Actor"]["Attributes"]
+    assert (attrs["zaki.user"], attrs["zaki.instance"], attrs["exitCode"], attrs["name"]) == (
+        "u1", "i1", "137", container_name("u1")
+    )  # fmt: skip
+    assert seen == {"t1", "t5"}
+    again, _ = task_deaths(tasks, seen, "p1")  # the swarm keeps old tasks: reported once
+    assert again == []
+
+
+async def test_the_first_read_of_the_task_list_is_history_not_news():
+    class Runtime:
+        def __init__(self) -> None:
+            self.tasks = [swarm_task("old", "failed")]
+
+        async def task_list(self) -> list[dict]:
+            return self.tasks
+
+    rt = Runtime()
+    watch = TaskWatch(rt, "p1")
+    assert await watch.poll() == []  # failed before the monitor started
+    rt.tasks = [*rt.tasks, swarm_task("new", "failed")]
+    assert [e["Actor"]["Attributes"]["zaki.user"] for e in await watch.poll()] == ["u1"]
+    assert await watch.poll() == []

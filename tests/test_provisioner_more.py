@@ -484,3 +484,21 @@ async def test_a_provider_update_reaches_gateway_configs_without_a_restart(
     container.reload()
     assert container.attrs["State"]["StartedAt"] == started and container.status == "running"
     await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=user, purge=True))
+
+
+async def test_a_container_removed_by_two_at_once_is_gone_for_both(docker_client, settings):
+    """Reconcile finishes the removal of a deleting instance's container while the delete command
+    removes it too (it failed the delete with docker_error: "removal already in progress")."""
+    from docker.errors import NotFound
+
+    from services.provisioner.runtime import DockerRuntime
+
+    rt = DockerRuntime("local", platform_id="rm-twice", settings=settings)
+    for _ in range(3):
+        name = f"zaki-user-{new_user('rm')}"
+        docker_client.containers.run(
+            STANDIN_IMAGE, name=name, detach=True, labels={"zaki.managed": "rm-twice"}
+        )
+        await asyncio.gather(*(rt.remove(name) for _ in range(4)))
+        with pytest.raises(NotFound):
+            docker_client.containers.get(name)

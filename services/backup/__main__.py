@@ -1,6 +1,7 @@
 """python -m services.backup: scheduled backups, retention and the backup metrics.
 
-Run one replica: two would both back up an instance whose backup is due.
+Run one replica: two would both back up an instance whose backup is due. With folders on each
+swarm node's own disk (``ZAKI_SWARM_NODE``), one on each node: each backs up its node's gateways.
 """
 
 from __future__ import annotations
@@ -27,8 +28,13 @@ async def main(s: ZakiSettings, stop: asyncio.Event) -> None:
         await js.publish(subject, to_json(ev))
 
     store = Store(s.mongo_url, s.mongo_db)
+    nodes = None
+    if s.swarm_node:  # one per node: only the folders on this node's disk (schedule.py)
+        from services.provisioner.app import make_runtime
+
+        nodes = make_runtime(s).node_capacity
     try:
-        await Scheduler(Backups.from_settings(s, publish), store).run(stop)
+        await Scheduler(Backups.from_settings(s, publish), store, nodes).run(stop)
     finally:
         await store.close()
         await nc.drain()

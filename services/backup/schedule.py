@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,9 +24,12 @@ from services.backup import core
 from services.backup.errors import BackupError
 from services.backup.keep import sweep_kept
 from services.backup.ops import Backups
+from services.provisioner.capacity import NodeCapacity
+from services.provisioner.routing import housekeeper, node_at, on_node
 from shared.store import Store
 
 log = logging.getLogger("zaki.backup")
+Nodes = Callable[[], Awaitable[list[NodeCapacity]]]
 
 OLDEST_AGE = Gauge(
     "zaki_backup_oldest_good_age_seconds",
@@ -49,10 +53,25 @@ def _aware(dt: Any) -> datetime | None:
 
 
 class Scheduler:
-    def __init__(self, backups: Backups, store: Store) -> None:
+    """*nodes*: with one backup service per swarm node (``ZAKI_SWARM_NODE``, folders on each node's
+    own disk), the swarm's nodes (``SwarmRuntime.node_capacity``): it backs up only the gateways
+    on its node, as that node's provisioner reconciles only them (``routing.on_node``)."""
+
+    def __init__(self, backups: Backups, store: Store, nodes: Nodes | None = None) -> None:
         self.b = backups
         self.store = store
         self.s = backups.settings
+        self.nodes = nodes
+
+    async def _mine(self, instances: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], bool]:
+        """The instances whose folders are this service's to back up, and whether it does the
+        chores of no node (the retention of deleted users' backups, partial uploads)."""
+        here = self.s.swarm_node
+        if not here or self.nodes is None:
+            return instances, True
+        nodes = await self.nodes()
+        where = node_at(nodes)
+        return {u: d for u, d in instances.items() if on_node(d, where, here)}, housekeeper(nodes) == here
 
     def interval(self, doc: dict[str, Any]) -> float:
         own = doc.get("backup_interval_s")
@@ -60,7 +79,8 @@ class Scheduler:
 
     async def sweep(self, now: datetime | None = None) -> dict[str, int]:
         now = now or datetime.now(UTC)
-        instances = {d["_id"]: d for d in await self.store.list_instances()}
+        every_instance = {d["_id"]: d for d in await self.store.list_instances()}
+        instances, chores = await self._mine(every_instance)
         by_user: dict[str, list[core.Manifest]] = {}
         for m in await self.b.list():
             by_user.setdefault(m.user_id, []).append(m)
@@ -88,10 +108,12 @@ class Scheduler:
             if age > 2 * every:
                 without += 1
         for user_id, ms in by_user.items():
-            for m in core.expired(ms, self.s, user_id in instances, now):
+            if user_id not in instances and (user_id in every_instance or not chores):
+                continue  # another node's user, or a deleted one's that the housekeeper sweeps
+            for m in core.expired(ms, self.s, user_id in every_instance, now):
                 await asyncio.to_thread(core.remove, self.b.target, m)
                 removed += 1
-        orphans = await asyncio.to_thread(core.sweep_orphans, self.b.target)
+        orphans = await asyncio.to_thread(core.sweep_orphans, self.b.target) if chores else 0
         kept = await asyncio.to_thread(sweep_kept, self.s)  # folders kept at a delete, past the grace
         OLDEST_AGE.set(worst)
         WITHOUT_RECENT.set(without)

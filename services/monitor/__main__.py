@@ -30,9 +30,12 @@ async def main(settings: ZakiSettings, stop: asyncio.Event) -> None:
     monitor = Monitor(settings, store, publish)
     if settings.runtime == "swarm":  # gateways on other nodes: follow which nodes are gone
         from services.monitor.nodes import NodeWatch
+        from services.monitor.tasks import TaskWatch
         from services.provisioner.app import make_runtime
 
-        monitor.nodes = NodeWatch(make_runtime(settings))
+        runtime = make_runtime(settings)
+        monitor.nodes = NodeWatch(runtime)
+        monitor.tasks = TaskWatch(runtime, settings.platform_id)  # exits on every node
     monitor.start_docker_events(asyncio.get_running_loop())
     memory = MemoryGuard(monitor)  # restarts before memory runs out (issue 17.3)
 
@@ -51,6 +54,8 @@ async def main(settings: ZakiSettings, stop: asyncio.Event) -> None:
         asyncio.create_task(every(settings.summary_interval_s, monitor.summary)),
         asyncio.create_task(every(settings.memory_sample_s, memory.sweep)),
     ]
+    if monitor.tasks is not None:
+        tasks.append(asyncio.create_task(every(settings.swarm_task_poll_s, monitor.poll_tasks)))
     try:
         await stop.wait()
     finally:

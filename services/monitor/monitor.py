@@ -19,6 +19,7 @@ from pymongo.errors import DuplicateKeyError
 from services.monitor import model_path
 from services.monitor.health import HealthTracker, RestartPolicy, jitter_offset, owner
 from services.monitor.nodes import NODE_DOWN, NodeWatch
+from services.monitor.tasks import TaskWatch
 from shared import audit, subjects
 from shared.events import HealthState, HealthSummary, InstanceCommand, InstanceHealthChanged, InstanceMove
 from shared.gateway import container_name, user_of_container
@@ -90,6 +91,7 @@ class Monitor:
         self.sem = asyncio.Semaphore(settings.probe_concurrency)
         self.replicas: list[str] = [self.replica_id]
         self.nodes: NodeWatch | None = None  # on a Swarm: which nodes are gone (nodes.py)
+        self.tasks: TaskWatch | None = None  # on a Swarm: gateways that exit on any node (tasks.py)
 
     # --- replicas ------------------------------------------------------------------------------
 
@@ -374,7 +376,14 @@ class Monitor:
             return
         await self.maybe_restart(w, reason)
 
+    async def poll_tasks(self) -> None:
+        assert self.tasks is not None
+        for event in await self.tasks.poll():
+            await self.on_container_event(event, time.time())
+
     async def container_state(self, user_id: str) -> str:
+        if self.tasks is not None:
+            return await self.tasks.state(user_id)
         return await asyncio.to_thread(self._inspect_state, user_id)
 
     def _inspect_state(self, user_id: str) -> str:

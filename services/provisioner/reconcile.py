@@ -14,7 +14,7 @@ from services.provisioner import healing, metrics
 from services.provisioner.base import ProvisionError, S, _bytes, log
 from services.provisioner.capacity import NodeCapacity
 from services.provisioner.commands import Commands
-from services.provisioner.routing import node_at
+from services.provisioner.routing import node_at, on_node
 from services.provisioner.runtime import RuntimeError_
 from shared import audit, subjects
 from shared.events import FailureReason, InstanceCommand, StopReason
@@ -77,11 +77,7 @@ class Reconciler(Commands):
         if not self.s.swarm_node:
             return records
         where = node_at(nodes or [])  # the manager away: nothing is known to be this node's
-        # A moving record is nobody's until it lands (its folder is a backup in transit).
-        here = self.s.swarm_node
-        return {
-            u: d for u, d in records.items() if where.get(d.get("host", "")) == here and not d.get("move")
-        }
+        return {u: d for u, d in records.items() if on_node(d, where, self.s.swarm_node)}
 
     async def _recreate_missing(self, records: dict[str, dict[str, Any]], actions: dict[str, int]) -> None:
         containers = {c.name for c in await self.runtime.list_managed()}

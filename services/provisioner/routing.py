@@ -113,3 +113,16 @@ def has_room(node: NodeCapacity | None, pending_bytes: int, need_bytes: int) -> 
         and node.ready
         and node.memory_bytes - node.reserved_bytes - pending_bytes >= need_bytes
     )
+
+
+def on_node(record: Mapping[str, Any], where: Mapping[str, str], node: str) -> bool:
+    """Whether *record*'s gateway is on *node* (*where*: ``node_at``): its replica alone starts,
+    heals and measures it, and its backup service alone backs it up (its folder is on that
+    disk). A moving record is nobody's until it lands (its folder is a backup in transit)."""
+    return where.get(record.get("host") or "") == node and not record.get("move")
+
+
+def housekeeper(nodes: Iterable[NodeCapacity]) -> str | None:
+    """The one node whose services do the chores that belong to no node (the retention of
+    deleted users' backups): the first ready one by name, the same answer everywhere."""
+    return min((n.node for n in nodes if n.ready), default=None)

@@ -5,6 +5,7 @@ moved off the event loop)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
@@ -255,11 +256,20 @@ class DockerRuntime(DockerNetworks):
         await self._run(self._thaw, name, limit)
 
     async def remove(self, name: str) -> None:
-        try:
-            c = await self._run(self._get, name)
-            await self._run(c.remove, force=True, v=True)
-        except NotFound:
-            return
+        """Gone when it returns, also when another remover got there first (reconcile finishes
+        the removal of a deleting instance's container while its delete command runs)."""
+        for _ in range(100):
+            try:
+                c = await self._run(self._get, name)
+                await self._run(c.remove, force=True, v=True)
+                return
+            except NotFound:
+                return
+            except RuntimeError_ as e:
+                if "already in progress" not in str(e):
+                    raise
+                await asyncio.sleep(0.1)
+        raise RuntimeError_(f"{name}: another removal did not finish")
 
     async def status(self, name: str) -> ContainerStatus:
         try:

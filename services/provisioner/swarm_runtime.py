@@ -432,6 +432,10 @@ class SwarmRuntime(SwarmNetworks):
     async def node_capacity(self) -> list[NodeCapacity]:
         return await self._run(self._node_capacity)
 
+    async def task_list(self) -> list[dict[str, Any]]:
+        """Every task the manager knows (the monitor finds the gateways that failed in it)."""
+        return await self._run(self.client.api.tasks)
+
     def _address(self, name: str) -> str:
         svc = self._service(name)
         node_id = self._pinned_to(svc)
