@@ -9,6 +9,7 @@ import asyncio
 import shutil
 import time
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,15 @@ from tests.swarm_support import (
 from zaki import swarm_lab
 
 pytestmark = require_tool(shutil.which("docker"), "docker")
+
+
+async def tear_down(platform: PlatformClient, store: Store, stack: Any, users: Iterable[str]) -> None:
+    """Deletes the test's users (purged) and stops its platform."""
+    for user in users:
+        await platform.call(subjects.INSTANCE_DELETE, InstanceDelete(user_id=user, purge=True), timeout=60)
+    await platform.close()
+    await store.close()
+    await asyncio.to_thread(stack.stop)
 
 
 def no_reservation_held(rt: SwarmRuntime) -> bool:
@@ -89,13 +99,7 @@ async def test_new_users_sent_to_the_same_node_at_once_go_on_to_nodes_with_room(
         got, body = await platform.call(subjects.INSTANCE_REQUESTED, request(users[3]), timeout=120)
         assert got == subjects.INSTANCE_FAILED and "no_capacity" in body.message, body
     finally:
-        for user in users:
-            await platform.call(
-                subjects.INSTANCE_DELETE, InstanceDelete(user_id=user, purge=True), timeout=60
-            )
-        await platform.close()
-        await store.close()
-        await asyncio.to_thread(stack.stop)
+        await tear_down(platform, store, stack, users)
 
 
 async def test_one_provisioner_per_node_runs_only_the_commands_of_its_nodes_gateways(
@@ -179,10 +183,4 @@ async def test_one_provisioner_per_node_runs_only_the_commands_of_its_nodes_gate
         await one_backup_service_per_node(lab, store, disk_of, env)
         await lose_node_3_and_its_disk(lab, platform, store, disk_of, node_of_ip, env)
     finally:
-        for user in users:
-            await platform.call(
-                subjects.INSTANCE_DELETE, InstanceDelete(user_id=user, purge=True), timeout=60
-            )
-        await platform.close()
-        await store.close()
-        await asyncio.to_thread(stack.stop)
+        await tear_down(platform, store, stack, users)
