@@ -119,7 +119,10 @@ class ProvisionerApp:
             await audit.command(subject, event)  # who asked, once per command (issue 17.4)
         admission: contextlib.AbstractAsyncContextManager[str | None] = contextlib.nullcontext()
         if self.router is not None:
-            hops = int((msg.headers or {}).get(HOPS_HEADER, "0"))
+            try:  # a header anyone may set: bounded, and a bad one ends the forwarding
+                hops = min(max(int((msg.headers or {}).get(HOPS_HEADER, "0")[:3]), 0), MAX_HOPS)
+            except ValueError:
+                hops = MAX_HOPS
             tried = {n for n in (msg.headers or {}).get(TRIED_HEADER, "").split(",") if n}
             node, new = await self.router.target(subject, event.user_id, forwarded=forwarded)
             if node != self.router.here and hops < MAX_HOPS:

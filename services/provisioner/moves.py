@@ -51,10 +51,17 @@ class Moves(Pooled):
             raise ProvisionError(FailureReason.INVALID_REQUEST, str(e)) from None
         if self.nodes is None:
             await self._move_on_shared_storage(cmd, doc)
-        elif doc.get("move") or doc.get("host") != await self.nodes.address():
-            await self._move_in(cmd, doc)  # sent here to land (or its node is down)
-        else:
+        elif doc.get("host") == await self.nodes.address() and not doc.get("move"):
             await self._move_out(cmd, doc)
+        elif (doc.get("move") or {}).get("to") == self.nodes.here or await self.nodes.is_down(
+            doc.get("host")
+        ):
+            await self._move_in(cmd, doc)  # sent here to land, or away from a node that is down
+        else:  # never restore over a gateway that runs elsewhere (a stale or forged forward)
+            raise ProvisionError(
+                FailureReason.INVALID_REQUEST,
+                "this move belongs to another node's provisioner; nothing changed",
+            )
 
     async def _move_on_shared_storage(self, cmd: InstanceMove, doc: dict[str, Any]) -> None:
         """A backup first (nothing moves if it fails), stopped, unpinned, and started again
