@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,16 +127,25 @@ class Backups:
     async def verify(self, user_id: str, backup_id: str | None) -> dict[str, Any]:
         """Decrypts, checks the checksum, unpacks into a temporary folder and runs
         integrity_check on every SQLite file; raises BackupCorrupt with a typed reason."""
+        async with self._unpacked(user_id, backup_id, "verify") as (m, _, stats):
+            return {"backup_id": m.backup_id, "user_id": m.user_id, **stats}
+
+    @contextlib.asynccontextmanager
+    async def _unpacked(
+        self, user_id: str, backup_id: str | None, why: str
+    ) -> AsyncIterator[tuple[core.Manifest, Path, dict[str, Any]]]:
+        """*user_id*'s backup (default: the latest) decrypted, checked and unpacked into a
+        scratch folder, bounded like a restore (a crafted or oversized archive cannot fill the
+        disk); the folder is removed on the way out (unless renamed away)."""
         m = await asyncio.to_thread(core.get_manifest, self.target, user_id, backup_id)
-        scratch = self._scratch(f"verify-{m.backup_id}")
+        scratch = self._scratch(f"{why}-{m.backup_id}")
         try:
-            # Bounded like a restore: a crafted or oversized archive cannot fill the disk.
             stats = await asyncio.to_thread(
                 core.unpack_backup, self.ring, self.target, m, scratch, self.settings.tenant_disk_bytes
             )
+            yield m, scratch, stats
         finally:
             await asyncio.to_thread(shutil.rmtree, scratch, True)
-        return {"backup_id": m.backup_id, "user_id": m.user_id, **stats}
 
     def _scratch(self, name: str) -> Path:
         # On the data folder's file system (a restore renames it into place), root-only.
@@ -147,20 +156,13 @@ class Backups:
     async def put_in_place(self, user_id: str, backup_id: str | None) -> dict[str, Any]:
         """*user_id*'s backup (default: the latest) becomes its data folder on this host in one
         rename: a move onto this node with per-node disks, its gateway not running here."""
-        m = await asyncio.to_thread(core.get_manifest, self.target, user_id, backup_id)
-        staging = self._scratch(f"move-{user_id}")
-        try:
-            stats = await asyncio.to_thread(
-                core.unpack_backup, self.ring, self.target, m, staging, self.settings.tenant_disk_bytes
-            )
+        async with self._unpacked(user_id, backup_id, "move") as (m, staging, stats):
             try:
                 await asyncio.to_thread(_swap_in, staging, core.user_folder(self.settings, user_id))
             except OSError as e:
                 raise BackupError(
                     f"cannot put the restored folder in place: {e.strerror}", "disk_error"
                 ) from None
-        finally:
-            await asyncio.to_thread(shutil.rmtree, staging, True)
         RESTORES.labels("ok").inc()
         return {"backup_id": m.backup_id, **stats}
 

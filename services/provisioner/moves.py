@@ -25,7 +25,9 @@ from services.backup.hooks import before_change
 from services.backup.keep import keep_folder
 from services.backup.ops import Backups
 from services.provisioner.base import ProvisionError, S, log
+from services.provisioner.capacity import NodeCapacity
 from services.provisioner.pool import Pooled
+from services.provisioner.routing import node_of
 from services.provisioner.runtime import RuntimeError_
 from shared import subjects
 from shared.events import FailureReason, InstanceCommand, InstanceMove, InstanceStopped
@@ -51,12 +53,20 @@ class Moves(Pooled):
             raise ProvisionError(FailureReason.INVALID_REQUEST, str(e)) from None
         if self.nodes is None:
             await self._move_on_shared_storage(cmd, doc)
-        elif doc.get("host") == await self.nodes.address() and not doc.get("move"):
-            await self._move_out(cmd, doc)
-        elif (doc.get("move") or {}).get("to") == self.nodes.here or await self.nodes.is_down(
-            doc.get("host")
-        ):
-            await self._move_in(cmd, doc)  # sent here to land, or away from a node that is down
+        else:
+            await self._move_across_disks(cmd, doc)
+
+    async def _move_across_disks(self, cmd: InstanceMove, doc: dict[str, Any]) -> None:
+        """Which half runs here, from one read of the nodes: out from the node the gateway is on,
+        in on the node the record says it goes to (or away from a node that is down)."""
+        nodes = await self.runtime.node_capacity()
+        here = self.nodes.here
+        address = next((n.address for n in nodes if n.node == here), "")
+        on = node_of(doc, nodes)
+        if doc.get("host") == address and not doc.get("move"):
+            await self._move_out(cmd, doc, nodes)
+        elif (doc.get("move") or {}).get("to") == here or (on is not None and on.down):
+            await self._move_in(cmd, doc, address)  # sent here to land, or away from a node that is down
         else:  # never restore over a gateway that runs elsewhere (a stale or forged forward)
             raise ProvisionError(
                 FailureReason.INVALID_REQUEST,
@@ -87,11 +97,11 @@ class Moves(Pooled):
     def _backups(self) -> Backups:
         return Backups(self.s, self.keys, make_target(self.s), self.publish)
 
-    async def _move_out(self, cmd: InstanceMove, doc: dict[str, Any]) -> None:
+    async def _move_out(self, cmd: InstanceMove, doc: dict[str, Any], nodes: list[NodeCapacity]) -> None:
         """On the node it leaves: the node it goes to is chosen before anything stops (none with
         room: ``no_capacity``, nothing changed); a failed backup starts it again here."""
         here = self.nodes.here
-        to = await self.nodes.choose(await self.runtime.node_capacity(), {here, cmd.away_from or here})
+        to = await self.nodes.choose(nodes, {here, cmd.away_from or here})
         if to is None:
             raise ProvisionError(
                 FailureReason.DOCKER,
@@ -134,7 +144,7 @@ class Moves(Pooled):
         log.info("moving out", extra={"user_id": cmd.user_id, "to": to, "backup_id": backup_id})
         await self.nodes.send(to, subjects.INSTANCE_MOVE, cmd, f"move-{cmd.request_id}-{doc['instance_id']}")
 
-    async def _move_in(self, cmd: InstanceMove, doc: dict[str, Any]) -> None:
+    async def _move_in(self, cmd: InstanceMove, doc: dict[str, Any], address: str) -> None:
         """On the node it goes to: the backup becomes its folder on this disk, the record names
         this node, and it starts here if it ran. A failure leaves the record moving (a move sent
         again tries again) and the backup untouched."""
@@ -156,7 +166,7 @@ class Moves(Pooled):
         except RuntimeError_ as e:
             raise ProvisionError(FailureReason.DOCKER, str(e)) from None
         state = move.get("state", doc["state"])
-        fields = {"move": None, "host": await self.nodes.address()}
+        fields = {"move": None, "host": address}
         if state in LIVE and doc["state"] != S.STARTING:
             doc = await self._transition(cmd.request_id, cmd.user_id, S.STARTING, fields)
         else:

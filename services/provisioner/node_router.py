@@ -82,16 +82,6 @@ class NodeRouter:
         finally:
             self.pending_bytes -= self.need_bytes
 
-    async def is_down(self, host: str | None) -> bool:
-        """Whether the node at *host* (a record's address) is down: only then may its users be
-        restored elsewhere from a backup."""
-        node = node_of({"host": host}, await self.runtime.node_capacity())
-        return node is not None and node.down
-
-    async def address(self) -> str:
-        """This node's address: what the records of the gateways on it name as ``host``."""
-        return next((n.address for n in await self.runtime.node_capacity() if n.node == self.here), "")
-
     async def send(self, node: str, subject: str, event: BaseModel, msg_id: str) -> None:
         """A command this replica hands to *node*'s (a move's second half), once per *msg_id*."""
         await self._publish(node, subject, event.model_dump_json().encode(), msg_id, 1)
